@@ -1,0 +1,114 @@
+"""Audio I/O: decode with soundfile, mix to mono, resample with soxr, pad or crop to a fixed length.
+
+Everything here works on 1-D ``float32`` numpy arrays in [-1, 1] at a known sample rate (Hz).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+
+from .config import AudioclfError
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au", ".opus")
+
+
+def _open(path) -> sf.SoundFile:
+    path = Path(path)
+    if not path.is_file():
+        raise AudioclfError(f"{path}: no such audio file")
+    if path.stat().st_size == 0:
+        raise AudioclfError(f"{path}: the file is empty (0 bytes)")
+    try:
+        return sf.SoundFile(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise AudioclfError(f"{path}: soundfile cannot decode it ({e}); "
+                            f"readable formats: {', '.join(sorted(sf.available_formats()))}") from None
+
+
+def to_mono(wave: np.ndarray) -> np.ndarray:
+    """(time,) or (time, channels) -> (time,), averaging channels."""
+    return wave if wave.ndim == 1 else wave.mean(axis=1)
+
+
+def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    if orig_sr == target_sr or wave.size == 0:
+        return wave.astype(np.float32, copy=False)
+    return soxr.resample(wave, orig_sr, target_sr, quality="HQ").astype(np.float32, copy=False)
+
+
+def load_audio(path, sample_rate: int) -> np.ndarray:
+    """Decode ``path`` to mono float32 at ``sample_rate`` Hz.
+
+    Raises:
+        AudioclfError: naming the file, when it is missing, empty, undecodable, has no samples,
+            or holds NaN/inf.
+    """
+    with _open(path) as f:
+        try:
+            wave = f.read(dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as e:
+            raise AudioclfError(f"{path}: decoding failed part-way ({e})") from None
+        orig_sr = f.samplerate
+    if wave.shape[0] == 0:
+        raise AudioclfError(f"{path}: the file holds zero samples of audio")
+    if not np.isfinite(wave).all():
+        raise AudioclfError(f"{path}: the audio holds NaN or infinite samples")
+    return resample(to_mono(wave), orig_sr, sample_rate)
+
+
+def audio_duration_s(path) -> float:
+    """Length of the file in seconds, read from its header."""
+    with _open(path) as f:
+        return f.frames / f.samplerate
+
+
+def stream_audio(path, sample_rate: int, block_s: float = 30.0) -> Iterator[np.ndarray]:
+    """Yield consecutive mono float32 blocks of ``path`` at ``sample_rate``; memory stays at one block.
+
+    Concatenating the blocks gives (to within resampler edge effects) ``load_audio(path, sample_rate)``.
+    """
+    with _open(path) as f:
+        orig_sr = f.samplerate
+        block = max(1, int(block_s * orig_sr))
+        stream = None if orig_sr == sample_rate else soxr.ResampleStream(orig_sr, sample_rate, 1, dtype="float32", quality="HQ")
+        while True:
+            chunk = f.read(block, dtype="float32", always_2d=True)
+            last = chunk.shape[0] < block
+            mono = to_mono(chunk).astype(np.float32, copy=False)
+            out = mono if stream is None else stream.resample_chunk(mono, last=last)
+            if out.size:
+                yield out
+            if last:
+                return
+
+
+def fix_length(wave: torch.Tensor | np.ndarray, n_samples: int, *, random_crop: bool = False,
+               generator: Optional[torch.Generator] = None):
+    """Crop or zero-pad the last axis to ``n_samples``.
+
+    Longer input is cropped at the centre, or at a random offset drawn from ``generator`` when
+    ``random_crop`` (training). Shorter input is zero-padded at the end.
+    """
+    n = wave.shape[-1]
+    if n > n_samples:
+        excess = n - n_samples
+        start = int(torch.randint(0, excess + 1, (1,), generator=generator)) if random_crop else excess // 2
+        return wave[..., start:start + n_samples]
+    if n < n_samples:
+        pad = [(0, 0)] * (wave.ndim - 1) + [(0, n_samples - n)]
+        if isinstance(wave, np.ndarray):
+            return np.pad(wave, pad)
+        return torch.nn.functional.pad(wave, (0, n_samples - n))
+    return wave
+
+
+def find_audio_files(root) -> list[Path]:
+    """All audio files below ``root`` (recursive), sorted for a stable order."""
+    root = Path(root)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)

@@ -1,0 +1,138 @@
+"""Training-only augmentation on batches of log-mel features, on any device.
+
+Every transform samples its random parameters from a ``torch.Generator`` (CPU) separately from
+applying them, so a run is reproducible from its seed and resumable from a saved generator state.
+In ``eval()`` mode each transform is the identity.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import AudioclfError, AugmentConfig
+
+
+class _AxisMasking(nn.Module):
+    """Zero out ``n_masks`` bands of random width ``[0, max_width]`` along one axis, per example.
+
+    Zero in log1p-mel space is silence, so a masked region reads as "nothing there" rather than noise.
+    """
+
+    axis: int  # -2 (frequency) or -1 (time) of (batch, n_mels, frames)
+
+    def __init__(self, max_width: int, n_masks: int = 1, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        if max_width < 0 or n_masks < 0:
+            raise AudioclfError(f"mask max_width={max_width} and n_masks={n_masks} must be >= 0")
+        self.max_width, self.n_masks = max_width, n_masks
+        self.generator = generator
+
+    def sample(self, batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask starts and widths, each (batch, n_masks), with ``start + width <= size``."""
+        width = torch.randint(0, min(self.max_width, size) + 1, (batch, self.n_masks), generator=self.generator)
+        start = (torch.rand(batch, self.n_masks, generator=self.generator) * (size - width + 1)).long()
+        return start, width
+
+    @staticmethod
+    def mask(size: int, start: torch.Tensor, width: torch.Tensor, device) -> torch.Tensor:
+        """(batch, size) boolean, True where any mask covers."""
+        pos = torch.arange(size, device=device).view(1, 1, -1)
+        start, width = start.to(device).unsqueeze(-1), width.to(device).unsqueeze(-1)
+        return ((pos >= start) & (pos < start + width)).any(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, frames) -> same shape, masked in training mode."""
+        if not self.training or self.n_masks == 0 or self.max_width == 0:
+            return x
+        size = x.shape[self.axis]
+        m = self.mask(size, *self.sample(x.shape[0], size), x.device)
+        m = m.unsqueeze(-1) if self.axis == -2 else m.unsqueeze(-2)
+        return x.masked_fill(m, 0.0)
+
+
+class FrequencyMasking(_AxisMasking):
+    """SpecAugment frequency masks: (batch, n_mels, frames) -> same shape."""
+
+    axis = -2
+
+
+class TimeMasking(_AxisMasking):
+    """SpecAugment time masks: (batch, n_mels, frames) -> same shape."""
+
+    axis = -1
+
+
+class RandomGain(nn.Module):
+    """Scale the mel power by a random gain in ``[-max_db, +max_db]`` dB, per example.
+
+    In log1p space ``log1p(g * m)`` is computed exactly from ``m = expm1(x)``.
+    """
+
+    def __init__(self, max_db: float = 0.0, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        self.max_db, self.generator = max_db, generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.max_db <= 0:
+            return x
+        db = (torch.rand(x.shape[0], generator=self.generator) * 2 - 1) * self.max_db
+        gain = (10 ** (db / 10)).to(x.device, x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        return torch.log1p(torch.expm1(x) * gain)
+
+
+class SpecAugment(nn.Module):
+    """Gain, then frequency and time masking, per example, training only.
+
+    Args:
+        config (AugmentConfig, optional): mask widths and counts. (Default: ``AugmentConfig()``)
+        generator (torch.Generator, optional): source of randomness (CPU). (Default: global RNG)
+    """
+
+    def __init__(self, config: Optional[AugmentConfig] = None, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        c = config or AugmentConfig()
+        self.gain = RandomGain(c.gain_db, generator)
+        self.freq = FrequencyMasking(c.freq_mask_width, c.n_freq_masks, generator)
+        self.time = TimeMasking(c.time_mask_width, c.n_time_masks, generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, frames) -> same shape."""
+        return self.time(self.freq(self.gain(x)))
+
+
+def mixup(x: torch.Tensor, y: torch.Tensor, n_classes: int, alpha: float,
+          generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix each example with a random partner from the batch (Zhang et al., 2018).
+
+    Args:
+        x: (batch, ...) features. y: (batch,) integer labels.
+    Returns:
+        mixed x (same shape) and soft targets (batch, n_classes). With ``alpha <= 0`` the input is
+        returned with one-hot targets.
+    """
+    target = torch.nn.functional.one_hot(y, n_classes).to(x.dtype)
+    if alpha <= 0:
+        return x, target
+    lam = _beta(alpha, x.shape[0], generator)
+    lam = torch.maximum(lam, 1 - lam).to(x.device, x.dtype)  # the original stays dominant: its label is kept
+    perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
+    lx = lam.view(-1, *([1] * (x.ndim - 1)))
+    return lx * x + (1 - lx) * x[perm], lam[:, None] * target + (1 - lam[:, None]) * target[perm]
+
+
+def _beta(alpha: float, n: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Beta(alpha, alpha) samples drawn from ``generator`` by Johnk's method (exact for any alpha,
+    uniform draws only): torch's Beta and Gamma samplers take no generator, so would not be seedable."""
+    out = torch.empty(n)
+    filled = 0
+    while filled < n:
+        u, v = torch.rand(2, 4 * (n - filled) + 4, generator=generator)
+        a, b = u.pow(1 / alpha), v.pow(1 / alpha)
+        ok = (a + b) <= 1
+        take = (a[ok] / (a[ok] + b[ok]))[: n - filled]
+        out[filled:filled + take.numel()] = take
+        filled += take.numel()
+    return out

@@ -1,0 +1,78 @@
+"""Checkpoints: plain dicts of tensors and builtins, written atomically, read with ``weights_only=True``.
+
+Keys: ``format`` (int), ``audioclf_version``, ``config`` (RunConfig as a dict), ``labels`` (class names),
+``model`` (state dict, normalisation statistics included), and for training state ``optimizer``,
+``scheduler``, ``epoch``, ``best_val_loss``, ``bad_epochs``, ``rng``. Everything inference needs is
+in one file; the architecture comes from the checkpoint, never from flags.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import __version__
+from .config import AudioclfError, RunConfig
+from .model import AudioResNet
+
+FORMAT = 1  # bump when a checkpoint written by this version can no longer be read by older code
+
+
+def save_checkpoint(state: dict, path) -> None:
+    """Write ``state`` to ``path`` atomically: a crash mid-write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save({"format": FORMAT, "audioclf_version": __version__, **state}, tmp)
+    os.replace(tmp, path)
+
+
+def resolve_checkpoint(model_path) -> Path:
+    """A run directory means its ``best.pt``; a file is taken as it is."""
+    p = Path(model_path)
+    if p.is_dir():
+        if (p / "best.pt").is_file():
+            return p / "best.pt"
+        raise AudioclfError(f"{p}: no best.pt in this folder; pass a run directory made by 'audioclf train' or a .pt file")
+    if not p.is_file():
+        raise AudioclfError(f"{p}: no such model file or run directory")
+    return p
+
+
+def load_checkpoint(model_path, map_location="cpu") -> dict:
+    """Read a checkpoint (run dir or ``.pt``) safely and check it is one this version understands."""
+    path = resolve_checkpoint(model_path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise AudioclfError(f"{path}: not a readable audioclf checkpoint ({str(e).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or "format" not in ckpt or "config" not in ckpt:
+        raise AudioclfError(f"{path}: not an audioclf checkpoint (a bare state dict? it must hold config and labels)")
+    if ckpt["format"] > FORMAT:
+        raise AudioclfError(f"{path}: checkpoint format {ckpt['format']} was written by audioclf "
+                            f"{ckpt.get('audioclf_version')}; this is audioclf {__version__} (format {FORMAT}). "
+                            f"Upgrade audioclf to read it.")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict) -> tuple[AudioResNet, RunConfig, list[str]]:
+    """Rebuild the trained model (eval mode, CPU), its config and class names from a checkpoint dict."""
+    config = RunConfig.from_dict(ckpt["config"])
+    labels = list(ckpt["labels"])
+    model = AudioResNet(len(labels), config.features.n_mels, config.model.dropout)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), config, labels
+
+
+def load_model(model_path, map_location="cpu") -> tuple[AudioResNet, RunConfig, list[str]]:
+    return model_from_checkpoint(load_checkpoint(model_path, map_location))
+
+
+def inference_state(model: AudioResNet, config: RunConfig, labels: list[str], extra: Optional[dict] = None) -> dict:
+    """The minimum a checkpoint needs for inference (what ``best.pt`` holds, with training extras)."""
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {"config": config.to_dict(), "labels": list(labels), "model": sd, **(extra or {})}

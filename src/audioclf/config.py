@@ -1,0 +1,259 @@
+"""Configuration: one dataclass per stage, nested in :class:`RunConfig`.
+
+The resolved ``RunConfig`` is written to the run directory before training starts and stored in every
+checkpoint. At inference time the saved :class:`FeatureConfig` is the only source of feature settings,
+so training and prediction can never disagree about how audio becomes a spectrogram.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class AudioclfError(ValueError):
+    """The one error type of audioclf: its message says what was wrong and what is allowed."""
+
+
+def _check_range(name: str, value, low=None, high=None, *, low_open=False):
+    if value is None:
+        return
+    if low is not None and (value < low or (low_open and value == low)):
+        op = ">" if low_open else ">="
+        raise AudioclfError(f"{name}={value!r} is out of range: it must be {op} {low}")
+    if high is not None and value > high:
+        raise AudioclfError(f"{name}={value!r} is out of range: it must be <= {high}")
+
+
+def _check_choice(name: str, value, choices):
+    if value not in choices:
+        raise AudioclfError(f"Unsupported {name}={value!r}; choose one of {', '.join(map(repr, choices))}")
+
+
+@dataclass
+class FeatureConfig:
+    """How audio becomes model input. Saved with every model; inference reads only this copy."""
+
+    sample_rate: int = 22050  # Hz, every clip is resampled to this
+    duration_s: float = 5.0  # seconds of audio per example (crop or zero-pad)
+    n_mels: int = 80  # mel bands
+    n_fft: int = 1024  # samples per FFT
+    hop_length: int = 256  # samples between frames
+    win_length: int = 1024  # samples in the Hann window
+    f_min: float = 0.0  # Hz, lowest mel filter edge
+    f_max: Optional[float] = None  # Hz, highest mel filter edge; None = sample_rate / 2
+
+    def __post_init__(self):
+        _check_range("sample_rate", self.sample_rate, 1000, 384000)
+        _check_range("duration_s", self.duration_s, 0.0, 3600.0, low_open=True)
+        _check_range("n_mels", self.n_mels, 8, 512)
+        _check_range("n_fft", self.n_fft, 16, 65536)
+        _check_range("hop_length", self.hop_length, 1, self.n_fft)
+        _check_range("win_length", self.win_length, 1, self.n_fft)
+        _check_range("f_min", self.f_min, 0.0, self.sample_rate / 2)
+        _check_range("f_max", self.f_max, self.f_min, self.sample_rate / 2, low_open=True)
+
+    @property
+    def n_samples(self) -> int:
+        """Samples in one example."""
+        return int(round(self.duration_s * self.sample_rate))
+
+    @property
+    def n_frames(self) -> int:
+        """Spectrogram frames in one example (centred STFT)."""
+        return 1 + self.n_samples // self.hop_length
+
+
+@dataclass
+class AugmentConfig:
+    """Training-only augmentation. SpecAugment widths are upper bounds: each mask draws its width."""
+
+    freq_mask_width: int = 15  # mel bands, widest frequency mask
+    time_mask_width: int = 25  # frames, widest time mask
+    n_freq_masks: int = 1
+    n_time_masks: int = 1
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixing; 0 turns mixup off
+    gain_db: float = 0.0  # random gain in [-gain_db, +gain_db], applied in the log-mel domain
+
+    def __post_init__(self):
+        for name in ("freq_mask_width", "time_mask_width", "n_freq_masks", "n_time_masks"):
+            _check_range(name, getattr(self, name), 0, 10000)
+        _check_range("mixup_alpha", self.mixup_alpha, 0.0, 100.0)
+        _check_range("gain_db", self.gain_db, 0.0, 60.0)
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["resnet18"] = "resnet18"
+    # "auto": ImageNet weights when they can be had (torch hub cache or download), else from scratch.
+    pretrained: Literal["auto", "imagenet", "none"] = "auto"
+    weights_path: Optional[str] = None  # local torchvision-style ResNet-18 state dict; implies pretrained
+    dropout: float = 0.0  # before the final linear layer
+    normalization: Literal["band", "global"] = "band"  # per-mel-band or one mean/std from the train split
+
+    def __post_init__(self):
+        _check_choice("arch", self.arch, ("resnet18",))
+        _check_choice("pretrained", self.pretrained, ("auto", "imagenet", "none"))
+        _check_choice("normalization", self.normalization, ("band", "global"))
+        _check_range("dropout", self.dropout, 0.0, 0.99)
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # folder, CSV manifest, or dataset root
+    format: Literal["folder", "csv", "esc50", "urbansound8k"] = "folder"
+    esc10: bool = False  # ESC-50 only: keep the ESC-10 subset
+    val_fold: Optional[int] = None  # hold out this fold for validation
+    test_fold: Optional[int] = None  # hold out this fold for testing (never seen in training)
+    val_split: float = 0.2  # fraction for validation when val_fold is not given (group-aware)
+    cache_dir: Optional[str] = None  # feature cache; None = $AUDIOCLF_CACHE or ~/.cache/audioclf
+    strict: bool = False  # fail on the first unreadable clip instead of skipping it
+    balance: Literal["none", "weights", "sampler"] = "none"
+    num_workers: Optional[int] = None  # decoding processes for the cache build; None = auto
+
+    def __post_init__(self):
+        _check_choice("format", self.format, ("folder", "csv", "esc50", "urbansound8k"))
+        _check_choice("balance", self.balance, ("none", "weights", "sampler"))
+        _check_range("val_split", self.val_split, 0.0, 0.9, low_open=True)
+        if self.val_fold is not None and self.val_fold == self.test_fold:
+            raise AudioclfError(f"val_fold and test_fold are both {self.val_fold}: they must differ")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 25
+    batch_size: int = 16
+    lr: Optional[float] = None  # None = recipe default (1e-4 with ImageNet weights, 1e-3 from scratch)
+    weight_decay: float = 1e-3
+    patience: int = 5  # epochs without a better validation loss before stopping; 0 = never stop early
+    scheduler: Literal["plateau", "cosine", "onecycle"] = "plateau"
+    warmup_epochs: int = 0  # linear warmup before cosine
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    seed: int = 42
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    quiet: bool = False
+
+    def __post_init__(self):
+        _check_range("epochs", self.epochs, 1, 100000)
+        _check_range("batch_size", self.batch_size, 1, 65536)
+        _check_range("lr", self.lr, 0.0, 10.0, low_open=True)
+        _check_range("weight_decay", self.weight_decay, 0.0, 10.0)
+        _check_range("patience", self.patience, 0, 100000)
+        _check_range("warmup_epochs", self.warmup_epochs, 0, 100000)
+        _check_range("label_smoothing", self.label_smoothing, 0.0, 0.99)
+        _check_range("grad_clip", self.grad_clip, 0.0, 1e6)
+        _check_choice("scheduler", self.scheduler, ("plateau", "cosine", "onecycle"))
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise AudioclfError(f"Unsupported device={self.device!r}; choose auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = "default"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        return from_dict(cls, d)
+
+    def save_yaml(self, path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# Named recipes: overrides applied on top of the defaults, before a YAML file and flags.
+PRESETS: dict[str, dict] = {
+    "default": {},
+    # The seed notebook: plateau schedule, lr 1e-4, batch 16, 25 epochs, patience 5, one mask of each kind.
+    "seed": {
+        "train": {"lr": 1e-4, "batch_size": 16, "epochs": 25, "patience": 5, "scheduler": "plateau",
+                  "warmup_epochs": 0, "label_smoothing": 0.0},
+        "augment": {"freq_mask_width": 15, "time_mask_width": 25, "n_freq_masks": 1, "n_time_masks": 1,
+                    "mixup_alpha": 0.0, "gain_db": 0.0},
+        "model": {"dropout": 0.0},
+    },
+}
+
+
+def _type_ok(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def from_dict(cls, d: dict, _where: str = ""):
+    """Build dataclass ``cls`` from a nested dict, refusing unknown keys and wrong types."""
+    if not isinstance(d, dict):
+        raise AudioclfError(f"config section {_where or cls.__name__!r} must be a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise AudioclfError(f"unknown config key(s) {', '.join(_where + k for k in unknown)}; "
+                            f"allowed: {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in d.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, f"{_where}{key}.")
+            continue
+        if not _type_ok(value, tp):
+            raise AudioclfError(f"config key {_where}{key}={value!r} has the wrong type: expected {tp}")
+        kwargs[key] = float(value) if tp is float and isinstance(value, int) else value
+    return cls(**kwargs)
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Recursive dict update; ``override`` wins."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_yaml(path) -> dict:
+    path = Path(path)
+    try:
+        d = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise AudioclfError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise AudioclfError(f"config file {path} is not valid YAML: {e}") from None
+    return d or {}
+
+
+def resolve(preset: str = "default", yaml_path=None, overrides: Optional[dict] = None) -> RunConfig:
+    """Defaults < preset < YAML file < explicit overrides (flags)."""
+    if preset not in PRESETS:
+        raise AudioclfError(f"Unknown preset={preset!r}; choose one of {', '.join(PRESETS)}")
+    d = merge(RunConfig().to_dict(), PRESETS[preset])
+    if yaml_path:
+        d = merge(d, load_yaml(yaml_path))
+    d = merge(d, overrides or {})
+    d["preset"] = preset
+    return RunConfig.from_dict(d)

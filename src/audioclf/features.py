@@ -1,0 +1,121 @@
+"""Feature extraction as small ``nn.Module``s over batched waveforms: Spectrogram -> MelScale -> log1p.
+
+Fixed tensors (window, filterbank, statistics) are buffers, so ``.to(device)`` moves them and the
+whole front end runs on the GPU in batch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import AudioclfError, FeatureConfig
+
+
+class Spectrogram(nn.Module):
+    """Power spectrogram of a centred, zero-padded STFT with a periodic Hann window.
+
+    Args:
+        n_fft (int, optional): Size of FFT, creates ``n_fft // 2 + 1`` bins. (Default: ``1024``)
+        hop_length (int, optional): Samples between frames. (Default: ``256``)
+        win_length (int, optional): Window size in samples, ``<= n_fft``. (Default: ``1024``)
+    """
+
+    def __init__(self, n_fft: int = 1024, hop_length: int = 256, win_length: int = 1024):
+        super().__init__()
+        if not 0 < win_length <= n_fft:
+            raise AudioclfError(f"win_length={win_length} must be in (0, n_fft={n_fft}]")
+        self.n_fft, self.hop_length, self.win_length = n_fft, hop_length, win_length
+        self.register_buffer("window", torch.hann_window(win_length, periodic=True), persistent=False)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """(..., time) -> (..., n_fft // 2 + 1, 1 + time // hop_length), power (magnitude squared)."""
+        shape = wave.shape
+        # librosa >= 0.10 pads with zeros ("constant"), not reflection; we match it.
+        spec = torch.stft(wave.reshape(-1, shape[-1]).float(), self.n_fft, self.hop_length, self.win_length,
+                          self.window, center=True, pad_mode="constant", return_complex=True)
+        power = spec.real.square() + spec.imag.square()
+        return power.reshape(shape[:-1] + power.shape[-2:])
+
+
+class MelScale(nn.Module):
+    """Project a power spectrogram onto a Slaney-normalised mel filterbank (``librosa.filters.mel``).
+
+    Args:
+        n_mels (int): Number of mel bands. (Default: ``80``)
+        sample_rate (int): Sample rate in Hz. (Default: ``22050``)
+        n_fft (int): FFT size the spectrogram was computed with. (Default: ``1024``)
+        f_min (float): Lowest filter edge in Hz. (Default: ``0.0``)
+        f_max (float or None): Highest filter edge in Hz; ``None`` = ``sample_rate / 2``. (Default: ``None``)
+    """
+
+    def __init__(self, n_mels: int = 80, sample_rate: int = 22050, n_fft: int = 1024,
+                 f_min: float = 0.0, f_max: Optional[float] = None):
+        super().__init__()
+        import librosa  # heavy import, only needed to build the filterbank once
+
+        fb = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=f_min, fmax=f_max)
+        self.register_buffer("fb", torch.from_numpy(fb).float(), persistent=False)  # (n_mels, n_freq)
+
+    def forward(self, power: torch.Tensor) -> torch.Tensor:
+        """(..., n_freq, frames) -> (..., n_mels, frames)."""
+        return torch.matmul(self.fb, power)
+
+
+class LogMel(nn.Module):
+    """``log1p`` of an 80-band mel power spectrogram, identical to
+    ``np.log1p(librosa.feature.melspectrogram(y=..., sr=..., n_fft=..., hop_length=..., win_length=..., n_mels=...))``.
+
+    Args:
+        config (FeatureConfig, optional): Feature parameters. (Default: ``FeatureConfig()``)
+    """
+
+    def __init__(self, config: Optional[FeatureConfig] = None):
+        super().__init__()
+        c = config or FeatureConfig()
+        self.config = c
+        self.spectrogram = Spectrogram(c.n_fft, c.hop_length, c.win_length)
+        self.mel = MelScale(c.n_mels, c.sample_rate, c.n_fft, c.f_min, c.f_max)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """(..., time) waveform in [-1, 1] -> (..., n_mels, 1 + time // hop_length) log-mel."""
+        return torch.log1p(self.mel(self.spectrogram(wave)))
+
+
+class Normalize(nn.Module):
+    """Standardise features with statistics of the training split: ``(x - mean) / std``.
+
+    ImageNet-trained convolutions expect roughly zero-mean, unit-variance input; log1p mels are
+    neither. ``mean`` and ``std`` are buffers of shape ``(n_mels, 1)`` (per band) saved with the model.
+    """
+
+    def __init__(self, n_mels: int = 80):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_mels, 1))
+        self.register_buffer("std", torch.ones(n_mels, 1))
+
+    @torch.no_grad()
+    def fit(self, features, per_band: bool = True) -> "Normalize":
+        """Set statistics from an iterable of (n_mels, frames) tensors (the training clips).
+
+        Sums are accumulated in float64 one clip at a time, so a large dataset never needs one big tensor.
+        """
+        n, s, ss = 0, 0.0, 0.0
+        for f in features:
+            f = f.double()
+            n, s, ss = n + f.shape[-1], s + f.sum(-1), ss + f.square().sum(-1)
+        if n == 0:
+            raise AudioclfError("cannot fit normalisation statistics on zero frames")
+        if not per_band:
+            n, s, ss = n * s.numel(), s.sum().expand_as(s), ss.sum().expand_as(ss)
+        mean = s / n
+        std = (ss / n - mean.square()).clamp_min(0).sqrt()
+        self.mean.copy_(mean.unsqueeze(1).float())
+        self.std.copy_(std.clamp_min(1e-5).unsqueeze(1).float())
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., n_mels, frames) -> same shape, standardised."""
+        return (x - self.mean) / self.std

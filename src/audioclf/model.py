@@ -1,0 +1,129 @@
+"""ResNet-18 on log-mel spectrograms: normalisation, a 1-channel stem, and a new classifier head.
+
+``AudioResNet``   (batch, n_mels, frames) log-mel -> (batch, n_classes) logits
+``WaveformClassifier`` (batch, samples) waveform -> (batch, n_classes) probabilities, for export/serving
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from torchvision.models import ResNet18_Weights, resnet18
+
+from .config import AudioclfError, FeatureConfig, ModelConfig
+from .features import LogMel, Normalize
+
+log = logging.getLogger(__name__)
+
+IMAGENET_FILE = Path(ResNet18_Weights.IMAGENET1K_V1.url).name  # resnet18-f37072fd.pth
+
+
+def imagenet_cache_path() -> Path:
+    """Where torchvision looks for (and downloads) the ImageNet ResNet-18 weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
+
+
+def load_imagenet_state_dict(weights_path: Optional[str] = None) -> dict:
+    """The ResNet-18 ImageNet state dict: from ``weights_path``, else torchvision's cache or download.
+
+    Raises:
+        AudioclfError: when the file is unreadable, or offline with nothing cached, saying where to put
+            the file and how to train from scratch instead.
+    """
+    if weights_path:
+        try:
+            sd = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError) as e:  # pickle errors surface as RuntimeError/UnpicklingError
+            raise AudioclfError(f"{weights_path}: cannot load ResNet-18 weights ({e})") from None
+        return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    try:
+        return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError
+        raise AudioclfError(
+            f"cannot get the ImageNet ResNet-18 weights ({type(e).__name__}: {e}). Either download "
+            f"{ResNet18_Weights.IMAGENET1K_V1.url} to {imagenet_cache_path()} (or set TORCH_HOME), pass a "
+            f"local state dict with --weights PATH, or train from scratch with --no-pretrained.") from None
+
+
+def imagenet_available(weights_path: Optional[str] = None) -> bool:
+    """True when ImageNet weights can be loaded without a network (local file or torch hub cache)."""
+    return bool(weights_path) or imagenet_cache_path().is_file()
+
+
+class AudioResNet(nn.Module):
+    """torchvision ResNet-18 adapted to 1-channel log-mel input.
+
+    Args:
+        n_classes (int): Output classes.
+        n_mels (int, optional): Mel bands of the input, sizes the normalisation buffers. (Default: ``80``)
+        dropout (float, optional): Dropout before the final linear layer. (Default: ``0.0``)
+    """
+
+    def __init__(self, n_classes: int, n_mels: int = 80, dropout: float = 0.0):
+        super().__init__()
+        if n_classes < 2:
+            raise AudioclfError(f"n_classes={n_classes}: a classifier needs at least 2 classes")
+        self.norm = Normalize(n_mels)
+        net = resnet18(weights=None)
+        net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        net.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(net.fc.in_features, n_classes))
+        self.backbone = net
+
+    def load_imagenet(self, state_dict: dict) -> "AudioResNet":
+        """Load ImageNet weights: the RGB stem is summed over colour (a grey image gives the same
+        activations as before), the 1000-way head is dropped."""
+        sd = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+        if "conv1.weight" not in sd or sd["conv1.weight"].shape[1:] != (3, 7, 7):
+            raise AudioclfError("the weights are not a torchvision ResNet-18 state dict (conv1.weight of shape "
+                                "(64, 3, 7, 7) missing)")
+        sd["conv1.weight"] = sd["conv1.weight"].sum(dim=1, keepdim=True)
+        missing, unexpected = self.backbone.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise AudioclfError(f"the weights do not fit ResNet-18: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, frames) log-mel -> (batch, n_classes) logits."""
+        return self.backbone(self.norm(x).unsqueeze(1))
+
+
+def build_model(config: ModelConfig, n_classes: int, n_mels: int = 80) -> tuple[AudioResNet, bool]:
+    """Build the model and load ImageNet weights as ``config`` asks.
+
+    Returns the model and whether ImageNet weights were loaded. With ``pretrained="auto"`` the weights
+    are used when they can be had and the scratch recipe runs otherwise (a warning says why).
+    """
+    model = AudioResNet(n_classes, n_mels, config.dropout)
+    if config.pretrained == "none" and not config.weights_path:
+        return model, False
+    try:
+        model.load_imagenet(load_imagenet_state_dict(config.weights_path))
+    except AudioclfError as e:
+        if config.pretrained != "auto" or config.weights_path:
+            raise
+        log.warning("%s -- training from scratch instead", e)
+        return model, False
+    return model, True
+
+
+class WaveformClassifier(nn.Module):
+    """Waveform in, class probabilities out: LogMel -> AudioResNet -> softmax.
+
+    Args:
+        features (FeatureConfig): the feature settings the model was trained with.
+        model (AudioResNet): a trained model.
+    """
+
+    def __init__(self, features: FeatureConfig, model: AudioResNet):
+        super().__init__()
+        self.logmel = LogMel(features)
+        self.model = model
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """(batch, samples) at ``features.sample_rate`` -> (batch, n_classes) probabilities."""
+        return torch.softmax(self.model(self.logmel(wave)), dim=-1)
