@@ -127,3 +127,15 @@ class WaveformClassifier(nn.Module):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """(batch, samples) at ``features.sample_rate`` -> (batch, n_classes) probabilities."""
         return torch.softmax(self.model(self.logmel(wave)), dim=-1)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is an error, not a silent fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AudioclfError(f"device={name!r} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise AudioclfError(f"Unsupported device={name!r}; choose auto, cpu, cuda or cuda:N") from None

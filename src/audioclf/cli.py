@@ -1,0 +1,223 @@
+"""The ``audioclf`` command: parse flags, configure logging, call one stage, turn errors into messages.
+
+Each sub-command is a thin wrapper over a library function; the library logs, the CLI decides what the
+user sees and the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import PRESETS, AudioclfError, resolve
+
+log = logging.getLogger("audioclf")
+
+
+def _add_data_args(p: argparse.ArgumentParser, with_splits: bool = True) -> None:
+    p.add_argument("data", help="dataset: a folder per class, a CSV manifest, or an ESC-50/UrbanSound8K root")
+    p.add_argument("--format", choices=["folder", "csv", "esc50", "urbansound8k"], default=None,
+                   help="dataset layout (default: folder, or csv when DATA is a .csv file)")
+    p.add_argument("--esc10", action="store_true", default=None, help="ESC-50: keep the ESC-10 subset")
+    if with_splits:
+        p.add_argument("--val-fold", type=int, help="hold out this fold for validation")
+        p.add_argument("--test-fold", type=int, help="hold out this fold for the final test")
+        p.add_argument("--val-split", type=float, help="validation fraction when no --val-fold (default 0.2)")
+        p.add_argument("--cache-dir", help="feature cache folder (default $AUDIOCLF_CACHE or ~/.cache/audioclf)")
+        p.add_argument("--strict", action="store_true", default=None, help="stop at the first unreadable clip")
+        p.add_argument("--balance", choices=["none", "weights", "sampler"], help="class-imbalance handling")
+        p.add_argument("--num-workers", type=int, help="decoding processes for the feature cache")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    _add_data_args(p)
+    p.add_argument("--config", help="YAML config file (flags override it)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="named recipe (seed = the original notebook)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4 pretrained, 1e-3 from scratch)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--patience", type=int, help="early-stopping patience in epochs (0 = off)")
+    p.add_argument("--scheduler", choices=["plateau", "cosine", "onecycle"])
+    p.add_argument("--warmup-epochs", type=int)
+    p.add_argument("--mixup", type=float, dest="mixup_alpha", help="mixup alpha (0 = off)")
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--freq-mask", type=int, dest="freq_mask_width", help="widest frequency mask (mel bands)")
+    p.add_argument("--time-mask", type=int, dest="time_mask_width", help="widest time mask (frames)")
+    p.add_argument("--sample-rate", type=int)
+    p.add_argument("--duration", type=float, dest="duration_s", help="seconds per example")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--no-pretrained", action="store_const", const="none", dest="pretrained",
+                   help="random initialisation (the from-scratch recipe)")
+    g.add_argument("--pretrained", choices=["auto", "imagenet", "none"], dest="pretrained",
+                   help="auto (default): ImageNet weights when available, else from scratch")
+    g.add_argument("--weights", dest="weights_path", help="local torchvision ResNet-18 state dict")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
+    p.add_argument("--out", required=True, help="run directory")
+
+
+# flag name -> config section; None values (flags not given) leave the config as it is
+_SECTIONS = {
+    "data": ["format", "esc10", "val_fold", "test_fold", "val_split", "cache_dir", "strict", "balance", "num_workers"],
+    "features": ["sample_rate", "duration_s"],
+    "augment": ["mixup_alpha", "freq_mask_width", "time_mask_width"],
+    "model": ["pretrained", "weights_path", "dropout"],
+    "train": ["epochs", "batch_size", "lr", "weight_decay", "patience", "scheduler", "warmup_epochs",
+              "label_smoothing", "device", "seed", "quiet"],
+}
+
+
+def _guess_format(data: str) -> str:
+    return "csv" if data.lower().endswith(".csv") else "folder"
+
+
+def config_from_args(args: argparse.Namespace):
+    v = vars(args)
+    overrides = {sec: {k: v[k] for k in keys if v.get(k) is not None} for sec, keys in _SECTIONS.items()}
+    overrides["data"]["root"] = args.data
+    if getattr(args, "weights_path", None):
+        overrides["model"]["pretrained"] = "imagenet"
+    if "format" not in overrides["data"] and not getattr(args, "config", None):
+        overrides["data"]["format"] = _guess_format(args.data)
+    return resolve(args.preset, args.config, overrides)
+
+
+def cmd_train(args) -> int:
+    from .train import fit
+
+    summary = fit(config_from_args(args), args.out, resume=args.resume)
+    print(f"best validation loss {summary['best_val_loss']:.4f} at epoch {summary['best_epoch']}; "
+          f"run directory: {args.out}")
+    return 0
+
+
+def cmd_cv(args) -> int:
+    from .train import cross_validate
+
+    summary = cross_validate(config_from_args(args), args.out, folds=args.folds)
+    print(summary["table"])
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quiet=args.quiet)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .config import DataConfig
+    from .evaluate import evaluate
+
+    data = DataConfig(root=args.data, format=args.format or _guess_format(args.data), esc10=bool(args.esc10))
+    metrics = evaluate(args.model, data, fold=args.fold, out_dir=args.out, device=args.device,
+                       batch_size=args.batch_size, quiet=args.quiet)
+    print(metrics["report"])
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict_cli
+
+    return predict_cli(args)
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, device=args.device)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    path = export(args.model, args.format, args.out)
+    print(f"exported {args.format}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="audioclf", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"audioclf {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a classifier on a dataset")
+    _add_train_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("cv", help="k-fold cross-validation over the dataset's folds")
+    _add_train_args(p)
+    p.add_argument("--folds", type=int, nargs="+", help="test folds to run (default: all)")
+    p.set_defaults(func=cmd_cv)
+
+    p = sub.add_parser("demo", help="make a synthetic dataset, train on it, evaluate")
+    p.add_argument("--out", default="runs/demo", help="where the data and the run go (default runs/demo)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("evaluate", help="metrics, per-clip predictions and a confusion matrix")
+    p.add_argument("model", help="run directory or .pt checkpoint")
+    _add_data_args(p, with_splits=False)
+    p.add_argument("--fold", type=int, help="evaluate this fold only")
+    p.add_argument("--out", help="output folder (default MODEL_DIR/eval)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify audio files, folders or lists of paths")
+    p.add_argument("model", help="run directory, .pt checkpoint or exported safetensors folder")
+    p.add_argument("paths", nargs="+", help="audio files, folders (recursive) or .txt files listing paths")
+    p.add_argument("--out", help="output .csv or .json (default: CSV on stdout)")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--window", type=float, help="sliding-window length in s (default: training duration)")
+    p.add_argument("--hop", type=float, help="sliding-window hop in s (default: half the window)")
+    p.add_argument("--timeline", action="store_true", help="add per-window rows (start, end, label, confidence)")
+    p.add_argument("--submission", action="store_true", help="write an ID,Class CSV")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="HTTP API and web page for a trained model")
+    p.add_argument("model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=50.0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="export to ONNX or safetensors")
+    p.add_argument("model")
+    p.add_argument("--format", choices=["onnx", "safetensors"], required=True)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except AudioclfError as e:
+        print(f"audioclf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"audioclf {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
