@@ -244,6 +244,9 @@ def load_yaml(path) -> dict:
         raise AudioclfError(f"cannot read config file {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise AudioclfError(f"config file {path} is not valid YAML: {e}") from None
+    if d is not None and not isinstance(d, dict):
+        raise AudioclfError(f"config file {path} must hold a mapping of sections (data:, train:, ...), "
+                            f"not a {type(d).__name__}")
     return d or {}
 
 

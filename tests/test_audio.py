@@ -1,0 +1,185 @@
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from audioclf.audio import audio_duration_s, find_audio_files, fix_length, load_audio, stream_audio
+from audioclf.config import AudioclfError
+from conftest import chirp_noise, tone
+
+SR = 22050
+
+
+def peak_hz(wave: np.ndarray, sample_rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(wave * np.hanning(wave.size)))
+    return float(np.fft.rfftfreq(wave.size, 1 / sample_rate)[spectrum.argmax()])
+
+
+# ------------------------------------------------------------------------------------------- bad files
+
+def test_unreadable_file_names_the_path(tmp_path):
+    bad = tmp_path / "garbage.wav"
+    bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(AudioclfError, match="garbage.wav.*cannot decode"):
+        load_audio(bad, SR)
+
+
+def test_empty_file_names_the_path(tmp_path):
+    empty = tmp_path / "empty.wav"
+    empty.touch()
+    with pytest.raises(AudioclfError, match="empty.wav.*empty \\(0 bytes\\)"):
+        load_audio(empty, SR)
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(AudioclfError, match="nope.wav: no such audio file"):
+        load_audio(tmp_path / "nope.wav", SR)
+
+
+def test_zero_length_audio_names_the_path(write_wav):
+    path = write_wav(np.zeros(0, dtype=np.float32), 16000, name="silent.wav")
+    assert path.stat().st_size > 0  # a valid header, no frames
+    with pytest.raises(AudioclfError, match="silent.wav.*zero samples"):
+        load_audio(path, SR)
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_non_finite_audio_names_the_path(write_wav, bad_value):
+    wave = tone(440, 16000, 0.1)
+    wave[100] = bad_value
+    path = write_wav(wave, 16000, name="nonfinite.wav", subtype="FLOAT")
+    assert not np.isfinite(sf.read(path)[0]).all()  # soundfile kept the bad sample
+    with pytest.raises(AudioclfError, match="nonfinite.wav.*NaN or infinite"):
+        load_audio(path, SR)
+
+
+def test_truncated_flac_names_the_path(write_wav):
+    path = write_wav(tone(440, 16000, 0.5), 16000, name="cut.flac")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(AudioclfError, match="cut.flac: decoding failed part-way"):
+        load_audio(path, SR)
+
+
+# ------------------------------------------------------------------------------------ channels and rates
+
+def test_multichannel_is_mixed_to_mono_by_mean(write_wav):
+    rng = np.random.default_rng(1)
+    data = (rng.uniform(-0.1, 0.1, (2000, 8)) + np.linspace(-0.8, 0.8, 8)).astype(np.float32)
+    path = write_wav(data, SR, subtype="FLOAT")
+    wave = load_audio(path, SR)
+    assert wave.shape == (2000,) and wave.dtype == np.float32
+    np.testing.assert_allclose(wave, data.mean(axis=1), atol=1e-6)
+
+
+@pytest.mark.parametrize("orig_sr", [8000, 96000])
+def test_resampling_keeps_length_and_pitch(write_wav, orig_sr):
+    duration_s, freq = 1.3, 1000.0
+    path = write_wav(tone(freq, orig_sr, duration_s), orig_sr, subtype="FLOAT")
+    wave = load_audio(path, SR)
+    assert wave.dtype == np.float32
+    assert abs(wave.size - round(duration_s * SR)) <= 1
+    assert abs(peak_hz(wave, SR) - freq) < 2.0  # bin spacing is 1 / 1.3 s
+    assert np.abs(wave).max() == pytest.approx(0.5, abs=0.02)  # no gain change
+
+
+def test_same_rate_is_returned_unchanged(write_wav):
+    data = chirp_noise(SR, 0.5)
+    path = write_wav(data, SR, subtype="FLOAT")
+    np.testing.assert_array_equal(load_audio(path, SR), data)
+
+
+def test_audio_duration_from_header(write_wav):
+    assert audio_duration_s(write_wav(tone(440, 8000, 1.25), 8000)) == pytest.approx(1.25)
+
+
+@pytest.mark.shared_data
+def test_fsdd_recording_loads_at_target_rate(fsdd_root):
+    path = fsdd_root / "recordings" / "0_george_0.wav"
+    with sf.SoundFile(path) as f:
+        assert f.samplerate == 8000
+        frames = f.frames
+    wave = load_audio(path, SR)
+    assert abs(wave.size - round(frames * SR / 8000)) <= 1
+    assert 0 < np.abs(wave).max() <= 1.0
+
+
+# ------------------------------------------------------------------------------------------- fix_length
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_fix_length_centre_crop(as_tensor):
+    wave = np.arange(10, dtype=np.float32)
+    x = torch.from_numpy(wave) if as_tensor else wave
+    out = fix_length(x, 4)
+    assert type(out) is type(x)
+    np.testing.assert_array_equal(np.asarray(out), [3, 4, 5, 6])
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_fix_length_zero_pads_at_the_end(as_tensor):
+    wave = np.ones((2, 3), dtype=np.float32)  # batch axes are kept
+    x = torch.from_numpy(wave) if as_tensor else wave
+    out = fix_length(x, 5)
+    assert type(out) is type(x)
+    np.testing.assert_array_equal(np.asarray(out), [[1, 1, 1, 0, 0]] * 2)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_fix_length_random_crop_is_in_bounds_and_seeded(as_tensor):
+    wave = np.arange(100, dtype=np.float32)
+    x = torch.from_numpy(wave) if as_tensor else wave
+    g = torch.Generator().manual_seed(0)
+    starts = []
+    for _ in range(50):
+        out = np.asarray(fix_length(x, 30, random_crop=True, generator=g))
+        assert out.shape == (30,)
+        np.testing.assert_array_equal(out, np.arange(out[0], out[0] + 30))  # a contiguous window
+        starts.append(int(out[0]))
+    assert min(starts) >= 0 and max(starts) <= 70
+    assert len(set(starts)) > 10  # it really moves
+    g2 = torch.Generator().manual_seed(0)
+    again = [int(np.asarray(fix_length(x, 30, random_crop=True, generator=g2))[0]) for _ in range(50)]
+    assert again == starts
+
+
+def test_fix_length_exact_length_is_untouched():
+    x = torch.randn(7)
+    assert torch.equal(fix_length(x, 7, random_crop=True), x)
+
+
+# -------------------------------------------------------------------------------------------- streaming
+
+@pytest.mark.parametrize("orig_sr, duration_s, block_s", [
+    (44100, 3.37, 0.5),
+    (8000, 2.0, 0.5),  # a whole number of blocks: the last read is empty
+    (SR, 1.7, 0.4),  # no resampling
+])
+def test_stream_audio_matches_load_audio(write_wav, orig_sr, duration_s, block_s):
+    path = write_wav(chirp_noise(orig_sr, duration_s), orig_sr, subtype="FLOAT")
+    full = load_audio(path, SR)
+    blocks = list(stream_audio(path, SR, block_s=block_s))
+    assert len(blocks) >= int(duration_s / block_s)
+    assert all(b.ndim == 1 and b.dtype == np.float32 for b in blocks)
+    streamed = np.concatenate(blocks)
+    assert abs(streamed.size - full.size) <= 4
+    n = min(streamed.size, full.size)
+    np.testing.assert_allclose(streamed[1000:n - 1000], full[1000:n - 1000], atol=1e-4)
+
+
+def test_stream_audio_mixes_channels(write_wav):
+    path = write_wav(tone(300, SR, 0.5), SR, channels=2, subtype="FLOAT")
+    np.testing.assert_allclose(np.concatenate(list(stream_audio(path, SR, block_s=0.1))), tone(300, SR, 0.5),
+                               atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- discovery
+
+def test_find_audio_files_recursive_sorted_case_insensitive(tmp_path):
+    for rel in ["b/x.WAV", "a/deep/er/y.flac", "a/z.ogg", "a/notes.txt", "c.mp3"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    os.mkdir(tmp_path / "dir.wav")  # a folder with an audio-looking name is not a file
+    found = [p.relative_to(tmp_path).as_posix() for p in find_audio_files(tmp_path)]
+    assert found == ["a/deep/er/y.flac", "a/z.ogg", "b/x.WAV", "c.mp3"]
