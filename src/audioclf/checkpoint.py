@@ -69,6 +69,12 @@ def model_from_checkpoint(ckpt: dict) -> tuple[AudioResNet, RunConfig, list[str]
 
 
 def load_model(model_path, map_location="cpu") -> tuple[AudioResNet, RunConfig, list[str]]:
+    """Model (eval mode, CPU), config and class names from a run directory, a ``.pt`` checkpoint or a
+    folder written by ``audioclf export --format safetensors``."""
+    from .export import is_safetensors_export, load_safetensors  # export imports this module
+
+    if is_safetensors_export(model_path):
+        return load_safetensors(model_path)
     return model_from_checkpoint(load_checkpoint(model_path, map_location))
 
 

@@ -126,7 +126,9 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> None:
     axes[1].plot(ep, col["train_acc"], label="train"), axes[1].plot(ep, col["val_acc"], label="validation")
     axes[1].plot(ep, col["val_f1"], label="validation macro-F1", linestyle="--")
     axes[1].set_title("accuracy"), axes[1].set_ylim(0, 1.02), axes[1].legend()
-    axes[2].plot(ep, col["lr"]), axes[2].set_title("learning rate"), axes[2].set_yscale("log")
+    axes[2].plot(ep, col["lr"]), axes[2].set_title("learning rate")
+    if min(col["lr"]) > 0:
+        axes[2].set_yscale("log")
     for a in axes:
         a.set_xlabel("epoch"), a.grid(alpha=0.3)
     fig.tight_layout()

@@ -1,0 +1,193 @@
+"""Export a trained model as safetensors (weights without pickle) or ONNX (for onnxruntime).
+
+Both formats write ``config.json`` beside the model file: the run config (feature settings included),
+the class names, the audioclf version and the format, so an exported folder carries everything
+inference needs. ``audioclf.load(FOLDER)`` reads a safetensors export like a run directory.
+
+ONNX: the whole graph, waveform -> probabilities, through torch's dynamo exporter, which turns
+``torch.stft`` into the ONNX ``STFT`` operator (opset >= 17). The older TorchScript exporter cannot:
+it refuses an STFT with complex output, which :class:`~audioclf.features.Spectrogram` uses. Where the
+waveform graph fails to export or to match PyTorch, the export falls back to log-mel -> probabilities
+and says so in ``config.json`` (``"input": "logmel"``); the caller then computes
+:class:`~audioclf.features.LogMel` with the saved feature config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import load_model, model_from_checkpoint
+from .config import AudioclfError, FeatureConfig, RunConfig, _check_choice
+from .features import LogMel
+from .model import AudioResNet, WaveformClassifier
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "safetensors")
+FORMAT_VERSION = 1  # of config.json; bump when older code can no longer read an export
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"
+ONNX_OPSET = 18  # STFT needs >= 17; 18 is what the dynamo exporter emits natively
+ONNX_ATOL = 1e-4  # largest probability difference from PyTorch an export may show
+
+
+def _require(*modules: str) -> None:
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise AudioclfError(f"exporting needs the {name} package: pip install audioclf[export]") from None
+
+
+@contextmanager
+def _atomic(path: Path):
+    """Yield a temporary name next to ``path``; move it into place only when the block succeeds."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export(model_path, format: str = "safetensors", out_dir="export") -> Path:
+    """Export the model at ``model_path`` (run directory, ``.pt`` or a safetensors export) to ``out_dir``.
+
+    Args:
+        model_path: what :func:`audioclf.checkpoint.load_model` accepts.
+        format (str): ``"safetensors"`` or ``"onnx"``. (Default: ``"safetensors"``)
+        out_dir: folder for the model file and ``config.json``; created if missing, files replaced.
+
+    Returns:
+        The written model file (``model.safetensors`` or ``model.onnx``).
+    """
+    _check_choice("format", format, FORMATS)
+    model, config, labels = load_model(model_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if format == "safetensors":
+        path, extra = _export_safetensors(model, out), {}
+    else:
+        path, extra = _export_onnx(model, config.features, out)
+    meta = {"format": format, "format_version": FORMAT_VERSION, "audioclf_version": __version__, **extra,
+            "labels": list(labels), "config": config.to_dict()}
+    with _atomic(out / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("exported %s to %s", format, path)
+    return path
+
+
+# --- safetensors -------------------------------------------------------------------------------------
+
+def _export_safetensors(model: AudioResNet, out: Path) -> Path:
+    _require("safetensors")
+    from safetensors.torch import save_file
+
+    # state_dict holds the normalisation statistics (norm.mean, norm.std) as buffers.
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path = out / SAFETENSORS_FILE
+    with _atomic(path) as tmp:
+        save_file(state, tmp, metadata={"format": "pt", "audioclf_version": __version__})
+    return path
+
+
+def read_export_config(folder) -> dict:
+    """``config.json`` of an export folder, checked to be one this version of audioclf understands."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except OSError as e:
+        raise AudioclfError(f"{path}: cannot read the export's config ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise AudioclfError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not {"format", "config", "labels"} <= set(meta):
+        raise AudioclfError(f"{path}: not an audioclf export config (it must hold format, config and labels)")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise AudioclfError(f"{path}: export format {meta['format_version']} was written by audioclf "
+                            f"{meta.get('audioclf_version')}; this is audioclf {__version__} (format "
+                            f"{FORMAT_VERSION}). Upgrade audioclf to read it.")
+    return meta
+
+
+def is_safetensors_export(path) -> bool:
+    """True for a folder written by ``export(..., format="safetensors")``."""
+    return Path(path).is_dir() and (Path(path) / SAFETENSORS_FILE).is_file()
+
+
+def load_safetensors(folder) -> tuple[AudioResNet, RunConfig, list[str]]:
+    """Rebuild the model (eval mode, CPU), its config and class names from a safetensors export."""
+    _require("safetensors")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = read_export_config(folder)
+    if meta["format"] != "safetensors":
+        raise AudioclfError(f"{folder / CONFIG_FILE}: format={meta['format']!r}, expected 'safetensors'")
+    try:
+        state = load_file(folder / SAFETENSORS_FILE)
+    except (OSError, SafetensorError) as e:
+        raise AudioclfError(f"{folder / SAFETENSORS_FILE}: not a readable safetensors file ({e})") from None
+    return model_from_checkpoint({"config": meta["config"], "labels": meta["labels"], "model": state})
+
+
+# --- ONNX --------------------------------------------------------------------------------------------
+
+class LogMelClassifier(nn.Module):
+    """Log-mel in, class probabilities out: AudioResNet -> softmax (the ONNX fallback graph)."""
+
+    def __init__(self, model: AudioResNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, logmel: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, frames) -> (batch, n_classes) probabilities."""
+        return torch.softmax(self.model(logmel), dim=-1)
+
+
+def _onnx_export(module: nn.Module, example: torch.Tensor, input_name: str, path: Path) -> None:
+    """Export ``module`` with a dynamic batch axis, then check onnxruntime agrees with PyTorch on ``example``."""
+    import onnxruntime as ort
+
+    batch = torch.export.Dim("batch")
+    with _atomic(path) as tmp:
+        torch.onnx.export(module, (example,), str(tmp), dynamo=True, opset_version=ONNX_OPSET,
+                          input_names=[input_name], output_names=["probs"], dynamic_shapes=({0: batch},),
+                          external_data=False, verbose=False)
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        got = session.run(None, {input_name: example.numpy()})[0]
+        with torch.no_grad():
+            want = module(example).numpy()
+        err = float(np.abs(got - want).max())
+        if not err <= ONNX_ATOL:
+            raise AudioclfError(f"onnxruntime's probabilities differ from PyTorch's by {err:.3g} (> {ONNX_ATOL})")
+
+
+def _export_onnx(model: AudioResNet, features: FeatureConfig, out: Path) -> tuple[Path, dict]:
+    _require("onnx", "onnxscript", "onnxruntime")
+    path = out / ONNX_FILE
+    # A batch of 2: an example batch of 1 would let the exporter treat the batch size as a constant.
+    wave = 0.1 * torch.randn(2, features.n_samples, generator=torch.Generator().manual_seed(0))
+    try:
+        _onnx_export(WaveformClassifier(features, model).eval(), wave, "waveform", path)
+        return path, {"input": "waveform", "input_shape": ["batch", features.n_samples], "opset": ONNX_OPSET}
+    except Exception as e:  # the exporter fails in many ways (unsupported op, guard, version); all mean "fall back"
+        log.warning("ONNX export of the whole graph (waveform -> probabilities) failed: %s: %s. Exporting "
+                    "log-mel -> probabilities instead; compute LogMel with the feature config in %s.",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "", CONFIG_FILE)
+    with torch.no_grad():
+        logmel = LogMel(features)(wave)
+    _onnx_export(LogMelClassifier(model).eval(), logmel, "logmel", path)
+    return path, {"input": "logmel", "input_shape": ["batch", features.n_mels, features.n_frames], "opset": ONNX_OPSET}
