@@ -76,8 +76,8 @@ class AugmentConfig:
 
     freq_mask_width: int = 15  # mel bands, widest frequency mask
     time_mask_width: int = 25  # frames, widest time mask
-    n_freq_masks: int = 1
-    n_time_masks: int = 1
+    n_freq_masks: int = 2
+    n_time_masks: int = 2
     mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixing; 0 turns mixup off
     gain_db: float = 0.0  # random gain in [-gain_db, +gain_db], applied in the log-mel domain
 
@@ -94,7 +94,7 @@ class ModelConfig:
     # "auto": ImageNet weights when they can be had (torch hub cache or download), else from scratch.
     pretrained: Literal["auto", "imagenet", "none"] = "auto"
     weights_path: Optional[str] = None  # local torchvision-style ResNet-18 state dict; implies pretrained
-    dropout: float = 0.0  # before the final linear layer
+    dropout: float = 0.2  # before the final linear layer
     normalization: Literal["band", "global"] = "band"  # per-mel-band or one mean/std from the train split
 
     def __post_init__(self):
@@ -127,14 +127,14 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 25
+    epochs: int = 30
     batch_size: int = 16
     lr: Optional[float] = None  # None = recipe default (1e-4 with ImageNet weights, 1e-3 from scratch)
     weight_decay: float = 1e-3
-    patience: int = 5  # epochs without a better validation loss before stopping; 0 = never stop early
-    scheduler: Literal["plateau", "cosine", "onecycle"] = "plateau"
-    warmup_epochs: int = 0  # linear warmup before cosine
-    label_smoothing: float = 0.0
+    patience: int = 10  # epochs without a better validation loss before stopping; 0 = never stop early
+    scheduler: Literal["plateau", "cosine", "onecycle"] = "cosine"
+    warmup_epochs: int = 2  # linear warmup before cosine
+    label_smoothing: float = 0.1
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     seed: int = 42
     device: str = "auto"  # auto, cpu, cuda, cuda:N

@@ -471,8 +471,7 @@ def cross_validate(config: RunConfig, out_dir, folds: Optional[list[int]] = None
     (out / "cv_summary.md").write_text(summary["table"] + "\n")
     from .evaluate import plot_confusion_matrix
 
-    plot_confusion_matrix(cm, clipset.classes, out / "confusion_matrix.png",
-                          title=f"{len(results)}-fold CV, summed (accuracy {acc.mean():.3f} ± {std(acc):.3f})")
+    plot_confusion_matrix(cm, clipset.classes, out / "confusion_matrix.png")
     log.info("cross-validation: accuracy %.4f ± %.4f, macro-F1 %.4f ± %.4f over %d folds",
              acc.mean(), std(acc), f1.mean(), std(f1), len(results))
     return summary
