@@ -124,15 +124,10 @@ def mixup(x: torch.Tensor, y: torch.Tensor, n_classes: int, alpha: float,
 
 
 def _beta(alpha: float, n: int, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Beta(alpha, alpha) samples drawn from ``generator`` by Johnk's method (exact for any alpha,
-    uniform draws only): torch's Beta and Gamma samplers take no generator, so would not be seedable."""
-    out = torch.empty(n)
-    filled = 0
-    while filled < n:
-        u, v = torch.rand(2, 4 * (n - filled) + 4, generator=generator)
-        a, b = u.pow(1 / alpha), v.pow(1 / alpha)
-        ok = (a + b) <= 1
-        take = (a[ok] / (a[ok] + b[ok]))[: n - filled]
-        out[filled:filled + take.numel()] = take
-        filled += take.numel()
-    return out
+    """Beta(alpha, alpha) samples by inverse CDF of uniform draws from ``generator`` (exact, one draw per
+    sample, any alpha): torch's Beta and Gamma samplers take no generator, so would not be seedable.
+    Rejection methods such as Johnk's stall for alpha above ~8 (acceptance falls like 4**-alpha)."""
+    from scipy.special import betaincinv  # scipy comes with librosa and scikit-learn
+
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    return torch.from_numpy(betaincinv(alpha, alpha, u.numpy())).float()

@@ -308,11 +308,16 @@ class FeatureBank:
             try:
                 d = torch.load(path, map_location="cpu", weights_only=True)
                 clips = [clipset.clips[i] for i in d["kept"].tolist()]
-                skipped = clipset.skipped + [tuple(s) for s in d["skipped"]]
-                log.info("feature cache hit: %s (%d clips)", path, len(clips))
-                return cls(d["frames"], d["offsets"], clips, skipped, features.n_frames)
+                decode_skipped = [tuple(s) for s in d["skipped"]]
+                bank = cls(d["frames"], d["offsets"], clips, clipset.skipped + decode_skipped, features.n_frames)
             except Exception as e:  # a damaged cache is rebuilt, never fatal
                 log.warning("feature cache %s unreadable (%s); rebuilding", path, e)
+            else:
+                # A cache written by a lenient build still holds the clips strict mode must refuse.
+                if strict and decode_skipped:
+                    raise AudioclfError(f"unreadable clip (strict mode): {decode_skipped[0][1]}")
+                log.info("feature cache hit: %s (%d clips)", path, len(clips))
+                return bank
 
         logmel = LogMel(features).to(device)
         workers = auto_workers() if num_workers is None else num_workers

@@ -37,12 +37,12 @@ def load_imagenet_state_dict(weights_path: Optional[str] = None) -> dict:
     if weights_path:
         try:
             sd = torch.load(weights_path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError) as e:  # pickle errors surface as RuntimeError/UnpicklingError
+        except Exception as e:  # torch.load fails on a damaged or foreign file with many error types
             raise AudioclfError(f"{weights_path}: cannot load ResNet-18 weights ({e})") from None
         return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
     try:
         return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True)
-    except (OSError, RuntimeError) as e:  # URLError is an OSError
+    except Exception as e:  # offline (URLError), a cut download (IncompleteRead), a bad hash, a damaged cached file
         raise AudioclfError(
             f"cannot get the ImageNet ResNet-18 weights ({type(e).__name__}: {e}). Either download "
             f"{ResNet18_Weights.IMAGENET1K_V1.url} to {imagenet_cache_path()} (or set TORCH_HOME), pass a "

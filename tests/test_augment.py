@@ -1,0 +1,170 @@
+import pytest
+import torch
+
+from audioclf.augment import FrequencyMasking, RandomGain, SpecAugment, TimeMasking, _beta, mixup
+from audioclf.config import AudioclfError, AugmentConfig
+
+N_MELS, FRAMES = 40, 60
+
+
+def features(batch=16, seed=0):
+    """Strictly positive log-mel-like input, so every zero in the output is a mask."""
+    return torch.rand(batch, N_MELS, FRAMES, generator=torch.Generator().manual_seed(seed)) + 0.1
+
+
+def masked_runs(x_out: torch.Tensor, axis: int) -> list[list[tuple[int, int]]]:
+    """Per example, the (start, end) runs of indices along ``axis`` that are zero across the other axis."""
+    zero = (x_out == 0).all(dim=-1 if axis == -2 else -2)  # (batch, size)
+    runs = []
+    for row in zero.tolist():
+        r, start = [], None
+        for i, z in enumerate(row + [False]):
+            if z and start is None:
+                start = i
+            elif not z and start is not None:
+                r.append((start, i))
+                start = None
+        runs.append(r)
+    return runs
+
+
+@pytest.mark.parametrize("cls, axis, size", [(FrequencyMasking, -2, N_MELS), (TimeMasking, -1, FRAMES)])
+def test_single_mask_is_one_contiguous_band_within_bounds(cls, axis, size):
+    x = features(64)
+    out = cls(max_width=10, n_masks=1, generator=torch.Generator().manual_seed(1)).train()(x)
+    # Only whole bands are zeroed: every zero lies in a fully masked row/column.
+    zero_lines = (out == 0).all(dim=-1 if axis == -2 else -2)
+    assert torch.equal((out == 0), zero_lines.unsqueeze(-1 if axis == -2 else -2).expand_as(out))
+    runs = masked_runs(out, axis)
+    widths = []
+    for r in runs:
+        assert len(r) <= 1
+        for start, end in r:
+            assert 0 <= start < end <= size
+            widths.append(end - start)
+    assert widths and max(widths) <= 10
+    assert len(set(widths)) > 3  # widths are drawn per example
+    assert len({r[0][0] for r in runs if r}) > 3  # so are positions
+    unmasked = out != 0
+    assert torch.equal(out[unmasked], x[unmasked])  # the rest is untouched
+
+
+def test_widths_and_counts_are_configurable():
+    x = features(32)
+    out = TimeMasking(max_width=3, n_masks=4, generator=torch.Generator().manual_seed(2)).train()(x)
+    per_example = (out == 0).all(dim=-2).sum(-1)  # masked frames per example
+    assert per_example.max() <= 4 * 3
+    assert per_example.max() > 3  # more than one mask lands
+    assert max(len(r) for r in masked_runs(out, -1)) > 1  # as separate bands
+
+
+def test_width_is_capped_by_axis_size():
+    x = features(8)[:, :4, :]  # only 4 bands
+    out = FrequencyMasking(max_width=100, generator=torch.Generator().manual_seed(0)).train()(x)
+    assert out.shape == x.shape
+
+
+def test_seeded_generator_reproduces_masks():
+    cfg = AugmentConfig(freq_mask_width=8, time_mask_width=12, n_freq_masks=2, n_time_masks=2, gain_db=6.0)
+    x = features()
+    a = SpecAugment(cfg, torch.Generator().manual_seed(7)).train()(x)
+    b = SpecAugment(cfg, torch.Generator().manual_seed(7)).train()(x)
+    c = SpecAugment(cfg, torch.Generator().manual_seed(8)).train()(x)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_eval_mode_is_identity():
+    cfg = AugmentConfig(freq_mask_width=20, time_mask_width=30, n_freq_masks=3, n_time_masks=3, gain_db=12.0)
+    x = features()
+    aug = SpecAugment(cfg, torch.Generator().manual_seed(0))
+    assert not torch.equal(aug.train()(x), x)
+    assert aug.eval()(x) is x
+
+
+def test_zero_width_or_count_is_identity_in_training():
+    x = features()
+    assert TimeMasking(max_width=0).train()(x) is x
+    assert FrequencyMasking(max_width=10, n_masks=0).train()(x) is x
+
+
+def test_negative_mask_settings_are_refused():
+    with pytest.raises(AudioclfError, match="max_width=-1"):
+        TimeMasking(max_width=-1)
+
+
+def test_masking_on_a_batch_masks_examples_independently():
+    x = features(4)
+    out = SpecAugment(AugmentConfig(freq_mask_width=10, time_mask_width=15),
+                      torch.Generator().manual_seed(3)).train()(x)
+    masks = [(o == 0) for o in out]
+    assert out.shape == x.shape
+    assert any(not torch.equal(masks[0], m) for m in masks[1:])
+
+
+# ------------------------------------------------------------------------------------------- RandomGain
+
+def test_random_gain_scales_mel_power_within_range():
+    x = torch.log1p(features(32) * 10)
+    out = RandomGain(max_db=6.0, generator=torch.Generator().manual_seed(0)).train()(x)
+    ratio_db = 10 * torch.log10(torch.expm1(out) / torch.expm1(x))  # (batch, n_mels, frames)
+    per_example = ratio_db.flatten(1)
+    torch.testing.assert_close(per_example, per_example[:, :1].expand_as(per_example), atol=1e-3, rtol=0)
+    assert per_example.abs().max() <= 6.0 + 1e-3
+    assert per_example[:, 0].std() > 1.0  # gains differ between examples
+
+
+def test_random_gain_eval_is_identity():
+    x = features()
+    gain = RandomGain(max_db=10.0, generator=torch.Generator().manual_seed(0))
+    assert gain.eval()(x) is x
+    assert RandomGain(max_db=0.0).train()(x) is x
+
+
+# ------------------------------------------------------------------------------------------------ mixup
+
+def test_mixup_targets_sum_to_one_and_mix_consistently():
+    g = torch.Generator().manual_seed(0)
+    x = features(16)
+    y = torch.arange(16) % 5
+    mx, target = mixup(x, y, 5, alpha=0.4, generator=g)
+    assert mx.shape == x.shape and target.shape == (16, 5)
+    torch.testing.assert_close(target.sum(1), torch.ones(16))
+    own = target[torch.arange(16), y]
+    assert (own >= 0.5 - 1e-6).all()  # the original stays dominant
+    assert (own < 1).any()  # and some examples really are mixed
+    assert not torch.equal(mx, x)
+
+
+@pytest.mark.parametrize("alpha", [0.2, 1.0, 4.0, 20.0, 100.0])
+def test_mixup_lambda_is_quick_and_in_range_for_any_allowed_alpha(alpha):
+    g = torch.Generator().manual_seed(0)
+    x = torch.eye(64).reshape(64, 1, 64)  # one-hot rows: the mixed row reveals lambda
+    y = torch.zeros(64, dtype=torch.long)
+    mx, target = mixup(x, y, 2, alpha=alpha, generator=g)
+    lam = mx.reshape(64, 64).max(dim=1).values
+    assert ((lam >= 0.5 - 1e-6) & (lam <= 1.0)).all()
+    if alpha >= 20:  # Beta(alpha, alpha) concentrates at 0.5
+        assert (lam - 0.5).abs().mean() < 0.1
+
+
+@pytest.mark.parametrize("alpha", [0.2, 1.0, 10.0])
+def test_beta_sampler_has_beta_moments(alpha):
+    lam = _beta(alpha, 20000, torch.Generator().manual_seed(0)).double()
+    assert ((lam >= 0) & (lam <= 1)).all()
+    assert lam.mean().item() == pytest.approx(0.5, abs=0.01)
+    assert lam.var().item() == pytest.approx(1 / (4 * (2 * alpha + 1)), rel=0.05)
+
+
+def test_mixup_is_seeded():
+    x, y = features(8), torch.arange(8) % 3
+    a = mixup(x, y, 3, 0.5, torch.Generator().manual_seed(1))
+    b = mixup(x, y, 3, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_mixup_alpha_zero_is_identity_with_one_hot_targets():
+    x, y = features(8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    mx, target = mixup(x, y, 3, alpha=0.0)
+    assert mx is x
+    assert torch.equal(target, torch.nn.functional.one_hot(y, 3).float())

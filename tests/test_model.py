@@ -1,0 +1,178 @@
+import logging
+import urllib.error
+
+import pytest
+import torch
+import torch.hub
+from torch import nn
+from torchvision.models import resnet18
+
+from audioclf.config import AudioclfError, FeatureConfig, ModelConfig
+from audioclf.features import LogMel
+from audioclf.model import (AudioResNet, WaveformClassifier, build_model, imagenet_available, imagenet_cache_path,
+                            load_imagenet_state_dict)
+
+
+@pytest.fixture(scope="module")
+def rgb_state_dict():
+    """A torchvision ResNet-18 state dict with every float tensor random (BN statistics included), so
+    "loaded" can never be confused with "freshly initialised"."""
+    g = torch.Generator().manual_seed(123)
+    return {k: (torch.rand(v.shape, generator=g) + 0.5 if v.is_floating_point() else v)
+            for k, v in resnet18(weights=None).state_dict().items()}
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    def refuse(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
+def cache_weights(torch_home, state_dict):
+    path = torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(state_dict, path)
+    return path
+
+
+def assert_loaded(model: AudioResNet, sd: dict, n_classes: int):
+    own = model.backbone.state_dict()
+    torch.testing.assert_close(own["conv1.weight"], sd["conv1.weight"].sum(dim=1, keepdim=True))
+    assert own["conv1.weight"].shape == (64, 1, 7, 7)
+    for k, v in sd.items():
+        if k != "conv1.weight" and not k.startswith("fc."):
+            assert torch.equal(own[k], v), k
+    head = model.backbone.fc[-1]
+    assert isinstance(head, nn.Linear) and (head.in_features, head.out_features) == (512, n_classes)
+
+
+# ----------------------------------------------------------------------------------- ImageNet weights
+
+def test_imagenet_from_the_torch_hub_cache(torch_home, offline, rgb_state_dict):
+    path = cache_weights(torch_home, rgb_state_dict)
+    assert imagenet_cache_path() == path and imagenet_available()
+    model, pretrained = build_model(ModelConfig(pretrained="imagenet"), n_classes=5)
+    assert pretrained is True
+    assert_loaded(model, rgb_state_dict, 5)
+    model, pretrained = build_model(ModelConfig(pretrained="auto"), n_classes=3)
+    assert pretrained is True
+    assert_loaded(model, rgb_state_dict, 3)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_imagenet_from_weights_path(tmp_path, offline, rgb_state_dict, wrapped):
+    path = tmp_path / "r18.pth"
+    torch.save({"state_dict": rgb_state_dict} if wrapped else rgb_state_dict, path)
+    assert not imagenet_cache_path().exists() and imagenet_available(str(path))
+    # weights_path implies pretrained, whatever ``pretrained`` says.
+    model, pretrained = build_model(ModelConfig(pretrained="none", weights_path=str(path)), n_classes=5)
+    assert pretrained is True
+    assert_loaded(model, rgb_state_dict, 5)
+
+
+def test_offline_with_nothing_cached_says_what_to_do(torch_home, offline):
+    assert not imagenet_available()
+    with pytest.raises(AudioclfError) as e:
+        build_model(ModelConfig(pretrained="imagenet"), n_classes=5)
+    msg = str(e.value)
+    assert str(torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in msg
+    assert "--no-pretrained" in msg and "URLError" in msg
+
+
+def test_auto_falls_back_to_scratch_with_a_warning(torch_home, offline, caplog):
+    with caplog.at_level(logging.WARNING, logger="audioclf.model"):
+        model, pretrained = build_model(ModelConfig(pretrained="auto"), n_classes=4)
+    assert pretrained is False
+    assert model.backbone.fc[-1].out_features == 4
+    assert "training from scratch" in caplog.text and "resnet18-f37072fd.pth" in caplog.text
+
+
+def test_none_never_looks_for_weights(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("should not be called")
+
+    monkeypatch.setattr("audioclf.model.load_imagenet_state_dict", fail)
+    model, pretrained = build_model(ModelConfig(pretrained="none", dropout=0.3), n_classes=2)
+    assert pretrained is False and model.backbone.fc[0].p == 0.3
+
+
+def test_corrupt_cached_weights(torch_home, offline, caplog):
+    path = torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\xc3" + bytes(range(256)) * 8)
+    with pytest.raises(AudioclfError, match="ImageNet ResNet-18 weights"):
+        build_model(ModelConfig(pretrained="imagenet"), n_classes=3)
+    _, pretrained = build_model(ModelConfig(pretrained="auto"), n_classes=3)
+    assert pretrained is False and "training from scratch" in caplog.text
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02garbage" * 50, b"PK\x03\x04truncated zip", b"plain text"])
+def test_unreadable_weights_path_names_the_file(tmp_path, content):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    with pytest.raises(AudioclfError, match="weights.pth: cannot load ResNet-18 weights"):
+        load_imagenet_state_dict(str(path))
+    # An explicit file is never silently replaced by scratch training, even with "auto".
+    with pytest.raises(AudioclfError, match="weights.pth"):
+        build_model(ModelConfig(pretrained="auto", weights_path=str(path)), n_classes=3)
+
+
+def test_weights_that_are_not_resnet18_are_refused(rgb_state_dict):
+    with pytest.raises(AudioclfError, match="not a torchvision ResNet-18"):
+        AudioResNet(3).load_imagenet({"weight": torch.zeros(3)})
+    partial = {k: v for k, v in rgb_state_dict.items() if not k.startswith("layer4.")}
+    with pytest.raises(AudioclfError, match="missing.*layer4"):
+        AudioResNet(3).load_imagenet(partial)
+
+
+def test_summed_stem_sees_a_grey_image_like_the_rgb_stem(rgb_state_dict):
+    model = AudioResNet(5).load_imagenet(rgb_state_dict)
+    rgb = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    rgb.weight.data.copy_(rgb_state_dict["conv1.weight"])
+    x = torch.randn(2, 1, 40, 50)
+    with torch.no_grad():
+        torch.testing.assert_close(model.backbone.conv1(x), rgb(x.repeat(1, 3, 1, 1)), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+def test_forward_shapes_and_normalisation():
+    torch.manual_seed(0)
+    model = AudioResNet(n_classes=7, n_mels=32).eval()
+    x = torch.rand(3, 32, 45)
+    assert model(x).shape == (3, 7)
+    # The normalisation buffers are applied before the backbone.
+    model.norm.mean.fill_(0.5)
+    model.norm.std.fill_(2.0)
+    with torch.no_grad():
+        direct = model.backbone(((x - 0.5) / 2.0).unsqueeze(1))
+        torch.testing.assert_close(model(x), direct)
+    assert {"norm.mean", "norm.std"} <= set(model.state_dict())
+
+
+def test_one_class_is_refused():
+    with pytest.raises(AudioclfError, match="n_classes=1"):
+        AudioResNet(1)
+
+
+def test_waveform_classifier_gives_probabilities():
+    torch.manual_seed(0)
+    features = FeatureConfig(sample_rate=16000, duration_s=0.5, n_mels=32, n_fft=512, hop_length=256,
+                             win_length=512)
+    model = AudioResNet(3, n_mels=32).eval()
+    clf = WaveformClassifier(features, model).eval()
+    wave = torch.randn(2, features.n_samples) * 0.1
+    with torch.no_grad():
+        probs = clf(wave)
+        torch.testing.assert_close(probs, torch.softmax(model(LogMel(features)(wave)), -1))
+    assert probs.shape == (2, 3)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2))
