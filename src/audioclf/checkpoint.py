@@ -9,7 +9,6 @@ in one file; the architecture comes from the checkpoint, never from flags.
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Optional
 
@@ -27,8 +26,12 @@ def save_checkpoint(state: dict, path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"format": FORMAT, "audioclf_version": __version__, **state}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"format": FORMAT, "audioclf_version": __version__, **state}, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or Ctrl-C must not leave a half-written temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def resolve_checkpoint(model_path) -> Path:
@@ -48,8 +51,9 @@ def load_checkpoint(model_path, map_location="cpu") -> dict:
     path = resolve_checkpoint(model_path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        raise AudioclfError(f"{path}: not a readable audioclf checkpoint ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # torch.load fails on a damaged or foreign file with many error types (KeyError for text)
+        reason = (str(e).splitlines() or [type(e).__name__])[0]  # an empty file raises a bare EOFError
+        raise AudioclfError(f"{path}: not a readable audioclf checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or "format" not in ckpt or "config" not in ckpt:
         raise AudioclfError(f"{path}: not an audioclf checkpoint (a bare state dict? it must hold config and labels)")
     if ckpt["format"] > FORMAT:

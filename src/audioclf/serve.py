@@ -3,11 +3,12 @@
 ``POST /predict``  multipart field ``file`` -> ``{label, confidence, top_k, duration_s[, windows]}``
 ``GET /health``, ``GET /labels``, ``GET /`` (a self-contained web page), ``/docs`` (OpenAPI).
 
-The model is loaded once, when the app is made. Each request decodes its upload and runs inference
-in a worker thread, so the event loop keeps accepting connections; the model call itself holds a lock
-(decoding does not), so concurrent requests never share a forward pass in flight. Uploads are capped
-while they stream in, copied into a fresh temporary directory under a generated name (the client's
-file name is never part of a path), and deleted once answered.
+The model is loaded once, when the app is made. Each request runs in a worker thread, so the event
+loop keeps accepting connections while the model works. The Classifier keeps no per-request state;
+inference still takes one request at a time (a lock), because torch already spreads one forward pass
+over every core and a long file's batch of windows is large: memory stays bounded however many
+clients wait. Uploads are capped while they stream in, copied into a fresh temporary directory under a
+generated name (the client's file name is never part of a path), and deleted once answered.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import __version__
-from .audio import AUDIO_EXTENSIONS, load_audio
+from .audio import AUDIO_EXTENSIONS, audio_duration_s
 from .config import AudioclfError, _check_range
 
 try:
@@ -138,7 +139,7 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto") -> Fast
     model_lock = threading.Lock()
 
     def classify_upload(upload: UploadFile, **options) -> dict:
-        """Runs in a worker thread: copy the upload to a temp file, decode it, classify it."""
+        """Runs in a worker thread: copy the upload to a temp file, check it opens, classify it."""
         shown = Path(upload.filename or "upload").name  # for messages only, never a path
         with tempfile.TemporaryDirectory(prefix="audioclf-upload-") as tmp:
             path = Path(tmp) / f"upload{_upload_suffix(upload.filename)}"
@@ -147,15 +148,15 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto") -> Fast
             if path.stat().st_size == 0:
                 raise HTTPException(400, f"{shown}: the uploaded file is empty (0 bytes)")
             try:
-                wave = load_audio(path, features.sample_rate)
+                audio_duration_s(path)  # opens it: an undecodable upload is refused before the model's turn
             except AudioclfError as e:
                 raise HTTPException(415, str(e).replace(str(path), shown)) from None
-        try:
-            with model_lock:
-                result = clf.classify(wave, features.sample_rate, **options)
-        except AudioclfError as e:
-            raise HTTPException(422, str(e)) from None
-        return result
+            try:
+                # classify streams a long file from disk in windows, so memory stays bounded
+                with model_lock:
+                    return clf.classify(path, **options)
+            except AudioclfError as e:
+                raise HTTPException(422, str(e).replace(str(path), shown)) from None
 
     app = FastAPI(title="audioclf", version=__version__,
                   description=f"Audio classification with {len(labels)} classes: {', '.join(labels)}.")
@@ -165,14 +166,14 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto") -> Fast
     @app.post("/predict", response_model=Prediction, response_model_exclude_none=True,
               responses={400: {"description": "no file, or an empty one"}, 413: {"description": "upload too large"},
                          415: {"description": "the file cannot be decoded as audio"},
-                         422: {"description": "invalid parameters"}})
+                         422: {"description": "invalid parameters, or audio that fails to decode part-way"}})
     async def predict(file: Optional[UploadFile] = File(None, description="audio file: WAV, FLAC, OGG, MP3, ..."),
                       timeline: bool = Query(False, description="add per-window predictions (sliding window)"),
                       top_k: int = Query(3, ge=1, description="classes to return, most probable first"),
-                      window_s: Optional[float] = Query(None, gt=0, description="timeline window in s "
-                                                        "(default: the training duration)"),
-                      hop_s: Optional[float] = Query(None, gt=0, description="timeline hop in s (default: half "
-                                                     "the window)")):
+                      window_s: Optional[float] = Query(None, gt=0, description="sliding-window length in s "
+                                                        "for long files (default: the training duration)"),
+                      hop_s: Optional[float] = Query(None, gt=0, description="seconds between window starts "
+                                                     "(default: half the window)")):
         """Classify one uploaded audio file."""
         if file is None:
             raise HTTPException(400, "no file uploaded: POST multipart/form-data with the audio in the field 'file'")
