@@ -69,7 +69,10 @@ def test_page_docs_and_openapi(client):
     # self-contained: nothing fetched from another host (the serving machine may be offline)
     assert "src=\"http" not in page.text and "href=\"http" not in page.text and "@import" not in page.text
     assert "default-src 'self'" in page.headers["content-security-policy"]
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    assert "cdn" not in docs.text  # Swagger UI from the swagger-ui-bundle package: the docs work offline
+    assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
     assert {"/predict", "/health", "/labels"} <= set(client.get("/openapi.json").json()["paths"])
 
 

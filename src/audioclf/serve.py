@@ -118,6 +118,25 @@ def _upload_suffix(filename: Optional[str]) -> str:
     return suffix if suffix in AUDIO_EXTENSIONS else ""
 
 
+def _add_offline_docs(app: "FastAPI") -> None:
+    """Swagger UI at /docs from the swagger-ui-bundle package: FastAPI's default loads it from a CDN,
+    which leaves the page blank on an offline machine."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+        app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+        assets = {"swagger_js_url": "/docs-assets/swagger-ui-bundle.js", "swagger_css_url": "/docs-assets/swagger-ui.css",
+                  "swagger_favicon_url": "/docs-assets/favicon-32x32.png"}
+    except ImportError:  # still works online, from the CDN
+        assets = {}
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="audioclf API", **assets)
+
+
 def create_app(model, max_upload_mb: float = 50.0, device: str = "auto") -> FastAPI:
     """The serving app for ``model``: a :class:`~audioclf.predict.Classifier`, or anything
     :func:`audioclf.load` reads (run directory, ``.pt``, safetensors export), loaded here, once.
@@ -158,8 +177,9 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto") -> Fast
             except AudioclfError as e:
                 raise HTTPException(422, str(e).replace(str(path), shown)) from None
 
-    app = FastAPI(title="audioclf", version=__version__,
+    app = FastAPI(title="audioclf", version=__version__, docs_url=None,
                   description=f"Audio classification with {len(labels)} classes: {', '.join(labels)}.")
+    _add_offline_docs(app)
     app.add_middleware(UploadLimit, max_bytes=int(max_upload_mb * MIB) + MULTIPART_SLACK,
                        max_upload_mb=max_upload_mb)
 
