@@ -277,7 +277,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False) -> dict:
             bar = tqdm(range(0, len(order), t.batch_size), desc=f"epoch {epoch}/{t.epochs}", unit="batch",
                        leave=False, disable=True if quiet else None)
             for i in bar:
-                x, y = bank.batch(order[i:i + t.batch_size].to(bank.frames.device), random_crop=True, generator=gen)
+                x, y = bank.batch(order[i:i + t.batch_size], random_crop=True, generator=gen)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 x = specaug(x)
                 x, target = mixup(x, y, n_classes, config.augment.mixup_alpha, gen)
