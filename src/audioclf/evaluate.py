@@ -63,7 +63,7 @@ def plot_confusion_matrix(cm, labels: Sequence[str], path) -> None:
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
     side = max(5.0, 0.32 * n + 3.0)  # inches
-    font = min(10.0, max(6.0, 180 / n))  # points
+    font = min(10.0, max(8.0, 240 / n))  # points; a cell is about 23 pt, so the names fit their rows
     fig = Figure(figsize=(side, side), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)

@@ -250,12 +250,10 @@ class Classifier:
         loader = torch.utils.data.DataLoader(
             _PrepareFiles(paths, self.config.features, window, hop), batch_size=None, num_workers=workers,
             prefetch_factor=self.batch_size if workers else None)  # a batch of short clips stays queued
-        for source in tqdm(self._run(loader), total=len(paths), desc="predict", unit="file",
-                           disable=True if quiet else None):
-            if source.error is not None:
-                yield {"path": source.name, "error": str(source.error)}
-            else:
-                yield {"path": source.name, "error": None, **self._summarise(source, window, timeline, top_k)}
+        sources = tqdm(self._run(loader), total=len(paths), desc="predict", unit="file", disable=True if quiet else None)
+        # a generator expression, so that the checks above run now, not at the first result
+        return ({"path": s.name, "error": str(s.error)} if s.error is not None else
+                {"path": s.name, "error": None, **self._summarise(s, window, timeline, top_k)} for s in sources)
 
     # -- the one inference path
 
