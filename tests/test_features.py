@@ -122,3 +122,25 @@ def test_normalize_statistics_are_saved():
     fresh = Normalize(8)
     fresh.load_state_dict(norm.state_dict())
     assert torch.equal(fresh.mean, norm.mean) and torch.equal(fresh.std, norm.std)
+
+
+@pytest.mark.parametrize("sr,n_fft,n_mels,f_min,f_max", [(22050, 1024, 80, 0.0, None), (8000, 1024, 80, 0.0, None),
+                                                          (16000, 512, 64, 50.0, 7000.0), (44100, 2048, 128, 20.0, None)])
+def test_mel_filterbank_equals_librosa(sr, n_fft, n_mels, f_min, f_max):
+    import librosa
+
+    from audioclf.features import mel_filterbank
+
+    ours = mel_filterbank(sr, n_fft, n_mels, f_min, f_max)
+    ref = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=f_min, fmax=f_max)
+    assert ours.dtype == np.float32 and ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-8)
+
+
+def test_inference_front_end_does_not_import_librosa():
+    import subprocess
+    import sys
+
+    code = "import sys, torch; from audioclf.features import LogMel; LogMel()(torch.zeros(1, 4096)); print('librosa' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -43,14 +43,18 @@ class _AxisMasking(nn.Module):
         start, width = start.to(device).unsqueeze(-1), width.to(device).unsqueeze(-1)
         return ((pos >= start) & (pos < start + width)).any(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, n_mels, frames) -> same shape, masked in training mode."""
+    def mask_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """A boolean mask broadcastable to ``x`` (batch, n_mels, frames), or None when nothing is masked."""
         if not self.training or self.n_masks == 0 or self.max_width == 0:
-            return x
+            return None
         size = x.shape[self.axis]
         m = self.mask(size, *self.sample(x.shape[0], size), x.device)
-        m = m.unsqueeze(-1) if self.axis == -2 else m.unsqueeze(-2)
-        return x.masked_fill(m, 0.0)
+        return m.unsqueeze(-1) if self.axis == -2 else m.unsqueeze(-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, frames) -> same shape, masked in training mode."""
+        m = self.mask_for(x)
+        return x if m is None else x.masked_fill(m, 0.0)
 
 
 class FrequencyMasking(_AxisMasking):
@@ -100,7 +104,12 @@ class SpecAugment(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, n_mels, frames) -> same shape."""
-        return self.time(self.freq(self.gain(x)))
+        x = self.gain(x)
+        masks = [m for m in (self.freq.mask_for(x), self.time.mask_for(x)) if m is not None]
+        if not masks:
+            return x
+        # one pass over the batch instead of one per mask kind: the data path stays a rounding error
+        return x.masked_fill(masks[0] | masks[1] if len(masks) == 2 else masks[0], 0.0)
 
 
 def mixup(x: torch.Tensor, y: torch.Tensor, n_classes: int, alpha: float,

@@ -6,8 +6,10 @@ whole front end runs on the GPU in batch.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,8 +42,42 @@ class Spectrogram(nn.Module):
         return power.reshape(shape[:-1] + power.shape[-2:])
 
 
+def _hz_to_mel(f: np.ndarray) -> np.ndarray:
+    """Slaney's mel scale: linear below 1 kHz (200/3 Hz per mel), logarithmic above."""
+    f = np.asarray(f, dtype=np.float64)
+    lin = f / (200.0 / 3)
+    return np.where(f >= 1000.0, 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) / (np.log(6.4) / 27.0), lin)
+
+
+def _mel_to_hz(m: np.ndarray) -> np.ndarray:
+    m = np.asarray(m, dtype=np.float64)
+    return np.where(m >= 15.0, 1000.0 * np.exp((np.log(6.4) / 27.0) * (m - 15.0)), m * (200.0 / 3))
+
+
+def mel_filterbank(sample_rate: int = 22050, n_fft: int = 1024, n_mels: int = 80, f_min: float = 0.0,
+                   f_max: Optional[float] = None) -> np.ndarray:
+    """Slaney-normalised triangular mel filters, (n_mels, n_fft // 2 + 1) float32.
+
+    The same numbers as ``librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=f_min,
+    fmax=f_max)`` (tested against it), without importing librosa: that import alone costs seconds of a
+    prediction's cold start and about 200 MB.
+    """
+    f_max = sample_rate / 2 if f_max is None else f_max
+    fft_freqs = np.linspace(0, sample_rate / 2, 1 + n_fft // 2)
+    mel_f = _mel_to_hz(np.linspace(_hz_to_mel(f_min), _hz_to_mel(f_max), n_mels + 2))
+    ramps = mel_f[:, None] - fft_freqs[None, :]
+    fdiff = np.diff(mel_f)
+    lower = -ramps[:-2] / fdiff[:-1, None]
+    upper = ramps[2:] / fdiff[1:, None]
+    weights = np.maximum(0, np.minimum(lower, upper)) * (2.0 / (mel_f[2:] - mel_f[:-2]))[:, None]
+    if not np.all((mel_f[:-2] == 0) | (weights.max(axis=1) > 0)):
+        warnings.warn(f"Empty mel filters with n_mels={n_mels}, n_fft={n_fft}, sample_rate={sample_rate}: "
+                      f"try a larger n_fft or fewer n_mels", stacklevel=2)
+    return weights.astype(np.float32)
+
+
 class MelScale(nn.Module):
-    """Project a power spectrogram onto a Slaney-normalised mel filterbank (``librosa.filters.mel``).
+    """Project a power spectrogram onto a Slaney-normalised mel filterbank (as ``librosa.filters.mel``).
 
     Args:
         n_mels (int): Number of mel bands. (Default: ``80``)
@@ -54,10 +90,8 @@ class MelScale(nn.Module):
     def __init__(self, n_mels: int = 80, sample_rate: int = 22050, n_fft: int = 1024,
                  f_min: float = 0.0, f_max: Optional[float] = None):
         super().__init__()
-        import librosa  # heavy import, only needed to build the filterbank once
-
-        fb = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=f_min, fmax=f_max)
-        self.register_buffer("fb", torch.from_numpy(fb).float(), persistent=False)  # (n_mels, n_freq)
+        fb = mel_filterbank(sample_rate, n_fft, n_mels, f_min, f_max)
+        self.register_buffer("fb", torch.from_numpy(fb), persistent=False)  # (n_mels, n_freq)
 
     def forward(self, power: torch.Tensor) -> torch.Tensor:
         """(..., n_freq, frames) -> (..., n_mels, frames)."""

@@ -242,11 +242,12 @@ class Classifier:
 
         Yields one dict per path, in order: ``classify``'s keys plus ``path`` and ``error`` (``None``, or
         the reason the file could not be read, in which case the other keys are absent). ``num_workers``
-        defaults to ``data.auto_workers()``; a progress bar goes to stderr unless ``quiet``.
+        defaults to ``data.auto_workers()`` (none for one or two files); a progress bar goes to stderr unless ``quiet``.
         """
         window, hop = self._window(window_s, hop_s)
         self._check_top_k(top_k)
-        workers = auto_workers() if num_workers is None else num_workers
+        # a worker process costs more to start than a couple of files cost to decode
+        workers = (auto_workers() if len(paths) > 2 else 0) if num_workers is None else num_workers
         loader = torch.utils.data.DataLoader(
             _PrepareFiles(paths, self.config.features, window, hop), batch_size=None, num_workers=workers,
             prefetch_factor=self.batch_size if workers else None)  # a batch of short clips stays queued
