@@ -9,6 +9,7 @@ in one file; the architecture comes from the checkpoint, never from flags.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -21,17 +22,27 @@ from .model import AudioResNet
 FORMAT = 1  # bump when a checkpoint written by this version can no longer be read by older code
 
 
-def save_checkpoint(state: dict, path) -> None:
-    """Write ``state`` to ``path`` atomically: a crash mid-write leaves the previous file intact."""
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary name next to ``path``; move it into place only when the block succeeds.
+
+    A crash mid-write leaves the previous file intact, and a full disk or Ctrl-C leaves no half-written
+    temp file behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save({"format": FORMAT, "audioclf_version": __version__, **state}, tmp)
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:  # a full disk or Ctrl-C must not leave a half-written temp file behind
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
+
+
+def save_checkpoint(state: dict, path) -> None:
+    """Write ``state`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, "audioclf_version": __version__, **state}, tmp)
 
 
 def resolve_checkpoint(model_path) -> Path:

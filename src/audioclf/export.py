@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import load_model, model_from_checkpoint
+from .checkpoint import atomic_path, load_model, model_from_checkpoint
 from .config import AudioclfError, FeatureConfig, RunConfig, _check_choice
 from .features import LogMel
 from .model import AudioResNet, WaveformClassifier
@@ -51,17 +49,6 @@ def _require(*modules: str) -> None:
             raise AudioclfError(f"exporting needs the {name} package: pip install audioclf[export]") from None
 
 
-@contextmanager
-def _atomic(path: Path):
-    """Yield a temporary name next to ``path``; move it into place only when the block succeeds."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def export(model_path, format: str = "safetensors", out_dir="export") -> Path:
     """Export the model at ``model_path`` (run directory, ``.pt`` or a safetensors export) to ``out_dir``.
 
@@ -83,7 +70,7 @@ def export(model_path, format: str = "safetensors", out_dir="export") -> Path:
         path, extra = _export_onnx(model, config.features, out)
     meta = {"format": format, "format_version": FORMAT_VERSION, "audioclf_version": __version__, **extra,
             "labels": list(labels), "config": config.to_dict()}
-    with _atomic(out / CONFIG_FILE) as tmp:
+    with atomic_path(out / CONFIG_FILE) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
     log.info("exported %s to %s", format, path)
     return path
@@ -98,7 +85,7 @@ def _export_safetensors(model: AudioResNet, out: Path) -> Path:
     # state_dict holds the normalisation statistics (norm.mean, norm.std) as buffers.
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = out / SAFETENSORS_FILE
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         save_file(state, tmp, metadata={"format": "pt", "audioclf_version": __version__})
     return path
 
@@ -162,7 +149,7 @@ def _onnx_export(module: nn.Module, example: torch.Tensor, input_name: str, path
     import onnxruntime as ort
 
     batch = torch.export.Dim("batch")
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         torch.onnx.export(module, (example,), str(tmp), dynamo=True, opset_version=ONNX_OPSET,
                           input_names=[input_name], output_names=["probs"], dynamic_shapes=({0: batch},),
                           external_data=False, verbose=False)

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .augment import SpecAugment, mixup
-from .checkpoint import inference_state, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_path, inference_state, load_checkpoint, save_checkpoint
 from .config import AudioclfError, RunConfig
 from .data import FeatureBank, load_clips, split_clips
-from .model import AudioResNet, build_model, resolve_device
+from .model import build_model, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +137,10 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> None:
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, METRIC_FIELDS)
         w.writeheader()
         w.writerows({k: r[k] for k in METRIC_FIELDS} for r in rows)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------- fit
