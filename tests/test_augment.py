@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from audioclf.augment import FrequencyMasking, RandomGain, SpecAugment, TimeMasking, _beta, mixup
+from audioclf.augment import FrequencyMasking, RandomGain, RandomTimeShift, SpecAugment, TimeMasking, _beta, mixup
 from audioclf.config import AudioclfError, AugmentConfig
 
 N_MELS, FRAMES = 40, 60
@@ -168,3 +168,27 @@ def test_mixup_alpha_zero_is_identity_with_one_hot_targets():
     mx, target = mixup(x, y, 3, alpha=0.0)
     assert mx is x
     assert torch.equal(target, torch.nn.functional.one_hot(y, 3).float())
+
+
+def test_time_mask_fraction_caps_width_on_short_clips():
+    # 87 frames (1 s at 22.05 kHz): a 25-frame mask would hide a spoken digit; 10 % caps it at 8
+    m = TimeMasking(25, n_masks=1, generator=torch.Generator().manual_seed(0), max_fraction=0.1).train()
+    widths = [int((m(torch.ones(1, 4, 87)) == 0).all(-2).sum()) for _ in range(300)]
+    assert max(widths) == 8 and min(widths) == 0
+    long = [int((m(torch.ones(1, 4, 431)) == 0).all(-2).sum()) for _ in range(300)]
+    assert max(long) == 25  # on 5-s clips the cap does not bind
+    with pytest.raises(AudioclfError, match="max_fraction"):
+        TimeMasking(25, max_fraction=1.5)
+
+
+def test_time_shift_rolls_each_example_within_range():
+    x = torch.arange(100.0).view(1, 1, 100).repeat(64, 3, 1)
+    s = RandomTimeShift(0.2, torch.Generator().manual_seed(1)).train()
+    y = s(x)
+    shifts = (y[:, 0, 0] * -1) % 100  # x[t] = t, so y[0] = -shift mod 100
+    shifts = torch.where(shifts > 50, shifts - 100, shifts)
+    assert shifts.abs().max() <= 20 and len(set(shifts.tolist())) > 10
+    for k in range(64):  # a circular roll: the same frames, the same order, all bands alike
+        assert torch.equal(y[k], torch.roll(x[k], int(shifts[k]), dims=-1))
+    assert torch.equal(s.eval()(x), x)
+    assert torch.equal(RandomTimeShift(0.0).train()(x), x)

@@ -12,6 +12,8 @@ SR = 22050
 
 
 def librosa_logmel(y: np.ndarray, c: FeatureConfig) -> np.ndarray:
+    if c.peak_normalize:
+        y = y / max(np.abs(y).max(), 1e-3)
     return np.log1p(librosa.feature.melspectrogram(y=y, sr=c.sample_rate, n_fft=c.n_fft, hop_length=c.hop_length,
                                                    win_length=c.win_length, n_mels=c.n_mels, fmin=c.f_min,
                                                    fmax=c.f_max))
@@ -33,8 +35,22 @@ def test_logmel_matches_librosa_on_chirp_and_noise():
 
 def test_logmel_matches_librosa_with_other_settings():
     c = FeatureConfig(sample_rate=16000, n_fft=512, hop_length=160, win_length=400, n_mels=64,
-                      f_min=50.0, f_max=7000.0)
+                      f_min=50.0, f_max=7000.0, peak_normalize=False)
     assert_parity(chirp_noise(16000, 1.1, seed=3), c)
+
+
+def test_peak_normalisation_makes_features_level_invariant():
+    y = torch.from_numpy(chirp_noise(SR, 1.0))
+    on, off = LogMel(FeatureConfig()), LogMel(FeatureConfig(peak_normalize=False))
+    quiet = y * 0.01  # 40 dB down, like FSDD's quietest speaker against its loudest
+    torch.testing.assert_close(on(quiet), on(y), rtol=1e-4, atol=1e-5)
+    assert (off(quiet) - off(y)).abs().max() > 1.0  # without it the level changes the input a lot
+    batch = torch.stack([y, quiet, torch.zeros_like(y)])
+    out = on(batch)  # each row on its own: a silent row stays silent, not blown up
+    torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-5)
+    assert out[2].abs().max() == 0
+    hiss = torch.randn(SR, generator=torch.Generator().manual_seed(0)) * 1e-5  # -100 dB: boosted by 60 dB at most
+    assert on(hiss).max() < on(y).max() / 10
 
 
 @pytest.mark.shared_data

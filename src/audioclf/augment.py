@@ -23,16 +23,21 @@ class _AxisMasking(nn.Module):
 
     axis: int  # -2 (frequency) or -1 (time) of (batch, n_mels, frames)
 
-    def __init__(self, max_width: int, n_masks: int = 1, generator: Optional[torch.Generator] = None):
+    def __init__(self, max_width: int, n_masks: int = 1, generator: Optional[torch.Generator] = None,
+                 max_fraction: float = 1.0):
         super().__init__()
         if max_width < 0 or n_masks < 0:
             raise AudioclfError(f"mask max_width={max_width} and n_masks={n_masks} must be >= 0")
-        self.max_width, self.n_masks = max_width, n_masks
+        if not 0.0 <= max_fraction <= 1.0:
+            raise AudioclfError(f"mask max_fraction={max_fraction} must be in [0, 1]")
+        self.max_width, self.n_masks, self.max_fraction = max_width, n_masks, max_fraction
         self.generator = generator
 
     def sample(self, batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask starts and widths, each (batch, n_masks), with ``start + width <= size``."""
-        width = torch.randint(0, min(self.max_width, size) + 1, (batch, self.n_masks), generator=self.generator)
+        """Mask starts and widths, each (batch, n_masks), with ``start + width <= size``; a width is at
+        most ``max_width`` and at most ``max_fraction * size`` (SpecAugment's p)."""
+        widest = min(self.max_width, int(self.max_fraction * size))
+        width = torch.randint(0, widest + 1, (batch, self.n_masks), generator=self.generator)
         start = (torch.rand(batch, self.n_masks, generator=self.generator) * (size - width + 1)).long()
         return start, width
 
@@ -69,6 +74,30 @@ class TimeMasking(_AxisMasking):
     axis = -1
 
 
+class RandomTimeShift(nn.Module):
+    """Roll each example along time by a random whole number of frames in ``[-max_fraction * frames,
+    +max_fraction * frames]``: (batch, n_mels, frames) -> same shape.
+
+    A fixed-length clip (ESC-50's 5 s) otherwise always shows its event at the same place; the roll is
+    circular so no frames are lost or invented.
+    """
+
+    def __init__(self, max_fraction: float = 0.0, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        if not 0.0 <= max_fraction <= 1.0:
+            raise AudioclfError(f"time shift max_fraction={max_fraction} must be in [0, 1]")
+        self.max_fraction, self.generator = max_fraction, generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frames = x.shape[-1]
+        most = int(self.max_fraction * frames)
+        if not self.training or most == 0:
+            return x
+        shift = torch.randint(-most, most + 1, (x.shape[0],), generator=self.generator).to(x.device)
+        idx = (torch.arange(frames, device=x.device).view(1, -1) - shift.view(-1, 1)) % frames
+        return x.gather(-1, idx.unsqueeze(1).expand_as(x))
+
+
 class RandomGain(nn.Module):
     """Scale the mel power by a random gain in ``[-max_db, +max_db]`` dB, per example.
 
@@ -88,7 +117,7 @@ class RandomGain(nn.Module):
 
 
 class SpecAugment(nn.Module):
-    """Gain, then frequency and time masking, per example, training only.
+    """Gain, time shift, then frequency and time masking, per example, training only.
 
     Args:
         config (AugmentConfig, optional): mask widths and counts. (Default: ``AugmentConfig()``)
@@ -99,12 +128,17 @@ class SpecAugment(nn.Module):
         super().__init__()
         c = config or AugmentConfig()
         self.gain = RandomGain(c.gain_db, generator)
+        self.shift = RandomTimeShift(c.time_shift, generator)
         self.freq = FrequencyMasking(c.freq_mask_width, c.n_freq_masks, generator)
-        self.time = TimeMasking(c.time_mask_width, c.n_time_masks, generator)
+        self.time = TimeMasking(c.time_mask_width, c.n_time_masks, generator, c.time_mask_fraction)
+
+    def set_generator(self, generator: Optional[torch.Generator]) -> None:
+        """Draw every random parameter from ``generator`` (the trainer seeds one per epoch)."""
+        self.gain.generator = self.shift.generator = self.freq.generator = self.time.generator = generator
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, n_mels, frames) -> same shape."""
-        x = self.gain(x)
+        x = self.shift(self.gain(x))
         masks = [m for m in (self.freq.mask_for(x), self.time.mask_for(x)) if m is not None]
         if not masks:
             return x

@@ -48,6 +48,9 @@ class FeatureConfig:
     win_length: int = 1024  # samples in the Hann window
     f_min: float = 0.0  # Hz, lowest mel filter edge
     f_max: Optional[float] = None  # Hz, highest mel filter edge; None = sample_rate / 2
+    # scale each clip (each window, at inference) to a peak of 1 before the STFT: recordings made at
+    # different levels (FSDD's speakers are 20 dB apart) then look alike to the model
+    peak_normalize: bool = True
 
     def __post_init__(self):
         _check_range("sample_rate", self.sample_rate, 1000, 384000)
@@ -78,12 +81,18 @@ class AugmentConfig:
     time_mask_width: int = 25  # frames, widest time mask
     n_freq_masks: int = 2
     n_time_masks: int = 2
+    # a time mask covers at most this fraction of the frames (SpecAugment's p): 25 frames would blank
+    # a spoken digit in a 1-s clip, while 5-s clips (431 frames) are unaffected
+    time_mask_fraction: float = 0.1
+    time_shift: float = 0.5  # roll each example in time by up to this fraction of its frames
     mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixing; 0 turns mixup off
     gain_db: float = 0.0  # random gain in [-gain_db, +gain_db], applied in the log-mel domain
 
     def __post_init__(self):
         for name in ("freq_mask_width", "time_mask_width", "n_freq_masks", "n_time_masks"):
             _check_range(name, getattr(self, name), 0, 10000)
+        _check_range("time_mask_fraction", self.time_mask_fraction, 0.0, 1.0)
+        _check_range("time_shift", self.time_shift, 0.0, 1.0)
         _check_range("mixup_alpha", self.mixup_alpha, 0.0, 100.0)
         _check_range("gain_db", self.gain_db, 0.0, 60.0)
 
@@ -131,7 +140,7 @@ class TrainConfig:
     batch_size: int = 16
     lr: Optional[float] = None  # None = recipe default (1e-4 with ImageNet weights, 1e-3 from scratch)
     weight_decay: float = 1e-3
-    patience: int = 10  # epochs without a better validation loss before stopping; 0 = never stop early
+    patience: int = 15  # epochs without a better validation loss before stopping; 0 = never stop early
     scheduler: Literal["plateau", "cosine", "onecycle"] = "cosine"
     warmup_epochs: int = 2  # linear warmup before cosine
     label_smoothing: float = 0.1
@@ -180,10 +189,11 @@ PRESETS: dict[str, dict] = {
     "default": {},
     # The seed notebook: plateau schedule, lr 1e-4, batch 16, 25 epochs, patience 5, one mask of each kind.
     "seed": {
+        "features": {"peak_normalize": False},
         "train": {"lr": 1e-4, "batch_size": 16, "epochs": 25, "patience": 5, "scheduler": "plateau",
                   "warmup_epochs": 0, "label_smoothing": 0.0},
         "augment": {"freq_mask_width": 15, "time_mask_width": 25, "n_freq_masks": 1, "n_time_masks": 1,
-                    "mixup_alpha": 0.0, "gain_db": 0.0},
+                    "time_mask_fraction": 1.0, "time_shift": 0.0, "mixup_alpha": 0.0, "gain_db": 0.0},
         "model": {"dropout": 0.0},
     },
 }

@@ -98,9 +98,26 @@ class MelScale(nn.Module):
         return torch.matmul(self.fb, power)
 
 
+class PeakNormalize(nn.Module):
+    """Scale each waveform to a peak absolute amplitude of 1: (..., time) -> same shape.
+
+    Args:
+        floor (float, optional): peaks below this are treated as this, so near-silence is boosted by at
+            most ``1 / floor`` (60 dB) instead of being blown up to full scale. (Default: ``1e-3``)
+    """
+
+    def __init__(self, floor: float = 1e-3):
+        super().__init__()
+        self.floor = floor
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        return wave / wave.abs().amax(-1, keepdim=True).clamp_min(self.floor)
+
+
 class LogMel(nn.Module):
     """``log1p`` of an 80-band mel power spectrogram, identical to
-    ``np.log1p(librosa.feature.melspectrogram(y=..., sr=..., n_fft=..., hop_length=..., win_length=..., n_mels=...))``.
+    ``np.log1p(librosa.feature.melspectrogram(y=..., sr=..., n_fft=..., hop_length=..., win_length=..., n_mels=...))``
+    of the waveform, after peak normalisation when ``config.peak_normalize`` (the default).
 
     Args:
         config (FeatureConfig, optional): Feature parameters. (Default: ``FeatureConfig()``)
@@ -110,12 +127,13 @@ class LogMel(nn.Module):
         super().__init__()
         c = config or FeatureConfig()
         self.config = c
+        self.peak = PeakNormalize() if c.peak_normalize else nn.Identity()
         self.spectrogram = Spectrogram(c.n_fft, c.hop_length, c.win_length)
         self.mel = MelScale(c.n_mels, c.sample_rate, c.n_fft, c.f_min, c.f_max)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """(..., time) waveform in [-1, 1] -> (..., n_mels, 1 + time // hop_length) log-mel."""
-        return torch.log1p(self.mel(self.spectrogram(wave)))
+        return torch.log1p(self.mel(self.spectrogram(self.peak(wave))))
 
 
 class Normalize(nn.Module):
