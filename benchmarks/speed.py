@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,7 @@ from audioclf.augment import SpecAugment, mixup
 from audioclf.config import FeatureConfig, resolve
 from audioclf.data import Clip, ClipSet, FeatureBank
 from audioclf.model import AudioResNet, resolve_device
+from audioclf.train import make_optimizer
 
 ESC50 = Path(__file__).resolve().parents[2] / "shared" / "data" / "esc50"
 CLIP_SR = 44100  # Hz, the ESC-50 rate, also used for the generated clips and the long file
@@ -283,7 +285,7 @@ def bench_model(device: torch.device, n_classes: int, *, min_reps: int, min_s: f
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=t.weight_decay)
+    opt = make_optimizer(model, replace(t, lr=1e-3), device)
     scaler = torch.amp.GradScaler(enabled=use_amp and amp_dtype == torch.float16)
     x = torch.randn(batch, c.n_mels, c.n_frames, device=device)
     y = torch.randint(0, n_classes, (batch,), device=device)

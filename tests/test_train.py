@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +193,10 @@ def test_cross_validation_on_a_folder_dataset(synth_dir, tmp_path):
         folds = {r["path"]: int(r["fold"]) for r in read_rows(tmp_path / "cv" / "folds.csv")}
         assert test == {p for p, f in folds.items() if f == k}
     assert sum(map(sum, s["confusion_matrix"])) == sum(f["test_n"] for f in s["folds"])
+    # Finished folds are reused (not retrained) by the same recipe, refused by another one.
+    mtime = (tmp_path / "cv" / "fold1" / "best.pt").stat().st_mtime_ns
+    assert cross_validate(cfg, tmp_path / "cv", folds=[1], n_folds=3)["accuracy_mean"] == s["folds"][0]["test_acc"]
+    assert (tmp_path / "cv" / "fold1" / "best.pt").stat().st_mtime_ns == mtime
+    other = replace(cfg, train=replace(cfg.train, lr=0.5))
+    with pytest.raises(AudioclfError, match=r"different recipe \(train.lr"):
+        cross_validate(other, tmp_path / "cv", folds=[1], n_folds=3)
