@@ -176,3 +176,31 @@ def test_waveform_classifier_gives_probabilities():
         torch.testing.assert_close(probs, torch.softmax(model(LogMel(features)(wave)), -1))
     assert probs.shape == (2, 3)
     torch.testing.assert_close(probs.sum(-1), torch.ones(2))
+
+
+def test_our_resnet18_is_torchvisions_module_for_module(rgb_state_dict):
+    from torchvision.models import ResNet18_Weights
+
+    from audioclf.model import IMAGENET_FILE, IMAGENET_URL, ResNet18
+
+    assert IMAGENET_URL == ResNet18_Weights.IMAGENET1K_V1.url and IMAGENET_FILE == "resnet18-f37072fd.pth"
+    ours, theirs = ResNet18(nn.Linear(512, 1000)), resnet18(weights=None)
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == [(k, v.shape) for k, v in theirs.state_dict().items()]
+    ours.load_state_dict(rgb_state_dict), theirs.load_state_dict(rgb_state_dict)
+    x = torch.randn(2, 3, 80, 120, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours.eval()(x), theirs.eval()(x))
+    # the same initialisation scheme: Kaiming-normal (fan_out) convolutions, unit BatchNorm
+    torch.manual_seed(0)
+    fresh = ResNet18(nn.Linear(512, 10))
+    std = fresh.layer3[0].conv1.weight.std().item()
+    assert abs(std - (2 / (256 * 9)) ** 0.5) < 0.002 and torch.equal(fresh.bn1.weight, torch.ones(64))
+
+
+def test_inference_never_imports_torchvision(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, audioclf, audioclf.predict, audioclf.cli, audioclf.serve, audioclf.export; "
+            "from audioclf.model import AudioResNet; AudioResNet(3); print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # it costs 2-3 s of a prediction's cold start

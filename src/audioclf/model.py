@@ -12,14 +12,68 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torchvision.models import ResNet18_Weights, resnet18
 
 from .config import AudioclfError, FeatureConfig, ModelConfig
 from .features import LogMel, Normalize
 
 log = logging.getLogger(__name__)
 
-IMAGENET_FILE = Path(ResNet18_Weights.IMAGENET1K_V1.url).name  # resnet18-f37072fd.pth
+# torchvision's ResNet18_Weights.IMAGENET1K_V1 (a test checks they agree)
+IMAGENET_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+IMAGENET_FILE = Path(IMAGENET_URL).name
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions and a shortcut, named as torchvision's so its state dicts load unchanged."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class ResNet18(nn.Module):
+    """torchvision's ``resnet18`` architecture, module for module (same state-dict keys, same
+    initialisation), with ``in_channels`` input planes and a ``head`` in place of the 1000-way layer.
+
+    Defined here rather than imported because importing torchvision costs 2-3 s of every prediction's
+    cold start (it pulls in torch._dynamo); torchvision is imported only to fetch ImageNet weights.
+    (batch, in_channels, H, W) -> (batch, outputs of ``head``)
+    """
+
+    def __init__(self, head: nn.Module, in_channels: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        widths = [64, 128, 256, 512]
+        for i, (cin, cout) in enumerate(zip([64] + widths[:-1], widths), 1):
+            stride = 1 if i == 1 else 2
+            setattr(self, f"layer{i}", nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout)))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = head
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 def imagenet_cache_path() -> Path:
@@ -40,12 +94,14 @@ def load_imagenet_state_dict(weights_path: Optional[str] = None) -> dict:
         except Exception as e:  # torch.load fails on a damaged or foreign file with many error types
             raise AudioclfError(f"{weights_path}: cannot load ResNet-18 weights ({e})") from None
         return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    from torchvision.models import ResNet18_Weights  # the official weights, through torchvision's own loader
+
     try:
         return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True)
     except Exception as e:  # offline (URLError), a cut download (IncompleteRead), a bad hash, a damaged cached file
         raise AudioclfError(
             f"cannot get the ImageNet ResNet-18 weights ({type(e).__name__}: {e}). Either download "
-            f"{ResNet18_Weights.IMAGENET1K_V1.url} to {imagenet_cache_path()} (or set TORCH_HOME), pass a "
+            f"{IMAGENET_URL} to {imagenet_cache_path()} (or set TORCH_HOME), pass a "
             f"local state dict with --weights PATH, or train from scratch with --no-pretrained.") from None
 
 
@@ -55,7 +111,7 @@ def imagenet_available(weights_path: Optional[str] = None) -> bool:
 
 
 class AudioResNet(nn.Module):
-    """torchvision ResNet-18 adapted to 1-channel log-mel input.
+    """ResNet-18 adapted to 1-channel log-mel input.
 
     Args:
         n_classes (int): Output classes.
@@ -68,10 +124,10 @@ class AudioResNet(nn.Module):
         if n_classes < 2:
             raise AudioclfError(f"n_classes={n_classes}: a classifier needs at least 2 classes")
         self.norm = Normalize(n_mels)
-        net = resnet18(weights=None)
-        net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        net.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(net.fc.in_features, n_classes))
-        self.backbone = net
+        self.backbone = ResNet18(nn.Sequential(nn.Dropout(dropout), nn.Linear(512, n_classes)), in_channels=1)
+        # the scratch recipe was tuned with the stem at PyTorch's default init (it used to replace
+        # torchvision's RGB stem after torchvision's init ran): keep it so
+        self.backbone.conv1.reset_parameters()
 
     def load_imagenet(self, state_dict: dict) -> "AudioResNet":
         """Load ImageNet weights: the RGB stem is summed over colour (a grey image gives the same
