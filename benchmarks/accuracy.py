@@ -62,6 +62,10 @@ ESC10_RECIPES = {
 }
 
 
+# FSDD recipes on top of the default + 1-s windows: "freq-shift" adds vocal-tract-length perturbation
+FSDD_RECIPES = {"default": {}, "freq-shift": {"augment": {"freq_shift": 2}}}
+
+
 def run(name: str, data: dict, overrides: dict, out: Path, folds, preset: str = "default") -> dict:
     cfg = resolve(preset, overrides={"data": data, **overrides})
     t0 = time.perf_counter()
@@ -81,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--folds", nargs="+", type=int, help="ESC-10 test folds (default: all four)")
     p.add_argument("--fsdd-speakers", nargs="+", default=["george", "jackson", "lucas"],
                    help="held-out speakers (each a fold)")
+    p.add_argument("--fsdd-recipe", default="default", choices=list(FSDD_RECIPES),
+                   help="FSDD recipe: default, or freq-shift (+-2 mel bands, an ablation)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/bench-accuracy")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -114,8 +120,9 @@ def main(argv=None) -> int:
         # normalisation evens out the speakers' recording levels (about 20 dB apart); the time-mask cap
         # keeps SpecAugment from blanking a whole digit. 2,000 training clips: 10 epochs are 1,250 steps.
         train = {"device": args.device, "quiet": True, "epochs": 10, **quick}
-        results.append(run("fsdd-speaker-scratch", data, {"features": {"duration_s": 1.0}, "model": {"pretrained": "none"},
-                                                           "train": train},
+        name = "fsdd-speaker-scratch" if args.fsdd_recipe == "default" else f"fsdd-{args.fsdd_recipe}-scratch"
+        results.append(run(name, data, {"features": {"duration_s": 1.0}, "model": {"pretrained": "none"},
+                                        "train": train, **FSDD_RECIPES[args.fsdd_recipe]},
                            out, [FSDD_SPEAKERS.index(s) + 1 for s in speakers]))
 
     if args.json:

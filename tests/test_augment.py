@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from audioclf.augment import FrequencyMasking, RandomGain, RandomTimeShift, SpecAugment, TimeMasking, _beta, mixup
+from audioclf.augment import FrequencyMasking, RandomFrequencyShift, RandomGain, RandomTimeShift, SpecAugment, TimeMasking, _beta, mixup
 from audioclf.config import AudioclfError, AugmentConfig
 
 N_MELS, FRAMES = 40, 60
@@ -192,3 +192,22 @@ def test_time_shift_rolls_each_example_within_range():
         assert torch.equal(y[k], torch.roll(x[k], int(shifts[k]), dims=-1))
     assert torch.equal(s.eval()(x), x)
     assert torch.equal(RandomTimeShift(0.0).train()(x), x)
+
+
+def test_frequency_shift_moves_bands_and_zero_fills():
+    x = torch.arange(1.0, 41.0).view(1, 40, 1).repeat(64, 1, 5)  # band b holds b + 1
+    s = RandomFrequencyShift(3, torch.Generator().manual_seed(2)).train()
+    y = s(x)
+    seen = set()
+    for k in range(64):
+        nz = y[k, :, 0][y[k, :, 0] > 0]
+        first = int(torch.nonzero(y[k, :, 0])[0])
+        shift = first - int(nz[0]) + 1  # where band 0 (value 1) landed, or how far it was pushed out
+        seen.add(shift)
+        assert abs(shift) <= 3
+        assert torch.equal(nz, torch.arange(nz[0], nz[0] + len(nz)))  # order kept, nothing invented
+        assert int((y[k, :, 0] == 0).sum()) == abs(shift)  # the bands shifted in are silent
+    assert len(seen) > 4
+    assert torch.equal(s.eval()(x), x) and torch.equal(RandomFrequencyShift(0).train()(x), x)
+    with pytest.raises(AudioclfError, match="max_bands"):
+        RandomFrequencyShift(-1)

@@ -48,6 +48,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freq-mask", type=int, dest="freq_mask_width", help="widest frequency mask (mel bands)")
     p.add_argument("--time-mask", type=int, dest="time_mask_width", help="widest time mask (frames)")
     p.add_argument("--time-shift", type=float, help="roll examples in time by up to this fraction (0 = off)")
+    p.add_argument("--freq-shift", type=int, help="shift examples by up to this many mel bands (0 = off)")
     p.add_argument("--gain-db", type=float, help="random gain in +-dB (0 = off)")
     p.add_argument("--sample-rate", type=int)
     p.add_argument("--duration", type=float, dest="duration_s", help="seconds per example")
@@ -67,7 +68,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 _SECTIONS = {
     "data": ["format", "esc10", "val_fold", "test_fold", "val_split", "cache_dir", "strict", "balance", "num_workers"],
     "features": ["sample_rate", "duration_s"],
-    "augment": ["mixup_alpha", "freq_mask_width", "time_mask_width", "time_shift", "gain_db"],
+    "augment": ["mixup_alpha", "freq_mask_width", "time_mask_width", "time_shift", "freq_shift", "gain_db"],
     "model": ["pretrained", "weights_path", "dropout"],
     "train": ["epochs", "batch_size", "lr", "weight_decay", "patience", "scheduler", "warmup_epochs",
               "label_smoothing", "device", "seed", "quiet"],

@@ -85,6 +85,7 @@ class AugmentConfig:
     # a spoken digit in a 1-s clip, while 5-s clips (431 frames) are unaffected
     time_mask_fraction: float = 0.1
     time_shift: float = 0.5  # roll each example in time by up to this fraction of its frames
+    freq_shift: int = 0  # shift each example by up to this many mel bands (about 4 % in pitch per band)
     mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixing; 0 turns mixup off
     gain_db: float = 0.0  # random gain in [-gain_db, +gain_db], applied in the log-mel domain
 
@@ -93,6 +94,7 @@ class AugmentConfig:
             _check_range(name, getattr(self, name), 0, 10000)
         _check_range("time_mask_fraction", self.time_mask_fraction, 0.0, 1.0)
         _check_range("time_shift", self.time_shift, 0.0, 1.0)
+        _check_range("freq_shift", self.freq_shift, 0, 64)
         _check_range("mixup_alpha", self.mixup_alpha, 0.0, 100.0)
         _check_range("gain_db", self.gain_db, 0.0, 60.0)
 
@@ -193,7 +195,7 @@ PRESETS: dict[str, dict] = {
         "train": {"lr": 1e-4, "batch_size": 16, "epochs": 25, "patience": 5, "scheduler": "plateau",
                   "warmup_epochs": 0, "label_smoothing": 0.0},
         "augment": {"freq_mask_width": 15, "time_mask_width": 25, "n_freq_masks": 1, "n_time_masks": 1,
-                    "time_mask_fraction": 1.0, "time_shift": 0.0, "mixup_alpha": 0.0, "gain_db": 0.0},
+                    "time_mask_fraction": 1.0, "time_shift": 0.0, "freq_shift": 0, "mixup_alpha": 0.0, "gain_db": 0.0},
         "model": {"dropout": 0.0},
     },
 }
