@@ -152,3 +152,13 @@ def test_nested_from_dict_keeps_defaults_for_absent_keys():
     c = from_dict(RunConfig, {"augment": {"gain_db": 3}})
     assert c.augment.gain_db == 3.0 and c.augment.freq_mask_width == AugmentConfig().freq_mask_width
     assert c.features == FeatureConfig()
+
+
+def test_configs_saved_before_a_setting_existed_keep_the_old_behaviour():
+    old = RunConfig().to_dict()
+    del old["features"]["peak_normalize"], old["augment"]["time_shift"]
+    c = RunConfig.from_saved(old)  # a model trained without peak normalisation must predict without it
+    assert c.features.peak_normalize is False and c.augment.time_shift == 0.0
+    assert c.features.n_mels == 80 and c.train.epochs == RunConfig().train.epochs
+    assert RunConfig.from_saved(RunConfig().to_dict()).features.peak_normalize is True
+    assert RunConfig.from_dict(old).features.peak_normalize is True  # a user's file gets today's default

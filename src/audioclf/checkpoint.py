@@ -76,7 +76,7 @@ def load_checkpoint(model_path, map_location="cpu") -> dict:
 
 def model_from_checkpoint(ckpt: dict) -> tuple[AudioResNet, RunConfig, list[str]]:
     """Rebuild the trained model (eval mode, CPU), its config and class names from a checkpoint dict."""
-    config = RunConfig.from_dict(ckpt["config"])
+    config = RunConfig.from_saved(ckpt["config"])
     labels = list(ckpt["labels"])
     model = AudioResNet(len(labels), config.features.n_mels, config.model.dropout)
     model.load_state_dict(ckpt["model"])

@@ -182,8 +182,22 @@ class RunConfig:
     def from_dict(cls, d: dict) -> "RunConfig":
         return from_dict(cls, d)
 
+    @classmethod
+    def from_saved(cls, d: dict) -> "RunConfig":
+        """A config stored with a model or run: a setting that an older audioclf did not write yet takes
+        the value that version behaved with (not today's default), so old models predict as trained."""
+        d = {**d, **{sec: {**before, **d.get(sec, {})} for sec, before in _BEFORE_THE_SETTING.items()}}
+        return from_dict(cls, d)
+
     def save_yaml(self, path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# How audioclf behaved before each of these settings existed (see RunConfig.from_saved)
+_BEFORE_THE_SETTING = {
+    "features": {"peak_normalize": False},
+    "augment": {"time_mask_fraction": 1.0, "time_shift": 0.0, "freq_shift": 0},
+}
 
 
 # Named recipes: overrides applied on top of the defaults, before a YAML file and flags.

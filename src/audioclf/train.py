@@ -165,7 +165,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False) -> dict:
         if not (out / "last.pt").is_file():
             raise AudioclfError(f"--resume: {out / 'last.pt'} does not exist; start a new run without --resume")
         ckpt = load_checkpoint(out / "last.pt")
-        config = RunConfig.from_dict(ckpt["config"])
+        config = RunConfig.from_saved(ckpt["config"])
     t = config.train
 
     # --- devices and processes
