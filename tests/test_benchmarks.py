@@ -1,0 +1,51 @@
+"""The accuracy benchmark's recipes and FSDD protocol (what they run, not how fast)."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from audioclf.config import PRESETS, RunConfig, resolve
+from audioclf.data import load_clips, split_clips
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "benchmarks" / "accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_recipe_resolves_and_differs_from_the_default_as_named(accuracy):
+    default = resolve("default")
+    for name, (preset, overrides) in accuracy.ESC10_RECIPES.items():
+        cfg = resolve(preset, overrides=overrides)
+        assert isinstance(cfg, RunConfig) and preset in PRESETS
+        if name == "default":
+            assert cfg == default
+    assert resolve("default", overrides=accuracy.ESC10_RECIPES["no-peak"][1]).features.peak_normalize is False
+    assert resolve("default", overrides=accuracy.ESC10_RECIPES["mixup"][1]).augment.mixup_alpha > 0
+    v0 = resolve("default", overrides=accuracy.ESC10_RECIPES["v0"][1])
+    assert (v0.features.peak_normalize, v0.augment.time_shift, v0.train.patience) == (False, 0.0, 10)
+    assert resolve("default", overrides=accuracy.FSDD_RECIPES["freq-shift"]).augment.freq_shift == 2
+
+
+def test_fsdd_manifest_holds_out_whole_speakers(accuracy, write_wav, tmp_path):
+    wave = np.sin(np.linspace(0, 200, 4000)) * 0.3
+    for speaker in accuracy.FSDD_SPEAKERS:
+        for digit in range(10):
+            for take in range(2):
+                write_wav(wave, 8000, name=f"fsdd/recordings/{digit}_{speaker}_{take}.wav")
+    manifest = accuracy.fsdd_manifest(tmp_path / "fsdd", tmp_path / "m.csv")
+    clips = load_clips(resolve(overrides={"data": {"root": str(manifest), "format": "csv"}}).data)
+    assert len(clips.clips) == 120 and clips.classes == [str(d) for d in range(10)]
+    george = accuracy.FSDD_SPEAKERS.index("george") + 1
+    splits = split_clips(clips.clips, test_fold=george, val_split=0.2, seed=0)
+    assert {Path(c.path).stem.split("_")[1] for c in splits["test"]} == {"george"}
+    trained_on = {Path(c.path).stem.split("_")[1] for c in splits["train"] + splits["val"]}
+    assert trained_on == set(accuracy.FSDD_SPEAKERS) - {"george"}
+    assert len(splits["val"]) == 20  # 20 % of the five other speakers' clips
