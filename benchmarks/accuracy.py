@@ -59,6 +59,7 @@ ESC10_RECIPES = {
     "no-peak": ("default", {"features": {"peak_normalize": False}}),
     "no-shift": ("default", {"augment": {"time_shift": 0.0}}),
     "mixup": ("default", {"augment": {"mixup_alpha": 0.2}}),
+    "long": ("default", {"train": {"epochs": 60}}),  # twice the optimiser steps
 }
 
 
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=["esc10", "fsdd"], help="run one dataset")
     p.add_argument("--recipes", nargs="+", default=["default", "seed", "imagenet"], choices=list(ESC10_RECIPES),
                    help="ESC-10 recipes: default (scratch), seed (preset), imagenet (needs cached weights), "
-                        "or an ablation: v0, no-peak, no-shift, mixup")
+                        "or an ablation: v0, no-peak, no-shift, mixup, long")
     p.add_argument("--folds", nargs="+", type=int, help="ESC-10 test folds (default: all four)")
     p.add_argument("--fsdd-speakers", nargs="+", default=["george", "jackson", "lucas"],
                    help="held-out speakers (each a fold)")
