@@ -495,9 +495,9 @@ def _check_same_recipe(saved: Optional[dict], config: RunConfig, run: Path) -> N
         log.warning("%s predates recipe records: reusing it without checking its settings", run)
         return
     now, saved = config.to_dict(), RunConfig.from_saved(saved).to_dict()  # settings added since: as before them
-    diff = [f"{sec}.{key}: {saved.get(sec, {}).get(key)!r} there, {val!r} now"
+    diff = [f"{sec}.{key}: {saved[sec][key]!r} there, {val!r} now"
             for sec, d in now.items() if isinstance(d, dict) for key, val in d.items()
-            if (sec, key) not in _RUN_ONLY and saved.get(sec, {}).get(key) != val]
+            if (sec, key) not in _RUN_ONLY and saved[sec][key] != val]
     if diff:
         raise AudioclfError(f"{run} is a finished fold of a different recipe ({'; '.join(diff[:4])}); "
                             f"use another --out, or delete {run} to retrain it")
