@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from audioclf.augment import SpecAugment, mixup
 from audioclf.config import FeatureConfig, resolve
 from audioclf.data import Clip, ClipSet, FeatureBank
-from audioclf.model import AudioResNet, resolve_device
+from audioclf.model import AudioResNet, amp_dtype, resolve_device
 from audioclf.train import make_optimizer
 
 ESC50 = Path(__file__).resolve().parents[2] / "shared" / "data" / "esc50"
@@ -274,24 +274,22 @@ def bench_gemm(device: torch.device, dtype=torch.float32, n: int = 2048) -> floa
 
 def bench_model(device: torch.device, n_classes: int, *, min_reps: int, min_s: float) -> dict:
     """ResNet-18 training steps on random (16, n_mels, n_frames) input, set up as ``train.fit`` sets it up (AdamW,
-    label smoothing, dropout; AMP and channels_last on CUDA): clips per second, counted FLOPs of one step and of
+    label smoothing, dropout; channels_last, and AMP where it pays: CUDA, or a CPU with native bf16): clips per second, counted FLOPs of one step and of
     one inference window, and ``step`` to time it again."""
     from torch.utils.flop_counter import FlopCounterMode
 
     batch, c = 16, FeatureConfig()
     t = resolve("default").train
     model = AudioResNet(n_classes, c.n_mels, dropout=resolve("default").model.dropout).to(device)
-    use_amp = device.type == "cuda" and t.amp
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    amp = amp_dtype(device) if t.amp else None
+    model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, replace(t, lr=1e-3), device)
-    scaler = torch.amp.GradScaler(enabled=use_amp and amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
     x = torch.randn(batch, c.n_mels, c.n_frames, device=device)
     y = torch.randint(0, n_classes, (batch,), device=device)
 
     def forward_backward():
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             loss = F.cross_entropy(model(x).float(), y, label_smoothing=t.label_smoothing)
         scaler.scale(loss).backward()
 
@@ -310,7 +308,7 @@ def bench_model(device: torch.device, n_classes: int, *, min_reps: int, min_s: f
     s = timed(step, device, warmup=2 if device.type == "cpu" else 10, min_reps=min_reps, min_s=min_s)
     return {"clips_per_s": batch / s, "step": step, "step_flops": float(train_step.get_total_flops()),
             "window_flops": float(window.get_total_flops()),
-            "amp_dtype": str(amp_dtype).removeprefix("torch.") if use_amp else None}
+            "amp_dtype": str(amp).removeprefix("torch.") if amp else None}
 
 
 # ---------------------------------------------------------------------------------------------- whole runs

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from audioclf.augment import FrequencyMasking, RandomFrequencyShift, RandomGain, RandomTimeShift, SpecAugment, TimeMasking, _beta, mixup
+from audioclf.augment import (FrequencyMasking, RandomFrequencyShift, RandomGain, RandomTimeShift, RandomTimeStretch,
+                              SpecAugment, TimeMasking, _beta, mixup)
 from audioclf.config import AudioclfError, AugmentConfig
 
 N_MELS, FRAMES = 40, 60
@@ -211,3 +212,34 @@ def test_frequency_shift_moves_bands_and_zero_fills():
     assert torch.equal(s.eval()(x), x) and torch.equal(RandomFrequencyShift(0).train()(x), x)
     with pytest.raises(AudioclfError, match="max_bands"):
         RandomFrequencyShift(-1)
+
+
+def test_time_stretch_scales_events_in_time_within_range():
+    # one 4-frame event at frames 40-43 of 100; stretching by f makes it about 4f frames long
+    x = torch.zeros(64, 3, 100)
+    x[..., 40:44] = 1.0
+    s = RandomTimeStretch(0.25, torch.Generator().manual_seed(3)).train()
+    y = s(x)
+    assert y.shape == x.shape
+    lengths = set()
+    for k in range(64):
+        on = torch.nonzero(y[k, 0] > 0.5).flatten()
+        assert len(on) > 0  # a stretch of at most 1.25x keeps a mid-clip event inside the clip
+        lengths.add(int(on[-1] - on[0]) + 1)
+        assert torch.equal(y[k, 0], y[k, 2])  # every band stretched alike
+    assert min(lengths) >= 3 and max(lengths) <= 5 and len(lengths) > 1
+    # a compressed example is zero-padded (silence), never wrapped or repeated
+    x = torch.ones(16, 2, 100)
+    y = RandomTimeStretch(0.5, torch.Generator().manual_seed(4)).train()(x)
+    silent = (y == 0).all(dim=-2).sum(-1)
+    assert silent.max() > 0 and silent.max() <= 100 - int(100 / 1.5) + 1
+    assert torch.equal(RandomTimeStretch(0.5).eval()(x), x) and RandomTimeStretch(0.0).train()(x) is x
+    with pytest.raises(AudioclfError, match="time stretch"):
+        RandomTimeStretch(-0.1)
+
+
+def test_time_stretch_is_seeded():
+    x = features()
+    a = RandomTimeStretch(0.2, torch.Generator().manual_seed(5)).train()(x)
+    b = RandomTimeStretch(0.2, torch.Generator().manual_seed(5)).train()(x)
+    assert torch.equal(a, b) and not torch.equal(a, x)

@@ -204,3 +204,19 @@ def test_inference_never_imports_torchvision(tmp_path):
             "from audioclf.model import AudioResNet; AudioResNet(3); print('torchvision' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"  # it costs 2-3 s of a prediction's cold start
+
+
+def test_amp_dtype_uses_bf16_on_cpu_only_where_it_is_native(monkeypatch):
+    from audioclf.model import amp_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert amp_dtype(cpu) == torch.bfloat16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert amp_dtype(cpu) is None  # emulated bf16 is slower than fp32: stay in fp32
+
+    def gone():
+        raise RuntimeError("no such op")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", gone)
+    assert amp_dtype(cpu) is None  # a torch without the private probe: fp32, not a crash

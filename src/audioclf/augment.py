@@ -7,6 +7,7 @@ In ``eval()`` mode each transform is the identity.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -98,6 +99,41 @@ class RandomTimeShift(nn.Module):
         return x.gather(-1, idx.unsqueeze(1).expand_as(x))
 
 
+class RandomTimeStretch(nn.Module):
+    """Stretch each example along time by a random factor in ``[1 / (1 + max_fraction), 1 + max_fraction]``
+    (log-uniform), then crop or zero-pad it back to its length at a random offset:
+    (batch, n_mels, frames) -> same shape.
+
+    A dog barks faster or slower, an engine idles at another rate: the classic time-stretch
+    augmentation of environmental-sound work (Salamon & Bello, 2017), done on the spectrogram by
+    linear interpolation between frames, so the pitch stays where it was.
+    """
+
+    def __init__(self, max_fraction: float = 0.0, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        if max_fraction < 0:
+            raise AudioclfError(f"time stretch max_fraction={max_fraction} must be >= 0")
+        self.max_fraction, self.generator = max_fraction, generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.max_fraction == 0:
+            return x
+        batch, frames = x.shape[0], x.shape[-1]
+        most = math.log1p(self.max_fraction)
+        factor = torch.exp((torch.rand(batch, generator=self.generator) * 2 - 1) * most)
+        offset = torch.rand(batch, generator=self.generator)
+        out = torch.zeros_like(x)
+        for i in range(batch):  # one length per example; 16 small interpolations cost well under a millisecond
+            n = max(1, int(round(frames * float(factor[i]))))
+            y = torch.nn.functional.interpolate(x[i:i + 1], size=n, mode="linear", align_corners=False)[0]
+            start = int(offset[i] * (abs(n - frames) + 1))
+            if n >= frames:
+                out[i] = y[..., start:start + frames]
+            else:
+                out[i, ..., start:start + n] = y
+        return out
+
+
 class RandomFrequencyShift(nn.Module):
     """Shift each example along the mel axis by a random whole number of bands in ``[-max_bands,
     +max_bands]``, zero-filling the bands shifted in: (batch, n_mels, frames) -> same shape.
@@ -143,7 +179,8 @@ class RandomGain(nn.Module):
 
 
 class SpecAugment(nn.Module):
-    """Gain, time shift, frequency shift, then frequency and time masking, per example, training only.
+    """Gain, time stretch, time shift, frequency shift, then frequency and time masking, per example,
+    training only.
 
     Args:
         config (AugmentConfig, optional): mask widths and counts. (Default: ``AugmentConfig()``)
@@ -154,6 +191,7 @@ class SpecAugment(nn.Module):
         super().__init__()
         c = config or AugmentConfig()
         self.gain = RandomGain(c.gain_db, generator)
+        self.stretch = RandomTimeStretch(c.time_stretch, generator)
         self.shift = RandomTimeShift(c.time_shift, generator)
         self.pitch = RandomFrequencyShift(c.freq_shift, generator)
         self.freq = FrequencyMasking(c.freq_mask_width, c.n_freq_masks, generator)
@@ -161,12 +199,12 @@ class SpecAugment(nn.Module):
 
     def set_generator(self, generator: Optional[torch.Generator]) -> None:
         """Draw every random parameter from ``generator`` (the trainer seeds one per epoch)."""
-        for m in (self.gain, self.shift, self.pitch, self.freq, self.time):
+        for m in (self.gain, self.stretch, self.shift, self.pitch, self.freq, self.time):
             m.generator = generator
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, n_mels, frames) -> same shape."""
-        x = self.pitch(self.shift(self.gain(x)))
+        x = self.pitch(self.shift(self.stretch(self.gain(x))))
         masks = [m for m in (self.freq.mask_for(x), self.time.mask_for(x)) if m is not None]
         if not masks:
             return x

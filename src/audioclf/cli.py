@@ -48,6 +48,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freq-mask", type=int, dest="freq_mask_width", help="widest frequency mask (mel bands)")
     p.add_argument("--time-mask", type=int, dest="time_mask_width", help="widest time mask (frames)")
     p.add_argument("--time-shift", type=float, help="roll examples in time by up to this fraction (0 = off)")
+    p.add_argument("--time-stretch", type=float, help="stretch examples in time by up to 1 + this factor (0 = off)")
     p.add_argument("--freq-shift", type=int, help="shift examples by up to this many mel bands (0 = off)")
     p.add_argument("--gain-db", type=float, help="random gain in +-dB (0 = off)")
     p.add_argument("--sample-rate", type=int)
@@ -59,6 +60,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="auto (default): ImageNet weights when available, else from scratch")
     g.add_argument("--weights", dest="weights_path", help="local torchvision ResNet-18 state dict")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--no-amp", action="store_const", const=False, dest="amp",
+                   help="full fp32 (default: mixed precision on CUDA and on CPUs with native bf16)")
     p.add_argument("--seed", type=int)
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
     p.add_argument("--out", required=True, help="run directory")
@@ -68,10 +71,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 _SECTIONS = {
     "data": ["format", "esc10", "val_fold", "test_fold", "val_split", "cache_dir", "strict", "balance", "num_workers"],
     "features": ["sample_rate", "duration_s"],
-    "augment": ["mixup_alpha", "freq_mask_width", "time_mask_width", "time_shift", "freq_shift", "gain_db"],
+    "augment": ["mixup_alpha", "freq_mask_width", "time_mask_width", "time_shift", "time_stretch", "freq_shift", "gain_db"],
     "model": ["pretrained", "weights_path", "dropout"],
     "train": ["epochs", "batch_size", "lr", "weight_decay", "patience", "scheduler", "warmup_epochs",
-              "label_smoothing", "device", "seed", "quiet"],
+              "label_smoothing", "device", "amp", "seed", "quiet"],
 }
 
 

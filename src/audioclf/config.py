@@ -51,9 +51,13 @@ class FeatureConfig:
     # scale each clip (each window, at inference) to a peak of 1 before the STFT: recordings made at
     # different levels (FSDD's speakers are 20 dB apart) then look alike to the model
     peak_normalize: bool = True
+    # features are log1p(mel_gain * mel power): log1p is linear below 1 / mel_gain and logarithmic above,
+    # so the gain sets how much of the quiet dynamic range the log reaches (1 = the seed's plain log1p)
+    mel_gain: float = 1.0
 
     def __post_init__(self):
         _check_range("sample_rate", self.sample_rate, 1000, 384000)
+        _check_range("mel_gain", self.mel_gain, 0.0, 1e12, low_open=True)
         _check_range("duration_s", self.duration_s, 0.0, 3600.0, low_open=True)
         _check_range("n_mels", self.n_mels, 8, 512)
         _check_range("n_fft", self.n_fft, 16, 65536)
@@ -85,6 +89,7 @@ class AugmentConfig:
     # a spoken digit in a 1-s clip, while 5-s clips (431 frames) are unaffected
     time_mask_fraction: float = 0.1
     time_shift: float = 0.5  # roll each example in time by up to this fraction of its frames
+    time_stretch: float = 0.0  # stretch each example in time by a factor up to 1 + this (or its inverse)
     freq_shift: int = 0  # shift each example by up to this many mel bands (about 4 % in pitch per band)
     mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixing; 0 turns mixup off
     gain_db: float = 0.0  # random gain in [-gain_db, +gain_db], applied in the log-mel domain
@@ -94,6 +99,7 @@ class AugmentConfig:
             _check_range(name, getattr(self, name), 0, 10000)
         _check_range("time_mask_fraction", self.time_mask_fraction, 0.0, 1.0)
         _check_range("time_shift", self.time_shift, 0.0, 1.0)
+        _check_range("time_stretch", self.time_stretch, 0.0, 1.0)
         _check_range("freq_shift", self.freq_shift, 0, 64)
         _check_range("mixup_alpha", self.mixup_alpha, 0.0, 100.0)
         _check_range("gain_db", self.gain_db, 0.0, 60.0)
@@ -149,7 +155,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     seed: int = 42
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    amp: bool = True  # mixed precision: bf16/fp16 on CUDA, bf16 on CPUs that compute it natively
     quiet: bool = False
 
     def __post_init__(self):
@@ -195,8 +201,8 @@ class RunConfig:
 
 # How audioclf behaved before each of these settings existed (see RunConfig.from_saved)
 _BEFORE_THE_SETTING = {
-    "features": {"peak_normalize": False},
-    "augment": {"time_mask_fraction": 1.0, "time_shift": 0.0, "freq_shift": 0},
+    "features": {"peak_normalize": False, "mel_gain": 1.0},
+    "augment": {"time_mask_fraction": 1.0, "time_shift": 0.0, "time_stretch": 0.0, "freq_shift": 0},
 }
 
 
@@ -205,11 +211,12 @@ PRESETS: dict[str, dict] = {
     "default": {},
     # The seed notebook: plateau schedule, lr 1e-4, batch 16, 25 epochs, patience 5, one mask of each kind.
     "seed": {
-        "features": {"peak_normalize": False},
+        "features": {"peak_normalize": False, "mel_gain": 1.0},
         "train": {"lr": 1e-4, "batch_size": 16, "epochs": 25, "patience": 5, "scheduler": "plateau",
                   "warmup_epochs": 0, "label_smoothing": 0.0},
         "augment": {"freq_mask_width": 15, "time_mask_width": 25, "n_freq_masks": 1, "n_time_masks": 1,
-                    "time_mask_fraction": 1.0, "time_shift": 0.0, "freq_shift": 0, "mixup_alpha": 0.0, "gain_db": 0.0},
+                    "time_mask_fraction": 1.0, "time_shift": 0.0, "time_stretch": 0.0, "freq_shift": 0,
+                    "mixup_alpha": 0.0, "gain_db": 0.0},
         "model": {"dropout": 0.0},
     },
 }

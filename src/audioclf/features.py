@@ -115,8 +115,8 @@ class PeakNormalize(nn.Module):
 
 
 class LogMel(nn.Module):
-    """``log1p`` of an 80-band mel power spectrogram, identical to
-    ``np.log1p(librosa.feature.melspectrogram(y=..., sr=..., n_fft=..., hop_length=..., win_length=..., n_mels=...))``
+    """``log1p`` of an 80-band mel power spectrogram scaled by ``config.mel_gain``, identical to
+    ``np.log1p(mel_gain * librosa.feature.melspectrogram(y=..., sr=..., n_fft=..., hop_length=..., win_length=..., n_mels=...))``
     of the waveform, after peak normalisation when ``config.peak_normalize`` (the default).
 
     Args:
@@ -133,7 +133,8 @@ class LogMel(nn.Module):
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """(..., time) waveform in [-1, 1] -> (..., n_mels, 1 + time // hop_length) log-mel."""
-        return torch.log1p(self.mel(self.spectrogram(self.peak(wave))))
+        mel = self.mel(self.spectrogram(self.peak(wave)))
+        return torch.log1p(mel if self.config.mel_gain == 1 else self.config.mel_gain * mel)
 
 
 class Normalize(nn.Module):

@@ -30,7 +30,7 @@ from .augment import SpecAugment, mixup
 from .checkpoint import atomic_path, inference_state, load_checkpoint, save_checkpoint
 from .config import AudioclfError, RunConfig
 from .data import FeatureBank, load_clips, split_clips
-from .model import build_model, resolve_device
+from .model import amp_dtype, build_model, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +176,9 @@ def fit(config: RunConfig, out_dir, resume: bool = False) -> dict:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(t.seed)
-    use_amp = t.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp)  # noqa: E731
+    amp = amp_dtype(device) if t.amp else None
+    use_amp = amp is not None
+    autocast = lambda: torch.autocast(device.type, dtype=amp, enabled=use_amp)  # noqa: E731
     quiet = t.quiet or not master
     handler = None
     if master:
@@ -220,12 +220,12 @@ def fit(config: RunConfig, out_dir, resume: bool = False) -> dict:
         config = replace(config, train=t, model=replace(config.model, pretrained="imagenet" if pretrained else "none"))
         model.norm.fit((bank.clip_frames(i) for i in train_idx.tolist()),
                        per_band=config.model.normalization == "band")
-        log.info("recipe: %s, lr %.2g, %s schedule, %d epochs max, patience %d, batch %d, device %s%s",
+        log.info("recipe: %s, lr %.2g, %s schedule, %d epochs max, patience %d, batch %d, device %s%s%s",
                  "ImageNet ResNet-18" if pretrained else "ResNet-18 from scratch", t.lr, t.scheduler, t.epochs,
-                 t.patience, t.batch_size, device, f" x{world} processes" if world > 1 else "")
+                 t.patience, t.batch_size, device, f" x{world} processes" if world > 1 else "",
+                 f", mixed precision {str(amp).removeprefix('torch.')}" if use_amp else "")
         model.to(device)
-        if device.type == "cuda":
-            model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # what cuDNN and oneDNN convolve fastest (1.2-1.3x on CPU)
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
             if world > 1 else model
         if master:
@@ -243,7 +243,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False) -> dict:
             sample_weights = (1.0 / counts)[bank.labels[train_idx]]
         steps_per_epoch = math.ceil(math.ceil(len(train_idx) / world) / t.batch_size)
         scheduler, per_batch = make_scheduler(opt, config, steps_per_epoch)
-        scaler = torch.amp.GradScaler(enabled=use_amp and amp_dtype == torch.float16)
+        scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
         specaug = SpecAugment(config.augment)
 
         # --- state, from scratch or from last.pt
