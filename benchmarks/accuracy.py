@@ -67,6 +67,9 @@ ESC10_RECIPES = {
     "gain1e4": ("default", {"features": {"mel_gain": 1e4}}),
     "gain1e2": ("default", {"features": {"mel_gain": 1e2}}),
     "wd": ("default", {"train": {"weight_decay": 0.05}}),
+    "gain-long": ("default", {"features": {"mel_gain": 1e4}, "train": {"epochs": 60}}),
+    "no-pool": ("default", {"model": {"stem_pool": False}}),
+    "seed1": ("default", {"train": {"seed": 1}}),  # the default again with other random draws: the noise floor
     "stretch": ("default", {"augment": {"time_stretch": 0.2}}),
 }
 
@@ -74,7 +77,8 @@ ESC10_RECIPES = {
 # FSDD recipes on top of the default + 1-s windows: "e10" is the previous benchmark's 10 epochs,
 # "freq-shift" adds vocal-tract-length perturbation, "stretch" speaking-rate perturbation
 FSDD_RECIPES = {"default": {}, "e10": {"train": {"epochs": 10}}, "freq-shift": {"augment": {"freq_shift": 2}},
-                "stretch": {"augment": {"time_stretch": 0.2}}, "mixup": {"augment": {"mixup_alpha": 0.4}}}
+                "stretch": {"augment": {"time_stretch": 0.2}}, "mixup": {"augment": {"mixup_alpha": 0.4}},
+                "gain1e4": {"features": {"mel_gain": 1e4}}}
 
 
 def run(name: str, data: dict, overrides: dict, out: Path, folds, preset: str = "default") -> dict:
@@ -134,8 +138,9 @@ def main(argv=None) -> int:
             overrides = FSDD_RECIPES[recipe]
             train = {"device": args.device, "quiet": True, **overrides.get("train", {}), **quick}
             name = "fsdd-speaker-scratch" if recipe == "default" else f"fsdd-{recipe}-scratch"
-            results.append(run(name, data, {**overrides, "features": {"duration_s": 1.0}, "model": {"pretrained": "none"},
-                                            "train": train}, out, [FSDD_SPEAKERS.index(s) + 1 for s in speakers]))
+            results.append(run(name, data, {**overrides, "features": {"duration_s": 1.0, **overrides.get("features", {})},
+                                            "model": {"pretrained": "none"}, "train": train},
+                               out, [FSDD_SPEAKERS.index(s) + 1 for s in speakers]))
 
     if args.json:
         print(json.dumps({r["name"]: {k: r[k] for k in ("accuracy_mean", "accuracy_std", "macro_f1_mean",

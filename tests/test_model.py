@@ -220,3 +220,14 @@ def test_amp_dtype_uses_bf16_on_cpu_only_where_it_is_native(monkeypatch):
 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", gone)
     assert amp_dtype(cpu) is None  # a torch without the private probe: fp32, not a crash
+
+
+def test_without_the_stem_pool_the_layers_see_twice_the_resolution():
+    shapes = {}
+    for pool in (True, False):
+        model = AudioResNet(4, n_mels=32, stem_pool=pool).eval()
+        model.backbone.layer1.register_forward_hook(lambda m, i, o, pool=pool: shapes.__setitem__(pool, o.shape[-2:]))
+        assert model(torch.rand(2, 32, 64)).shape == (2, 4)
+    assert tuple(shapes[True]) == (8, 16) and tuple(shapes[False]) == (16, 32)
+    # the same parameters either way, so ImageNet weights load into both
+    assert AudioResNet(4, stem_pool=False).state_dict().keys() == AudioResNet(4).state_dict().keys()

@@ -59,6 +59,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained", choices=["auto", "imagenet", "none"], dest="pretrained",
                    help="auto (default): ImageNet weights when available, else from scratch")
     g.add_argument("--weights", dest="weights_path", help="local torchvision ResNet-18 state dict")
+    p.add_argument("--no-stem-pool", action="store_const", const=False, dest="stem_pool",
+                   help="drop ResNet's max-pool after the stem: 2x the resolution, 4x the compute")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--no-amp", action="store_const", const=False, dest="amp",
                    help="full fp32 (default: mixed precision on CUDA and on CPUs with native bf16)")
@@ -72,7 +74,7 @@ _SECTIONS = {
     "data": ["format", "esc10", "val_fold", "test_fold", "val_split", "cache_dir", "strict", "balance", "num_workers"],
     "features": ["sample_rate", "duration_s"],
     "augment": ["mixup_alpha", "freq_mask_width", "time_mask_width", "time_shift", "time_stretch", "freq_shift", "gain_db"],
-    "model": ["pretrained", "weights_path", "dropout"],
+    "model": ["pretrained", "weights_path", "dropout", "stem_pool"],
     "train": ["epochs", "batch_size", "lr", "weight_decay", "patience", "scheduler", "warmup_epochs",
               "label_smoothing", "device", "amp", "seed", "quiet"],
 }

@@ -117,9 +117,11 @@ class AudioResNet(nn.Module):
         n_classes (int): Output classes.
         n_mels (int, optional): Mel bands of the input, sizes the normalisation buffers. (Default: ``80``)
         dropout (float, optional): Dropout before the final linear layer. (Default: ``0.0``)
+        stem_pool (bool, optional): Keep ResNet's max-pool after the stem; without it the layers work at
+            twice the resolution along both axes. (Default: ``True``)
     """
 
-    def __init__(self, n_classes: int, n_mels: int = 80, dropout: float = 0.0):
+    def __init__(self, n_classes: int, n_mels: int = 80, dropout: float = 0.0, stem_pool: bool = True):
         super().__init__()
         if n_classes < 2:
             raise AudioclfError(f"n_classes={n_classes}: a classifier needs at least 2 classes")
@@ -128,6 +130,8 @@ class AudioResNet(nn.Module):
         # the scratch recipe was tuned with the stem at PyTorch's default init (it used to replace
         # torchvision's RGB stem after torchvision's init ran): keep it so
         self.backbone.conv1.reset_parameters()
+        if not stem_pool:
+            self.backbone.maxpool = nn.Identity()
 
     def load_imagenet(self, state_dict: dict) -> "AudioResNet":
         """Load ImageNet weights: the RGB stem is summed over colour (a grey image gives the same
@@ -154,7 +158,7 @@ def build_model(config: ModelConfig, n_classes: int, n_mels: int = 80) -> tuple[
     Returns the model and whether ImageNet weights were loaded. With ``pretrained="auto"`` the weights
     are used when they can be had and the scratch recipe runs otherwise (a warning says why).
     """
-    model = AudioResNet(n_classes, n_mels, config.dropout)
+    model = AudioResNet(n_classes, n_mels, config.dropout, config.stem_pool)
     if config.pretrained == "none" and not config.weights_path:
         return model, False
     try:
