@@ -78,7 +78,8 @@ ESC10_RECIPES = {
 # "freq-shift" adds vocal-tract-length perturbation, "stretch" speaking-rate perturbation
 FSDD_RECIPES = {"default": {}, "e10": {"train": {"epochs": 10}}, "freq-shift": {"augment": {"freq_shift": 2}},
                 "stretch": {"augment": {"time_stretch": 0.2}}, "mixup": {"augment": {"mixup_alpha": 0.4}},
-                "gain1e4": {"features": {"mel_gain": 1e4}}}
+                "gain1e4": {"features": {"mel_gain": 1e4}},
+                "gain-cmn": {"features": {"mel_gain": 1e4}, "model": {"normalization": "clip"}}}
 
 
 def run(name: str, data: dict, overrides: dict, out: Path, folds, preset: str = "default") -> dict:
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
             train = {"device": args.device, "quiet": True, **overrides.get("train", {}), **quick}
             name = "fsdd-speaker-scratch" if recipe == "default" else f"fsdd-{recipe}-scratch"
             results.append(run(name, data, {**overrides, "features": {"duration_s": 1.0, **overrides.get("features", {})},
-                                            "model": {"pretrained": "none"}, "train": train},
+                                            "model": {"pretrained": "none", **overrides.get("model", {})}, "train": train},
                                out, [FSDD_SPEAKERS.index(s) + 1 for s in speakers]))
 
     if args.json:

@@ -143,3 +143,13 @@ def test_a_model_without_the_stem_pool_comes_back_without_it(tmp_path):
     # a checkpoint written before the setting existed had the pool
     old = {**config.to_dict(), "model": {k: v for k, v in config.to_dict()["model"].items() if k != "stem_pool"}}
     assert RunConfig.from_saved(old).model.stem_pool is True
+
+
+def test_per_clip_normalisation_is_rebuilt_from_the_config(tmp_path):
+    config = RunConfig(features=FeatureConfig(n_mels=32, duration_s=1.0), model=ModelConfig(normalization="clip"))
+    model = AudioResNet(len(LABELS), n_mels=32, per_clip_mean=True).eval()
+    save_checkpoint(inference_state(model, config, LABELS), tmp_path / "best.pt")
+    restored, _, _ = model_from_checkpoint(load_checkpoint(tmp_path / "best.pt"))
+    assert restored.norm.per_clip
+    x = torch.rand(2, 32, 40)
+    torch.testing.assert_close(restored(x + 5.0), model(x))  # a constant offset is centred away

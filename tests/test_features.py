@@ -179,3 +179,13 @@ def test_inference_front_end_does_not_import_librosa():
     code = "import sys, torch; from audioclf.features import LogMel; LogMel()(torch.zeros(1, 4096)); print('librosa' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_per_clip_normalisation_removes_a_fixed_colouring_per_band():
+    x = torch.rand(3, 8, 50)
+    norm = Normalize(8, per_clip=True)
+    norm.std.fill_(2.0)
+    colour = torch.linspace(-1, 1, 8).view(1, 8, 1)  # a microphone's tilt, constant over time
+    torch.testing.assert_close(norm(x + colour), norm(x))
+    torch.testing.assert_close(norm(x).mean(-1), torch.zeros(3, 8), atol=1e-6, rtol=0)
+    assert not torch.allclose(Normalize(8)(x + colour), Normalize(8)(x))  # the default keeps it

@@ -112,7 +112,9 @@ class ModelConfig:
     pretrained: Literal["auto", "imagenet", "none"] = "auto"
     weights_path: Optional[str] = None  # local torchvision-style ResNet-18 state dict; implies pretrained
     dropout: float = 0.2  # before the final linear layer
-    normalization: Literal["band", "global"] = "band"  # per-mel-band or one mean/std from the train split
+    # per-mel-band or one mean/std from the train split; "clip": each clip's own mean per band over time is
+    # subtracted (cepstral mean normalisation: a fixed microphone or voice colouring goes), then the band's std
+    normalization: Literal["band", "global", "clip"] = "band"
     # ResNet's 3x3 max-pool after the stem; without it every layer sees 2x the mel and time resolution
     # (4x the compute): 80 mel bands are a small image next to ImageNet's 224 pixels
     stem_pool: bool = True
@@ -120,7 +122,7 @@ class ModelConfig:
     def __post_init__(self):
         _check_choice("arch", self.arch, ("resnet18",))
         _check_choice("pretrained", self.pretrained, ("auto", "imagenet", "none"))
-        _check_choice("normalization", self.normalization, ("band", "global"))
+        _check_choice("normalization", self.normalization, ("band", "global", "clip"))
         _check_range("dropout", self.dropout, 0.0, 0.99)
 
 

@@ -142,10 +142,16 @@ class Normalize(nn.Module):
 
     ImageNet-trained convolutions expect roughly zero-mean, unit-variance input; log1p mels are
     neither. ``mean`` and ``std`` are buffers of shape ``(n_mels, 1)`` (per band) saved with the model.
+    With ``per_clip`` each clip's own mean over time replaces ``mean``, per band.
+
+    Args:
+        n_mels (int, optional): Mel bands. (Default: ``80``)
+        per_clip (bool, optional): Centre each clip on its own mean per band. (Default: ``False``)
     """
 
-    def __init__(self, n_mels: int = 80):
+    def __init__(self, n_mels: int = 80, per_clip: bool = False):
         super().__init__()
+        self.per_clip = per_clip
         self.register_buffer("mean", torch.zeros(n_mels, 1))
         self.register_buffer("std", torch.ones(n_mels, 1))
 
@@ -171,4 +177,4 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., n_mels, frames) -> same shape, standardised."""
-        return (x - self.mean) / self.std
+        return (x - (x.mean(-1, keepdim=True) if self.per_clip else self.mean)) / self.std

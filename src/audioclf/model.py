@@ -119,13 +119,16 @@ class AudioResNet(nn.Module):
         dropout (float, optional): Dropout before the final linear layer. (Default: ``0.0``)
         stem_pool (bool, optional): Keep ResNet's max-pool after the stem; without it the layers work at
             twice the resolution along both axes. (Default: ``True``)
+        per_clip_mean (bool, optional): Centre each clip on its own mean per band (``normalization="clip"``).
+            (Default: ``False``)
     """
 
-    def __init__(self, n_classes: int, n_mels: int = 80, dropout: float = 0.0, stem_pool: bool = True):
+    def __init__(self, n_classes: int, n_mels: int = 80, dropout: float = 0.0, stem_pool: bool = True,
+                 per_clip_mean: bool = False):
         super().__init__()
         if n_classes < 2:
             raise AudioclfError(f"n_classes={n_classes}: a classifier needs at least 2 classes")
-        self.norm = Normalize(n_mels)
+        self.norm = Normalize(n_mels, per_clip=per_clip_mean)
         self.backbone = ResNet18(nn.Sequential(nn.Dropout(dropout), nn.Linear(512, n_classes)), in_channels=1)
         # the scratch recipe was tuned with the stem at PyTorch's default init (it used to replace
         # torchvision's RGB stem after torchvision's init ran): keep it so
@@ -158,7 +161,7 @@ def build_model(config: ModelConfig, n_classes: int, n_mels: int = 80) -> tuple[
     Returns the model and whether ImageNet weights were loaded. With ``pretrained="auto"`` the weights
     are used when they can be had and the scratch recipe runs otherwise (a warning says why).
     """
-    model = AudioResNet(n_classes, n_mels, config.dropout, config.stem_pool)
+    model = AudioResNet(n_classes, n_mels, config.dropout, config.stem_pool, config.normalization == "clip")
     if config.pretrained == "none" and not config.weights_path:
         return model, False
     try:

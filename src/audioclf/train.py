@@ -219,7 +219,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False) -> dict:
             t = replace(t, lr=LR_PRETRAINED if pretrained else LR_SCRATCH)
         config = replace(config, train=t, model=replace(config.model, pretrained="imagenet" if pretrained else "none"))
         model.norm.fit((bank.clip_frames(i) for i in train_idx.tolist()),
-                       per_band=config.model.normalization == "band")
+                       per_band=config.model.normalization != "global")
         log.info("recipe: %s, lr %.2g, %s schedule, %d epochs max, patience %d, batch %d, device %s%s%s",
                  "ImageNet ResNet-18" if pretrained else "ResNet-18 from scratch", t.lr, t.scheduler, t.epochs,
                  t.patience, t.batch_size, device, f" x{world} processes" if world > 1 else "",
