@@ -393,6 +393,9 @@ def table(r: dict) -> str:
               f"- long file: {r['long_audio_s'] / 60:.0f} min, {r['long_audio_windows']} windows of "
               f"{r['model_window_gflop']:.1f} GFLOP; at gemm_gflops the model alone would take RTF "
               f"{r['long_audio_rtf_floor']:.4f}"]
+    if r.get("amp_dtype"):
+        lines.append(f"- training steps run under {r['amp_dtype']} autocast: a {r['amp_dtype']} gemm reaches "
+                     f"{fmt(r['gemm_amp_gflops'])} GFLOP/s, model_utilisation against it {r['model_utilisation_amp']:.3f}")
     return "\n".join(lines)
 
 
