@@ -1,6 +1,6 @@
 """Accuracy on real data by cross-validation, with training time and epochs per fold.
 
-    python benchmarks/accuracy.py                 # everything below (about an hour per ESC-10 recipe on 2 CPU cores)
+    python benchmarks/accuracy.py                 # everything below (about 45 min on 2 CPU cores with native bf16)
     python benchmarks/accuracy.py --quick         # 2 folds / 2 speakers, fewer epochs: a smoke check
     python benchmarks/accuracy.py --only esc10 --recipes default seed
     python benchmarks/accuracy.py --json
@@ -9,8 +9,8 @@ Runs (each one is ``audioclf cv``; a fold already finished under --out is reused
 benchmark continues where it stopped):
 - ESC-10 (../shared/data/esc50, folds 1-4): 4-fold CV from scratch with the default recipe, the seed preset,
   and with ImageNet weights when $TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth exists.
-- FSDD (../shared/data/fsdd): speaker-independent CV, each held-out speaker one fold; validation speakers
-  are carved from the training speakers (groups = speakers).
+- FSDD (../shared/data/fsdd): speaker-independent CV, each of the six speakers in turn held out as the test
+  fold; validation clips come from the five training speakers.
 """
 
 from __future__ import annotations
