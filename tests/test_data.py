@@ -434,3 +434,24 @@ def test_feature_bank_with_worker_processes(small_set, tmp_path):
     in_process = build(cs, cache_dir=tmp_path / "a")
     workers = build(cs, cache_dir=tmp_path / "b", num_workers=1)
     assert torch.equal(workers.frames, in_process.frames)
+
+
+def test_cache_build_leaves_the_decoding_workers_their_cores(small_set, tmp_path, monkeypatch):
+    import audioclf.data as data
+
+    cs = read_folder(small_set)
+    before = torch.get_num_threads()
+    monkeypatch.setattr(data.os, "cpu_count", lambda: 2)
+    seen = []
+    real = data.LogMel.forward
+    monkeypatch.setattr(data.LogMel, "forward", lambda self, w: (seen.append(torch.get_num_threads()), real(self, w))[1])
+    torch.set_num_threads(2)
+    try:
+        build(cs, cache_dir=tmp_path / "w", num_workers=1)
+        assert seen and set(seen) == {1}  # 2 cores, 1 decoding worker: 1 thread for the STFT
+        assert torch.get_num_threads() == 2  # and put back afterwards
+        seen.clear()
+        build(cs, cache_dir=tmp_path / "n", num_workers=0)
+        assert set(seen) == {2}  # no workers: every thread for the STFT
+    finally:
+        torch.set_num_threads(before)

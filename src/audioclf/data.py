@@ -7,6 +7,7 @@ stratified split that keeps every group on one side) -> ``FeatureBank.batch`` (c
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -255,6 +256,19 @@ def _identity(batch):
     return batch
 
 
+@contextlib.contextmanager
+def _cpu_threads_beside(workers: int, device: torch.device):
+    """Leave the decoding workers their cores: on 2 cores, 2 STFT threads beside 1 decoding worker made
+    the cache build 1.6x slower than 1 thread (benchmarks/speed.py, extract_clips_per_s_1thread)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and workers > 0:
+        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def auto_workers() -> int:
     return min(4, max(0, (os.cpu_count() or 1) - 1))
 
@@ -325,7 +339,8 @@ class FeatureBank:
                                              num_workers=workers, collate_fn=_identity)
         pieces: list[Optional[torch.Tensor]] = [None] * len(clipset.clips)
         skipped = []
-        with tqdm(total=len(clipset.clips), desc="features", unit="clip", disable=True if quiet else None) as bar:
+        with tqdm(total=len(clipset.clips), desc="features", unit="clip", disable=True if quiet else None) as bar, \
+                _cpu_threads_beside(workers, torch.device(device)):
             for batch in loader:
                 good = [(i, w) for i, w, _ in batch if w is not None]
                 for i, _, err in batch:
