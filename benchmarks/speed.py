@@ -13,7 +13,8 @@ seed_clips_per_s            the seed's per-item path: librosa.load(sr=22050) + m
 extract_clips_per_s         audioclf's first pass: FeatureBank.build (decode, resample, batched LogMel) into a fresh cache
 cached_clips_per_s          audioclf's per-epoch data path: FeatureBank.batch (random crop) + SpecAugment + mixup, batch 16
 model_train_clips_per_s     bare ResNet-18 forward + backward + AdamW step on random (16, 80, 431) input, timed just
-                            before and just after the pipeline run (the mean step time of the two)
+                            before and just after the pipeline run (the mean step time of the two); as the trainer
+                            runs it (channels-last, bf16 autocast where native); ``*_fp32_nchw``: in fp32, NCHW
 pipeline_train_clips_per_s  a real epoch of ``python -m audioclf train`` (its metrics.csv), fresh cache, from scratch
 pipeline_efficiency         pipeline / model: 1.0 means the data path costs the trainer nothing
 gemm_gflops                 a 2048 x 2048 fp32 matmul; model_gflops = the model's counted FLOPs / step time
@@ -272,17 +273,19 @@ def bench_gemm(device: torch.device, dtype=torch.float32, n: int = 2048) -> floa
     return 2 * n ** 3 / s / 1e9
 
 
-def bench_model(device: torch.device, n_classes: int, *, min_reps: int, min_s: float) -> dict:
+def bench_model(device: torch.device, n_classes: int, *, min_reps: int, min_s: float, fast: bool = True) -> dict:
     """ResNet-18 training steps on random (16, n_mels, n_frames) input, set up as ``train.fit`` sets it up (AdamW,
-    label smoothing, dropout; channels_last, and AMP where it pays: CUDA, or a CPU with native bf16): clips per second, counted FLOPs of one step and of
-    one inference window, and ``step`` to time it again."""
+    label smoothing, dropout; channels_last, and AMP where it pays: CUDA, or a CPU with native bf16): clips per
+    second, counted FLOPs of one step and of one inference window, and ``step`` to time it again.
+    ``fast=False``: the same in fp32 with the default memory layout, what the trainer did before both."""
     from torch.utils.flop_counter import FlopCounterMode
 
     batch, c = 16, FeatureConfig()
     t = resolve("default").train
     model = AudioResNet(n_classes, c.n_mels, dropout=resolve("default").model.dropout).to(device)
-    amp = amp_dtype(device) if t.amp else None
-    model.to(memory_format=torch.channels_last)
+    amp = amp_dtype(device) if t.amp and fast else None
+    if fast:
+        model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, replace(t, lr=1e-3), device)
     scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
     x = torch.randn(batch, c.n_mels, c.n_frames, device=device)
@@ -393,6 +396,8 @@ def table(r: dict) -> str:
               f"- long file: {r['long_audio_s'] / 60:.0f} min, {r['long_audio_windows']} windows of "
               f"{r['model_window_gflop']:.1f} GFLOP; at gemm_gflops the model alone would take RTF "
               f"{r['long_audio_rtf_floor']:.4f}"]
+    lines.append(f"- the same training step in fp32 with the default (NCHW) layout: {fmt(r['model_train_clips_per_s_fp32_nchw'])} "
+                 f"clips/s ({r['model_train_clips_per_s'] / r['model_train_clips_per_s_fp32_nchw']:.2f}x slower than the trainer's)")
     if r.get("amp_dtype"):
         lines.append(f"- training steps run under {r['amp_dtype']} autocast: a {r['amp_dtype']} gemm reaches "
                      f"{fmt(r['gemm_amp_gflops'])} GFLOP/s, model_utilisation against it {r['model_utilisation_amp']:.3f}")
@@ -456,6 +461,9 @@ def main(argv=None) -> int:
             write_manifest(rows, tmp / "clips.csv"), device, tmp)
         log.info("pipeline: %.2f clips/s, peak %.0f MB", r["pipeline_train_clips_per_s"], r["train_peak_rss_mb"])
         after = 16 / timed(m.pop("step"), device, warmup=1, min_reps=2 if args.quick else 4, min_s=5 * min_s)
+        plain = bench_model(device, len(classes), min_reps=2 if args.quick else 4, min_s=5 * min_s, fast=False)
+        r["model_train_clips_per_s_fp32_nchw"] = plain["clips_per_s"]
+        log.info("model in fp32, default layout: %.2f clips/s", plain["clips_per_s"])
         log.info("model again: %.2f clips/s", after)
         r["model_train_clips_per_s_runs"] = [round(m["clips_per_s"], 4), round(after, 4)]
         r["model_train_clips_per_s"] = 2 / (1 / m["clips_per_s"] + 1 / after)  # from the mean step time
