@@ -78,8 +78,7 @@ def model_from_checkpoint(ckpt: dict) -> tuple[AudioResNet, RunConfig, list[str]
     """Rebuild the trained model (eval mode, CPU), its config and class names from a checkpoint dict."""
     config = RunConfig.from_saved(ckpt["config"])
     labels = list(ckpt["labels"])
-    m = config.model
-    model = AudioResNet(len(labels), config.features.n_mels, m.dropout, m.stem_pool, m.normalization == "clip")
+    model = AudioResNet.from_config(config.model, len(labels), config.features.n_mels)
     model.load_state_dict(ckpt["model"])
     return model.eval(), config, labels
 

@@ -133,8 +133,7 @@ class LogMel(nn.Module):
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """(..., time) waveform in [-1, 1] -> (..., n_mels, 1 + time // hop_length) log-mel."""
-        mel = self.mel(self.spectrogram(self.peak(wave)))
-        return torch.log1p(mel if self.config.mel_gain == 1 else self.config.mel_gain * mel)
+        return torch.log1p(self.config.mel_gain * self.mel(self.spectrogram(self.peak(wave))))
 
 
 class Normalize(nn.Module):

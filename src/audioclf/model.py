@@ -136,6 +136,11 @@ class AudioResNet(nn.Module):
         if not stem_pool:
             self.backbone.maxpool = nn.Identity()
 
+    @classmethod
+    def from_config(cls, config: ModelConfig, n_classes: int, n_mels: int = 80) -> "AudioResNet":
+        """The network ``config`` describes (random weights): the one place a ModelConfig becomes a model."""
+        return cls(n_classes, n_mels, config.dropout, config.stem_pool, config.normalization == "clip")
+
     def load_imagenet(self, state_dict: dict) -> "AudioResNet":
         """Load ImageNet weights: the RGB stem is summed over colour (a grey image gives the same
         activations as before), the 1000-way head is dropped."""
@@ -161,7 +166,7 @@ def build_model(config: ModelConfig, n_classes: int, n_mels: int = 80) -> tuple[
     Returns the model and whether ImageNet weights were loaded. With ``pretrained="auto"`` the weights
     are used when they can be had and the scratch recipe runs otherwise (a warning says why).
     """
-    model = AudioResNet(n_classes, n_mels, config.dropout, config.stem_pool, config.normalization == "clip")
+    model = AudioResNet.from_config(config, n_classes, n_mels)
     if config.pretrained == "none" and not config.weights_path:
         return model, False
     try:

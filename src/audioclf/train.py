@@ -177,8 +177,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False) -> dict:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(t.seed)
     amp = amp_dtype(device) if t.amp else None
-    use_amp = amp is not None
-    autocast = lambda: torch.autocast(device.type, dtype=amp, enabled=use_amp)  # noqa: E731
+    autocast = lambda: torch.autocast(device.type, dtype=amp, enabled=amp is not None)  # noqa: E731
     quiet = t.quiet or not master
     handler = None
     if master:
@@ -223,7 +222,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False) -> dict:
         log.info("recipe: %s, lr %.2g, %s schedule, %d epochs max, patience %d, batch %d, device %s%s%s",
                  "ImageNet ResNet-18" if pretrained else "ResNet-18 from scratch", t.lr, t.scheduler, t.epochs,
                  t.patience, t.batch_size, device, f" x{world} processes" if world > 1 else "",
-                 f", mixed precision {str(amp).removeprefix('torch.')}" if use_amp else "")
+                 f", mixed precision {str(amp).removeprefix('torch.')}" if amp else "")
         model.to(device)
         model.to(memory_format=torch.channels_last)  # what cuDNN and oneDNN convolve fastest (1.2-1.3x on CPU)
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
