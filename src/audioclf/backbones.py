@@ -43,7 +43,7 @@ _AUDIOSET_FRONT_END = {
 # (x + 4.5) / 5 assumes.
 _MN_RECIPE = {
     "features": {"peak_normalize": False},
-    "train": {"lr": 5e-4, "batch_size": 32, "epochs": 30, "warmup_epochs": 2, "scheduler": "cosine",
+    "train": {"lr": 5e-4, "batch_size": 32, "epochs": 25, "warmup_epochs": 2, "scheduler": "cosine",
               "weight_decay": 1e-3, "label_smoothing": 0.1, "patience": 0},
     "augment": {"mixup_alpha": 0.3, "gain_db": 12.0, "time_shift": 0.5, "freq_mask_width": 24,
                 "time_mask_width": 30, "n_freq_masks": 1, "n_time_masks": 1},
