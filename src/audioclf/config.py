@@ -328,12 +328,11 @@ def resolve(preset: str = "default", yaml_path=None, overrides: Optional[dict] =
     b = BACKBONES[name]
     d = merge(merge(RunConfig().to_dict(), merge({"features": dict(b.front_end)}, b.recipe)), user)
     d["preset"] = preset
-    config = RunConfig.from_dict(d)
-    if config.model.pretrained != "none":
-        clash = [k for k, v in b.front_end.items() if getattr(config.features, k) != v]
-        if clash:
-            raise AudioclfError(
-                f"{', '.join(f'features.{k}={getattr(config.features, k)!r}' for k in clash)} contradicts the "
-                f"front end backbone={name!r} was pretrained with ({', '.join(f'{k}={b.front_end[k]!r}' for k in clash)}); "
-                f"drop the setting, or train from scratch with --pretrained none")
-    return config
+    feats = d["features"] if isinstance(d.get("features"), dict) else {}
+    clash = [k for k, v in b.front_end.items() if feats.get(k) != v]
+    if clash and isinstance(d.get("model"), dict) and d["model"].get("pretrained") != "none":
+        raise AudioclfError(
+            f"{', '.join(f'features.{k}={feats.get(k)!r}' for k in clash)} contradicts the front end "
+            f"backbone={name!r} was pretrained with ({', '.join(f'{k}={b.front_end[k]!r}' for k in clash)}); "
+            f"drop the setting, or train from scratch with --pretrained none")
+    return RunConfig.from_dict(d)

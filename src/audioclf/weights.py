@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from .backbones import BACKBONES, Backbone
 from .config import AudioclfError
@@ -49,19 +46,10 @@ def _check_hash(path: Path, backbone: Backbone) -> None:
                             f"download {backbone.weights_url} again")
 
 
-def _download(url: str, dest: Path, timeout_s: float = 30.0) -> None:
+def _download(url: str, dest: Path) -> None:
+    # torch's downloader: a progress bar, a temp file moved into place only when complete
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part{os.getpid()}")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as r, open(tmp, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
-                for block in iter(lambda: r.read(1 << 16), b""):
-                    f.write(block)
-                    bar.update(len(block))
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    torch.hub.download_url_to_file(url, str(dest), progress=True)
 
 
 def weights_file(name: str, weights_path: Optional[str] = None, download: bool = True) -> Path:
