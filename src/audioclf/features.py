@@ -133,7 +133,12 @@ class LogMel(nn.Module):
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """(..., time) waveform in [-1, 1] -> (..., n_mels, 1 + time // hop_length) log-mel."""
-        return torch.log1p(self.config.mel_gain * self.mel(self.spectrogram(self.peak(wave))))
+        return self.mel_frames(self.peak(wave))
+
+    def mel_frames(self, wave: torch.Tensor) -> torch.Tensor:
+        """``forward`` after peak normalisation: (..., time) -> (..., n_mels, 1 + time // hop_length).
+        Each frame depends on its own samples only, so a long clip can be taken in blocks of frames."""
+        return torch.log1p(self.config.mel_gain * self.mel(self.spectrogram(wave)))
 
 
 class Normalize(nn.Module):

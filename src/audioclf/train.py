@@ -197,7 +197,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False) -> dict:
         if not master:
             bank = build()
         splits = split_clips(bank.clips, val_fold=config.data.val_fold, test_fold=config.data.test_fold,
-                             val_split=config.data.val_split, seed=t.seed)
+                             val_split=config.data.val_split, seed=t.seed, classes=clipset.classes)
         for name, clips in splits.items():
             if clips:
                 log.info("%-5s: %s", name, clipset.describe(clips))
