@@ -49,7 +49,7 @@ def _open(path) -> sf.SoundFile:
         # (surrogate-escaped by Python) would fail with UnicodeEncodeError.
         return sf.SoundFile(os.fsencode(path))
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioclfError(f"{path}: soundfile cannot decode it ({e}); "
+        raise AudioclfError(f"{path}: soundfile cannot decode it ({getattr(e, 'error_string', e)}); "
                             f"readable formats: {', '.join(sorted(sf.available_formats()))}") from None
 
 

@@ -70,7 +70,7 @@ def read_folder(root) -> ClipSet:
             if p.is_file():
                 files.append(p)
             elif why := link_problem(p):
-                skipped.append((str(p), why))
+                skipped.append((os.path.abspath(p), why))
         if not files:
             log.warning("%s: class folder holds no audio files (%s); left out", d, ", ".join(AUDIO_EXTENSIONS))
             continue
@@ -133,8 +133,8 @@ def _one_row_per_file(rows: list[Row], source) -> list[Row]:
         for k, what in ((1, "labels"), (2, "folds"), (3, "groups")):
             values = list(dict.fromkeys(r[k] for r in same))
             if len(values) > 1:
-                conflicts.append(f"{' and '.join(str(r[0]) for r in same)} (lines {', '.join(str(r[4]) for r in same)}) "
-                                 f"are one audio file with {what} {', '.join(map(repr, values))}")
+                conflicts.append(f"{same[0][0]} is on lines {', '.join(str(r[4]) for r in same)} with {what} "
+                                 f"{', '.join(map(repr, values))}")
                 break
         else:
             repeats += [(same[0], r) for r in same[1:]]
@@ -161,7 +161,7 @@ def _from_rows(rows: list[Row], source, classes: Optional[list[str]] = None) -> 
         if path.is_file():
             clips.append(Clip(os.path.realpath(path), index[name], fold, group))
         else:
-            skipped.append((str(path), link_problem(path) or "file listed in the metadata is missing"))
+            skipped.append((os.path.abspath(path), link_problem(path) or "file listed in the metadata is missing"))
     if skipped:
         log.warning("%d listed file(s) are missing, e.g. %s (%s); they are left out", len(skipped), *skipped[0])
     return ClipSet(clips, classes, skipped)

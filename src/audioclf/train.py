@@ -398,7 +398,7 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:  # names as on disk
         w = csv.writer(f)
         w.writerow(["path", "reason"])
         w.writerows(skipped)
@@ -409,7 +409,7 @@ def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
 def _log_to_file(path: Path) -> logging.Handler:
     """Copy the library's log to the run directory (removed again when the run ends)."""
     root = logging.getLogger("audioclf")
-    h = logging.FileHandler(path)
+    h = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")  # file names need not be UTF-8
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(h)
     if root.level == logging.NOTSET or root.level > logging.INFO:
