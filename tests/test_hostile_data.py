@@ -2,6 +2,7 @@
 nowhere, unreadable files, a tampered feature cache, a bad cache folder, a 10-minute clip among short ones."""
 
 import csv
+import json
 import logging
 import os
 import subprocess
@@ -327,3 +328,29 @@ def test_a_ten_minute_clip_among_short_ones_costs_memory_of_one_clip_not_a_batch
     peak = peak_rss_mb(with_long, tmp_path / "c2")
     print(f"peak RSS {base:.0f} MB without the 10-min clip, {peak:.0f} MB with it")
     assert peak - base < 300, f"the 10-min clip raised peak RSS from {base:.0f} MB to {peak:.0f} MB"
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+@pytest.mark.slow
+def test_training_lists_odd_names_and_dead_links_in_skipped_csv(tmp_path, capfd):
+    from audioclf.config import resolve
+    from audioclf.train import fit
+
+    root = two_class_folder(tmp_path / "data", per_class=4)
+    for k in range(4):
+        wav(root / BAD / f"{BAD}{k}.wav", 800.0, seed=k)
+    broken = root / "low" / f"{BAD}broken.wav"
+    broken.write_bytes(b"RIFF not audio")
+    (root / "high" / "dangling.wav").symlink_to(tmp_path / "gone.wav")
+    config = resolve(overrides={
+        "features": {"sample_rate": SR, "duration_s": 0.5}, "model": {"pretrained": "none"},
+        "data": {"root": str(root), "format": "folder", "val_split": 0.25, "num_workers": 0},
+        "train": {"epochs": 1, "batch_size": 4, "quiet": True, "seed": 0}})
+    fit(config, tmp_path / "run")
+    with open(tmp_path / "run" / "skipped.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        rows = {r["path"]: r["reason"] for r in csv.DictReader(f)}
+    assert rows.keys() == {str(broken), str(root / "high" / "dangling.wav")}  # the names as on disk
+    assert "cannot decode" in rows[str(broken)] and rows[str(root / "high" / "dangling.wav")].startswith("broken symlink")
+    assert BAD in json.loads((tmp_path / "run" / "labels.json").read_text())
+    assert "Logging error" not in capfd.readouterr().err
