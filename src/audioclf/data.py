@@ -558,7 +558,7 @@ class FeatureBank:
                         "sha256": _checksum(frames, offsets, kept_t, skipped_l)}, tmp)
             os.replace(tmp, path)
             log.info("feature cache written: %s", path)
-        except OSError as e:  # the features are computed: train on them, uncached
+        except (OSError, RuntimeError) as e:  # disk full (torch.save raises RuntimeError): train uncached
             log.warning("could not write the feature cache %s (%s); the next run will compute it again", path, e)
         finally:
             tmp.unlink(missing_ok=True)
