@@ -192,6 +192,16 @@ def test_a_cache_dir_that_is_not_writable_fails_before_any_feature_is_computed(t
     assert count_decodes == []
 
 
+def test_a_cache_dir_refusing_writes_is_named_where_tests_run_as_root(tmp_path, monkeypatch, count_decodes):
+    def refuse(**kw):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(data_module.tempfile, "TemporaryFile", refuse)
+    with pytest.raises(AudioclfError, match=r"cache_dir .*cache: cannot write the feature cache there \(Permission denied\)"):
+        build(read_folder(two_class_folder(tmp_path / "data")), tmp_path / "cache")
+    assert count_decodes == []
+
+
 def test_temp_files_of_killed_builds_are_removed(tmp_path):
     cs = read_folder(two_class_folder(tmp_path / "data"))
     cache = tmp_path / "cache"
