@@ -273,3 +273,24 @@ def test_old_checkpoints_with_arch_still_load(tiny_run):
     ckpt["config"]["model"] = {"arch": "resnet18", **{k: v for k, v in ckpt["config"]["model"].items() if k != "backbone"}}
     config = RunConfig.from_saved(ckpt["config"])
     assert config.model.backbone == "resnet18"
+
+
+def test_random_gain_is_exact_for_the_log_front_end():
+    """A gain of g dB in the feature domain equals the waveform scaled by g dB, for the MobileNets' front end."""
+    from audioclf.augment import RandomGain
+
+    f = mn04_config().features
+    wave = torch.from_numpy(tone(440, 32000, 1.0) + 0.01 * np.random.default_rng(0).standard_normal(32000).astype(np.float32))
+    db = float((torch.rand(1, generator=torch.Generator().manual_seed(1)) * 2 - 1) * 12.0)
+    gain = RandomGain(12.0, torch.Generator().manual_seed(1), f).train()
+    got = gain(LogMel(f)(wave[None]))
+    want = LogMel(f)(wave[None] * 10 ** (db / 20))
+    assert abs(db) > 1 and torch.allclose(got, want, atol=1e-3)
+
+
+def test_preemphasis_is_a_first_order_high_pass():
+    from audioclf.features import PreEmphasis
+
+    x = torch.tensor([[1.0, 2.0, 4.0, 4.0]])
+    assert torch.allclose(PreEmphasis(0.5)(x), torch.tensor([[1.0, 1.5, 3.0, 2.0]]))
+    assert PreEmphasis(0.0)(x) is x
