@@ -319,7 +319,7 @@ def load_yaml(path) -> dict:
             del d[key]  # "train:" with nothing under it
         elif key in _SECTION_NAMES and not isinstance(value, dict):
             raise AudioclfError(f"config file {path}: section {key}: must be a mapping of settings "
-                                f"(key: value lines), not a {type(value).__name__} ({value!r})")
+                                f"(key: value lines), not {value!r}")
     return d
 
 

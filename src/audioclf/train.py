@@ -316,7 +316,7 @@ def _fit(config: RunConfig, out: Path, resume: bool) -> dict:
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     raise AudioclfError(f"training loss is {loss_value} at epoch {epoch}, batch {i // t.batch_size + 1}: "
-                                        f"the model diverged. Lower the learning rate (now {opt.param_groups[0]['lr']:.3g}), "
+                                        f"the model diverged. Lower the learning rate (lr={t.lr:.3g}), "
                                         f"set train.grad_clip, or check the data for NaN/Inf")
                 loss_sum += loss_value * len(y)
                 correct += (logits.argmax(1) == y).sum().item()
@@ -329,7 +329,7 @@ def _fit(config: RunConfig, out: Path, resume: bool) -> dict:
             v = validate(ddp, bank, val_idx, device, t.batch_size * 2, autocast, rank, world)
             if not math.isfinite(v["val_loss"]):
                 raise AudioclfError(f"validation loss is {v['val_loss']} at epoch {epoch}: the model diverged. "
-                                    f"Lower the learning rate (now {opt.param_groups[0]['lr']:.3g}) or set train.grad_clip")
+                                    f"Lower the learning rate (lr={t.lr:.3g}) or set train.grad_clip")
             lr = opt.param_groups[0]["lr"]
             if not per_batch:
                 scheduler.step(v["val_loss"])
