@@ -226,7 +226,11 @@ def test_the_demo_can_be_run_again(tmp_path, monkeypatch):
     def one_epoch(data_dir, quiet=False):
         return resolve(overrides={**TINY, "data": {"root": str(data_dir), "format": "folder", "val_split": 0.25}})
 
+    def fewer_clips(root, n_per_class=24, **kw):
+        return make_synthetic_dataset(root, n_per_class=n_per_class // 4, **kw)
+
     monkeypatch.setattr(demo, "demo_config", one_epoch)
+    monkeypatch.setattr(demo, "make_synthetic_dataset", fewer_clips)
     for _ in range(2):
         result = demo.run_demo(tmp_path, quiet=True)
-        assert result["eval"]["n_clips"] == 50
+        assert result["eval"]["n_clips"] == 10  # 2 test clips of each of the 5 classes
