@@ -5,7 +5,6 @@ directory is never shared, silently replaced or made where it cannot be."""
 import csv
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
