@@ -36,7 +36,7 @@ def _add_data_args(p: argparse.ArgumentParser, with_splits: bool = True, with_fo
 def _add_train_args(p: argparse.ArgumentParser, with_folds: bool = True) -> None:
     _add_data_args(p, with_folds=with_folds)
     p.add_argument("--config", help="YAML config file (flags override it)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="named recipe (default: default; seed = the original notebook)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named recipe (default: the default recipe; seed = the original notebook)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4 pretrained, 1e-3 from scratch)")
@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a classifier on a dataset")
     _add_train_args(p)
     p.add_argument("--resume", action="store_true",
-                   help="continue from RUN_DIR/last.pt (only --epochs, --device, --quiet, --num-workers, --cache-dir may change)")
+                   help="continue from RUN_DIR/last.pt; only --epochs, --device, --quiet, --num-workers, --cache-dir and "
+                        "--deterministic may differ from the run's start")
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
     p.set_defaults(func=cmd_train)
 

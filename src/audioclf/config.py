@@ -208,7 +208,7 @@ class RunConfig:
 
     def __post_init__(self):
         # a float setting without a range check (or added later) must still never be NaN or infinite
-        for section in (self.data, self.features, self.augment, self.model, self.train):
+        for section in (getattr(self, name) for name in _SECTION_NAMES):
             for f in dataclasses.fields(section):
                 _check_range(f.name, getattr(section, f.name))
 
@@ -229,6 +229,8 @@ class RunConfig:
     def save_yaml(self, path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
+
+_SECTION_NAMES = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name != "preset")
 
 # How audioclf behaved before each of these settings existed (see RunConfig.from_saved)
 _BEFORE_THE_SETTING = {
@@ -321,9 +323,6 @@ def load_yaml(path) -> dict:
             raise AudioclfError(f"config file {path}: section {key}: must be a mapping of settings "
                                 f"(key: value lines), not {value!r}")
     return d
-
-
-_SECTION_NAMES = ("data", "features", "augment", "model", "train")
 
 
 def resolve(preset: Optional[str] = "default", yaml_path=None, overrides: Optional[dict] = None,
