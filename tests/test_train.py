@@ -92,9 +92,9 @@ def _train_cmd(data, out, *extra):
 def test_sigkill_then_resume_matches_an_uninterrupted_run(synth_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads in every process: same float sums
     full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run(_train_cmd(synth_dir, full, "--epochs", "5"), check=True, env=env, capture_output=True)
+    cache = ("--cache-dir", str(tmp_path / "cache"))  # cold for the killed run, warm for the uninterrupted one
 
-    proc = subprocess.Popen(_train_cmd(synth_dir, killed, "--epochs", "5"), env=env,
+    proc = subprocess.Popen(_train_cmd(synth_dir, killed, "--epochs", "5", *cache), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -110,9 +110,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(synth_dir, tmp_path):
     at_kill = load_checkpoint(killed / "last.pt")["epoch"]
     assert 2 <= at_kill < 5
 
-    r = subprocess.run(_train_cmd(synth_dir, killed, "--epochs", "5", "--resume"), env=env, capture_output=True, text=True)
+    r = subprocess.run(_train_cmd(synth_dir, killed, "--epochs", "5", "--resume", *cache), env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert f"resumed from" in r.stderr
+    subprocess.run(_train_cmd(synth_dir, full, "--epochs", "5", *cache), check=True, env=env, capture_output=True)
     a, b = load_checkpoint(full / "last.pt"), load_checkpoint(killed / "last.pt")
     assert a["epoch"] == b["epoch"] == 5
     for k in a["model"]:

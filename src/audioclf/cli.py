@@ -9,22 +9,24 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from . import __version__
 from .backbones import BACKBONE_NAMES
-from .config import PRESETS, AudioclfError, resolve
+from .config import PRESETS, AudioclfError, load_yaml, resolve
 
 log = logging.getLogger("audioclf")
 
 
-def _add_data_args(p: argparse.ArgumentParser, with_splits: bool = True) -> None:
+def _add_data_args(p: argparse.ArgumentParser, with_splits: bool = True, with_folds: bool = True) -> None:
     p.add_argument("data", help="dataset: a folder per class, a CSV manifest, or an ESC-50/UrbanSound8K root")
     p.add_argument("--format", choices=["folder", "csv", "esc50", "urbansound8k"], default=None,
                    help="dataset layout (default: folder, or csv when DATA is a .csv file)")
     p.add_argument("--esc10", action="store_true", default=None, help="ESC-50: keep the ESC-10 subset")
-    if with_splits:
+    if with_splits and with_folds:  # cv chooses each fold's test fold itself
         p.add_argument("--val-fold", type=int, help="hold out this fold for validation")
         p.add_argument("--test-fold", type=int, help="hold out this fold for the final test")
+    if with_splits:
         p.add_argument("--val-split", type=float, help="validation fraction when no --val-fold (default 0.2)")
         p.add_argument("--cache-dir", help="feature cache folder (default $AUDIOCLF_CACHE or ~/.cache/audioclf)")
         p.add_argument("--strict", action="store_true", default=None, help="stop at the first unreadable clip")
@@ -32,10 +34,10 @@ def _add_data_args(p: argparse.ArgumentParser, with_splits: bool = True) -> None
         p.add_argument("--num-workers", type=int, help="decoding processes for the feature cache")
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    _add_data_args(p)
+def _add_train_args(p: argparse.ArgumentParser, with_folds: bool = True) -> None:
+    _add_data_args(p, with_folds=with_folds)
     p.add_argument("--config", help="YAML config file (flags override it)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="named recipe (seed = the original notebook)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named recipe (default: the default recipe; seed = the original notebook)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4 pretrained, 1e-3 from scratch)")
@@ -69,6 +71,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-amp", action="store_const", const=False, dest="amp",
                    help="full fp32 (default: mixed precision on CUDA and on CPUs with native bf16)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--deterministic", action="store_const", const=True,
+                   help="deterministic kernels: the same seed gives the same model on CUDA too (slower)")
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
     p.add_argument("--out", required=True, help="run directory")
 
@@ -80,12 +84,23 @@ _SECTIONS = {
     "augment": ["mixup_alpha", "freq_mask_width", "time_mask_width", "time_shift", "time_stretch", "freq_shift", "gain_db"],
     "model": ["backbone", "pretrained", "weights_path", "dropout", "stem_pool"],
     "train": ["epochs", "batch_size", "lr", "weight_decay", "patience", "scheduler", "warmup_epochs",
-              "label_smoothing", "device", "amp", "seed", "quiet"],
+              "label_smoothing", "device", "amp", "seed", "quiet", "deterministic"],
 }
 
 
 def _guess_format(data: str) -> str:
     return "csv" if data.lower().endswith(".csv") else "folder"
+
+
+def _resumed_run_config(args: argparse.Namespace):
+    """With --resume, the config the run started with (a flag not given again keeps its value); else None."""
+    last = Path(args.out) / "last.pt"
+    if not getattr(args, "resume", False) or not last.is_file():
+        return None  # fit says what is missing
+    from .checkpoint import load_checkpoint
+    from .config import RunConfig
+
+    return RunConfig.from_saved(load_checkpoint(last)["config"]).to_dict()
 
 
 def config_from_args(args: argparse.Namespace):
@@ -94,15 +109,17 @@ def config_from_args(args: argparse.Namespace):
     overrides["data"]["root"] = args.data
     if getattr(args, "weights_path", None):
         overrides["model"]["pretrained"] = "auto"  # a given file is loaded or refused, never skipped
-    if "format" not in overrides["data"] and not getattr(args, "config", None):
+    base = _resumed_run_config(args)
+    yaml_data = load_yaml(args.config).get("data", {}) if args.config else {}
+    if base is None and "format" not in overrides["data"] and "format" not in yaml_data:
         overrides["data"]["format"] = _guess_format(args.data)
-    return resolve(args.preset, args.config, overrides)
+    return resolve(args.preset, args.config, overrides, base=base)
 
 
 def cmd_train(args) -> int:
     from .train import fit
 
-    summary = fit(config_from_args(args), args.out, resume=args.resume)
+    summary = fit(config_from_args(args), args.out, resume=args.resume, overwrite=args.overwrite)
     print(f"best validation loss {summary['best_val_loss']:.4f} at epoch {summary['best_epoch']}; "
           f"run directory: {args.out}")
     return 0
@@ -194,11 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a classifier on a dataset")
     _add_train_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from RUN_DIR/last.pt; only --epochs, --device, --quiet, --num-workers, --cache-dir and "
+                        "--deterministic may differ from the run's start")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("cv", help="k-fold cross-validation over the dataset's folds")
-    _add_train_args(p)
+    _add_train_args(p, with_folds=False)
     p.add_argument("--folds", type=int, nargs="+", help="test folds to run (default: all)")
     p.set_defaults(func=cmd_cv)
 

@@ -8,6 +8,7 @@ so training and prediction can never disagree about how audio becomes a spectrog
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,10 @@ class AudioclfError(ValueError):
 def _check_range(name: str, value, low=None, high=None, *, low_open=False):
     if value is None:
         return
+    # NaN compares False with every bound, so it would pass the checks below: refuse it (and inf) first
+    if isinstance(value, float) and not math.isfinite(value):
+        allowed = " and ".join(f"{op} {b}" for op, b in ((">" if low_open else ">=", low), ("<=", high)) if b is not None)
+        raise AudioclfError(f"{name}={value!r} is not a finite number: it must be {allowed or 'finite'}")
     if low is not None and (value < low or (low_open and value == low)):
         op = ">" if low_open else ">="
         raise AudioclfError(f"{name}={value!r} is out of range: it must be {op} {low}")
@@ -81,6 +86,17 @@ class FeatureConfig:
         _check_range("win_length", self.win_length, 1, self.n_fft)
         _check_range("f_min", self.f_min, 0.0, self.sample_rate / 2)
         _check_range("f_max", self.f_max, self.f_min, self.sample_rate / 2, low_open=True)
+        self.window_samples(self.duration_s, "duration_s")
+
+    def window_samples(self, seconds: float, name: str = "window_s") -> int:
+        """Samples in a window of ``seconds``; refuses a window too short for one centred STFT frame
+        (reflect padding needs more than ``n_fft // 2`` samples). Training checks ``duration_s`` with this
+        rule, inference its window, so a model is never trained on a length it cannot predict."""
+        n = int(round(seconds * self.sample_rate))
+        if n <= self.n_fft // 2:
+            raise AudioclfError(f"{name}={seconds!r} is too short: {n} samples at {self.sample_rate} Hz, and the STFT "
+                                f"needs more than n_fft/2={self.n_fft // 2} samples ({self.n_fft / 2 / self.sample_rate:.3f} s)")
+        return n
 
     @property
     def n_samples(self) -> int:
@@ -184,6 +200,9 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     amp: bool = True  # mixed precision: bf16/fp16 on CUDA, bf16 on CPUs that compute it natively
     quiet: bool = False
+    # deterministic kernels (torch.use_deterministic_algorithms, cuDNN without autotuning): the same seed
+    # gives the same model on CUDA too, at some speed; CPU runs are reproducible without it
+    deterministic: bool = False
 
     def __post_init__(self):
         _check_range("epochs", self.epochs, 1, 100000)
@@ -194,6 +213,7 @@ class TrainConfig:
         _check_range("warmup_epochs", self.warmup_epochs, 0, 100000)
         _check_range("label_smoothing", self.label_smoothing, 0.0, 0.99)
         _check_range("grad_clip", self.grad_clip, 0.0, 1e6)
+        _check_range("seed", self.seed, 0, 2**32 - 1)  # numpy's and scikit-learn's seeds are 32-bit
         _check_choice("scheduler", self.scheduler, ("plateau", "cosine", "onecycle"))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise AudioclfError(f"Unsupported device={self.device!r}; choose auto, cpu, cuda or cuda:N")
@@ -207,6 +227,12 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str = "default"
+
+    def __post_init__(self):
+        # a float setting without a range check (or added later) must still never be NaN or infinite
+        for section in (getattr(self, name) for name in _SECTION_NAMES):
+            for f in dataclasses.fields(section):
+                _check_range(f.name, getattr(section, f.name))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -226,6 +252,8 @@ class RunConfig:
     def save_yaml(self, path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
+
+_SECTION_NAMES = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name != "preset")
 
 # How audioclf behaved before each of these settings existed (see RunConfig.from_saved)
 _BEFORE_THE_SETTING = {
@@ -309,30 +337,55 @@ def load_yaml(path) -> dict:
     if d is not None and not isinstance(d, dict):
         raise AudioclfError(f"config file {path} must hold a mapping of sections (data:, train:, ...), "
                             f"not a {type(d).__name__}")
-    return d or {}
+    d = d or {}
+    # checked here, not in from_dict: merging the flags' sections over a list would silently replace it
+    for key, value in list(d.items()):
+        if key in _SECTION_NAMES and value is None:
+            del d[key]  # "train:" with nothing under it
+        elif key in _SECTION_NAMES and not isinstance(value, dict):
+            raise AudioclfError(f"config file {path}: section {key}: must be a mapping of settings "
+                                f"(key: value lines), not {value!r}")
+    return d
 
 
-def resolve(preset: str = "default", yaml_path=None, overrides: Optional[dict] = None) -> RunConfig:
+def resolve(preset: Optional[str] = "default", yaml_path=None, overrides: Optional[dict] = None,
+            base: Optional[dict] = None) -> RunConfig:
     """Defaults < the backbone's front end and recipe < preset < YAML file < explicit overrides (flags).
 
-    A pretrained backbone's front end is not negotiable: a preset, YAML key or flag that changes it is
-    refused, unless ``model.pretrained`` is ``none`` (then the backbone trains from scratch on any front end).
+    A ``base`` (the saved config of a run, for --resume) replaces the first three; ``preset=None`` then
+    keeps the base's preset. A pretrained backbone's front end is not negotiable: a preset, YAML key or
+    flag that changes it is refused, unless ``model.pretrained`` is ``none`` (then the backbone trains
+    from scratch on any front end).
     """
-    if preset not in PRESETS:
-        raise AudioclfError(f"Unknown preset={preset!r}; choose one of {', '.join(PRESETS)}")
-    user = merge(PRESETS[preset], load_yaml(yaml_path) if yaml_path else {})
-    user = merge(user, overrides or {})
-    model = user.get("model") if isinstance(user.get("model"), dict) else {}
+    user = merge(load_yaml(yaml_path) if yaml_path else {}, overrides or {})
+    if base is None:
+        preset = preset or "default"
+        if preset not in PRESETS:
+            raise AudioclfError(f"Unknown preset={preset!r}; choose one of {', '.join(PRESETS)}")
+        user = merge(PRESETS[preset], user)
+        model = user.get("model")
+        name = model.get("backbone", DEFAULT_BACKBONE) if isinstance(model, dict) else DEFAULT_BACKBONE
+        _check_choice("backbone", name, BACKBONE_NAMES)
+        b = BACKBONES[name]
+        base = merge(RunConfig().to_dict(), merge({"features": dict(b.front_end)}, b.recipe))
+    d = merge(base, user)
+    if preset is not None:
+        d["preset"] = preset
+    _check_front_end(d)
+    return RunConfig.from_dict(d)
+
+
+def _check_front_end(d: dict) -> None:
+    model, feats = d.get("model"), d.get("features")
+    if not isinstance(model, dict) or not isinstance(feats, dict) or model.get("pretrained") == "none":
+        return  # a wrong type is reported by from_dict; from scratch, any front end goes
     name = model.get("backbone", DEFAULT_BACKBONE)
     _check_choice("backbone", name, BACKBONE_NAMES)
-    b = BACKBONES[name]
-    d = merge(merge(RunConfig().to_dict(), merge({"features": dict(b.front_end)}, b.recipe)), user)
-    d["preset"] = preset
-    feats = d["features"] if isinstance(d.get("features"), dict) else {}
-    clash = [k for k, v in b.front_end.items() if feats.get(k) != v]
-    if clash and isinstance(d.get("model"), dict) and d["model"].get("pretrained") != "none":
+    front_end = BACKBONES[name].front_end
+    clash = [k for k, v in front_end.items() if feats.get(k) != v]
+    if clash:
         raise AudioclfError(
             f"{', '.join(f'features.{k}={feats.get(k)!r}' for k in clash)} contradicts the front end "
-            f"backbone={name!r} was pretrained with ({', '.join(f'{k}={b.front_end[k]!r}' for k in clash)}); "
+            f"backbone={name!r} was pretrained with ({', '.join(f'{k}={front_end[k]!r}' for k in clash)}); "
             f"drop the setting, or train from scratch with --pretrained none")
     return RunConfig.from_dict(d)

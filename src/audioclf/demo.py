@@ -86,7 +86,7 @@ def run_demo(out="runs/demo", quiet: bool = False) -> dict:
     test_dir = make_synthetic_dataset(out / "test", n_per_class=10, seed=1)  # other random draws: unseen clips
     log.info("synthetic dataset: %s (%d classes), held-out test clips: %s", data_dir, len(SYNTH_CLASSES), test_dir)
     config = demo_config(data_dir, quiet)
-    summary = fit(config, out / "run")
+    summary = fit(config, out / "run", overwrite=True)  # a rerun of the demo replaces its earlier run
     metrics = evaluate(out / "run", replace(config.data, root=str(test_dir)), out_dir=out / "run" / "eval", quiet=quiet)
     print(metrics["report"])
     print(f"\nrun directory: {out / 'run'} (config.yaml, metrics.csv, curves.png, best.pt)\n"

@@ -21,6 +21,24 @@ from .predict import load
 
 log = logging.getLogger(__name__)
 
+# what evaluate writes into its output folder (MODEL_DIR/eval by default)
+EVAL_FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "report.txt")
+
+
+def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Macro-averaged F1 over the classes that occur among the true labels or the predictions.
+
+    audioclf's one macro-F1: training's validation and test figures and ``audioclf evaluate`` all use it.
+    A class that is neither in the data nor predicted is left out (it would count 0 and say nothing about
+    the model); a class predicted but absent from the data scores 0. scikit-learn's convention, with
+    ``zero_division=0``.
+    """
+    from sklearn.metrics import f1_score
+
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    present = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
+    return float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
+
 
 def classification_metrics(y_true: Sequence[int], probs: np.ndarray, labels: Sequence[str]) -> dict:
     """Accuracy, macro-F1, top-3 accuracy, per-class precision/recall/F1/support and the confusion matrix.
@@ -30,10 +48,10 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, labels: Seq
         probs (np.ndarray): ``(clips, len(labels))`` predicted probabilities.
         labels (sequence of str): the model's class names.
 
-    Per-class figures, the confusion matrix and macro-F1 cover the classes that occur in ``y_true`` or
-    among the predictions (scikit-learn's convention), listed under ``labels`` in matrix order.
+    Per-class figures, the confusion matrix and macro-F1 (:func:`macro_f1`) cover the classes that occur
+    in ``y_true`` or among the predictions (scikit-learn's convention), listed under ``labels`` in matrix order.
     """
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
     y_true, probs = np.asarray(y_true), np.asarray(probs)
     y_pred = probs.argmax(axis=1)
@@ -43,7 +61,7 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, labels: Seq
     top3 = (np.argsort(-probs, axis=1)[:, :3] == y_true[:, None]).any(axis=1).mean()
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "macro_f1": macro_f1(y_true, y_pred),
         "top3_accuracy": float(top3),
         "n_clips": int(len(y_true)),
         "per_class": {labels[c]: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}

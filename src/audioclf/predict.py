@@ -346,10 +346,7 @@ class Classifier:
             raise AudioclfError(f"window_s={window_s!r} is out of range: it must be in (0, 3600] seconds")
         if hop_s is not None and not 0 < hop_s:
             raise AudioclfError(f"hop_s={hop_s!r} is out of range: it must be > 0 seconds")
-        window = int(round(window_s * f.sample_rate))
-        if window <= f.n_fft // 2:
-            raise AudioclfError(f"window_s={window_s!r} is too short: the STFT needs more than "
-                                f"n_fft/2={f.n_fft // 2} samples ({f.n_fft / 2 / f.sample_rate:.3f} s)")
+        window = f.window_samples(window_s)
         # the default hop is the one the training cache used: the same windows in both
         return window, default_hop(window) if hop_s is None else max(1, int(round(hop_s * f.sample_rate)))
 

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -27,10 +28,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .augment import SpecAugment, mixup
+from .backbones import BACKBONES
 from .checkpoint import atomic_path, inference_state, load_checkpoint, save_checkpoint
 from .config import AudioclfError, RunConfig
 from .data import FeatureBank, load_clips, split_clips
-from .backbones import BACKBONES
+from .evaluate import EVAL_FILES, macro_f1
 from .model import AudioResNet, amp_dtype, build_model, resolve_device
 
 log = logging.getLogger(__name__)
@@ -83,12 +85,6 @@ def make_scheduler(opt: torch.optim.Optimizer, config: RunConfig, steps_per_epoc
     return torch.optim.lr_scheduler.LambdaLR(opt, cosine), True
 
 
-def macro_f1(pred: torch.Tensor, true: torch.Tensor, n_classes: int) -> float:
-    from sklearn.metrics import f1_score
-
-    return float(f1_score(true.numpy(), pred.numpy(), labels=list(range(n_classes)), average="macro", zero_division=0))
-
-
 @torch.no_grad()
 def predict_bank(model: torch.nn.Module, bank: FeatureBank, idx: torch.Tensor, device, batch_size: int,
                  autocast) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +109,7 @@ def validate(model, bank: FeatureBank, idx: torch.Tensor, device, batch_size: in
         logits, labels = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
     pred = logits.argmax(1)
     return {"val_loss": F.cross_entropy(logits, labels).item(), "val_acc": (pred == labels).float().mean().item(),
-            "val_f1": macro_f1(pred, labels, logits.shape[1]), "logits": logits, "labels": labels}
+            "val_f1": macro_f1(labels.numpy(), pred.numpy()), "logits": logits, "labels": labels}
 
 
 def plot_curves(metrics_csv: Path, out_png: Path) -> None:
@@ -153,20 +149,34 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
 
 # ------------------------------------------------------------------------------------------- fit
 
-def fit(config: RunConfig, out_dir, resume: bool = False) -> dict:
+def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = False) -> dict:
     """Train a classifier as ``config`` says; write everything to ``out_dir``; return a summary dict
-    (best_val_loss, best_epoch, epochs_run, stopped_early, pretrained, and test metrics with a test fold)."""
+    (best_val_loss, best_epoch, epochs_run, stopped_early, pretrained, and test metrics with a test fold).
+
+    ``out_dir`` is locked while the run lasts: a second training into it is refused. A directory that
+    holds an earlier run is refused unless ``resume`` (continue it: only the settings in ``_RESUMABLE``
+    may differ from its ``last.pt``) or ``overwrite`` (remove its outputs first).
+    """
     out = Path(out_dir)
+    if _dist_info()[0] != 0:  # rank 0 owns the run directory
+        return _fit(config, out, resume)
+    _check_out_dir(out)
+    with _run_dir_lock(out):
+        _clear_earlier_run(out, resume, overwrite)
+        return _fit(config, out, resume)
+
+
+def _fit(config: RunConfig, out: Path, resume: bool) -> dict:
     rank, local_rank, world = _dist_info()
     master = rank == 0
 
-    # --- resume: the checkpoint's config wins over flags, so the run continues as it started
+    # --- resume: the checkpoint's config wins, so the run continues as it started; only run-only settings change
     ckpt = None
     if resume:
         if not (out / "last.pt").is_file():
             raise AudioclfError(f"--resume: {out / 'last.pt'} does not exist; start a new run without --resume")
         ckpt = load_checkpoint(out / "last.pt")
-        config = RunConfig.from_saved(ckpt["config"])
+        config = _resumed_config(RunConfig.from_saved(ckpt["config"]), config, out)
     t = config.train
 
     # --- devices and processes
@@ -184,10 +194,15 @@ def fit(config: RunConfig, out_dir, resume: bool = False) -> dict:
     if master:
         out.mkdir(parents=True, exist_ok=True)
         handler = _log_to_file(out / "train.log")
+    restore_kernels = _deterministic_kernels(t.deterministic)
 
     try:
         # --- data: clips -> cached log-mels (rank 0 builds the cache, the others read it) -> split
         clipset = load_clips(config.data)
+        if ckpt is not None and clipset.classes != list(ckpt["labels"]):
+            raise AudioclfError(f"--resume: {config.data.root} now has the classes {', '.join(clipset.classes)}; the run in "
+                                f"{out} was trained on {', '.join(ckpt['labels'])}. Resume needs the same classes: start "
+                                f"a new run (another --out, or --overwrite) to train on these")
         build = lambda: FeatureBank.build(clipset, config.features, cache_dir=config.data.cache_dir,  # noqa: E731
                                           device=device, num_workers=config.data.num_workers,
                                           strict=config.data.strict, quiet=quiet)
@@ -214,7 +229,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False) -> dict:
         n_classes = len(clipset.classes)
 
         # --- model: ImageNet or scratch recipe, normalisation fitted on the training clips only
-        torch.manual_seed(t.seed)  # the network's initial weights depend on the seed alone, not on what ran before
+        torch.manual_seed(t.seed)  # init from the seed alone: a cold cache build above drew from the global RNG
         model, pretrained = build_model(config.model, n_classes, config.features.n_mels)
         if t.lr is None:
             t = replace(t, lr=LR_PRETRAINED if pretrained else LR_SCRATCH)
@@ -301,7 +316,12 @@ def fit(config: RunConfig, out_dir, resume: bool = False) -> dict:
                 opt.zero_grad(set_to_none=True)
                 if per_batch:
                     scheduler.step()
-                loss_sum += loss.item() * len(y)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise AudioclfError(f"training loss is {loss_value} at epoch {epoch}, batch {i // t.batch_size + 1}: "
+                                        f"the model diverged. Lower the learning rate (lr={t.lr:.3g}), "
+                                        f"set train.grad_clip, or check the data for NaN/Inf")
+                loss_sum += loss_value * len(y)
                 correct += (logits.argmax(1) == y).sum().item()
                 seen += len(y)
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
@@ -310,6 +330,9 @@ def fit(config: RunConfig, out_dir, resume: bool = False) -> dict:
 
             # --- validate
             v = validate(ddp, bank, val_idx, device, t.batch_size * 2, autocast, rank, world)
+            if not math.isfinite(v["val_loss"]):
+                raise AudioclfError(f"validation loss is {v['val_loss']} at epoch {epoch}: the model diverged. "
+                                    f"Lower the learning rate (lr={t.lr:.3g}) or set train.grad_clip")
             lr = opt.param_groups[0]["lr"]
             if not per_batch:
                 scheduler.step(v["val_loss"])
@@ -357,7 +380,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False) -> dict:
             test_idx = bank.indices(splits["test"])
             logits, labels = predict_bank(model, bank, test_idx, device, t.batch_size * 2, autocast)
             pred = logits.argmax(1)
-            summary.update(test_acc=(pred == labels).float().mean().item(), test_f1=macro_f1(pred, labels, n_classes),
+            summary.update(test_acc=(pred == labels).float().mean().item(), test_f1=macro_f1(labels.numpy(), pred.numpy()),
                            test_n=len(labels))
             if master:
                 _write_test(out, logits, labels, [bank.clips[i].path for i in test_idx.tolist()], clipset.classes)
@@ -371,6 +394,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False) -> dict:
         log.warning("interrupted: %s holds the last completed epoch; continue with --resume", out / "last.pt")
         raise
     finally:
+        restore_kernels()
         if handler is not None:
             logging.getLogger("audioclf").removeHandler(handler)
             handler.close()
@@ -390,7 +414,7 @@ def _write_test(out: Path, logits: torch.Tensor, labels: torch.Tensor, paths: li
 
     cm = confusion_matrix(labels.numpy(), pred.numpy(), labels=list(range(len(classes))))
     (out / "test_metrics.json").write_text(json.dumps({
-        "accuracy": (pred == labels).float().mean().item(), "macro_f1": macro_f1(pred, labels, len(classes)),
+        "accuracy": (pred == labels).float().mean().item(), "macro_f1": macro_f1(labels.numpy(), pred.numpy()),
         "n_clips": len(labels), "labels": classes, "confusion_matrix": cm.tolist()}, indent=1))
 
 
@@ -421,6 +445,157 @@ def _log_to_file(path: Path) -> logging.Handler:
     return h
 
 
+def _deterministic_kernels(enabled: bool):
+    """Switch to deterministic kernels when ``enabled``; return a callable that restores the previous
+    settings, so a library caller's process is left as it was."""
+    if not enabled:
+        return lambda: None
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    # cuBLAS sums reproducibly only with a fixed workspace; read when CUDA first runs a matmul
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # warn_only: an op without a deterministic kernel (CUDA's adaptive pooling backward) warns, not stops
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+    def restore():
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+
+    return restore
+
+
+# ------------------------------------------------------------------------------------------- run directory
+
+LOCK_FILE = ".audioclf.lock"
+# what a training writes into its run directory; --overwrite removes these (and earlier evaluations and
+# exports of the old model) and nothing else
+RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "summary.json", "test_metrics.json", "test_predictions.csv",
+             "config.yaml", "labels.json", "curves.png", "skipped.csv", "train.log")
+_EARLIER_RUN = ("best.pt", "last.pt", "metrics.csv", "summary.json", "test_metrics.json")  # worth keeping
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse an --out that cannot become a run directory before any work starts."""
+    if out.exists() and not out.is_dir():
+        raise AudioclfError(f"--out {out} is a file; name a folder for the run")
+    existing = out
+    while not existing.exists():  # the nearest existing folder above: where the run directory will be made
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AudioclfError(f"--out {out} lies under {existing}, which is a file; name a folder for the run")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise AudioclfError(f"--out {out}: {existing} is not writable; name a folder you can write to")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AudioclfError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+
+
+@contextmanager
+def _run_dir_lock(out: Path):
+    """Hold an exclusive lock on ``out`` (``LOCK_FILE``, with this pid) while the block runs.
+
+    A second training into the same folder is refused with the first one's pid. The kernel drops the
+    lock when its process dies, so a killed run leaves no stale lock behind.
+    """
+    import fcntl
+
+    path = out / LOCK_FILE
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise AudioclfError(f"--out {out}: cannot write there ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise AudioclfError(f"{out} is in use by another training (pid {pid}); wait for it to finish "
+                                f"or choose another --out") from None
+        try:  # the holder before us may have removed the file between our open and our lock
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the unlock: a waiting run then locks a fresh file
+        os.close(fd)
+
+
+def _clear_earlier_run(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix a new run with an earlier one in ``out``; with ``overwrite``, remove the earlier outputs."""
+    if resume and overwrite:
+        raise AudioclfError(f"--resume continues the run in {out} and --overwrite replaces it: give one of them")
+    earlier = [name for name in _EARLIER_RUN if (out / name).exists()]
+    if resume or not earlier:
+        return
+    if not overwrite:
+        raise AudioclfError(f"{out} holds an earlier run ({', '.join(earlier)}); continue it with --resume, "
+                            f"replace it with --overwrite, or choose another --out")
+    from .export import CONFIG_FILE, ONNX_FILE, SAFETENSORS_FILE
+
+    old = [out / name for name in RUN_FILES] + [out / "eval" / name for name in EVAL_FILES]
+    if (out / SAFETENSORS_FILE).exists() or (out / ONNX_FILE).exists():  # an export of the old model
+        old += [out / SAFETENSORS_FILE, out / ONNX_FILE, out / CONFIG_FILE]
+    removed = [p for p in old if p.is_file()]
+    for p in removed:
+        p.unlink()
+    if (out / "eval").is_dir() and not any((out / "eval").iterdir()):
+        (out / "eval").rmdir()
+    log.info("--overwrite: removed %d file(s) of the earlier run in %s", len(removed), out)
+
+
+# settings that change where or how loudly a run goes, not what it learns
+_RUN_ONLY = {("train", "quiet"), ("train", "device"), ("train", "deterministic"), ("data", "num_workers"),
+             ("data", "cache_dir")}
+# what --resume may change: the run-only settings, and how many epochs it lasts
+_RESUMABLE = _RUN_ONLY | {("train", "epochs")}
+
+
+def _config_diff(was: dict, now: dict) -> list[tuple[str, str, object, object]]:
+    """(section, key, value in ``was``, value in ``now``) of each setting that differs."""
+    return [(sec, key, was[sec][key], val) for sec, d in now.items() if isinstance(d, dict)
+            for key, val in d.items() if was[sec][key] != val]
+
+
+def _resumed_config(saved: RunConfig, requested: RunConfig, out: Path) -> RunConfig:
+    """``saved`` (the config in last.pt) with the ``_RESUMABLE`` settings of ``requested``; any other
+    difference is refused, since the run would no longer continue as it started. A requested value that
+    training resolves (lr None, pretrained "auto") matches what the saved run resolved it to."""
+    def unresolved(sec, key, val):
+        return (sec, key) in {("train", "lr"), ("model", "pretrained")} and val in (None, "auto")
+
+    def same_path(a, b):
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+    applied, refused = {}, []
+    if requested.preset != saved.preset:
+        refused.append(f"preset: {saved.preset!r} there, {requested.preset!r} now")
+    for sec, key, old, new in _config_diff(saved.to_dict(), requested.to_dict()):
+        if unresolved(sec, key, new) or ((sec, key) == ("data", "root") and same_path(old, new)):
+            continue
+        if (sec, key) == ("train", "epochs") and saved.train.scheduler == "onecycle":
+            refused.append(f"train.epochs: {old!r} there, {new!r} now (the onecycle schedule's length is fixed "
+                           f"when a run starts)")
+        elif (sec, key) in _RESUMABLE:
+            applied.setdefault(sec, {})[key] = new
+            log.info("resume: %s.%s=%r (was %r)", sec, key, new, old)
+        else:
+            refused.append(f"{sec}.{key}: {old!r} there, {new!r} now")
+    if refused:
+        allowed = ", ".join(key for _, key in sorted(_RESUMABLE))
+        raise AudioclfError(f"--resume continues the run in {out} as it started, but {'; '.join(refused)}. Only "
+                            f"{allowed} may change on resume; start a new run (another --out, or --overwrite) for the rest")
+    return replace(saved, **{sec: replace(getattr(saved, sec), **kv) for sec, kv in applied.items()})
+
+
 # ------------------------------------------------------------------------------------------- cross-validation
 
 def cross_validate(config: RunConfig, out_dir, folds: Optional[list[int]] = None, n_folds: int = 5) -> dict:
@@ -432,7 +607,7 @@ def cross_validate(config: RunConfig, out_dir, folds: Optional[list[int]] = None
     Writes ``cv_summary.json``, ``cv_summary.md`` and ``confusion_matrix.png`` (summed over folds).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out_dir(out)
     clipset = load_clips(config.data)
     if any(c.fold is None for c in clipset.clips):
         config = replace(config, data=replace(config.data, root=str(_write_folds(clipset, out / "folds.csv", n_folds, config.train.seed)),
@@ -454,7 +629,7 @@ def cross_validate(config: RunConfig, out_dir, folds: Optional[list[int]] = None
             log.info("fold %d already done (%s); reusing it", k, run / "summary.json")
         else:
             t0 = time.perf_counter()
-            s = fit(fold_config, run)
+            s = fit(fold_config, run, overwrite=True)  # an unfinished fold starts again, as it always has
             s["train_s"] = time.perf_counter() - t0
             s["requested_config"] = fold_config.to_dict()
             (run / "summary.json").write_text(json.dumps(s, indent=1))
@@ -488,19 +663,14 @@ def cross_validate(config: RunConfig, out_dir, folds: Optional[list[int]] = None
     return summary
 
 
-# settings that change where or how loudly a run goes, not what it learns
-_RUN_ONLY = {("train", "quiet"), ("train", "device"), ("data", "num_workers"), ("data", "cache_dir")}
-
-
 def _check_same_recipe(saved: Optional[dict], config: RunConfig, run: Path) -> None:
     """Refuse to reuse a finished fold that was trained with other settings than ``config``."""
     if saved is None:
         log.warning("%s predates recipe records: reusing it without checking its settings", run)
         return
     now, saved = config.to_dict(), RunConfig.from_saved(saved).to_dict()  # settings added since: as before them
-    diff = [f"{sec}.{key}: {saved[sec][key]!r} there, {val!r} now"
-            for sec, d in now.items() if isinstance(d, dict) for key, val in d.items()
-            if (sec, key) not in _RUN_ONLY and saved[sec][key] != val]
+    diff = [f"{sec}.{key}: {old!r} there, {new!r} now" for sec, key, old, new in _config_diff(saved, now)
+            if (sec, key) not in _RUN_ONLY]
     if diff:
         raise AudioclfError(f"{run} is a finished fold of a different recipe ({'; '.join(diff[:4])}); "
                             f"use another --out, or delete {run} to retrain it")
