@@ -76,4 +76,6 @@ BACKBONES: dict[str, Backbone] = {
        for name, (width, file) in _MN_SIZES.items()},
 }
 BACKBONE_NAMES = tuple(BACKBONES)
-DEFAULT_BACKBONE = "resnet18"
+# What `audioclf train` uses (the "default" preset): the best by cross-validation whose weights anyone can
+# download (README, "Results"). ModelConfig's own default stays the seed's network.
+DEFAULT_BACKBONE = "mn04_as"

@@ -140,7 +140,9 @@ class AugmentConfig:
 @dataclass
 class ModelConfig:
     # the network; it brings its own front end and fine-tuning recipe (backbones.py, `audioclf backbones`)
-    backbone: Literal["resnet18", "mn04_as", "mn05_as", "mn10_as", "mn20_as", "mn30_as", "mn40_as"] = DEFAULT_BACKBONE
+    # (the dataclass default is the seed's network; the "default" preset, what the CLI runs, picks
+    # backbones.DEFAULT_BACKBONE)
+    backbone: Literal["resnet18", "mn04_as", "mn05_as", "mn10_as", "mn20_as", "mn30_as", "mn40_as"] = "resnet18"
     # "auto": the backbone's pretrained weights when they can be had (--weights, torch hub cache or download),
     # else from scratch; after training it records what was used ("imagenet", "audioset" or "none").
     pretrained: Literal["auto", "imagenet", "audioset", "none"] = "auto"
@@ -265,7 +267,7 @@ _BEFORE_THE_SETTING = {
 
 # Named recipes: overrides applied on top of the defaults, before a YAML file and flags.
 PRESETS: dict[str, dict] = {
-    "default": {},
+    "default": {"model": {"backbone": DEFAULT_BACKBONE}},
     # The seed notebook: plateau schedule, lr 1e-4, batch 16, 25 epochs, patience 5, one mask of each kind.
     "seed": {
         "features": {"peak_normalize": False, "mel_gain": 1.0},
@@ -274,7 +276,7 @@ PRESETS: dict[str, dict] = {
         "augment": {"freq_mask_width": 15, "time_mask_width": 25, "n_freq_masks": 1, "n_time_masks": 1,
                     "time_mask_fraction": 1.0, "time_shift": 0.0, "time_stretch": 0.0, "freq_shift": 0,
                     "mixup_alpha": 0.0, "gain_db": 0.0},
-        "model": {"dropout": 0.0},
+        "model": {"backbone": "resnet18", "dropout": 0.0},
     },
 }
 
@@ -364,7 +366,7 @@ def resolve(preset: Optional[str] = "default", yaml_path=None, overrides: Option
             raise AudioclfError(f"Unknown preset={preset!r}; choose one of {', '.join(PRESETS)}")
         user = merge(PRESETS[preset], user)
         model = user.get("model")
-        name = model.get("backbone", DEFAULT_BACKBONE) if isinstance(model, dict) else DEFAULT_BACKBONE
+        name = model.get("backbone", ModelConfig.backbone) if isinstance(model, dict) else ModelConfig.backbone
         _check_choice("backbone", name, BACKBONE_NAMES)
         b = BACKBONES[name]
         base = merge(RunConfig().to_dict(), merge({"features": dict(b.front_end)}, b.recipe))
@@ -379,7 +381,7 @@ def _check_front_end(d: dict) -> None:
     model, feats = d.get("model"), d.get("features")
     if not isinstance(model, dict) or not isinstance(feats, dict) or model.get("pretrained") == "none":
         return  # a wrong type is reported by from_dict; from scratch, any front end goes
-    name = model.get("backbone", DEFAULT_BACKBONE)
+    name = model.get("backbone", ModelConfig.backbone)
     _check_choice("backbone", name, BACKBONE_NAMES)
     front_end = BACKBONES[name].front_end
     clash = [k for k, v in front_end.items() if feats.get(k) != v]

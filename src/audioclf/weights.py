@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 import urllib.error
 from pathlib import Path
 from typing import Optional
@@ -46,10 +47,16 @@ def _check_hash(path: Path, backbone: Backbone) -> None:
                             f"download {backbone.weights_url} again")
 
 
-def _download(url: str, dest: Path) -> None:
-    # torch's downloader: a progress bar, a temp file moved into place only when complete
+def _download(url: str, dest: Path, timeout_s: float = 60.0) -> None:
+    # torch's downloader: a progress bar, a temp file moved into place only when complete. It takes no
+    # timeout, and a network that drops packets would otherwise hang a training run forever.
     dest.parent.mkdir(parents=True, exist_ok=True)
-    torch.hub.download_url_to_file(url, str(dest), progress=True)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)
+    try:
+        torch.hub.download_url_to_file(url, str(dest), progress=True)
+    finally:
+        socket.setdefaulttimeout(old)
 
 
 def weights_file(name: str, weights_path: Optional[str] = None, download: bool = True) -> Path:
