@@ -139,7 +139,9 @@ def cmd_predict(args) -> int:
 def cmd_serve(args) -> int:
     from .serve import serve
 
-    serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, device=args.device)
+    limits = {k: getattr(args, k) for k in ("max_upload_mb", "max_audio_s", "max_windows", "timeout_s", "cors_origin")}
+    serve(args.model, host=args.host, port=args.port, device=args.device,
+          **{k: v for k, v in limits.items() if v is not None})
     return 0
 
 
@@ -200,8 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-upload-mb", type=float, default=50.0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--max-upload-mb", type=float, help="largest upload in MiB, else 413 (default 50)")
+    p.add_argument("--max-audio-s", type=float, help="longest decoded audio in s, else 413 (default 600)")
+    p.add_argument("--max-windows", type=int, help="most sliding windows per request, else 422 (default 2000)")
+    p.add_argument("--timeout-s", type=float, help="seconds a client may stall: headers, body, idle (default 10)")
+    p.add_argument("--cors-origin", help="let pages from this one origin call the API (default: none)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export to ONNX or safetensors")

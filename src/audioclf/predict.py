@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 CROP_SLACK = 0.1
 
 
+class LimitError(AudioclfError):
+    """An input passed a limit its caller set (``max_duration_s``, ``max_windows``): the server answers 413."""
+
+
 # ---------------------------------------------------------------------------------------------- windows
 
 def sliding_windows(blocks: Iterable[np.ndarray], window: int, hop: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -64,6 +68,30 @@ def sliding_windows(blocks: Iterable[np.ndarray], window: int, hop: int) -> Iter
         yield 0, fix_length(buf, window)
     elif covered < total:
         yield total - window, buf[len(buf) - window:]
+
+
+def count_windows(n_samples: int, window: int, hop: int) -> int:
+    """How many windows :func:`prepare` gives a recording of ``n_samples`` samples, without decoding it."""
+    if n_samples <= window * (1 + CROP_SLACK):
+        return 1
+    regular = (n_samples - window) // hop + 1
+    return regular + ((regular - 1) * hop + window < n_samples)  # the end-aligned last window
+
+
+def _limited(windows: Iterable[tuple[int, np.ndarray]], name: str, window: int, sample_rate: int,
+             max_duration_s: Optional[float], max_windows: Optional[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """``windows``, stopped with a LimitError as soon as they pass ``max_windows`` or reach past
+    ``max_duration_s``: counted as the audio decodes, so a file whose header understates its length is
+    stopped one decoding block past the limit."""
+    max_end = None if max_duration_s is None else int(max_duration_s * sample_rate)
+    for n, (start, w) in enumerate(windows, 1):
+        if max_windows is not None and n > max_windows:
+            raise LimitError(f"{name}: more than max_windows={max_windows} windows; use a longer hop_s or "
+                             f"window_s, or a shorter file")
+        # a window starting past 0 is all decoded audio; the first one may be zero padding
+        if max_end is not None and start > 0 and start + window > max_end:
+            raise LimitError(f"{name}: longer than the limit of {max_duration_s:g} s of audio")
+        yield start, w
 
 
 class _FileWindows:
@@ -229,12 +257,38 @@ class Classifier:
         Raises:
             AudioclfError: naming the file, when it cannot be read.
         """
+        *_, result = self.classify_steps(audio, sample_rate, window_s=window_s, hop_s=hop_s, timeline=timeline,
+                                         top_k=top_k)
+        return result
+
+    def classify_steps(self, audio, sample_rate: Optional[int] = None, *, window_s: Optional[float] = None,
+                       hop_s: Optional[float] = None, timeline: bool = False, top_k: int = 3,
+                       batch_size: Optional[int] = None, max_duration_s: Optional[float] = None,
+                       max_windows: Optional[int] = None) -> Iterator[Optional[dict]]:
+        """:meth:`classify`, one forward pass at a time: yields ``None`` after each batch of windows, then
+        the result. Between two steps a caller can let other work use the model (take a lock per step) or
+        stop iterating (cancel); memory holds one batch.
+
+        Args:
+            batch_size (int, optional): windows per step. (Default: the Classifier's)
+            max_duration_s (float, optional): refuse (LimitError) audio longer than this many seconds,
+                counted as it decodes. (Default: no limit)
+            max_windows (int, optional): refuse (LimitError) more windows than this. (Default: no limit)
+
+        The other arguments, and the result, are :meth:`classify`'s.
+        """
         window, hop = self._window(window_s, hop_s)
         self._check_top_k(top_k)
-        (source,) = self._run([prepare(audio, sample_rate, self.config.features, window, hop)])
+        source = prepare(audio, sample_rate, self.config.features, window, hop)
+        if max_duration_s is not None or max_windows is not None:
+            source.windows = _limited(source.windows, source.name, window, self.config.features.sample_rate,
+                                      max_duration_s, max_windows)
+        for done in self._run([source], batch_size, steps=True):
+            if done is None:
+                yield None
         if source.error is not None:
             raise source.error
-        return self._summarise(source, window, timeline, top_k)
+        yield self._summarise(source, window, timeline, top_k)
 
     def classify_files(self, paths: Sequence, *, window_s: Optional[float] = None, hop_s: Optional[float] = None,
                        timeline: bool = False, top_k: int = 3, num_workers: Optional[int] = None,
@@ -259,9 +313,12 @@ class Classifier:
 
     # -- the one inference path
 
-    def _run(self, sources: Iterable[_Source]) -> Iterator[_Source]:
+    def _run(self, sources: Iterable[_Source], batch_size: Optional[int] = None,
+             steps: bool = False) -> Iterator[Optional[_Source]]:
         """Push every window of every source through the model, ``batch_size`` windows per forward pass
-        whatever source they come from; yield each source, in input order, once all its windows are done."""
+        whatever source they come from; yield each source, in input order, once all its windows are done,
+        and with ``steps`` also ``None`` after each forward pass."""
+        batch_size = batch_size or self.batch_size
         pending: deque[_Source] = deque()
         batch: list[tuple[_Source, int, np.ndarray]] = []
         for source in sources:
@@ -279,8 +336,10 @@ class Classifier:
                 if item is None:
                     break
                 batch.append((source, *item))
-                if len(batch) == self.batch_size:
+                if len(batch) == batch_size:
                     self._forward(batch)
+                    if steps:
+                        yield None
                     # the batch is empty now: every source but the current one has all its windows done
                     while len(pending) > 1:
                         yield pending.popleft()
