@@ -1,16 +1,19 @@
 """Accuracy on real data by cross-validation, with training time and epochs per fold.
 
-    python benchmarks/accuracy.py                 # everything below (about 45 min on 2 CPU cores with native bf16)
+    python benchmarks/accuracy.py --only esc50 --backbones mn04_as     # the headline: ESC-50, 4 folds
+    python benchmarks/accuracy.py --only esc10 --backbones resnet18 --recipes default seed
     python benchmarks/accuracy.py --quick         # 2 folds / 2 speakers, fewer epochs: a smoke check
-    python benchmarks/accuracy.py --only esc10 --recipes default seed
     python benchmarks/accuracy.py --json
 
 Runs (each one is ``audioclf cv``; a fold already finished under --out is reused, so an interrupted
-benchmark continues where it stopped):
-- ESC-10 (../shared/data/esc50, folds 1-4): 4-fold CV from scratch with the default recipe, the seed preset,
-  and with ImageNet weights when $TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth exists.
+benchmark continues where it stopped), for each backbone of --backbones:
+- ESC-50 (../shared/data/esc50, folds 1-4, 50 classes): 4-fold CV.
+- ESC-10 (the same folds, 10 classes): 4-fold CV; for resnet18 also the recipes of --recipes (ablations).
 - FSDD (../shared/data/fsdd): speaker-independent CV, each of the six speakers in turn held out as the test
   fold; validation clips come from the five training speakers.
+resnet18 trains from scratch (ImageNet weights cannot be had here; the ``imagenet`` recipe runs when
+$TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth exists). The MobileNets fine-tune their AudioSet
+weights: --weights, else ../shared/weights/<official file>, else the torch hub cache or a download.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ import sys
 import time
 from pathlib import Path
 
+from audioclf.backbones import BACKBONE_NAMES, BACKBONES
 from audioclf.config import resolve
 from audioclf.model import imagenet_cache_path
 from audioclf.train import cross_validate
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_WEIGHTS = SHARED.parent / "weights"
 FSDD_SPEAKERS = ["george", "jackson", "lucas", "nicolas", "theo", "yweweler"]
 
 
@@ -77,6 +82,14 @@ FSDD_RECIPES = {"default": {}, "e10": {"train": {"epochs": 10}}, "freq-shift": {
                 "gain-cmn": {"features": {"mel_gain": 1e4}, "model": {"normalization": "clip"}}}
 
 
+def backbone_overrides(backbone: str, weights) -> dict:
+    """model settings for ``backbone``: resnet18 from scratch, a MobileNet on its AudioSet weights."""
+    if backbone == "resnet18":
+        return {"backbone": backbone, "pretrained": "none"}
+    local = Path(weights) if weights else SHARED_WEIGHTS / BACKBONES[backbone].weights_file
+    return {"backbone": backbone, "pretrained": "audioset", **({"weights_path": str(local)} if local.is_file() else {})}
+
+
 def run(name: str, data: dict, overrides: dict, out: Path, folds, preset: str = "default") -> dict:
     cfg = resolve(preset, overrides={"data": data, **overrides})
     t0 = time.perf_counter()
@@ -89,15 +102,18 @@ def run(name: str, data: dict, overrides: dict, out: Path, folds, preset: str = 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2 folds, at most 8 epochs: minutes, not an hour")
-    p.add_argument("--only", choices=["esc10", "fsdd"], help="run one dataset")
-    p.add_argument("--recipes", nargs="+", default=["default", "seed", "imagenet"], choices=list(ESC10_RECIPES),
-                   help="ESC-10 recipes: default (scratch), seed (preset), imagenet (needs cached weights), "
+    p.add_argument("--only", choices=["esc50", "esc10", "fsdd"], nargs="+", default=["esc50", "esc10", "fsdd"],
+                   help="datasets to run (default: all three)")
+    p.add_argument("--backbones", nargs="+", default=["mn04_as", "resnet18"], choices=BACKBONE_NAMES)
+    p.add_argument("--weights", help="the MobileNet's weights file (default: ../shared/weights, hub cache, download)")
+    p.add_argument("--recipes", nargs="+", default=["default"], choices=list(ESC10_RECIPES),
+                   help="resnet18 ESC-10 recipes: default (scratch), seed (preset), imagenet (needs cached weights), "
                         f"or an ablation: {', '.join(r for r in ESC10_RECIPES if r not in ('default', 'seed', 'imagenet'))}")
-    p.add_argument("--folds", nargs="+", type=int, help="ESC-10 test folds (default: all four)")
+    p.add_argument("--folds", nargs="+", type=int, help="ESC test folds (default: all four)")
     p.add_argument("--fsdd-speakers", nargs="+", default=FSDD_SPEAKERS,
                    help="held-out speakers (each a fold)")
     p.add_argument("--fsdd-recipes", nargs="+", default=["default"], choices=list(FSDD_RECIPES),
-                   help=f"FSDD recipes: default, or an ablation: {', '.join(list(FSDD_RECIPES)[1:])}")
+                   help=f"resnet18 FSDD recipes: default, or an ablation: {', '.join(list(FSDD_RECIPES)[1:])}")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/bench-accuracy")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -108,35 +124,42 @@ def main(argv=None) -> int:
     results = []
 
     esc = SHARED / "esc50"
-    if args.only in (None, "esc10") and esc.is_dir():
-        folds = args.folds or ([1, 2] if args.quick else None)
-        data = {"root": str(esc), "format": "esc50", "esc10": True}
-        for recipe in args.recipes:
-            preset, overrides = ESC10_RECIPES[recipe]
-            overrides = {**overrides, "train": {**overrides.get("train", {}), "device": args.device, "quiet": True, **quick}}
-            if recipe == "imagenet":
-                if not imagenet_cache_path().is_file():
-                    logging.warning("no %s: skipping the ImageNet recipe (download it to run it)", imagenet_cache_path())
+    folds = args.folds or ([1, 2] if args.quick else None)
+    for backbone in args.backbones:
+        model = backbone_overrides(backbone, args.weights)
+        train = {"device": args.device, "quiet": True, **quick}
+        if "esc50" in args.only and esc.is_dir():
+            data = {"root": str(esc), "format": "esc50", "esc10": False}
+            results.append(run(f"esc50-{backbone}", data, {"model": model, "train": train}, out, folds))
+        if "esc10" in args.only and esc.is_dir():
+            data = {"root": str(esc), "format": "esc50", "esc10": True}
+            for recipe in (args.recipes if backbone == "resnet18" else ["default"]):
+                preset, overrides = ESC10_RECIPES[recipe]
+                overrides = {**overrides, "train": {**overrides.get("train", {}), **train}}
+                if recipe == "imagenet":
+                    if not imagenet_cache_path().is_file():
+                        logging.warning("no %s: skipping the ImageNet recipe (download it to run it)", imagenet_cache_path())
+                        continue
+                    results.append(run("esc10-resnet18-imagenet", data, overrides, out, folds))
                     continue
-                results.append(run("esc10-imagenet", data, overrides, out, folds))
-            else:
-                overrides["model"] = {**overrides.get("model", {}), "pretrained": "none"}
-                results.append(run(f"esc10-{recipe}-scratch", data, overrides, out, folds, preset=preset))
-    fsdd = SHARED / "fsdd"
-    if args.only in (None, "fsdd") and fsdd.is_dir():
-        speakers = args.fsdd_speakers[:2] if args.quick else args.fsdd_speakers
-        manifest = fsdd_manifest(fsdd, out / "fsdd_speakers.csv")
-        data = {"root": str(manifest), "format": "csv"}
-        # The project's defaults, with 1-s windows: 99 % of the digits are shorter (median 0.42 s). Peak
-        # normalisation evens out the speakers' recording levels (about 20 dB apart); the time-mask cap
-        # keeps SpecAugment from blanking a whole digit.
-        for recipe in args.fsdd_recipes:
-            overrides = FSDD_RECIPES[recipe]
-            train = {"device": args.device, "quiet": True, **overrides.get("train", {}), **quick}
-            name = "fsdd-speaker-scratch" if recipe == "default" else f"fsdd-{recipe}-scratch"
-            results.append(run(name, data, {**overrides, "features": {"duration_s": 1.0, **overrides.get("features", {})},
-                                            "model": {"pretrained": "none", **overrides.get("model", {})}, "train": train},
-                               out, [FSDD_SPEAKERS.index(s) + 1 for s in speakers]))
+                overrides["model"] = {**overrides.get("model", {}), **model}
+                name = f"esc10-{backbone}" if recipe == "default" else f"esc10-resnet18-{recipe}"
+                results.append(run(name, data, overrides, out, folds, preset=preset))
+        fsdd = SHARED / "fsdd"
+        if "fsdd" in args.only and fsdd.is_dir():
+            speakers = args.fsdd_speakers[:2] if args.quick else args.fsdd_speakers
+            manifest = fsdd_manifest(fsdd, out / "fsdd_speakers.csv")
+            data = {"root": str(manifest), "format": "csv"}
+            # 1-s windows: 99 % of the digits are shorter (median 0.42 s). Peak normalisation evens out the
+            # speakers' recording levels (about 20 dB apart); the time-mask cap keeps SpecAugment from
+            # blanking a whole digit.
+            for recipe in (args.fsdd_recipes if backbone == "resnet18" else ["default"]):
+                overrides = FSDD_RECIPES[recipe]
+                name = f"fsdd-{backbone}" if recipe == "default" else f"fsdd-resnet18-{recipe}"
+                results.append(run(name, data, {**overrides, "features": {"duration_s": 1.0, **overrides.get("features", {})},
+                                                "model": {**model, **overrides.get("model", {})},
+                                                "train": {**train, **overrides.get("train", {})}},
+                                   out, [FSDD_SPEAKERS.index(s) + 1 for s in speakers]))
 
     if args.json:
         print(json.dumps({r["name"]: {k: r[k] for k in ("accuracy_mean", "accuracy_std", "macro_f1_mean",

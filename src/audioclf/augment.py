@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import AudioclfError, AugmentConfig
+from .config import AudioclfError, AugmentConfig, FeatureConfig
+from .features import LOG_FLOOR
 
 
 class _AxisMasking(nn.Module):
@@ -163,19 +164,34 @@ class RandomFrequencyShift(nn.Module):
 class RandomGain(nn.Module):
     """Scale the mel power by a random gain in ``[-max_db, +max_db]`` dB, per example.
 
-    In log1p space ``log1p(g * m)`` is computed exactly from ``m = expm1(x)``.
+    The features' compression and fixed affine map are undone, the mel power is scaled and the features
+    are made again, so the gain is exact for every front end (``log1p``, ``log(x + 1e-5)``, with or
+    without ``(x + offset) / scale``).
+
+    Args:
+        max_db (float, optional): Largest gain in dB; ``0`` turns it off. (Default: ``0.0``)
+        generator (torch.Generator, optional): Source of randomness. (Default: global RNG)
+        features (FeatureConfig, optional): How the features were made. (Default: ``FeatureConfig()``)
     """
 
-    def __init__(self, max_db: float = 0.0, generator: Optional[torch.Generator] = None):
+    def __init__(self, max_db: float = 0.0, generator: Optional[torch.Generator] = None,
+                 features: Optional[FeatureConfig] = None):
         super().__init__()
-        self.max_db, self.generator = max_db, generator
+        self.max_db, self.generator, self.features = max_db, generator, features or FeatureConfig()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, ...) features -> same shape."""
         if not self.training or self.max_db <= 0:
             return x
         db = (torch.rand(x.shape[0], generator=self.generator) * 2 - 1) * self.max_db
         gain = (10 ** (db / 10)).to(x.device, x.dtype).view(-1, *([1] * (x.ndim - 1)))
-        return torch.log1p(torch.expm1(x) * gain)
+        c = self.features
+        y = x * c.scale - c.offset
+        if c.compression == "log1p":
+            y = torch.log1p(torch.expm1(y) * gain)
+        else:
+            y = torch.log((torch.exp(y) - LOG_FLOOR).clamp_min(0) * gain + LOG_FLOOR)
+        return (y + c.offset) / c.scale
 
 
 class SpecAugment(nn.Module):
@@ -187,10 +203,11 @@ class SpecAugment(nn.Module):
         generator (torch.Generator, optional): source of randomness (CPU). (Default: global RNG)
     """
 
-    def __init__(self, config: Optional[AugmentConfig] = None, generator: Optional[torch.Generator] = None):
+    def __init__(self, config: Optional[AugmentConfig] = None, generator: Optional[torch.Generator] = None,
+                 features: Optional[FeatureConfig] = None):
         super().__init__()
         c = config or AugmentConfig()
-        self.gain = RandomGain(c.gain_db, generator)
+        self.gain = RandomGain(c.gain_db, generator, features)
         self.stretch = RandomTimeStretch(c.time_stretch, generator)
         self.shift = RandomTimeShift(c.time_shift, generator)
         self.pitch = RandomFrequencyShift(c.freq_shift, generator)

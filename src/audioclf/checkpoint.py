@@ -17,7 +17,7 @@ import torch
 
 from . import __version__
 from .config import AudioclfError, RunConfig
-from .model import AudioResNet
+from .model import build_network
 
 FORMAT = 1  # bump when a checkpoint written by this version can no longer be read by older code
 
@@ -74,16 +74,16 @@ def load_checkpoint(model_path, map_location="cpu") -> dict:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict) -> tuple[AudioResNet, RunConfig, list[str]]:
+def model_from_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, RunConfig, list[str]]:
     """Rebuild the trained model (eval mode, CPU), its config and class names from a checkpoint dict."""
     config = RunConfig.from_saved(ckpt["config"])
     labels = list(ckpt["labels"])
-    model = AudioResNet.from_config(config.model, len(labels), config.features.n_mels)
+    model = build_network(config.model, len(labels), config.features.n_mels)
     model.load_state_dict(ckpt["model"])
     return model.eval(), config, labels
 
 
-def load_model(model_path, map_location="cpu") -> tuple[AudioResNet, RunConfig, list[str]]:
+def load_model(model_path, map_location="cpu") -> tuple[torch.nn.Module, RunConfig, list[str]]:
     """Model (eval mode, CPU), config and class names from a run directory, a ``.pt`` checkpoint or a
     folder written by ``audioclf export --format safetensors``."""
     from .export import is_safetensors_export, load_safetensors  # export imports this module
@@ -93,7 +93,7 @@ def load_model(model_path, map_location="cpu") -> tuple[AudioResNet, RunConfig, 
     return model_from_checkpoint(load_checkpoint(model_path, map_location))
 
 
-def inference_state(model: AudioResNet, config: RunConfig, labels: list[str], extra: Optional[dict] = None) -> dict:
+def inference_state(model: torch.nn.Module, config: RunConfig, labels: list[str], extra: Optional[dict] = None) -> dict:
     """The minimum a checkpoint needs for inference (what ``best.pt`` holds, with training extras)."""
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return {"config": config.to_dict(), "labels": list(labels), "model": sd, **(extra or {})}

@@ -11,6 +11,7 @@ import logging
 import sys
 
 from . import __version__
+from .backbones import BACKBONE_NAMES
 from .config import PRESETS, AudioclfError, resolve
 
 log = logging.getLogger("audioclf")
@@ -53,12 +54,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gain-db", type=float, help="random gain in +-dB (0 = off)")
     p.add_argument("--sample-rate", type=int)
     p.add_argument("--duration", type=float, dest="duration_s", help="seconds per example")
+    p.add_argument("--backbone", choices=BACKBONE_NAMES,
+                   help="network, with its own front end and recipe (list them: audioclf backbones)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--no-pretrained", action="store_const", const="none", dest="pretrained",
                    help="random initialisation (the from-scratch recipe)")
-    g.add_argument("--pretrained", choices=["auto", "imagenet", "none"], dest="pretrained",
-                   help="auto (default): ImageNet weights when available, else from scratch")
-    g.add_argument("--weights", dest="weights_path", help="local torchvision ResNet-18 state dict")
+    g.add_argument("--pretrained", choices=["auto", "imagenet", "audioset", "none"], dest="pretrained",
+                   help="auto (default): the backbone's pretrained weights when available, else from scratch")
+    g.add_argument("--weights", dest="weights_path",
+                   help="local copy of the backbone's official weights (e.g. mn04_as_mAP_432.pt)")
     p.add_argument("--no-stem-pool", action="store_const", const=False, dest="stem_pool",
                    help="drop ResNet's max-pool after the stem: 2x the resolution, 4x the compute")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
@@ -74,7 +78,7 @@ _SECTIONS = {
     "data": ["format", "esc10", "val_fold", "test_fold", "val_split", "cache_dir", "strict", "balance", "num_workers"],
     "features": ["sample_rate", "duration_s"],
     "augment": ["mixup_alpha", "freq_mask_width", "time_mask_width", "time_shift", "time_stretch", "freq_shift", "gain_db"],
-    "model": ["pretrained", "weights_path", "dropout", "stem_pool"],
+    "model": ["backbone", "pretrained", "weights_path", "dropout", "stem_pool"],
     "train": ["epochs", "batch_size", "lr", "weight_decay", "patience", "scheduler", "warmup_epochs",
               "label_smoothing", "device", "amp", "seed", "quiet"],
 }
@@ -89,7 +93,7 @@ def config_from_args(args: argparse.Namespace):
     overrides = {sec: {k: v[k] for k in keys if v.get(k) is not None} for sec, keys in _SECTIONS.items()}
     overrides["data"]["root"] = args.data
     if getattr(args, "weights_path", None):
-        overrides["model"]["pretrained"] = "imagenet"
+        overrides["model"]["pretrained"] = "auto"  # a given file is loaded or refused, never skipped
     if "format" not in overrides["data"] and not getattr(args, "config", None):
         overrides["data"]["format"] = _guess_format(args.data)
     return resolve(args.preset, args.config, overrides)
@@ -153,6 +157,37 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_backbones(args) -> int:
+    from .backbones import BACKBONES, DEFAULT_BACKBONE
+    from .config import ModelConfig
+    from .model import build_network
+    from .weights import status
+
+    print(f"{'backbone':<10} {'parameters':>11}  {'input':<36} {'weights':<13} description")
+    for name, b in BACKBONES.items():
+        fe = b.front_end
+        inp = (f"{fe['n_mels']} Kaldi mels, {fe['sample_rate'] // 1000} kHz, hop {fe['hop_length']}" if fe
+               else "80 Slaney mels, 22.05 kHz, hop 256")
+        # with the published head (527 AudioSet classes; ImageNet's 1000): the count the weights hold
+        n_out = 527 if fe else 1000
+        params = f"{sum(p.numel() for p in build_network(ModelConfig(backbone=name), n_out, fe.get('n_mels', 80)).parameters()):,}"
+        default = " (default)" if name == DEFAULT_BACKBONE else ""
+        print(f"{name:<10} {params:>11}  {inp:<36} {status(name):<13} {b.description}{default}")
+    print("weights: cached = in the torch hub cache; downloadable = fetched from the official URL on first use")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from .predict import collect_paths, load, write_embeddings
+
+    clf = load(args.model, device=args.device, batch_size=args.batch_size)
+    paths = collect_paths(args.paths)
+    emb = clf.embed_files(paths, quiet=args.quiet)
+    out = write_embeddings(args.out, [str(p) for p in paths], emb)
+    print(f"{len(paths)} embeddings of dimension {emb.shape[1]}: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="audioclf", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"audioclf {__version__}")
@@ -209,6 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, help="seconds a client may stall: headers, body, idle (default 10)")
     p.add_argument("--cors-origin", help="let pages from this one origin call the API (default: none)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("backbones", help="list the backbones, their front ends and weight status")
+    p.set_defaults(func=cmd_backbones)
+
+    p = sub.add_parser("embed", help="penultimate-layer embeddings of audio files, for search and clustering")
+    p.add_argument("model", help="run directory, .pt checkpoint or exported safetensors folder")
+    p.add_argument("paths", nargs="+", help="audio files, folders (recursive) or .txt files listing paths")
+    p.add_argument("--out", required=True, help="emb.npy (an .npy array plus emb.paths.txt) or emb.parquet")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("export", help="export to ONNX or safetensors")
     p.add_argument("model")

@@ -16,6 +16,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .backbones import BACKBONE_NAMES, BACKBONES, DEFAULT_BACKBONE
+
 
 class AudioclfError(ValueError):
     """The one error type of audioclf: its message says what was wrong and what is allowed."""
@@ -54,10 +56,24 @@ class FeatureConfig:
     # features are log1p(mel_gain * mel power): log1p is linear below 1 / mel_gain and logarithmic above,
     # so the gain sets how much of the quiet dynamic range the log reaches (1 = the seed's plain log1p)
     mel_gain: float = 1.0
+    # The settings below exist so that a pretrained backbone's own front end is one FeatureConfig
+    # (backbones.py); their defaults are the seed's librosa features.
+    window: Literal["periodic", "symmetric"] = "periodic"  # Hann window kind
+    preemphasis: float = 0.0  # y[t] = x[t] - preemphasis * x[t-1] before the STFT; 0 = off
+    mel_scale: Literal["slaney", "kaldi"] = "slaney"  # librosa's area-normalised filters, or Kaldi's
+    compression: Literal["log1p", "log"] = "log1p"  # log1p(mel_gain * mel), or log(mel + 1e-5)
+    offset: float = 0.0  # features are (compressed + offset) / scale: a fixed normalisation
+    scale: float = 1.0
 
     def __post_init__(self):
         _check_range("sample_rate", self.sample_rate, 1000, 384000)
         _check_range("mel_gain", self.mel_gain, 0.0, 1e12, low_open=True)
+        _check_choice("window", self.window, ("periodic", "symmetric"))
+        _check_choice("mel_scale", self.mel_scale, ("slaney", "kaldi"))
+        _check_choice("compression", self.compression, ("log1p", "log"))
+        _check_range("preemphasis", self.preemphasis, 0.0, 0.999)
+        _check_range("offset", self.offset, -1e6, 1e6)
+        _check_range("scale", self.scale, 0.0, 1e6, low_open=True)
         _check_range("duration_s", self.duration_s, 0.0, 3600.0, low_open=True)
         _check_range("n_mels", self.n_mels, 8, 512)
         _check_range("n_fft", self.n_fft, 16, 65536)
@@ -107,10 +123,12 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["resnet18"] = "resnet18"
-    # "auto": ImageNet weights when they can be had (torch hub cache or download), else from scratch.
-    pretrained: Literal["auto", "imagenet", "none"] = "auto"
-    weights_path: Optional[str] = None  # local torchvision-style ResNet-18 state dict; implies pretrained
+    # the network; it brings its own front end and fine-tuning recipe (backbones.py, `audioclf backbones`)
+    backbone: Literal["resnet18", "mn04_as", "mn05_as", "mn10_as", "mn20_as", "mn30_as", "mn40_as"] = DEFAULT_BACKBONE
+    # "auto": the backbone's pretrained weights when they can be had (--weights, torch hub cache or download),
+    # else from scratch; after training it records what was used ("imagenet", "audioset" or "none").
+    pretrained: Literal["auto", "imagenet", "audioset", "none"] = "auto"
+    weights_path: Optional[str] = None  # local state dict of the backbone's official weights; implies pretrained
     dropout: float = 0.2  # before the final linear layer
     # per-mel-band or one mean/std from the train split; "clip": each clip's own mean per band over time is
     # subtracted (cepstral mean normalisation: a fixed microphone or voice colouring goes), then the band's std
@@ -120,8 +138,12 @@ class ModelConfig:
     stem_pool: bool = True
 
     def __post_init__(self):
-        _check_choice("arch", self.arch, ("resnet18",))
-        _check_choice("pretrained", self.pretrained, ("auto", "imagenet", "none"))
+        _check_choice("backbone", self.backbone, BACKBONE_NAMES)
+        _check_choice("pretrained", self.pretrained, ("auto", "imagenet", "audioset", "none"))
+        kind = BACKBONES[self.backbone].pretrained_on
+        if self.pretrained not in ("auto", "none", kind):
+            raise AudioclfError(f"pretrained={self.pretrained!r} does not exist for backbone={self.backbone!r}; "
+                                f"choose auto, none or {kind}")
         _check_choice("normalization", self.normalization, ("band", "global", "clip"))
         _check_range("dropout", self.dropout, 0.0, 0.99)
 
@@ -198,6 +220,7 @@ class RunConfig:
         """A config stored with a model or run: a setting that an older audioclf did not write yet takes
         the value that version behaved with (not today's default), so old models predict as trained."""
         d = {**d, **{sec: {**before, **d.get(sec, {})} for sec, before in _BEFORE_THE_SETTING.items()}}
+        d["model"] = {k: v for k, v in d["model"].items() if k != "arch"}  # always "resnet18", now `backbone`
         return from_dict(cls, d)
 
     def save_yaml(self, path) -> None:
@@ -208,7 +231,7 @@ class RunConfig:
 _BEFORE_THE_SETTING = {
     "features": {"peak_normalize": False, "mel_gain": 1.0},
     "augment": {"time_mask_fraction": 1.0, "time_shift": 0.0, "time_stretch": 0.0, "freq_shift": 0},
-    "model": {"stem_pool": True},
+    "model": {"stem_pool": True, "backbone": "resnet18"},
 }
 
 
@@ -290,12 +313,26 @@ def load_yaml(path) -> dict:
 
 
 def resolve(preset: str = "default", yaml_path=None, overrides: Optional[dict] = None) -> RunConfig:
-    """Defaults < preset < YAML file < explicit overrides (flags)."""
+    """Defaults < the backbone's front end and recipe < preset < YAML file < explicit overrides (flags).
+
+    A pretrained backbone's front end is not negotiable: a preset, YAML key or flag that changes it is
+    refused, unless ``model.pretrained`` is ``none`` (then the backbone trains from scratch on any front end).
+    """
     if preset not in PRESETS:
         raise AudioclfError(f"Unknown preset={preset!r}; choose one of {', '.join(PRESETS)}")
-    d = merge(RunConfig().to_dict(), PRESETS[preset])
-    if yaml_path:
-        d = merge(d, load_yaml(yaml_path))
-    d = merge(d, overrides or {})
+    user = merge(PRESETS[preset], load_yaml(yaml_path) if yaml_path else {})
+    user = merge(user, overrides or {})
+    model = user.get("model") if isinstance(user.get("model"), dict) else {}
+    name = model.get("backbone", DEFAULT_BACKBONE)
+    _check_choice("backbone", name, BACKBONE_NAMES)
+    b = BACKBONES[name]
+    d = merge(merge(RunConfig().to_dict(), merge({"features": dict(b.front_end)}, b.recipe)), user)
     d["preset"] = preset
+    feats = d["features"] if isinstance(d.get("features"), dict) else {}
+    clash = [k for k, v in b.front_end.items() if feats.get(k) != v]
+    if clash and isinstance(d.get("model"), dict) and d["model"].get("pretrained") != "none":
+        raise AudioclfError(
+            f"{', '.join(f'features.{k}={feats.get(k)!r}' for k in clash)} contradicts the front end "
+            f"backbone={name!r} was pretrained with ({', '.join(f'{k}={b.front_end[k]!r}' for k in clash)}); "
+            f"drop the setting, or train from scratch with --pretrained none")
     return RunConfig.from_dict(d)

@@ -26,7 +26,7 @@ from . import __version__
 from .checkpoint import atomic_path, load_model, model_from_checkpoint
 from .config import AudioclfError, FeatureConfig, RunConfig, _check_choice
 from .features import LogMel
-from .model import AudioResNet, WaveformClassifier
+from .model import WaveformClassifier
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def export(model_path, format: str = "safetensors", out_dir="export") -> Path:
 
 # --- safetensors -------------------------------------------------------------------------------------
 
-def _export_safetensors(model: AudioResNet, out: Path) -> Path:
+def _export_safetensors(model: nn.Module, out: Path) -> Path:
     _require("safetensors")
     from safetensors.torch import save_file
 
@@ -113,7 +113,7 @@ def is_safetensors_export(path) -> bool:
     return Path(path).is_dir() and (Path(path) / SAFETENSORS_FILE).is_file()
 
 
-def load_safetensors(folder) -> tuple[AudioResNet, RunConfig, list[str]]:
+def load_safetensors(folder) -> tuple[nn.Module, RunConfig, list[str]]:
     """Rebuild the model (eval mode, CPU), its config and class names from a safetensors export."""
     _require("safetensors")
     from safetensors import SafetensorError
@@ -133,9 +133,9 @@ def load_safetensors(folder) -> tuple[AudioResNet, RunConfig, list[str]]:
 # --- ONNX --------------------------------------------------------------------------------------------
 
 class LogMelClassifier(nn.Module):
-    """Log-mel in, class probabilities out: AudioResNet -> softmax (the ONNX fallback graph)."""
+    """Log-mel in, class probabilities out: nn.Module -> softmax (the ONNX fallback graph)."""
 
-    def __init__(self, model: AudioResNet):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
@@ -162,7 +162,7 @@ def _onnx_export(module: nn.Module, example: torch.Tensor, input_name: str, path
             raise AudioclfError(f"onnxruntime's probabilities differ from PyTorch's by {err:.3g} (> {ONNX_ATOL})")
 
 
-def _export_onnx(model: AudioResNet, features: FeatureConfig, out: Path) -> tuple[Path, dict]:
+def _export_onnx(model: nn.Module, features: FeatureConfig, out: Path) -> tuple[Path, dict]:
     _require("onnx", "onnxscript", "onnxruntime")
     path = out / ONNX_FILE
     # A batch of 2: an example batch of 1 would let the exporter treat the batch size as a constant.

@@ -15,22 +15,27 @@ from torch import nn
 
 from .config import AudioclfError, FeatureConfig
 
+LOG_FLOOR = 1e-5  # compression="log": log(mel + LOG_FLOOR), so silence stays finite (EfficientAT's floor)
+
 
 class Spectrogram(nn.Module):
-    """Power spectrogram of a centred, zero-padded STFT with a periodic Hann window.
+    """Power spectrogram of a centred, zero-padded STFT with a Hann window.
 
     Args:
         n_fft (int, optional): Size of FFT, creates ``n_fft // 2 + 1`` bins. (Default: ``1024``)
         hop_length (int, optional): Samples between frames. (Default: ``256``)
-        win_length (int, optional): Window size in samples, ``<= n_fft``. (Default: ``1024``)
+        win_length (int, optional): Window size in samples, ``<= n_fft``; a shorter window is centred in
+            the FFT frame. (Default: ``1024``)
+        periodic (bool, optional): Periodic Hann window (librosa's, for spectral analysis) or symmetric
+            (``periodic=False``, the one EfficientAT's models were trained with). (Default: ``True``)
     """
 
-    def __init__(self, n_fft: int = 1024, hop_length: int = 256, win_length: int = 1024):
+    def __init__(self, n_fft: int = 1024, hop_length: int = 256, win_length: int = 1024, periodic: bool = True):
         super().__init__()
         if not 0 < win_length <= n_fft:
             raise AudioclfError(f"win_length={win_length} must be in (0, n_fft={n_fft}]")
         self.n_fft, self.hop_length, self.win_length = n_fft, hop_length, win_length
-        self.register_buffer("window", torch.hann_window(win_length, periodic=True), persistent=False)
+        self.register_buffer("window", torch.hann_window(win_length, periodic=periodic), persistent=False)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """(..., time) -> (..., n_fft // 2 + 1, 1 + time // hop_length), power (magnitude squared)."""
@@ -76,21 +81,44 @@ def mel_filterbank(sample_rate: int = 22050, n_fft: int = 1024, n_mels: int = 80
     return weights.astype(np.float32)
 
 
+def kaldi_mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0,
+                         f_max: Optional[float] = None) -> np.ndarray:
+    """Kaldi's triangular mel filters, (n_mels, n_fft // 2 + 1) float32: the front end of EfficientAT's
+    AudioSet models (``torchaudio.compliance.kaldi.get_mel_banks`` padded with a zero Nyquist column).
+
+    Kaldi's mel scale is ``1127 ln(1 + f / 700)``; the triangles are equally spaced on it between ``f_min``
+    and ``f_max`` and reach 1 at their centres (no area normalisation, unlike Slaney's). The Nyquist bin
+    gets no weight.
+    """
+    f_max = sample_rate / 2 if f_max is None else f_max
+    mel = lambda f: 1127.0 * np.log1p(np.asarray(f, dtype=np.float64) / 700.0)  # noqa: E731
+    edges = mel(f_min) + np.arange(n_mels + 2)[:, None] * (mel(f_max) - mel(f_min)) / (n_mels + 1)
+    bins = mel(np.arange(n_fft // 2) * sample_rate / n_fft)[None, :]
+    up = (bins - edges[:-2]) / (edges[1:-1] - edges[:-2])
+    down = (edges[2:] - bins) / (edges[2:] - edges[1:-1])
+    weights = np.maximum(0.0, np.minimum(up, down))
+    return np.pad(weights, ((0, 0), (0, 1))).astype(np.float32)
+
+
 class MelScale(nn.Module):
-    """Project a power spectrogram onto a Slaney-normalised mel filterbank (as ``librosa.filters.mel``).
+    """Project a power spectrogram onto a triangular mel filterbank.
 
     Args:
-        n_mels (int): Number of mel bands. (Default: ``80``)
-        sample_rate (int): Sample rate in Hz. (Default: ``22050``)
-        n_fft (int): FFT size the spectrogram was computed with. (Default: ``1024``)
-        f_min (float): Lowest filter edge in Hz. (Default: ``0.0``)
-        f_max (float or None): Highest filter edge in Hz; ``None`` = ``sample_rate / 2``. (Default: ``None``)
+        n_mels (int): Number of mel bands.
+        sample_rate (int): Sample rate in Hz.
+        n_fft (int): FFT size the spectrogram was computed with.
+        f_min (float, optional): Lowest filter edge in Hz. (Default: ``0.0``)
+        f_max (float or None, optional): Highest filter edge in Hz; ``None`` = ``sample_rate / 2``.
+            (Default: ``None``)
+        scale (str, optional): ``"slaney"`` (``librosa.filters.mel``: Slaney's scale, area-normalised) or
+            ``"kaldi"`` (:func:`kaldi_mel_filterbank`). (Default: ``"slaney"``)
     """
 
-    def __init__(self, n_mels: int = 80, sample_rate: int = 22050, n_fft: int = 1024,
-                 f_min: float = 0.0, f_max: Optional[float] = None):
+    def __init__(self, n_mels: int, sample_rate: int, n_fft: int, f_min: float = 0.0,
+                 f_max: Optional[float] = None, scale: str = "slaney"):
         super().__init__()
-        fb = mel_filterbank(sample_rate, n_fft, n_mels, f_min, f_max)
+        filters = kaldi_mel_filterbank if scale == "kaldi" else mel_filterbank
+        fb = filters(sample_rate, n_fft, n_mels, f_min, f_max)
         self.register_buffer("fb", torch.from_numpy(fb), persistent=False)  # (n_mels, n_freq)
 
     def forward(self, power: torch.Tensor) -> torch.Tensor:
@@ -114,13 +142,39 @@ class PeakNormalize(nn.Module):
         return wave / wave.abs().amax(-1, keepdim=True).clamp_min(self.floor)
 
 
+class PreEmphasis(nn.Module):
+    """First-order high-pass ``y[t] = x[t] - coef * x[t - 1]`` (``y[0] = x[0]``): (..., time) -> same shape.
+
+    Args:
+        coef (float): Filter coefficient, in [0, 1). ``0`` passes the waveform through.
+    """
+
+    def __init__(self, coef: float):
+        super().__init__()
+        self.coef = coef
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        if self.coef == 0:
+            return wave
+        return torch.cat([wave[..., :1], wave[..., 1:] - self.coef * wave[..., :-1]], dim=-1)
+
+
 class LogMel(nn.Module):
-    """``log1p`` of an 80-band mel power spectrogram scaled by ``config.mel_gain``, identical to
-    ``np.log1p(mel_gain * librosa.feature.melspectrogram(y=..., sr=..., n_fft=..., hop_length=..., win_length=..., n_mels=...))``
-    of the waveform, after peak normalisation when ``config.peak_normalize`` (the default).
+    """The whole front end, waveform to model input, as ``config`` (a :class:`FeatureConfig`) says:
+    peak normalisation -> pre-emphasis -> power STFT -> mel filterbank -> compression -> fixed affine.
+
+    With the defaults (no pre-emphasis, periodic window, Slaney mels, ``log1p``) the output is identical
+    to ``np.log1p(mel_gain * librosa.feature.melspectrogram(y=..., sr=..., n_fft=..., hop_length=...,
+    win_length=..., n_mels=...))``. With ``compression="log"`` it is ``log(mel + 1e-5)``; either is then
+    mapped to ``(x + config.offset) / config.scale``. The AudioSet backbones' front end
+    (:data:`audioclf.model.BACKBONES`) is one setting of these fields.
 
     Args:
         config (FeatureConfig, optional): Feature parameters. (Default: ``FeatureConfig()``)
+
+    Example:
+        >>> LogMel(FeatureConfig(n_mels=64))(torch.zeros(2, 22050)).shape   # one second, two clips
+        torch.Size([2, 64, 87])
     """
 
     def __init__(self, config: Optional[FeatureConfig] = None):
@@ -128,12 +182,16 @@ class LogMel(nn.Module):
         c = config or FeatureConfig()
         self.config = c
         self.peak = PeakNormalize() if c.peak_normalize else nn.Identity()
-        self.spectrogram = Spectrogram(c.n_fft, c.hop_length, c.win_length)
-        self.mel = MelScale(c.n_mels, c.sample_rate, c.n_fft, c.f_min, c.f_max)
+        self.preemphasis = PreEmphasis(c.preemphasis)
+        self.spectrogram = Spectrogram(c.n_fft, c.hop_length, c.win_length, periodic=c.window == "periodic")
+        self.mel = MelScale(c.n_mels, c.sample_rate, c.n_fft, c.f_min, c.f_max, scale=c.mel_scale)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        """(..., time) waveform in [-1, 1] -> (..., n_mels, 1 + time // hop_length) log-mel."""
-        return torch.log1p(self.config.mel_gain * self.mel(self.spectrogram(self.peak(wave))))
+        """(..., time) waveform in [-1, 1] -> (..., n_mels, 1 + time // hop_length) features."""
+        c = self.config
+        mel = self.mel(self.spectrogram(self.preemphasis(self.peak(wave))))
+        x = torch.log1p(c.mel_gain * mel) if c.compression == "log1p" else torch.log(mel + LOG_FLOOR)
+        return x if (c.offset, c.scale) == (0.0, 1.0) else (x + c.offset) / c.scale
 
 
 class Normalize(nn.Module):

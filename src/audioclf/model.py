@@ -1,7 +1,13 @@
-"""ResNet-18 on log-mel spectrograms: normalisation, a 1-channel stem, and a new classifier head.
+"""The networks: ResNet-18 and EfficientAT's AudioSet MobileNets on log-mel spectrograms.
 
-``AudioResNet``   (batch, n_mels, frames) log-mel -> (batch, n_classes) logits
+``AudioResNet``        (batch, n_mels, frames) log-mel -> (batch, n_classes) logits
+``AudioMobileNet``     (batch, n_mels, frames) log-mel -> (batch, n_classes) logits
+``build_network``      a ModelConfig -> one of them (random weights): what checkpoints are read into
+``build_model``        the same, with the pretrained weights the config asks for
 ``WaveformClassifier`` (batch, samples) waveform -> (batch, n_classes) probabilities, for export/serving
+
+Both networks also have ``embed``: (batch, n_mels, frames) -> (batch, d), the pooled output of the
+convolutional trunk, before any classifier layer.
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .backbones import BACKBONES
 from .config import AudioclfError, FeatureConfig, ModelConfig
 from .features import LogMel, Normalize
+from .mobilenet import MobileNet
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +78,14 @@ class ResNet18(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, in_channels, H, W) -> (batch, 512) pooled features, before ``head``."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.trunk(x))
 
 
 def imagenet_cache_path() -> Path:
@@ -155,26 +167,85 @@ class AudioResNet(nn.Module):
             raise AudioclfError(f"the weights do not fit ResNet-18: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return self
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, frames) log-mel -> (batch, 512) pooled trunk features."""
+        return self.backbone.trunk(self.norm(x).unsqueeze(1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, n_mels, frames) log-mel -> (batch, n_classes) logits."""
         return self.backbone(self.norm(x).unsqueeze(1))
 
 
-def build_model(config: ModelConfig, n_classes: int, n_mels: int = 80) -> tuple[AudioResNet, bool]:
-    """Build the model and load ImageNet weights as ``config`` asks.
+class AudioMobileNet(nn.Module):
+    """An EfficientAT MobileNet (``mn04_as`` ... ``mn40_as``) with a new last layer for our classes.
 
-    Returns the model and whether ImageNet weights were loaded. With ``pretrained="auto"`` the weights
-    are used when they can be had and the scratch recipe runs otherwise (a warning says why).
+    Its input is already normalised by the backbone's fixed front end (``FeatureConfig.offset/scale``),
+    so unlike :class:`AudioResNet` it fits no statistics.
+
+    Args:
+        n_classes (int): Output classes.
+        width (float): Width multiplier of the backbone (0.4 for ``mn04_as``).
+        dropout (float): Dropout before the last layer.
     """
-    model = AudioResNet.from_config(config, n_classes, n_mels)
+
+    def __init__(self, n_classes: int, width: float, dropout: float):
+        super().__init__()
+        if n_classes < 2:
+            raise AudioclfError(f"n_classes={n_classes}: a classifier needs at least 2 classes")
+        self.net = MobileNet(width, n_classes, dropout)
+
+    def load_pretrained(self, state_dict: dict, name: str) -> "AudioMobileNet":
+        """Load the official AudioSet weights of backbone ``name``: every tensor but the 527-class last
+        layer, which our classes replace. Any other missing, extra or misshapen tensor is an error."""
+        ours = self.net.state_dict()
+        head = {k for k in ours if k.startswith("classifier.5.")}
+        missing = sorted(set(ours) - set(state_dict) - head)
+        unexpected = sorted(set(state_dict) - set(ours))
+        shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(ours[k].shape)}" for k in set(ours) & set(state_dict) - head
+                  if state_dict[k].shape != ours[k].shape]
+        if missing or unexpected or shapes:
+            raise AudioclfError(f"the weights are not {name}'s: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                                f"other shapes {shapes[:3]}")
+        self.net.load_state_dict({k: v for k, v in state_dict.items() if k not in head}, strict=False)
+        return self
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, frames) features -> (batch, 6 x last block's channels) pooled trunk features."""
+        return self.net.embed(x.unsqueeze(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, frames) features -> (batch, n_classes) logits."""
+        return self.net(x.unsqueeze(1))
+
+
+def build_network(config: ModelConfig, n_classes: int, n_mels: int) -> nn.Module:
+    """The network ``config`` describes, with random weights: the one place a ModelConfig becomes a model
+    (training, checkpoints and exports all come through here)."""
+    if config.backbone == "resnet18":
+        return AudioResNet.from_config(config, n_classes, n_mels)
+    return AudioMobileNet(n_classes, BACKBONES[config.backbone].width, config.dropout)
+
+
+def build_model(config: ModelConfig, n_classes: int, n_mels: int) -> tuple[nn.Module, bool]:
+    """Build the network and load its pretrained weights as ``config`` asks.
+
+    Returns the model and whether pretrained weights were loaded. With ``pretrained="auto"`` the weights
+    are used when they can be had, and otherwise the network trains from scratch (a warning says why).
+    """
+    from .weights import load_state_dict  # downloads: only training needs it
+
+    model = build_network(config, n_classes, n_mels)
     if config.pretrained == "none" and not config.weights_path:
         return model, False
     try:
-        model.load_imagenet(load_imagenet_state_dict(config.weights_path))
+        if config.backbone == "resnet18":
+            model.load_imagenet(load_imagenet_state_dict(config.weights_path))
+        else:
+            model.load_pretrained(load_state_dict(config.backbone, config.weights_path), config.backbone)
     except AudioclfError as e:
         if config.pretrained != "auto" or config.weights_path:
             raise
-        log.warning("%s -- training from scratch instead", e)
+        log.warning("%s -- training %s from scratch instead", e, config.backbone)
         return model, False
     return model, True
 
@@ -184,10 +255,10 @@ class WaveformClassifier(nn.Module):
 
     Args:
         features (FeatureConfig): the feature settings the model was trained with.
-        model (AudioResNet): a trained model.
+        model (nn.Module): a trained network (:func:`build_network`).
     """
 
-    def __init__(self, features: FeatureConfig, model: AudioResNet):
+    def __init__(self, features: FeatureConfig, model: nn.Module):
         super().__init__()
         self.logmel = LogMel(features)
         self.model = model

@@ -24,10 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .audio import AUDIO_EXTENSIONS, audio_duration_s, find_audio_files, fix_length, load_audio, resample, stream_audio
-from .checkpoint import load_model
+from .checkpoint import atomic_path, load_model
 from .config import AudioclfError, FeatureConfig, RunConfig
 from .data import auto_workers
-from .model import AudioResNet, WaveformClassifier, resolve_device
+from .model import WaveformClassifier, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class Classifier:
     """A trained model ready for inference; build it with :func:`load`.
 
     Args:
-        model (AudioResNet): the trained network.
+        model (nn.Module): the trained network (:func:`audioclf.model.build_network`).
         config (RunConfig): its run config; ``config.features`` is the only source of feature settings.
         labels (list of str): class names, the order of probability columns.
         device (str, optional): ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. (Default: ``"auto"``)
@@ -201,7 +201,7 @@ class Classifier:
     in [-1, 1]; an array's ``sample_rate`` (Hz) defaults to the training sample rate.
     """
 
-    def __init__(self, model: AudioResNet, config: RunConfig, labels: Sequence[str], *, device="auto",
+    def __init__(self, model: torch.nn.Module, config: RunConfig, labels: Sequence[str], *, device="auto",
                  batch_size: int = 32):
         if batch_size < 1:
             raise AudioclfError(f"batch_size={batch_size} must be >= 1")
@@ -283,7 +283,7 @@ class Classifier:
         if max_duration_s is not None or max_windows is not None:
             source.windows = _limited(source.windows, source.name, window, self.config.features.sample_rate,
                                       max_duration_s, max_windows)
-        for done in self._run([source], batch_size, steps=True):
+        for done in self._run([source], batch_size=batch_size, steps=True):
             if done is None:
                 yield None
         if source.error is not None:
@@ -311,13 +311,51 @@ class Classifier:
         return ({"path": s.name, "error": str(s.error)} if s.error is not None else
                 {"path": s.name, "error": None, **self._summarise(s, window, timeline, top_k)} for s in sources)
 
+    def embed(self, audio, sample_rate: Optional[int] = None) -> np.ndarray:
+        """Embeddings for search and clustering: the network's pooled trunk features (before any classifier
+        layer; 512 for resnet18, 384 for mn04_as), averaged over a long input's windows.
+
+        Returns ``(d,)`` for one input (path or waveform), ``(n, d)`` for a list of them.
+        """
+        one = not isinstance(audio, (list, tuple))
+        window, hop = self._window(None, None)
+        sources = (prepare(a, sample_rate, self.config.features, window, hop) for a in ([audio] if one else audio))
+        rows = []
+        for s in self._run(sources, self._embed):
+            if s.error is not None:
+                raise s.error
+            rows.append(np.mean(s.probs, axis=0))
+        return rows[0] if one else np.stack(rows)
+
+    def embed_files(self, paths: Sequence, *, quiet: bool = False) -> np.ndarray:
+        """:meth:`embed` of many files, decoded in background workers: ``(len(paths), d)``. A file that cannot
+        be read gets a row of NaN and a warning naming it, so one bad file does not lose the others."""
+        window, hop = self._window(None, None)
+        workers = auto_workers() if len(paths) > 2 else 0
+        loader = torch.utils.data.DataLoader(_PrepareFiles(paths, self.config.features, window, hop), batch_size=None,
+                                             num_workers=workers, prefetch_factor=self.batch_size if workers else None)
+        rows = []
+        for s in tqdm(self._run(loader, self._embed), total=len(paths), desc="embed", unit="file",
+                      disable=True if quiet else None):
+            if s.error is not None:
+                log.warning("%s", s.error)
+            rows.append(np.mean(s.probs, axis=0) if s.error is None else None)
+        dim = next((len(r) for r in rows if r is not None), 0)
+        return np.stack([np.full(dim, np.nan, np.float32) if r is None else r for r in rows]) if rows else np.zeros((0, 0))
+
     # -- the one inference path
 
-    def _run(self, sources: Iterable[_Source], batch_size: Optional[int] = None,
+    def _embed(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(self._net.logmel(wave))
+
+    def _run(self, sources: Iterable[_Source], head=None, batch_size: Optional[int] = None,
              steps: bool = False) -> Iterator[Optional[_Source]]:
         """Push every window of every source through the model, ``batch_size`` windows per forward pass
         whatever source they come from; yield each source, in input order, once all its windows are done,
-        and with ``steps`` also ``None`` after each forward pass."""
+        and with ``steps`` also ``None`` after each forward pass.
+
+        ``head`` maps a batch of windows to one row each (default: class probabilities); its rows are
+        collected in each source's ``probs``."""
         batch_size = batch_size or self.batch_size
         pending: deque[_Source] = deque()
         batch: list[tuple[_Source, int, np.ndarray]] = []
@@ -337,23 +375,23 @@ class Classifier:
                     break
                 batch.append((source, *item))
                 if len(batch) == batch_size:
-                    self._forward(batch)
+                    self._forward(batch, head)
                     if steps:
                         yield None
                     # the batch is empty now: every source but the current one has all its windows done
                     while len(pending) > 1:
                         yield pending.popleft()
             source.windows = ()  # done with it: free the clip
-        self._forward(batch)
+        self._forward(batch, head)
         while pending:
             yield pending.popleft()
 
-    def _forward(self, batch: list) -> None:
+    def _forward(self, batch: list, head=None) -> None:
         if not batch:
             return
         x = torch.from_numpy(np.stack([w for _, _, w in batch])).to(self.device)  # (batch, window samples)
         with torch.inference_mode():
-            probs = self._net(x).float().cpu().numpy()  # (batch, n_classes)
+            probs = (head or self._net)(x).float().cpu().numpy()  # (batch, n_classes or embedding size)
         for (source, start, _), p in zip(batch, probs):
             source.starts.append(start)
             source.probs.append(p)
@@ -393,6 +431,31 @@ class Classifier:
                                "label": self.labels[int(p.argmax())], "confidence": float(p.max())}
                               for start, p in zip(source.starts, source.probs)]
         return out
+
+
+def write_embeddings(out, paths: Sequence[str], emb: np.ndarray) -> Path:
+    """``.npy``: the array, plus ``<stem>.paths.txt`` with one path per row; ``.parquet``: a ``path`` column
+    and one ``embedding`` list column (needs pandas with pyarrow)."""
+    out = Path(out)
+    if out.suffix not in (".npy", ".parquet"):
+        raise AudioclfError(f"--out {out}: write embeddings to a .npy or .parquet file")
+    if not out.parent.is_dir():
+        raise AudioclfError(f"--out {out}: folder {out.parent} does not exist")
+    if out.suffix == ".parquet":
+        try:
+            import pandas as pd
+
+            with atomic_path(out) as tmp:
+                pd.DataFrame({"path": list(paths), "embedding": list(emb)}).to_parquet(tmp)
+        except ImportError:
+            raise AudioclfError("writing .parquet needs pandas and pyarrow (pip install pandas pyarrow); "
+                                "or write .npy") from None
+        return out
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.save(f, emb.astype(np.float32))
+    with atomic_path(out.with_suffix(".paths.txt")) as tmp:
+        tmp.write_text("".join(f"{p}\n" for p in paths))
+    return out
 
 
 def load(model, device: str = "auto", *, batch_size: int = 32) -> Classifier:

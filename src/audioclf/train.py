@@ -30,7 +30,8 @@ from .augment import SpecAugment, mixup
 from .checkpoint import atomic_path, inference_state, load_checkpoint, save_checkpoint
 from .config import AudioclfError, RunConfig
 from .data import FeatureBank, load_clips, split_clips
-from .model import amp_dtype, build_model, resolve_device
+from .backbones import BACKBONES
+from .model import AudioResNet, amp_dtype, build_model, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -213,14 +214,17 @@ def fit(config: RunConfig, out_dir, resume: bool = False) -> dict:
         n_classes = len(clipset.classes)
 
         # --- model: ImageNet or scratch recipe, normalisation fitted on the training clips only
+        torch.manual_seed(t.seed)  # the network's initial weights depend on the seed alone, not on what ran before
         model, pretrained = build_model(config.model, n_classes, config.features.n_mels)
         if t.lr is None:
             t = replace(t, lr=LR_PRETRAINED if pretrained else LR_SCRATCH)
-        config = replace(config, train=t, model=replace(config.model, pretrained="imagenet" if pretrained else "none"))
-        model.norm.fit((bank.clip_frames(i) for i in train_idx.tolist()),
-                       per_band=config.model.normalization != "global")
-        log.info("recipe: %s, lr %.2g, %s schedule, %d epochs max, patience %d, batch %d, device %s%s%s",
-                 "ImageNet ResNet-18" if pretrained else "ResNet-18 from scratch", t.lr, t.scheduler, t.epochs,
+        config = replace(config, train=t, model=replace(
+            config.model, pretrained=BACKBONES[config.model.backbone].pretrained_on if pretrained else "none"))
+        if isinstance(model, AudioResNet):  # the MobileNets' front end normalises with fixed numbers
+            model.norm.fit((bank.clip_frames(i) for i in train_idx.tolist()),
+                           per_band=config.model.normalization != "global")
+        log.info("recipe: %s %s, lr %.2g, %s schedule, %d epochs max, patience %d, batch %d, device %s%s%s",
+                 config.model.backbone, f"pretrained on {config.model.pretrained}" if pretrained else "from scratch", t.lr, t.scheduler, t.epochs,
                  t.patience, t.batch_size, device, f" x{world} processes" if world > 1 else "",
                  f", mixed precision {str(amp).removeprefix('torch.')}" if amp else "")
         model.to(device)
@@ -243,7 +247,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False) -> dict:
         steps_per_epoch = math.ceil(math.ceil(len(train_idx) / world) / t.batch_size)
         scheduler, per_batch = make_scheduler(opt, config, steps_per_epoch)
         scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
-        specaug = SpecAugment(config.augment)
+        specaug = SpecAugment(config.augment, features=config.features)
 
         # --- state, from scratch or from last.pt
         start_epoch, best_val_loss, best_epoch, bad_epochs, rows = 1, float("inf"), 0, 0, []
@@ -467,7 +471,7 @@ def cross_validate(config: RunConfig, out_dir, folds: Optional[list[int]] = None
         "accuracy_mean": float(acc.mean()), "accuracy_std": std(acc),
         "macro_f1_mean": float(f1.mean()), "macro_f1_std": std(f1),
         "labels": clipset.classes, "confusion_matrix": cm.tolist(),
-        "recipe": "ImageNet" if results[0].get("pretrained") else "scratch",
+        "recipe": f"{config.model.backbone} " + ("pretrained" if results[0].get("pretrained") else "from scratch"),
     }
     lines = ["| fold | accuracy | macro-F1 | clips | epochs | train s |", "|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['fold']} | {r['test_acc']:.4f} | {r['test_f1']:.4f} | {r.get('test_n', '')} | {r.get('epochs_run', '')} | "

@@ -1,0 +1,102 @@
+"""Pretrained weights: from ``--weights PATH``, the torch hub cache, or the official URL (with a progress
+bar), checked against a pinned sha256 where one is known.
+
+Offline with nothing cached, the error names the file, the URL and where to put it; never a urllib
+traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import urllib.error
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .backbones import BACKBONES, Backbone
+from .config import AudioclfError
+
+log = logging.getLogger(__name__)
+
+
+def hub_path(backbone: Backbone) -> Path:
+    """Where the official file is looked for and downloaded to: ``$TORCH_HOME/hub/checkpoints/<file>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / backbone.weights_file
+
+
+def sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def status(name: str) -> str:
+    """``cached`` (in the torch hub cache) or ``downloadable`` (from the official URL, when online)."""
+    return "cached" if hub_path(BACKBONES[name]).is_file() else "downloadable"
+
+
+def _check_hash(path: Path, backbone: Backbone) -> None:
+    if backbone.sha256 and sha256(path) != backbone.sha256:
+        raise AudioclfError(f"{path}: sha256 {sha256(path)} is not that of the official {backbone.weights_file} "
+                            f"({backbone.sha256}); the file is damaged or a different model. Delete it, or "
+                            f"download {backbone.weights_url} again")
+
+
+def _download(url: str, dest: Path) -> None:
+    # torch's downloader: a progress bar, a temp file moved into place only when complete
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(url, str(dest), progress=True)
+
+
+def weights_file(name: str, weights_path: Optional[str] = None, download: bool = True) -> Path:
+    """The checked file of backbone ``name``'s pretrained weights.
+
+    Args:
+        name (str): a key of :data:`audioclf.backbones.BACKBONES`.
+        weights_path (str, optional): a local copy; its hash is checked where one is pinned.
+        download (bool, optional): fetch the official file into the torch hub cache when it is not there.
+            (Default: ``True``)
+
+    Raises:
+        AudioclfError: the file is missing or damaged, or cannot be downloaded (the message says from where,
+            and where to put it by hand).
+    """
+    b = BACKBONES[name]
+    if weights_path:
+        path = Path(weights_path)
+        if not path.is_file():
+            raise AudioclfError(f"--weights {path}: no such file")
+        _check_hash(path, b)
+        return path
+    path = hub_path(b)
+    if not path.is_file():
+        if not download:
+            raise AudioclfError(f"{b.weights_file} is not in the torch hub cache ({path.parent})")
+        log.info("downloading %s pretrained weights from %s", name, b.weights_url)
+        try:
+            _download(b.weights_url, path)
+        except (urllib.error.URLError, OSError, ValueError) as e:  # offline, refused, cut short, disk full
+            reason = getattr(e, "reason", None) or e
+            raise AudioclfError(
+                f"cannot download the {name} weights {b.weights_file} ({reason}). Download {b.weights_url} "
+                f"by hand and put it at {path} (or set TORCH_HOME, or pass --weights PATH), or train from "
+                f"scratch with --pretrained none") from None
+    _check_hash(path, b)
+    return path
+
+
+def load_state_dict(name: str, weights_path: Optional[str] = None) -> dict:
+    """Backbone ``name``'s pretrained state dict (see :func:`weights_file` for where it comes from)."""
+    path = weights_file(name, weights_path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load fails on a damaged or foreign file with many error types
+        raise AudioclfError(f"{path}: cannot load {name} weights ({e})") from None
+    sd = sd.get("state_dict", sd.get("model", sd)) if isinstance(sd, dict) else sd
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise AudioclfError(f"{path}: not a state dict of tensors")
+    return sd
