@@ -57,8 +57,10 @@ MIN_WINDOW_S, MAX_WINDOW_S = 0.1, 60.0
 # is at most that many times the audio's length
 MIN_HOP_FRACTION = 0.25
 # Audio per model step, in the model's windows: small, so that short requests get the model between
-# the steps of a long one, and memory holds a few windows whatever window_s the client asks for
-STEP_WINDOWS = 4
+# the steps of a long one, and memory holds a few windows whatever window_s the client asks for.
+# benchmarks/serve.py, 2 CPU cores: 1-s clips during a 10-min file wait p50 190 ms with 2, 280 ms with 4;
+# 1 is no better, and a GPU gains from the pair
+STEP_WINDOWS = 2
 # Client disconnected before its answer was ready (nginx's code; nothing reads it)
 CLIENT_CLOSED = 499
 # Seconds a client may stay silent: before its request's headers are complete, between parts of its
@@ -252,10 +254,9 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
                                      f"allows hop_s >= {MIN_HOP_FRACTION * window_s:g} s ({MIN_HOP_FRACTION:g} x window_s)")
         return window_s, hop_s
 
-    def open_upload(upload: UploadFile, tmp: Path, window_s: float, hop_s: float) -> Path:
+    def open_upload(upload: UploadFile, shown: str, tmp: Path, window_s: float, hop_s: float) -> Path:
         """In a worker thread: copy the upload to ``tmp``, check from its header that it opens and fits the
-        limits, before the model's turn."""
-        shown = Path(upload.filename or "upload").name  # for messages only, never a path
+        limits, before the model's turn. ``shown`` names it in messages."""
         path = tmp / f"upload{_upload_suffix(upload.filename)}"
         with open(path, "wb") as f:
             shutil.copyfileobj(upload.file, f)
@@ -306,9 +307,9 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
         if file is None:
             raise HTTPException(400, "no file uploaded: POST multipart/form-data with the audio in the field 'file'")
         window_s, hop_s = check_window(window_s, hop_s)
-        shown = Path(file.filename or "upload").name
+        shown = Path(file.filename or "upload").name  # for messages only, never a path
         with tempfile.TemporaryDirectory(prefix="audioclf-upload-") as tmp:
-            path = await run_in_threadpool(open_upload, file, Path(tmp), window_s, hop_s)
+            path = await run_in_threadpool(open_upload, file, shown, Path(tmp), window_s, hop_s)
             steps = clf.classify_steps(path, timeline=timeline, top_k=min(top_k, len(labels)), window_s=window_s,
                                        hop_s=hop_s, batch_size=max(1, step_samples // round(window_s * sr)),
                                        max_duration_s=max_audio_s, max_windows=max_windows)
