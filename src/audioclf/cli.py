@@ -251,8 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="penultimate-layer embeddings of audio files, for search and clustering")
     p.add_argument("model", help="run directory, .pt checkpoint or exported safetensors folder")
-    p.add_argument("paths", nargs="+", help="audio files, folders (recursive), .txt files listing paths, or - for "
-                   "one file on stdin")
+    p.add_argument("paths", nargs="+", help="audio files, folders (recursive) or .txt files listing paths")
     p.add_argument("--out", required=True, help="emb.npy (an .npy array plus emb.paths.txt) or emb.parquet")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
