@@ -208,7 +208,8 @@ def _add_offline_docs(app: "FastAPI") -> None:
 def _check_number(name: str, value, low, high, *, low_open: bool = False) -> None:
     """``_check_range``, and NaN or infinity refused (they pass every comparison)."""
     if isinstance(value, float) and not math.isfinite(value):
-        raise AudioclfError(f"{name}={value!r} must be a finite number")
+        raise AudioclfError(f"{name}={value!r} must be a finite number, {'>' if low_open else '>='} {low:g} "
+                            f"and <= {high:g}")
     _check_range(name, value, low, high, low_open=low_open)
 
 
