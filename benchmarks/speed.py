@@ -5,6 +5,7 @@
     python benchmarks/speed.py --json           # one JSON object instead of the table
     python benchmarks/speed.py --model RUN_DIR  # time inference with this model instead of the benchmark's own run
     python benchmarks/speed.py --device cuda    # GPU LogMel, AMP and channels_last, as the trainer uses them
+    python benchmarks/speed.py --backbones      # only: each backbone's training step and inference latency (2 min)
 
 All figures come from one run on the same clips: the ESC-50 clips in ../shared/data/esc50 (5-s, 44.1 kHz),
 or generated 5-s 44.1 kHz clips when those are absent (or with --synthetic).
@@ -314,6 +315,60 @@ def bench_model(device: torch.device, n_classes: int, *, min_reps: int, min_s: f
             "amp_dtype": str(amp).removeprefix("torch.") if amp else None}
 
 
+def bench_backbones(device: torch.device, min_s: float) -> list[dict]:
+    """Each backbone set up as its recipe says (front end, batch size, AMP or not, channels_last): training
+    clips/s of forward + backward + AdamW on random features, the same in the other precision, and the
+    latency of one 5-s clip through the whole inference graph (waveform -> probabilities, batch 1)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from audioclf.backbones import BACKBONES
+    from audioclf.model import WaveformClassifier, build_network
+
+    rows = []
+    for name in ("resnet18", "mn04_as"):
+        cfg = resolve(overrides={"model": {"backbone": name, "pretrained": "none"}})
+        c, t, n_classes = cfg.features, cfg.train, 50
+        row = {"backbone": name, "params": 0, "batch": t.batch_size, "input": f"{c.n_mels} x {c.n_frames}"}
+        for amp_on in (t.amp, not t.amp):
+            model = build_network(cfg.model, n_classes, c.n_mels).to(device, memory_format=torch.channels_last).train()
+            row["params"] = sum(p.numel() for p in model.parameters())
+            amp = amp_dtype(device) if amp_on else None
+            opt = make_optimizer(model, replace(t, lr=1e-3), device)
+            x = torch.randn(t.batch_size, c.n_mels, c.n_frames, device=device)
+            y = torch.randint(0, n_classes, (t.batch_size,), device=device)
+
+            def step():
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    loss = F.cross_entropy(model(x).float(), y, label_smoothing=t.label_smoothing)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            key = "train_clips_per_s" if amp_on == t.amp else "train_clips_per_s_other"
+            row[key] = t.batch_size / timed(step, device, warmup=2, min_reps=3, min_s=min_s)
+            row[key.replace("clips_per_s", "dtype")] = str(amp).removeprefix("torch.") if amp else "float32"
+        net = WaveformClassifier(c, build_network(cfg.model, n_classes, c.n_mels)).to(device, memory_format=torch.channels_last).eval()
+        wave = 0.1 * torch.randn(1, c.n_samples, device=device)
+        with torch.inference_mode():
+            row["latency_ms"] = 1000 * timed(lambda: net(wave), device, warmup=3, min_reps=10, min_s=min_s)
+            with FlopCounterMode(display=False) as flops:
+                net.model(net.logmel(wave))
+        row["window_gflop"] = flops.get_total_flops() / 1e9
+        row["weights"] = BACKBONES[name].weights_file
+        rows.append(row)
+        log.info("%s: %s", name, row)
+    return rows
+
+
+def backbone_table(rows: list[dict]) -> str:
+    lines = ["| backbone | parameters | input (mels x frames) | batch | training clips/s | in the other precision | "
+             "inference ms per 5-s clip | GFLOP per clip |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['backbone']} | {r['params']:,} | {r['input']} | {r['batch']} | {r['train_clips_per_s']:.1f} "
+              f"({r['train_dtype']}) | {r['train_clips_per_s_other']:.1f} ({r['train_dtype_other']}) | "
+              f"{r['latency_ms']:.1f} | {r['window_gflop']:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------- whole runs
 
 def bench_pipeline(manifest: Path, device: torch.device, tmp: Path) -> tuple[float, float, Path]:
@@ -412,9 +467,14 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="run directory to time inference with (default: the benchmark's own training run)")
     p.add_argument("--clips", type=int, help="clips for the data-path and training figures (default 320, 64 with --quick)")
     p.add_argument("--synthetic", action="store_true", help="generated clips even when ESC-50 is present")
+    p.add_argument("--backbones", action="store_true", help="only the backbone comparison (training step, latency)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     device = resolve_device(args.device)
+    if args.backbones:
+        rows = bench_backbones(device, min_s=3.0)
+        print(json.dumps(rows, indent=1) if args.json else backbone_table(rows))
+        return 0
     n_clips = args.clips or (64 if args.quick else 320)
     n_predict = 32 if args.quick else 200
     long_s = 600.0 if args.quick else 3600.0

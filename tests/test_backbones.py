@@ -23,6 +23,7 @@ from audioclf.features import LogMel, kaldi_mel_filterbank
 from audioclf.mobilenet import MobileNet
 from audioclf.model import AudioMobileNet, build_model, build_network
 from audioclf.predict import load
+from _models import tiny_run  # noqa: F401 (a fixture)
 from conftest import ESC50, tone
 
 SHARED_WEIGHTS = ESC50.parents[1] / "weights"
@@ -241,7 +242,7 @@ def test_embeddings_of_any_backbone(mn_run, tiny_run, tmp_path):
         one = clf.embed(tone(440, 16000, 1.0), sample_rate=16000)
         two = clf.embed([tone(440, 16000, 1.0), tone(3000, 16000, 1.0)], sample_rate=16000)
         assert one.shape == (dim,) and two.shape == (2, dim)
-        np.testing.assert_allclose(two[0], one, atol=1e-5)
+        np.testing.assert_allclose(two[0], one, rtol=1e-4, atol=1e-4)  # batch of 2 vs 1: float rounding
         assert not np.allclose(two[0], two[1])
 
 

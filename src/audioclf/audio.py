@@ -5,6 +5,8 @@ Everything here works on 1-D ``float32`` numpy arrays in [-1, 1] at a known samp
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -18,16 +20,36 @@ from .config import AudioclfError
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au", ".opus")
 
 
+def link_problem(path) -> Optional[str]:
+    """Why the symlink ``path`` leads to no file ("broken symlink ...", "symlink loop ..."); None when
+    ``path`` is not a symlink or its target exists."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop (following the link leads back to it)"
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return f"broken symlink (its target {os.readlink(path)} does not exist)"
+        return f"cannot follow the symlink ({e.strerror})"
+    return None
+
+
 def _open(path) -> sf.SoundFile:
     path = Path(path)
     if not path.is_file():
-        raise AudioclfError(f"{path}: no such audio file")
+        raise AudioclfError(f"{path}: {link_problem(path) or 'no such audio file'}")
+    if not os.access(path, os.R_OK):
+        raise AudioclfError(f"{path}: permission denied (this user may not read the file)")
     if path.stat().st_size == 0:
         raise AudioclfError(f"{path}: the file is empty (0 bytes)")
     try:
-        return sf.SoundFile(str(path))
+        # Bytes, not str: soundfile encodes a str name strictly, so a name that is not valid UTF-8
+        # (surrogate-escaped by Python) would fail with UnicodeEncodeError.
+        return sf.SoundFile(os.fsencode(path))
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioclfError(f"{path}: soundfile cannot decode it ({e}); "
+        raise AudioclfError(f"{path}: soundfile cannot decode it ({getattr(e, 'error_string', e)}); "
                             f"readable formats: {', '.join(sorted(sf.available_formats()))}") from None
 
 

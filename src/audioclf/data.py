@@ -13,22 +13,23 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .audio import AUDIO_EXTENSIONS, fix_length, load_audio
+from .audio import AUDIO_EXTENSIONS, fix_length, link_problem, load_audio
 from .config import AudioclfError, DataConfig, FeatureConfig
 from .features import LogMel
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a sha256 of the contents is stored with them
 
 
 @dataclass(frozen=True)
@@ -54,34 +55,56 @@ class ClipSet:
 # ---------------------------------------------------------------------------------------------- sources
 
 def read_folder(root) -> ClipSet:
-    """``ROOT/<class name>/**/<clip>``: one sub-folder per class, class names sorted."""
+    """``ROOT/<class name>/**/<clip>``: one sub-folder per class, class names sorted. Symlinks that lead
+    to no file are listed in ``skipped`` with the reason."""
     root = Path(root)
     if not root.is_dir():
         raise AudioclfError(f"{root}: not a folder (format 'folder' wants ROOT/<class>/<clips>)")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    classes, clips = [], []
+    classes, clips, skipped = [], [], []
     for d in class_dirs:
-        files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+        files = []
+        for p in sorted(d.rglob("*")):
+            if p.suffix.lower() not in AUDIO_EXTENSIONS:
+                continue
+            if p.is_file():
+                files.append(p)
+            elif why := link_problem(p):
+                skipped.append((os.path.abspath(p), why))
         if not files:
             log.warning("%s: class folder holds no audio files (%s); left out", d, ", ".join(AUDIO_EXTENSIONS))
             continue
-        clips += [Clip(str(f.resolve()), len(classes)) for f in files]
+        clips += [Clip(os.path.realpath(f), len(classes)) for f in files]
         classes.append(d.name)
-    return ClipSet(clips, classes)
+    if skipped:
+        log.warning("%d symlink(s) lead to no file, e.g. %s: %s; they are left out", len(skipped), *skipped[0])
+    return ClipSet(clips, classes, skipped)
 
 
-def _read_table(path, required: Sequence[str]) -> list[dict]:
+def _read_table(path, required: Sequence[str]) -> list[tuple[int, dict]]:
+    """(line number, row) of each row of a UTF-8 CSV that has the ``required`` columns."""
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-            columns = rows[0].keys() if rows else []
+            reader = csv.DictReader(f)
+            rows = [(reader.line_num, r) for r in reader]
+            columns = reader.fieldnames or []
     except OSError as e:
         raise AudioclfError(f"{path}: cannot read the CSV ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise AudioclfError(f"{path}: not UTF-8 text (it holds the byte 0x{e.object[e.start]:02x}, as Latin-1 "
+                            f"or Windows-1252 files do); save the CSV as UTF-8") from None
+    except csv.Error as e:
+        raise AudioclfError(f"{path}: not a readable CSV ({e})") from None
+    if not columns:
+        raise AudioclfError(f"{path}: the CSV is empty; it needs a header line ({', '.join(required)}) "
+                            f"and one row per clip")
     missing = [c for c in required if c not in columns]
     if missing:
         raise AudioclfError(f"{path}: missing column(s) {', '.join(missing)}; "
-                            f"needed: {', '.join(required)}; found: {', '.join(columns) or 'no rows'}")
+                            f"needed: {', '.join(required)}; found: {', '.join(columns)}")
+    if not rows:
+        raise AudioclfError(f"{path}: the CSV has a header but no rows; add one row per clip")
     return rows
 
 
@@ -92,31 +115,69 @@ def _int(value, what: str, path) -> int:
         raise AudioclfError(f"{path}: {what}={value!r} is not an integer") from None
 
 
-def _from_rows(items: list[tuple[Path, str, Optional[int], Optional[str]]], classes: Optional[list[str]] = None) -> ClipSet:
-    """Rows of (path, class name, fold, group) -> ClipSet; rows whose file is missing are reported."""
-    classes = classes or sorted({name for _, name, _, _ in items})
+# One metadata row: audio file, class name, fold, group, line in the metadata file.
+Row = tuple[Path, str, Optional[int], Optional[str], int]
+
+
+def _one_row_per_file(rows: list[Row], source) -> list[Row]:
+    """Rows with each file listed once. The same file (``a.wav`` and ``./a.wav`` count as one) listed
+    again with the same label, fold and group is kept once, with a warning; with another label, fold or
+    group it is an error: it would carry two answers, or be tested on what it was trained on."""
+    by_file: dict[str, list[Row]] = {}
+    for row in rows:
+        if not row[1].strip():
+            raise AudioclfError(f"{source} line {row[4]}: the label of {row[0]} is empty; every row needs one")
+        by_file.setdefault(os.path.realpath(row[0]), []).append(row)
+    conflicts, repeats = [], []
+    for same in by_file.values():
+        for k, what in ((1, "labels"), (2, "folds"), (3, "groups")):
+            values = list(dict.fromkeys(r[k] for r in same))
+            if len(values) > 1:
+                conflicts.append(f"{same[0][0]} is on lines {', '.join(str(r[4]) for r in same)} with {what} "
+                                 f"{', '.join(map(repr, values))}")
+                break
+        else:
+            repeats += [(same[0], r) for r in same[1:]]
+    if conflicts:
+        raise AudioclfError(f"{source}: {len(conflicts)} audio file(s) listed more than once with different values: "
+                            f"{'; '.join(conflicts[:3])}{'; ...' if len(conflicts) > 3 else ''}. A file has one "
+                            f"label, fold and group (in two folds it is tested on what it was trained on): "
+                            f"remove the extra rows")
+    if repeats:
+        first, again = repeats[0]
+        log.warning("%s: %d duplicate row(s), each kept once; e.g. line %d repeats line %d (%s)",
+                    source, len(repeats), again[4], first[4], first[0])
+    return [same[0] for same in by_file.values()]
+
+
+def _from_rows(rows: list[Row], source, classes: Optional[list[str]] = None) -> ClipSet:
+    """Metadata rows -> ClipSet (``source``: the metadata file, for messages); rows whose file is missing
+    are listed in ``skipped``."""
+    rows = _one_row_per_file(rows, source)
+    classes = classes or sorted({name for _, name, _, _, _ in rows})
     index = {name: i for i, name in enumerate(classes)}
     clips, skipped = [], []
-    for path, name, fold, group in items:
+    for path, name, fold, group, _ in rows:
         if path.is_file():
-            clips.append(Clip(str(path.resolve()), index[name], fold, group))
+            clips.append(Clip(os.path.realpath(path), index[name], fold, group))
         else:
-            skipped.append((str(path), "file listed in the metadata is missing"))
+            skipped.append((os.path.abspath(path), link_problem(path) or "file listed in the metadata is missing"))
     if skipped:
-        log.warning("%d listed file(s) are missing, e.g. %s; they are left out", len(skipped), skipped[0][0])
+        log.warning("%d listed file(s) are missing, e.g. %s (%s); they are left out", len(skipped), *skipped[0])
     return ClipSet(clips, classes, skipped)
 
 
 def read_csv(path) -> ClipSet:
     """A manifest with columns ``path,label`` and optional ``fold``, ``group``; relative paths resolve
-    against the CSV's folder."""
+    against the CSV's folder. The same file listed twice must have the same label, fold and group."""
     path = Path(path)
-    rows = _read_table(path, ["path", "label"])
     items = []
-    for r in rows:
+    for line, r in _read_table(path, ["path", "label"]):
+        if not (r["path"] or "").strip():
+            raise AudioclfError(f"{path} line {line}: the path is empty; every row names an audio file")
         fold = _int(r["fold"], "fold", path) if r.get("fold") not in (None, "") else None
-        items.append((path.parent / r["path"], r["label"], fold, r.get("group") or None))
-    return _from_rows(items)
+        items.append((path.parent / r["path"], r["label"] or "", fold, r.get("group") or None, line))
+    return _from_rows(items, path)
 
 
 def read_esc50(root, esc10: bool = False) -> ClipSet:
@@ -126,14 +187,14 @@ def read_esc50(root, esc10: bool = False) -> ClipSet:
     meta = root / "meta" / "esc50.csv"
     rows = _read_table(meta, ["filename", "fold", "target", "category", "esc10", "src_file"])
     if esc10:
-        rows = [r for r in rows if r["esc10"].strip().lower() in ("true", "1")]
+        rows = [(line, r) for line, r in rows if r["esc10"].strip().lower() in ("true", "1")]
         if not rows:
             raise AudioclfError(f"{meta}: no row has esc10=True, so the --esc10 subset is empty")
-    by_target = {_int(r["target"], "target", meta): r["category"] for r in rows}
+    by_target = {_int(r["target"], "target", meta): r["category"] for _, r in rows}
     classes = [by_target[t] for t in sorted(by_target)]
-    items = [(root / "audio" / r["filename"], r["category"], _int(r["fold"], "fold", meta), r["src_file"])
-             for r in rows]
-    return _from_rows(items, classes)
+    items = [(root / "audio" / r["filename"], r["category"], _int(r["fold"], "fold", meta), r["src_file"], line)
+             for line, r in rows]
+    return _from_rows(items, meta, classes)
 
 
 def read_urbansound8k(root) -> ClipSet:
@@ -141,11 +202,11 @@ def read_urbansound8k(root) -> ClipSet:
     root = Path(root)
     meta = root / "metadata" / "UrbanSound8K.csv"
     rows = _read_table(meta, ["slice_file_name", "fsID", "fold", "classID", "class"])
-    by_id = {_int(r["classID"], "classID", meta): r["class"] for r in rows}
+    by_id = {_int(r["classID"], "classID", meta): r["class"] for _, r in rows}
     classes = [by_id[i] for i in sorted(by_id)]
     items = [(root / "audio" / f"fold{r['fold']}" / r["slice_file_name"], r["class"],
-              _int(r["fold"], "fold", meta), r["fsID"]) for r in rows]
-    return _from_rows(items, classes)
+              _int(r["fold"], "fold", meta), r["fsID"], line) for line, r in rows]
+    return _from_rows(items, meta, classes)
 
 
 def load_clips(config: DataConfig) -> ClipSet:
@@ -174,12 +235,13 @@ def check_classes(clipset: ClipSet, where) -> None:
 # ---------------------------------------------------------------------------------------------- splits
 
 def split_clips(clips: Sequence[Clip], *, val_fold: Optional[int] = None, test_fold: Optional[int] = None,
-                val_split: float = 0.2, seed: int = 42) -> dict[str, list[Clip]]:
+                val_split: float = 0.2, seed: int = 42, classes: Optional[Sequence[str]] = None) -> dict[str, list[Clip]]:
     """Split into ``train``/``val``/``test``.
 
     ``test_fold`` and ``val_fold`` take whole folds. Without ``val_fold``, validation is a stratified
     ``val_split`` fraction of the remaining clips chosen by whole groups (``StratifiedGroupKFold``), so
-    clips cut from one recording never straddle train and validation.
+    clips cut from one recording never straddle train and validation. A class that ends up with no
+    validation clips is named (``classes``: label -> name) in a warning.
     """
     folds = sorted({c.fold for c in clips if c.fold is not None})
     for name, k in (("val_fold", val_fold), ("test_fold", test_fold)):
@@ -195,22 +257,36 @@ def split_clips(clips: Sequence[Clip], *, val_fold: Optional[int] = None, test_f
     if not train or not val:
         raise AudioclfError(f"the split leaves {len(train)} training and {len(val)} validation clips; both need "
                             f"clips (add data, or change val_fold/val_split)")
+    in_train = Counter(c.label for c in train)
+    unvalidated = sorted(set(in_train) - {c.label for c in val})
+    if unvalidated:
+        log.warning("class(es) %s have no validation clips, so validation says nothing about them (a class with "
+                    "a single clip or recording can never be in validation); add clips to them",
+                    ", ".join(f"{classes[k] if classes else f'label {k}'!r} ({in_train[k]} training clip(s))"
+                              for k in unvalidated))
     return {"train": train, "val": val, "test": test}
 
 
 def group_split(clips: Sequence[Clip], val_split: float, seed: int) -> tuple[list[Clip], list[Clip]]:
-    """Stratified by label, whole groups to one side; about ``val_split`` of the clips go to validation."""
+    """Stratified by label, whole groups to one side; about ``val_split`` of the clips go to validation.
+    A class with a single group stays in training: in validation the model could not have learnt it."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     n_splits = max(2, int(round(1 / val_split)))
-    labels = np.array([c.label for c in clips])
-    groups = np.array([c.group if c.group is not None else c.path for c in clips])
-    if len(set(groups)) < n_splits:
-        raise AudioclfError(f"only {len(set(groups))} group(s): too few for a {val_split:.0%} validation split "
-                            f"that keeps groups apart; add data or give a val_fold")
+    groups = [c.group if c.group is not None else c.path for c in clips]
+    groups_of: dict[int, set] = {}
+    for c, g in zip(clips, groups):
+        groups_of.setdefault(c.label, set()).add(g)
+    single = {label for label, g in groups_of.items() if len(g) == 1}
+    pool = [i for i, c in enumerate(clips) if c.label not in single]
+    for n_groups, where in ((len(set(groups)), ""), (len({groups[i] for i in pool}), " outside single-group classes")):
+        if n_groups < n_splits:
+            raise AudioclfError(f"only {n_groups} group(s){where}: too few for a {val_split:.0%} validation split "
+                                f"that keeps groups apart; add data or give a val_fold")
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    train_idx, val_idx = next(splitter.split(np.zeros(len(clips)), labels, groups))
-    return [clips[i] for i in train_idx], [clips[i] for i in val_idx]
+    _, val_idx = next(splitter.split(np.zeros(len(pool)), [clips[i].label for i in pool], [groups[i] for i in pool]))
+    val = {pool[j] for j in val_idx}
+    return [c for i, c in enumerate(clips) if i not in val], [clips[i] for i in sorted(val)]
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -223,12 +299,114 @@ def cache_key(clips: Sequence[Clip], features: FeatureConfig) -> str:
     """Changes when any file (path, size, mtime) or feature setting changes."""
     h = hashlib.sha256(json.dumps([CACHE_VERSION, asdict(features)], sort_keys=True).encode())
     for c in clips:
+        h.update(os.fsencode(c.path))  # bytes: a file name need not be valid UTF-8
         try:
             st = os.stat(c.path)
-            h.update(f"{c.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
-            h.update(f"{c.path}\0missing\n".encode())
+            h.update(b"\0missing\n")
     return h.hexdigest()[:20]
+
+
+def check_cache_dir(path) -> Path:
+    """Create the feature cache folder ``path`` if needed and check that a file can be written in it.
+
+    Called before any feature is computed, so a bad folder fails in a second, not after the whole build.
+
+    Raises:
+        AudioclfError: naming ``path``, when it is a file, lies under a file, or is not writable.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except FileExistsError:
+        raise AudioclfError(f"cache_dir {path}: is a file, not a folder; give a folder (--cache-dir)") from None
+    except NotADirectoryError:
+        raise AudioclfError(f"cache_dir {path}: lies under a file, so it cannot be a folder; give a folder "
+                            f"(--cache-dir)") from None
+    except OSError as e:
+        raise AudioclfError(f"cache_dir {path}: cannot write the feature cache there ({e.strerror}); give a "
+                            f"writable folder (--cache-dir)") from None
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_orphans(cache_dir: Path) -> None:
+    """Delete ``features-*.tmp<pid>`` files whose build process is gone (killed while writing)."""
+    for p in cache_dir.glob("features-*.tmp*"):
+        pid = p.suffix.removeprefix(".tmp")
+        if pid.isdigit() and (int(pid) <= 0 or not _pid_alive(int(pid))):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                log.info("removed %s, left by a cache build that was killed (process %s)", p, pid)
+
+
+def _checksum(frames: torch.Tensor, offsets: torch.Tensor, kept: torch.Tensor, skipped: list) -> str:
+    h = hashlib.sha256()
+    for t in (frames, offsets, kept):
+        h.update(t.contiguous().numpy())
+    h.update(json.dumps(skipped).encode())
+    return h.hexdigest()
+
+
+def _length_batches(waves: list[tuple[int, torch.Tensor]], budget: int) -> Iterator[list[tuple[int, torch.Tensor]]]:
+    """Sorted by length, in batches whose padded size (clips x longest) stays within ``budget`` samples;
+    a clip longer than that comes alone."""
+    batch: list[tuple[int, torch.Tensor]] = []
+    for i, w in sorted(waves, key=lambda iw: iw[1].shape[0]):
+        if batch and (len(batch) + 1) * w.shape[0] > budget:
+            yield batch
+            batch = []
+        batch.append((i, w))
+    if batch:
+        yield batch
+
+
+def _log_mels(logmel: LogMel, waves: list[tuple[int, torch.Tensor]], budget: int,
+              device) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index, log-mel) of each (index, waveform), in STFT calls of about ``budget`` samples at most, so
+    memory is bounded by the budget or by the longest clip alone, never by clips x longest clip.
+
+    Zero-padding a batch to its longest clip and trimming after is exact: the centred STFT pads each
+    clip's end with zeros anyway, and zeros change no peak. A clip longer than ``budget`` is taken alone,
+    in blocks of frames.
+    """
+    hop = logmel.config.hop_length
+    for batch in _length_batches(waves, budget):
+        if batch[0][1].shape[0] > budget:
+            (i, w), = batch
+            yield i, _log_mel_blocks(logmel, w.to(device), max(1, budget // hop)).cpu()
+            continue
+        n = batch[-1][1].shape[0]
+        padded = torch.stack([torch.nn.functional.pad(w, (0, n - w.shape[0])) for _, w in batch]).to(device)
+        for (i, w), m in zip(batch, logmel(padded).cpu()):
+            yield i, m[:, : 1 + w.shape[0] // hop].clone()
+
+
+def _log_mel_blocks(logmel: LogMel, wave: torch.Tensor, block_frames: int) -> torch.Tensor:
+    """``logmel(wave)`` of one long (time,) clip, ``block_frames`` frames at a time."""
+    hop = logmel.config.hop_length
+    margin = -(-logmel.config.n_fft // hop) * hop  # whole hops, >= n_fft: each block's frames see all their samples
+    wave = logmel.peak(wave)  # the whole clip's peak, as logmel(wave) would use
+    n_frames = 1 + wave.shape[-1] // hop
+    blocks = []
+    for t0 in range(0, n_frames, block_frames):
+        t1 = min(n_frames, t0 + block_frames)
+        start = max(0, t0 * hop - margin)
+        m = logmel.mel_frames(wave[start: t1 * hop + margin])
+        blocks.append(m[:, t0 - start // hop: t1 - start // hop])
+    return torch.cat(blocks, dim=1)
 
 
 class _Decode(torch.utils.data.Dataset):
@@ -321,11 +499,15 @@ class FeatureBank:
         if path.is_file():
             try:
                 d = torch.load(path, map_location="cpu", weights_only=True)
+                if d.get("sha256") != _checksum(d["frames"], d["offsets"], d["kept"], d["skipped"]):
+                    raise ValueError("its checksum does not match: the file changed after it was written")
+                if not torch.isfinite(d["frames"]).all():
+                    raise ValueError("it holds NaN or infinite features")
                 clips = [clipset.clips[i] for i in d["kept"].tolist()]
                 decode_skipped = [tuple(s) for s in d["skipped"]]
                 bank = cls(d["frames"], d["offsets"], clips, clipset.skipped + decode_skipped, features.n_frames)
-            except Exception as e:  # a damaged cache is rebuilt, never fatal
-                log.warning("feature cache %s unreadable (%s); rebuilding", path, e)
+            except Exception as e:  # a damaged or altered cache is rebuilt, never trusted, never fatal
+                log.warning("feature cache %s cannot be used (%s); rebuilding it", path, e)
             else:
                 # A cache written by a lenient build still holds the clips strict mode must refuse.
                 if strict and decode_skipped:
@@ -333,30 +515,35 @@ class FeatureBank:
                 log.info("feature cache hit: %s (%d clips)", path, len(clips))
                 return bank
 
+        check_cache_dir(cache_dir)
+        _remove_orphans(cache_dir)
         logmel = LogMel(features).to(device)
         workers = auto_workers() if num_workers is None else num_workers
+        # Its own generator: the base seed the loader draws for its workers must not come from (and
+        # advance) the global RNG, or a cold cache would change the model's initialisation.
         loader = torch.utils.data.DataLoader(_Decode([c.path for c in clipset.clips], features), batch_size=batch_size,
-                                             num_workers=workers, collate_fn=_identity)
+                                             num_workers=workers, collate_fn=_identity, generator=torch.Generator())
+        budget = batch_size * max(features.n_samples, features.n_fft)  # samples per STFT call
         pieces: list[Optional[torch.Tensor]] = [None] * len(clipset.clips)
         skipped = []
+
+        def skip(i: int, why: str) -> None:
+            if strict:
+                raise AudioclfError(f"unreadable clip (strict mode): {why}")
+            log.warning("skipping clip: %s", why)
+            skipped.append((clipset.clips[i].path, why))
+
         with tqdm(total=len(clipset.clips), desc="features", unit="clip", disable=True if quiet else None) as bar, \
-                _cpu_threads_beside(workers, torch.device(device)):
+                _cpu_threads_beside(workers, torch.device(device)), torch.no_grad():
             for batch in loader:
-                good = [(i, w) for i, w, _ in batch if w is not None]
                 for i, _, err in batch:
                     if err is not None:
-                        if strict:
-                            raise AudioclfError(f"unreadable clip (strict mode): {err}")
-                        log.warning("skipping clip: %s", err)
-                        skipped.append((clipset.clips[i].path, err))
-                if good:
-                    n = max(w.shape[0] for _, w in good)
-                    waves = torch.stack([torch.nn.functional.pad(w, (0, n - w.shape[0])) for _, w in good]).to(device)
-                    with torch.no_grad():
-                        mels = logmel(waves).cpu()
-                    # Zero-padding then trimming is exact: the STFT pads each clip's end with zeros anyway.
-                    for (i, w), m in zip(good, mels):
-                        pieces[i] = m[:, : 1 + w.shape[0] // features.hop_length].clone()
+                        skip(i, err)
+                for i, m in _log_mels(logmel, [(i, w) for i, w, _ in batch if w is not None], budget, device):
+                    if torch.isfinite(m).all():
+                        pieces[i] = m
+                    else:
+                        skip(i, f"{clipset.clips[i].path}: its features hold NaN or infinite values")
                 bar.update(len(batch))
         kept = [i for i, p in enumerate(pieces) if p is not None]
         if not kept:
@@ -364,9 +551,15 @@ class FeatureBank:
         lengths = torch.tensor([pieces[i].shape[1] for i in kept])
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         frames = torch.cat([pieces[i] for i in kept], dim=1)
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        kept_t, skipped_l = torch.tensor(kept), [list(s) for s in skipped]
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"frames": frames, "offsets": offsets, "kept": torch.tensor(kept), "skipped": [list(s) for s in skipped]}, tmp)
-        os.replace(tmp, path)
-        log.info("feature cache written: %s", path)
+        try:
+            torch.save({"frames": frames, "offsets": offsets, "kept": kept_t, "skipped": skipped_l,
+                        "sha256": _checksum(frames, offsets, kept_t, skipped_l)}, tmp)
+            os.replace(tmp, path)
+            log.info("feature cache written: %s", path)
+        except (OSError, RuntimeError) as e:  # disk full (torch.save raises RuntimeError): train uncached
+            log.warning("could not write the feature cache %s (%s); the next run will compute it again", path, e)
+        finally:
+            tmp.unlink(missing_ok=True)
         return cls(frames, offsets, [clipset.clips[i] for i in kept], clipset.skipped + skipped, features.n_frames)

@@ -198,7 +198,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False) -> dict:
         if not master:
             bank = build()
         splits = split_clips(bank.clips, val_fold=config.data.val_fold, test_fold=config.data.test_fold,
-                             val_split=config.data.val_split, seed=t.seed)
+                             val_split=config.data.val_split, seed=t.seed, classes=clipset.classes)
         for name, clips in splits.items():
             if clips:
                 log.info("%-5s: %s", name, clipset.describe(clips))
@@ -402,7 +402,7 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:  # names as on disk
         w = csv.writer(f)
         w.writerow(["path", "reason"])
         w.writerows(skipped)
@@ -413,7 +413,7 @@ def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
 def _log_to_file(path: Path) -> logging.Handler:
     """Copy the library's log to the run directory (removed again when the run ends)."""
     root = logging.getLogger("audioclf")
-    h = logging.FileHandler(path)
+    h = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")  # file names need not be UTF-8
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(h)
     if root.level == logging.NOTSET or root.level > logging.INFO:
