@@ -150,7 +150,9 @@ def as_waveform(audio, sample_rate: Optional[int], target_sr: int) -> np.ndarray
 
 
 def _check_readable(path) -> None:
-    """Say so when this user may not read ``path`` (the decoder would call it undecodable)."""
+    """Say so when this process may not read ``path`` (the decoder would call it undecodable). Tried with
+    open() itself: ``os.access`` (audio._open's check) asks about the real user, not the effective one that
+    a setuid or privilege-dropping server reads as."""
     try:
         with open(path, "rb"):
             pass
