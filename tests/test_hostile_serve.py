@@ -240,6 +240,32 @@ def test_silent_and_half_sent_connections_are_closed(classifier):
 
 
 @pytest.mark.slow
+def test_connections_past_max_connections_get_503(classifier):
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(create_app(classifier), host="127.0.0.1", port=0, log_level="warning",
+                                           **serve_module.uvicorn_options(30.0, max_connections=2)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        with httpx.Client(base_url=url, timeout=30) as http:
+            assert http.get("/health").status_code == 200
+            held = [socket.create_connection(server.servers[0].sockets[0].getsockname()[:2]) for _ in range(2)]
+            time.sleep(0.2)
+            assert http.get("/health").status_code == 503
+            for s in held:
+                s.close()
+            time.sleep(0.2)
+            assert http.get("/health").status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.mark.slow
 def test_a_long_request_does_not_starve_short_ones(classifier, monkeypatch):
     real = classifier._forward
     long_steps = []
@@ -287,6 +313,7 @@ def test_cors_is_off_by_default_and_one_origin_can_be_allowed(classifier):
     (["--port", "70000"], "port=70000"), (["--port", "-1"], "port=-1"),
     (["--max-audio-s", "nan"], "max_audio_s=nan"), (["--max-audio-s", "0"], "max_audio_s=0"),
     (["--max-windows", "0"], "max_windows=0"), (["--timeout-s", "-1"], "timeout_s=-1"),
+    (["--max-connections", "0"], "max_connections=0"),
 ])
 def test_serve_flags_out_of_range_are_one_line_and_exit_2(model_path, monkeypatch, capsys, flags, named):
     monkeypatch.setattr(serve_module.uvicorn, "run", lambda *a, **k: pytest.fail("served despite a bad flag"))
@@ -302,6 +329,7 @@ def test_serve_passes_the_limits_through(model_path, monkeypatch):
                  "https://app.example", "--device", "cpu"]) == 0
     (app, kw), = calls
     assert kw["timeout_keep_alive"] == 3 and kw["http"] is serve_module.HeaderDeadlineProtocol
+    assert kw["limit_concurrency"] == serve_module.MAX_CONNECTIONS
     with TestClient(app) as c:
         r = post(c, wav_bytes(silence(2.5)))
         assert r.status_code == 413 and "limit is 2 s" in r.json()["detail"]

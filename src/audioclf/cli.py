@@ -143,7 +143,8 @@ def cmd_predict(args) -> int:
 def cmd_serve(args) -> int:
     from .serve import serve
 
-    limits = {k: getattr(args, k) for k in ("max_upload_mb", "max_audio_s", "max_windows", "timeout_s", "cors_origin")}
+    limits = {k: getattr(args, k) for k in ("max_upload_mb", "max_audio_s", "max_windows", "timeout_s", "cors_origin",
+                                            "max_connections")}
     serve(args.model, host=args.host, port=args.port, device=args.device,
           **{k: v for k, v in limits.items() if v is not None})
     return 0
@@ -243,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-audio-s", type=float, help="longest decoded audio in s, else 413 (default 600)")
     p.add_argument("--max-windows", type=int, help="most sliding windows per request, else 422 (default 2000)")
     p.add_argument("--timeout-s", type=float, help="seconds a client may stall: headers, body, idle (default 10)")
+    p.add_argument("--max-connections", type=int, help="open connections before requests get 503 (default 64)")
     p.add_argument("--cors-origin", help="let pages from this one origin call the API (default: none)")
     p.set_defaults(func=cmd_serve)
 

@@ -66,6 +66,9 @@ CLIENT_CLOSED = 499
 # Seconds a client may stay silent: before its request's headers are complete, between parts of its
 # body, and idle between requests
 TIMEOUT_S = 10.0
+# Open connections (requests included) before new requests get 503: each request may hold an upload,
+# twice over on disk (the upload spool and its decodable copy)
+MAX_CONNECTIONS = 64
 # What the page may load: itself, its inline style and script, and the blob: URL of the chosen file.
 PAGE_CSP = ("default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
             "media-src blob:; img-src data:; object-src 'none'; base-uri 'none'")
@@ -343,17 +346,22 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
     return app
 
 
-def serve(model_path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", **limits) -> None:
+def serve(model_path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+          max_connections: int = MAX_CONNECTIONS, **limits) -> None:
     """Load the model and serve it with uvicorn on ``host:port`` until interrupted; ``limits`` are
     :func:`create_app`'s keyword arguments. ``timeout_s`` also bounds how long a connection may wait
-    for a request's headers and stay idle between requests."""
+    for a request's headers and stay idle between requests; past ``max_connections`` open connections,
+    requests get 503."""
     _check_number("port", port, 0, 65535)
+    _check_number("max_connections", max_connections, 1, 10**5)
     app = create_app(model_path, device=device, **limits)
     log.info("serving %s on http://%s:%d (web page at /, API docs at /docs)", model_path, host, port)
-    uvicorn.run(app, host=host, port=port, log_level="info", **uvicorn_options(limits.get("timeout_s", TIMEOUT_S)))
+    uvicorn.run(app, host=host, port=port, log_level="info",
+                **uvicorn_options(limits.get("timeout_s", TIMEOUT_S), max_connections))
 
 
-def uvicorn_options(timeout_s: float) -> dict:
-    """uvicorn settings that bound how long a silent client holds a connection: ``timeout_s`` to
-    complete a request's headers, and as much idle between requests."""
-    return {"http": HeaderDeadlineProtocol, "timeout_keep_alive": timeout_s}
+def uvicorn_options(timeout_s: float, max_connections: int = MAX_CONNECTIONS) -> dict:
+    """uvicorn settings that bound what clients can hold: ``max_connections`` open connections (requests
+    beyond get 503), each silent for at most ``timeout_s`` before its request's headers are complete, and
+    as long idle between requests."""
+    return {"http": HeaderDeadlineProtocol, "timeout_keep_alive": timeout_s, "limit_concurrency": max_connections}
