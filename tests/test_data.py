@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import audioclf.data as data_module
-from audioclf.audio import fix_length, load_audio
+from audioclf.audio import inference_windows, load_audio
 from audioclf.config import AudioclfError, DataConfig, FeatureConfig
 from audioclf.data import (Clip, ClipSet, FeatureBank, check_classes, default_cache_dir, load_clips, read_csv,
                            read_esc50, read_folder, read_urbansound8k, split_clips)
@@ -315,19 +315,18 @@ def build(clipset, features=FEATURES, **kw):
 
 def test_feature_bank_matches_logmel_of_each_clip(small_set, tmp_path):
     cs = read_folder(small_set)
-    short = FeatureConfig(sample_rate=22050, duration_s=0.5)  # clips (1 s) are longer: kept whole
+    short = FeatureConfig(sample_rate=22050, duration_s=0.5)  # clips (1 s) are longer: in windows, as prediction cuts them
     long = FeatureConfig(sample_rate=22050, duration_s=1.5)  # clips are shorter: zero-padded first
     for features in (short, long):
         bank = build(cs, features, cache_dir=tmp_path / "cache", batch_size=5)
         assert len(bank) == len(cs.clips) and bank.skipped == []
         logmel = LogMel(features)
         for i in (0, 5, 11):
-            wave = load_audio(cs.clips[i].path, 22050)
-            if wave.size < features.n_samples:
-                wave = fix_length(wave, features.n_samples)
-            want = logmel(torch.from_numpy(wave))
+            wave = torch.from_numpy(load_audio(cs.clips[i].path, 22050))
+            windows = inference_windows(wave, features.n_samples, features.n_samples // 2)
+            want = torch.cat([logmel(w) for w in windows], dim=1)
             got = bank.clip_frames(i)
-            assert got.shape == want.shape and got.shape[1] >= features.n_frames
+            assert got.shape == want.shape and got.shape[1] == len(windows) * features.n_frames
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert bank.clip_frames(0).shape[1] == long.n_frames
 
@@ -339,18 +338,20 @@ def test_feature_bank_batch_crops(small_set, tmp_path):
     idx = torch.tensor([0, 4, 8])
     x, y = bank.batch(idx)
     assert x.shape == (3, 80, features.n_frames) and y.tolist() == [cs.clips[i].label for i in (0, 4, 8)]
-    full = bank.clip_frames(4)
-    excess = full.shape[1] - features.n_frames
-    assert torch.equal(x[1], full[:, excess // 2: excess // 2 + features.n_frames])  # centre crop
+    full = bank.clip_frames(4)  # 1-s clip in 0.5-s windows every 0.25 s, the last one end-aligned: 4 windows
+    windows = full.split(features.n_frames, dim=1)
+    assert len(windows) == 4 and torch.equal(x[1], windows[1])  # the middle window (of 0..3, the lower)
     g = torch.Generator().manual_seed(0)
-    starts = set()
+    picked = set()
     for _ in range(20):
         xr, _ = bank.batch(idx, random_crop=True, generator=g)
-        windows = full.unfold(1, features.n_frames, 1)  # (n_mels, excess + 1, n_frames)
-        match = [s for s in range(excess + 1) if torch.equal(windows[:, s], xr[1])]
+        match = [k for k, w in enumerate(windows) if torch.equal(w, xr[1])]
         assert match
-        starts.add(match[0])
-    assert len(starts) > 3
+        picked.add(match[0])
+    assert picked == {0, 1, 2, 3}
+    again = torch.Generator().manual_seed(0)
+    assert torch.equal(bank.batch(idx, random_crop=True, generator=again)[0],
+                       bank.batch(idx, random_crop=True, generator=torch.Generator().manual_seed(0))[0])
     assert torch.equal(bank.indices([cs.clips[8], cs.clips[0]]), torch.tensor([8, 0]))
 
 

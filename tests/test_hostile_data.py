@@ -290,22 +290,30 @@ def test_permission_denied_is_told_apart_from_undecodable(tmp_path, monkeypatch)
 
 # ------------------------------------------------------------------------------------------ long clips
 
-def test_a_long_clip_in_blocks_gives_what_logmel_gives_for_the_clip_alone(tmp_path):
+def test_training_features_of_a_long_clip_are_what_prediction_computes(tmp_path):
+    """Peak normalisation per inference window in both paths: the cache holds, for each clip, the features
+    prediction computes for the same samples (a quiet stretch of a long clip is not scaled by a loud one)."""
+    from audioclf.predict import prepare
+
     root = two_class_folder(tmp_path / "data")
-    long = wav(root / "low" / "long.wav", 250.0, duration_s=7.3, seed=9)
+    loud_then_quiet = np.concatenate([0.9 * tone(250.0, SR, 2.0), 0.01 * tone(250.0, SR, 5.3)])
+    long = root / "low" / "long.wav"
+    sf.write(long, loud_then_quiet, SR, subtype="FLOAT")
     cs = read_folder(root)
-    # batch_size=2: a budget of 2 x 0.5 s per STFT call, so the 7.3-s clip is taken in 16-frame blocks
     bank = build(cs, tmp_path / "cache", batch_size=2)
     logmel = LogMel(FEATURES)
     for i, c in enumerate(bank.clips):
-        wave = torch.from_numpy(load_audio(c.path, SR))
-        want = logmel(torch.nn.functional.pad(wave, (0, max(0, FEATURES.n_samples - wave.shape[0]))))
+        source = prepare(c.path, None, FEATURES, FEATURES.n_samples, FEATURES.n_samples // 2)
+        want = torch.cat([logmel(torch.from_numpy(np.asarray(w))) for _, w in source.windows], dim=1)
         got = bank.clip_frames(i)
         assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         if c.path == str(long):
-            assert torch.equal(got, want)
-        else:
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            assert got.shape[1] == 29 * FEATURES.n_frames  # 7.3 s in 0.5-s windows every 0.25 s, the last end-aligned
+            x, _ = bank.batch(torch.tensor([i]))  # validation: the middle window
+            assert torch.equal(x[0], got[:, 14 * FEATURES.n_frames: 15 * FEATURES.n_frames])
+            quiet = logmel(torch.from_numpy(loud_then_quiet[-FEATURES.n_samples:]))
+            torch.testing.assert_close(got[:, -FEATURES.n_frames:], quiet, rtol=1e-5, atol=1e-5)  # scaled alone
 
 
 PEAK_RSS = textwrap.dedent("""

@@ -130,6 +130,33 @@ def fix_length(wave: torch.Tensor | np.ndarray, n_samples: int, *, random_crop: 
     return wave
 
 
+# A clip at most this much longer than the window is centre-cropped to one window: sliding windows would
+# only add a second window that overlaps the first almost entirely.
+CROP_SLACK = 0.1
+
+
+def default_hop(window: int) -> int:
+    """Samples between the windows of a long recording unless told otherwise: half a window."""
+    return max(1, window // 2)
+
+
+def inference_windows(wave: torch.Tensor, window: int, hop: int) -> torch.Tensor:
+    """The windows a model classifies in one recording, ``(k, window)``: the clip centre-cropped or
+    zero-padded to one window when it is at most ``CROP_SLACK`` longer, else a window every ``hop``
+    samples plus one ending exactly at the end (``predict.sliding_windows`` streams the same ones).
+
+    Training caches the features of exactly these windows, each peak-normalised on its own, so a model
+    sees in training what it sees in prediction.
+    """
+    n = wave.shape[-1]
+    if n <= window * (1 + CROP_SLACK):
+        return fix_length(wave, window)[None]
+    starts = list(range(0, n - window + 1, hop))
+    if starts[-1] + window < n:
+        starts.append(n - window)
+    return torch.stack([wave[s:s + window] for s in starts])
+
+
 def find_audio_files(root) -> list[Path]:
     """All audio files below ``root`` (recursive), sorted for a stable order."""
     root = Path(root)

@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .audio import AUDIO_EXTENSIONS, fix_length, link_problem, load_audio
+from .audio import AUDIO_EXTENSIONS, default_hop, fix_length, inference_windows, link_problem, load_audio
 from .config import AudioclfError, DataConfig, FeatureConfig
 from .features import LogMel
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: a sha256 of the contents is stored with them
+CACHE_VERSION = 3  # 2: a sha256 of the contents is stored with them; 3: the features of inference windows
 
 
 @dataclass(frozen=True)
@@ -360,53 +360,25 @@ def _checksum(frames: torch.Tensor, offsets: torch.Tensor, kept: torch.Tensor, s
     return h.hexdigest()
 
 
-def _length_batches(waves: list[tuple[int, torch.Tensor]], budget: int) -> Iterator[list[tuple[int, torch.Tensor]]]:
-    """Sorted by length, in batches whose padded size (clips x longest) stays within ``budget`` samples;
-    a clip longer than that comes alone."""
-    batch: list[tuple[int, torch.Tensor]] = []
-    for i, w in sorted(waves, key=lambda iw: iw[1].shape[0]):
-        if batch and (len(batch) + 1) * w.shape[0] > budget:
-            yield batch
-            batch = []
-        batch.append((i, w))
-    if batch:
-        yield batch
-
-
-def _log_mels(logmel: LogMel, waves: list[tuple[int, torch.Tensor]], budget: int,
+def _log_mels(logmel: LogMel, waves: list[tuple[int, torch.Tensor]], batch_size: int,
               device) -> Iterator[tuple[int, torch.Tensor]]:
-    """(index, log-mel) of each (index, waveform), in STFT calls of about ``budget`` samples at most, so
-    memory is bounded by the budget or by the longest clip alone, never by clips x longest clip.
+    """(index, features) of each (index, waveform): the features of its inference windows
+    (``audio.inference_windows``, each peak-normalised alone), concatenated along time, so the cache
+    holds exactly what prediction computes for the same samples.
 
-    Zero-padding a batch to its longest clip and trimming after is exact: the centred STFT pads each
-    clip's end with zeros anyway, and zeros change no peak. A clip longer than ``budget`` is taken alone,
-    in blocks of frames.
+    Windows go through ``logmel`` ``batch_size`` at a time, whichever clips they come from: memory is
+    bounded by the batch (and the one clip being cut), never by clips x longest clip.
     """
-    hop = logmel.config.hop_length
-    for batch in _length_batches(waves, budget):
-        if batch[0][1].shape[0] > budget:
-            (i, w), = batch
-            yield i, _log_mel_blocks(logmel, w.to(device), max(1, budget // hop)).cpu()
-            continue
-        n = batch[-1][1].shape[0]
-        padded = torch.stack([torch.nn.functional.pad(w, (0, n - w.shape[0])) for _, w in batch]).to(device)
-        for (i, w), m in zip(batch, logmel(padded).cpu()):
-            yield i, m[:, : 1 + w.shape[0] // hop].clone()
-
-
-def _log_mel_blocks(logmel: LogMel, wave: torch.Tensor, block_frames: int) -> torch.Tensor:
-    """``logmel(wave)`` of one long (time,) clip, ``block_frames`` frames at a time."""
-    hop = logmel.config.hop_length
-    margin = -(-logmel.config.n_fft // hop) * hop  # whole hops, >= n_fft: each block's frames see all their samples
-    wave = logmel.peak(wave)  # the whole clip's peak, as logmel(wave) would use
-    n_frames = 1 + wave.shape[-1] // hop
-    blocks = []
-    for t0 in range(0, n_frames, block_frames):
-        t1 = min(n_frames, t0 + block_frames)
-        start = max(0, t0 * hop - margin)
-        m = logmel.mel_frames(wave[start: t1 * hop + margin])
-        blocks.append(m[:, t0 - start // hop: t1 - start // hop])
-    return torch.cat(blocks, dim=1)
+    c = logmel.config
+    todo = [(i, inference_windows(w, c.n_samples, default_hop(c.n_samples))) for i, w in waves]
+    flat = [(i, win) for i, wins in todo for win in wins]  # views into the clips, no copies yet
+    out: dict[int, list[torch.Tensor]] = {i: [] for i, _ in todo}
+    for k in range(0, len(flat), batch_size):
+        chunk = flat[k:k + batch_size]
+        for (i, _), m in zip(chunk, logmel(torch.stack([win for _, win in chunk]).to(device)).cpu()):
+            out[i].append(m)
+    for i, _ in todo:
+        yield i, torch.cat(out.pop(i), dim=1)
 
 
 class _Decode(torch.utils.data.Dataset):
@@ -452,9 +424,9 @@ def auto_workers() -> int:
 
 
 class FeatureBank:
-    """Log-mel features of every readable clip, concatenated along time: ``frames`` (n_mels, total)
-    with ``offsets`` (clips + 1). Clip ``i`` is ``frames[:, offsets[i]:offsets[i+1]]``, at least
-    ``n_frames`` long (short clips are zero-padded before the STFT)."""
+    """Features of every readable clip, concatenated along time: ``frames`` (n_mels, total) with
+    ``offsets`` (clips + 1). Clip ``i`` is ``frames[:, offsets[i]:offsets[i+1]]``: the features of its
+    inference windows (``audio.inference_windows``), ``n_frames`` each, one after the other."""
 
     def __init__(self, frames: torch.Tensor, offsets: torch.Tensor, clips: list[Clip],
                  skipped: list[tuple[str, str]], n_frames: int):
@@ -470,14 +442,14 @@ class FeatureBank:
 
     def batch(self, indices: torch.Tensor, *, random_crop: bool = False,
               generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch, n_mels, n_frames) features and (batch,) labels of clips ``indices``; clips longer than
-        ``n_frames`` are cropped at a random offset (training) or at the centre."""
-        excess = self.lengths[indices] - self.n_frames
+        """(batch, n_mels, n_frames) features and (batch,) labels of clips ``indices``: of a long clip, one
+        of its windows drawn at random (training) or the middle one."""
+        windows = self.lengths[indices] // self.n_frames
         if random_crop:
-            start = (torch.rand(len(indices), generator=generator) * (excess + 1)).long()
+            pick = (torch.rand(len(indices), generator=generator) * windows).long()
         else:
-            start = excess // 2
-        start = start + self.offsets[indices]
+            pick = (windows - 1) // 2
+        start = self.offsets[indices] + pick * self.n_frames
         x = torch.stack([self.frames[:, s:s + self.n_frames] for s in start.tolist()])
         return x, self.labels[indices]
 
@@ -523,7 +495,6 @@ class FeatureBank:
         # advance) the global RNG, or a cold cache would change the model's initialisation.
         loader = torch.utils.data.DataLoader(_Decode([c.path for c in clipset.clips], features), batch_size=batch_size,
                                              num_workers=workers, collate_fn=_identity, generator=torch.Generator())
-        budget = batch_size * max(features.n_samples, features.n_fft)  # samples per STFT call
         pieces: list[Optional[torch.Tensor]] = [None] * len(clipset.clips)
         skipped = []
 
@@ -539,7 +510,7 @@ class FeatureBank:
                 for i, _, err in batch:
                     if err is not None:
                         skip(i, err)
-                for i, m in _log_mels(logmel, [(i, w) for i, w, _ in batch if w is not None], budget, device):
+                for i, m in _log_mels(logmel, [(i, w) for i, w, _ in batch if w is not None], batch_size, device):
                     if torch.isfinite(m).all():
                         pieces[i] = m
                     else:

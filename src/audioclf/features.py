@@ -188,14 +188,8 @@ class LogMel(nn.Module):
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """(..., time) waveform in [-1, 1] -> (..., n_mels, 1 + time // hop_length) features."""
-        return self.mel_frames(self.peak(wave))
-
-    def mel_frames(self, wave: torch.Tensor) -> torch.Tensor:
-        """``forward`` after peak normalisation: (..., time) -> (..., n_mels, 1 + time // hop_length).
-        Each frame depends on its own samples (and, with pre-emphasis, the one before) only, so a long clip
-        can be taken in blocks of frames."""
         c = self.config
-        mel = self.mel(self.spectrogram(self.preemphasis(wave)))
+        mel = self.mel(self.spectrogram(self.preemphasis(self.peak(wave))))
         x = torch.log1p(c.mel_gain * mel) if c.compression == "log1p" else torch.log(mel + LOG_FLOOR)
         return x if (c.offset, c.scale) == (0.0, 1.0) else (x + c.offset) / c.scale
 

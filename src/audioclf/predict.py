@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .audio import AUDIO_EXTENSIONS, audio_duration_s, find_audio_files, fix_length, load_audio, resample, stream_audio
+from .audio import (AUDIO_EXTENSIONS, CROP_SLACK, audio_duration_s, default_hop, find_audio_files, fix_length, load_audio,
+                    resample, stream_audio)
 from .checkpoint import atomic_path, load_model
 from .config import AudioclfError, FeatureConfig, RunConfig
 from .data import auto_workers
@@ -33,9 +34,6 @@ from .model import WaveformClassifier, resolve_device
 
 log = logging.getLogger(__name__)
 
-# A clip at most this much longer than the window is centre-cropped to one window: sliding windows would
-# only add a second window that overlaps the first almost entirely.
-CROP_SLACK = 0.1
 
 
 class LimitError(AudioclfError):
@@ -419,16 +417,16 @@ class Classifier:
         """Window and hop in samples; defaults: the training duration and half of it."""
         f = self.config.features
         window_s = f.duration_s if window_s is None else window_s
-        hop_s = window_s / 2 if hop_s is None else hop_s
         if not 0 < window_s <= 3600:
             raise AudioclfError(f"window_s={window_s!r} is out of range: it must be in (0, 3600] seconds")
-        if not 0 < hop_s:
+        if hop_s is not None and not 0 < hop_s:
             raise AudioclfError(f"hop_s={hop_s!r} is out of range: it must be > 0 seconds")
         window = int(round(window_s * f.sample_rate))
         if window <= f.n_fft // 2:
             raise AudioclfError(f"window_s={window_s!r} is too short: the STFT needs more than "
                                 f"n_fft/2={f.n_fft // 2} samples ({f.n_fft / 2 / f.sample_rate:.3f} s)")
-        return window, max(1, int(round(hop_s * f.sample_rate)))
+        # the default hop is the one the training cache used: the same windows in both
+        return window, default_hop(window) if hop_s is None else max(1, int(round(hop_s * f.sample_rate)))
 
     def _check_top_k(self, top_k: int) -> None:
         if not isinstance(top_k, int) or top_k < 1:
