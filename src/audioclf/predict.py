@@ -35,7 +35,6 @@ from .model import WaveformClassifier, resolve_device
 log = logging.getLogger(__name__)
 
 
-
 class LimitError(AudioclfError):
     """An input passed a limit its caller set (``max_duration_s``, ``max_windows``): the server answers 413."""
 
@@ -71,7 +70,8 @@ def sliding_windows(blocks: Iterable[np.ndarray], window: int, hop: int) -> Iter
 
 
 def count_windows(n_samples: int, window: int, hop: int) -> int:
-    """How many windows :func:`prepare` gives a recording of ``n_samples`` samples, without decoding it."""
+    """How many windows :func:`prepare` (and ``audio.inference_windows``) gives a recording of ``n_samples``
+    samples, without decoding it."""
     if n_samples <= window * (1 + CROP_SLACK):
         return 1
     regular = (n_samples - window) // hop + 1

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import __version__
-from .audio import AUDIO_EXTENSIONS, audio_duration_s
+from .audio import AUDIO_EXTENSIONS, audio_duration_s, default_hop
 from .config import AudioclfError, _check_range
 
 try:
@@ -247,18 +247,20 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
     page = importlib.resources.files("audioclf").joinpath("static/index.html").read_text(encoding="utf-8")
     model_lock = threading.Lock()
 
-    def check_window(window_s: Optional[float], hop_s: Optional[float]) -> tuple[float, float]:
+    def check_window(window_s: Optional[float], hop_s: Optional[float]) -> tuple[float, int, int]:
+        """The client's window and hop checked against the server's ranges: (window_s, window, hop), in
+        seconds and samples; a hop left out is the Classifier's default."""
         window_s = features.duration_s if window_s is None else window_s
-        hop_s = window_s / 2 if hop_s is None else hop_s
         if not MIN_WINDOW_S <= window_s <= max_window_s:
             raise HTTPException(422, f"window_s={window_s:g} is out of range: this server allows "
                                      f"{MIN_WINDOW_S:g} to {max_window_s:g} s")
-        if hop_s < MIN_HOP_FRACTION * window_s:
+        if hop_s is not None and hop_s < MIN_HOP_FRACTION * window_s:
             raise HTTPException(422, f"hop_s={hop_s:g} is out of range: with window_s={window_s:g} this server "
                                      f"allows hop_s >= {MIN_HOP_FRACTION * window_s:g} s ({MIN_HOP_FRACTION:g} x window_s)")
-        return window_s, hop_s
+        window = round(window_s * sr)
+        return window_s, window, default_hop(window) if hop_s is None else max(1, round(hop_s * sr))
 
-    def open_upload(upload: UploadFile, shown: str, tmp: Path, window_s: float, hop_s: float) -> Path:
+    def open_upload(upload: UploadFile, shown: str, tmp: Path, window: int, hop: int) -> Path:
         """In a worker thread: copy the upload to ``tmp``, check from its header that it opens and fits the
         limits, before the model's turn. ``shown`` names it in messages."""
         path = tmp / f"upload{_upload_suffix(upload.filename)}"
@@ -273,9 +275,9 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
         if duration_s > max_audio_s:
             raise HTTPException(413, f"{shown}: {duration_s:.1f} s of audio; the limit is {max_audio_s:g} s "
                                      f"(audioclf serve --max-audio-s)")
-        n = count_windows(math.ceil(duration_s * sr), round(window_s * sr), max(1, round(hop_s * sr)))
+        n = count_windows(math.ceil(duration_s * sr), window, hop)
         if n > max_windows:
-            raise HTTPException(422, f"{shown}: window_s={window_s:g} and hop_s={hop_s:g} give {n} windows over "
+            raise HTTPException(422, f"{shown}: window_s={window / sr:g} and hop_s={hop / sr:g} give {n} windows over "
                                      f"{duration_s:.1f} s; the limit is {max_windows} (audioclf serve "
                                      f"--max-windows): use a longer hop_s")
         return path
@@ -310,12 +312,12 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
         """Classify one uploaded audio file."""
         if file is None:
             raise HTTPException(400, "no file uploaded: POST multipart/form-data with the audio in the field 'file'")
-        window_s, hop_s = check_window(window_s, hop_s)
+        window_s, window, hop = check_window(window_s, hop_s)
         shown = Path(file.filename or "upload").name  # for messages only, never a path
         with tempfile.TemporaryDirectory(prefix="audioclf-upload-") as tmp:
-            path = await run_in_threadpool(open_upload, file, shown, Path(tmp), window_s, hop_s)
+            path = await run_in_threadpool(open_upload, file, shown, Path(tmp), window, hop)
             steps = clf.classify_steps(path, timeline=timeline, top_k=min(top_k, len(labels)), window_s=window_s,
-                                       hop_s=hop_s, batch_size=max(1, step_samples // round(window_s * sr)),
+                                       hop_s=hop_s, batch_size=max(1, step_samples // window),
                                        max_duration_s=max_audio_s, max_windows=max_windows)
             try:
                 while (result := await run_in_threadpool(step, steps)) is None:
