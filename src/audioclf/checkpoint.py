@@ -20,6 +20,7 @@ from .config import AudioclfError, RunConfig
 from .model import build_network
 
 FORMAT = 1  # bump when a checkpoint written by this version can no longer be read by older code
+RUN_CHECKPOINT = "best.pt"  # what a run directory means as a model
 
 
 @contextmanager
@@ -49,8 +50,8 @@ def resolve_checkpoint(model_path) -> Path:
     """A run directory means its ``best.pt``; a file is taken as it is."""
     p = Path(model_path)
     if p.is_dir():
-        if (p / "best.pt").is_file():
-            return p / "best.pt"
+        if (p / RUN_CHECKPOINT).is_file():
+            return p / RUN_CHECKPOINT
         raise AudioclfError(f"{p}: no best.pt in this folder; pass a run directory made by 'audioclf train' or a .pt file")
     if not p.is_file():
         raise AudioclfError(f"{p}: no such model file or run directory")
@@ -74,13 +75,46 @@ def load_checkpoint(model_path, map_location="cpu") -> dict:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, RunConfig, list[str]]:
-    """Rebuild the trained model (eval mode, CPU), its config and class names from a checkpoint dict."""
-    config = RunConfig.from_saved(ckpt["config"])
-    labels = list(ckpt["labels"])
+def model_from_checkpoint(ckpt: dict, source="the checkpoint") -> tuple[torch.nn.Module, RunConfig, list[str]]:
+    """Rebuild the trained model (eval mode, CPU), its config and class names from a checkpoint dict,
+    refusing (AudioclfError naming ``source``, the file) a config, labels or weights that do not agree."""
+    missing = [k for k in ("config", "labels", "model") if k not in ckpt]
+    if missing:
+        raise AudioclfError(f"{source}: not an audioclf model: no {', '.join(missing)}")
+    try:
+        config = RunConfig.from_saved(ckpt["config"])
+    except AudioclfError as e:
+        raise AudioclfError(f"{source}: its config is not valid: {e}") from None
+    except (TypeError, AttributeError):  # not a mapping of sections
+        raise AudioclfError(f"{source}: its config must be a mapping of sections (features, model, ...), "
+                            f"not a {type(ckpt['config']).__name__}") from None
+    labels = ckpt["labels"]
+    if not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels) or len(set(labels)) < 2:
+        raise AudioclfError(f"{source}: labels must be a list of at least 2 distinct class names, got {labels!r:.80}")
     model = build_network(config.model, len(labels), config.features.n_mels)
+    _check_weights(model, ckpt["model"], source, f"{config.model.backbone}, {len(labels)} labels, "
+                                                 f"n_mels={config.features.n_mels}")
     model.load_state_dict(ckpt["model"])
-    return model.eval(), config, labels
+    return model.eval(), config, list(labels)
+
+
+def _check_weights(model: torch.nn.Module, state, source, described: str) -> None:
+    """Refuse weights that do not fit ``model`` (the network the config and labels describe): missing or
+    unexpected tensors, or other shapes (a head for another label count, norm buffers for other n_mels)."""
+    if not isinstance(state, dict):
+        raise AudioclfError(f"{source}: the weights must be a state dict, not a {type(state).__name__}")
+    expected = model.state_dict()
+    problems = [f"{k} is missing" for k in expected if k not in state]
+    problems += [f"{k} is not in the network" for k in state if k not in expected]
+    for k, v in expected.items():
+        got = getattr(state.get(k), "shape", None)
+        if k in state and (got is None or tuple(got) != tuple(v.shape)):
+            problems.append(f"{k} is {tuple(got) if got is not None else type(state[k]).__name__} in the weights, "
+                            f"{tuple(v.shape)} for the config")
+    if problems:
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise AudioclfError(f"{source}: the weights do not match its config and labels ({described}): "
+                            f"{'; '.join(problems[:3])}{more}")
 
 
 def load_model(model_path, map_location="cpu") -> tuple[torch.nn.Module, RunConfig, list[str]]:
@@ -90,7 +124,7 @@ def load_model(model_path, map_location="cpu") -> tuple[torch.nn.Module, RunConf
 
     if is_safetensors_export(model_path):
         return load_safetensors(model_path)
-    return model_from_checkpoint(load_checkpoint(model_path, map_location))
+    return model_from_checkpoint(load_checkpoint(model_path, map_location), resolve_checkpoint(model_path))
 
 
 def inference_state(model: torch.nn.Module, config: RunConfig, labels: list[str], extra: Optional[dict] = None) -> dict:

@@ -160,7 +160,10 @@ def cmd_predict(args) -> int:
 def cmd_serve(args) -> int:
     from .serve import serve
 
-    serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, device=args.device)
+    limits = {k: getattr(args, k) for k in ("max_upload_mb", "max_audio_s", "max_windows", "timeout_s", "cors_origin",
+                                            "max_connections")}
+    serve(args.model, host=args.host, port=args.port, device=args.device,
+          **{k: v for k, v in limits.items() if v is not None})
     return 0
 
 
@@ -239,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify audio files, folders or lists of paths")
     p.add_argument("model", help="run directory, .pt checkpoint or exported safetensors folder")
-    p.add_argument("paths", nargs="+", help="audio files, folders (recursive) or .txt files listing paths")
+    p.add_argument("paths", nargs="+", help="audio files, folders (recursive), .txt files listing paths, or - for "
+                   "one file on stdin")
     p.add_argument("--out", help="output .csv or .json (default: CSV on stdout)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
@@ -255,8 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-upload-mb", type=float, default=50.0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--max-upload-mb", type=float, help="largest upload in MiB, else 413 (default 50)")
+    p.add_argument("--max-audio-s", type=float, help="longest decoded audio in s, else 413 (default 600)")
+    p.add_argument("--max-windows", type=int, help="most sliding windows per request, else 422 (default 2000)")
+    p.add_argument("--timeout-s", type=float, help="seconds a client may stall: headers, body, idle (default 10)")
+    p.add_argument("--max-connections", type=int, help="open connections before requests get 503 (default 64)")
+    p.add_argument("--cors-origin", help="let pages from this one origin call the API (default: none)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("backbones", help="list the backbones, their front ends and weight status")

@@ -12,7 +12,9 @@ import csv
 import json
 import logging
 import os
+import re
 import sys
+import tempfile
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -32,6 +34,9 @@ from .model import WaveformClassifier, resolve_device
 
 log = logging.getLogger(__name__)
 
+
+class LimitError(AudioclfError):
+    """An input passed a limit its caller set (``max_duration_s``, ``max_windows``): the server answers 413."""
 
 
 # ---------------------------------------------------------------------------------------------- windows
@@ -62,6 +67,31 @@ def sliding_windows(blocks: Iterable[np.ndarray], window: int, hop: int) -> Iter
         yield 0, fix_length(buf, window)
     elif covered < total:
         yield total - window, buf[len(buf) - window:]
+
+
+def count_windows(n_samples: int, window: int, hop: int) -> int:
+    """How many windows :func:`prepare` (and ``audio.inference_windows``) gives a recording of ``n_samples``
+    samples, without decoding it."""
+    if n_samples <= window * (1 + CROP_SLACK):
+        return 1
+    regular = (n_samples - window) // hop + 1
+    return regular + ((regular - 1) * hop + window < n_samples)  # the end-aligned last window
+
+
+def _limited(windows: Iterable[tuple[int, np.ndarray]], name: str, window: int, sample_rate: int,
+             max_duration_s: Optional[float], max_windows: Optional[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """``windows``, stopped with a LimitError as soon as they pass ``max_windows`` or reach past
+    ``max_duration_s``: counted as the audio decodes, so a file whose header understates its length is
+    stopped one decoding block past the limit."""
+    max_end = None if max_duration_s is None else int(max_duration_s * sample_rate)
+    for n, (start, w) in enumerate(windows, 1):
+        if max_windows is not None and n > max_windows:
+            raise LimitError(f"{name}: more than max_windows={max_windows} windows; use a longer hop_s or "
+                             f"window_s, or a shorter file")
+        # a window starting past 0 is all decoded audio; the first one may be zero padding
+        if max_end is not None and start > 0 and start + window > max_end:
+            raise LimitError(f"{name}: longer than the limit of {max_duration_s:g} s of audio")
+        yield start, w
 
 
 class _FileWindows:
@@ -117,6 +147,19 @@ def as_waveform(audio, sample_rate: Optional[int], target_sr: int) -> np.ndarray
     return resample(mono.astype(np.float32, copy=False), int(sample_rate or target_sr), target_sr)
 
 
+def _check_readable(path) -> None:
+    """Say so when this process may not read ``path`` (the decoder would call it undecodable). Tried with
+    open() itself: ``os.access`` (audio._open's check) asks about the real user, not the effective one that
+    a setuid or privilege-dropping server reads as."""
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise AudioclfError(f"{path}: permission denied (this user may not read the file)") from None
+    except OSError:  # missing, a folder, ...: the decoder names the reason
+        pass
+
+
 def prepare(audio, sample_rate: Optional[int], features: FeatureConfig, window: int, hop: int) -> _Source:
     """Decode or convert one input and plan its windows (``window`` and ``hop`` in samples).
 
@@ -124,6 +167,7 @@ def prepare(audio, sample_rate: Optional[int], features: FeatureConfig, window: 
     """
     sr = features.sample_rate
     if isinstance(audio, (str, os.PathLike)):
+        _check_readable(audio)
         name, wave, duration_s = str(audio), None, audio_duration_s(audio)
     else:
         name, wave = "<array>", as_waveform(audio, sample_rate, sr)
@@ -227,12 +271,38 @@ class Classifier:
         Raises:
             AudioclfError: naming the file, when it cannot be read.
         """
+        *_, result = self.classify_steps(audio, sample_rate, window_s=window_s, hop_s=hop_s, timeline=timeline,
+                                         top_k=top_k)
+        return result
+
+    def classify_steps(self, audio, sample_rate: Optional[int] = None, *, window_s: Optional[float] = None,
+                       hop_s: Optional[float] = None, timeline: bool = False, top_k: int = 3,
+                       batch_size: Optional[int] = None, max_duration_s: Optional[float] = None,
+                       max_windows: Optional[int] = None) -> Iterator[Optional[dict]]:
+        """:meth:`classify`, one forward pass at a time: yields ``None`` after each batch of windows, then
+        the result. Between two steps a caller can let other work use the model (take a lock per step) or
+        stop iterating (cancel); memory holds one batch.
+
+        Args:
+            batch_size (int, optional): windows per step. (Default: the Classifier's)
+            max_duration_s (float, optional): refuse (LimitError) audio longer than this many seconds,
+                counted as it decodes. (Default: no limit)
+            max_windows (int, optional): refuse (LimitError) more windows than this. (Default: no limit)
+
+        The other arguments, and the result, are :meth:`classify`'s.
+        """
         window, hop = self._window(window_s, hop_s)
         self._check_top_k(top_k)
-        (source,) = self._run([prepare(audio, sample_rate, self.config.features, window, hop)])
+        source = prepare(audio, sample_rate, self.config.features, window, hop)
+        if max_duration_s is not None or max_windows is not None:
+            source.windows = _limited(source.windows, source.name, window, self.config.features.sample_rate,
+                                      max_duration_s, max_windows)
+        for done in self._run([source], batch_size=batch_size, steps=True):
+            if done is None:
+                yield None
         if source.error is not None:
             raise source.error
-        return self._summarise(source, window, timeline, top_k)
+        yield self._summarise(source, window, timeline, top_k)
 
     def classify_files(self, paths: Sequence, *, window_s: Optional[float] = None, hop_s: Optional[float] = None,
                        timeline: bool = False, top_k: int = 3, num_workers: Optional[int] = None,
@@ -292,12 +362,15 @@ class Classifier:
     def _embed(self, wave: torch.Tensor) -> torch.Tensor:
         return self.model.embed(self._net.logmel(wave))
 
-    def _run(self, sources: Iterable[_Source], head=None) -> Iterator[_Source]:
+    def _run(self, sources: Iterable[_Source], head=None, batch_size: Optional[int] = None,
+             steps: bool = False) -> Iterator[Optional[_Source]]:
         """Push every window of every source through the model, ``batch_size`` windows per forward pass
-        whatever source they come from; yield each source, in input order, once all its windows are done.
+        whatever source they come from; yield each source, in input order, once all its windows are done,
+        and with ``steps`` also ``None`` after each forward pass.
 
         ``head`` maps a batch of windows to one row each (default: class probabilities); its rows are
         collected in each source's ``probs``."""
+        batch_size = batch_size or self.batch_size
         pending: deque[_Source] = deque()
         batch: list[tuple[_Source, int, np.ndarray]] = []
         for source in sources:
@@ -315,8 +388,10 @@ class Classifier:
                 if item is None:
                     break
                 batch.append((source, *item))
-                if len(batch) == self.batch_size:
+                if len(batch) == batch_size:
                     self._forward(batch, head)
+                    if steps:
+                        yield None
                     # the batch is empty now: every source but the current one has all its windows done
                     while len(pending) > 1:
                         yield pending.popleft()
@@ -402,19 +477,35 @@ def load(model, device: str = "auto", *, batch_size: int = 32) -> Classifier:
 
 # ---------------------------------------------------------------------------------------------- CLI
 
+# "http://...", "s3://...": a scheme, then "//"
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+STDIN = ("-", "/dev/stdin")
+
+
+def _refuse_url(arg: str, where: str = "") -> None:
+    if URL.match(arg):
+        raise AudioclfError(f"{arg}{where}: URLs are not supported; download the file and pass its path")
+
+
 def collect_paths(paths: Sequence) -> list[Path]:
     """Expand PATH arguments: a folder gives its audio files (recursive, sorted), a ``.txt`` file the paths
     it lists (one a line, relative to the list's folder; blank lines and ``#`` comments skipped), anything
-    else is taken as an audio file (a missing one is reported when it is read)."""
+    else is taken as an audio file (a missing one is reported when it is read). URLs are refused."""
     out = []
-    for p in map(Path, paths):
+    for arg in paths:
+        _refuse_url(str(arg))  # before Path(), which would fold "//" into "/"
+        p = Path(arg)
         listed = [p]
         if p.suffix.lower() == ".txt" and not p.is_dir():
             try:
                 lines = p.read_text(encoding="utf-8-sig").splitlines()
             except OSError as e:
                 raise AudioclfError(f"{p}: cannot read the list of paths ({e.strerror})") from None
-            listed = [p.parent / s for s in map(str.strip, lines) if s and not s.startswith("#")]
+            listed = []
+            for i, line in enumerate(map(str.strip, lines), 1):
+                if line and not line.startswith("#"):
+                    _refuse_url(line, f" (line {i} of {p})")
+                    listed.append(p.parent / line)
         for q in listed:
             if not q.is_dir():
                 out.append(q)
@@ -426,6 +517,43 @@ def collect_paths(paths: Sequence) -> list[Path]:
     if not out:
         raise AudioclfError(f"no audio files to classify in {', '.join(map(str, paths))}")
     return out
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be written, before any model work."""
+    if out.is_dir():
+        raise AudioclfError(f"--out {out} is a folder; name a .csv or .json file")
+    folder = out.parent
+    if not folder.is_dir():
+        raise AudioclfError(f"--out {out}: the folder {folder} does not exist"
+                            + (" (it is a file)" if folder.exists() else ""))
+    if not os.access(folder, os.W_OK):
+        raise AudioclfError(f"--out {out}: the folder {folder} is not writable")
+
+
+def _check_not_an_input(out: Path, inputs: Iterable[Path]) -> None:
+    """Refuse an ``--out`` that is one of the inputs: writing it would destroy that input."""
+    target = out.resolve()
+    for p in inputs:
+        if p.resolve() == target or (out.exists() and p.exists() and os.path.samefile(p, out)):
+            raise AudioclfError(f"--out {out} is also an input ({p}): writing it would destroy that input; "
+                                f"choose another file")
+
+
+def _read_stdin(folder: Path) -> Path:
+    """``predict -``: the audio piped in, saved to a file in ``folder`` (the decoders need to seek)."""
+    if sys.stdin is None or sys.stdin.isatty():
+        raise AudioclfError("'-' reads audio from stdin, but stdin is a terminal: pipe a file in "
+                            "(audioclf predict MODEL - < clip.wav)")
+    path = folder / "stdin"
+    path.write_bytes(sys.stdin.buffer.read())
+    return path
+
+
+def _printable(text: str) -> str:
+    """``text`` as valid UTF-8: the bytes of a file name that is not UTF-8 (surrogate-escaped by Python)
+    become ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _write_csv(f, results: Iterable[dict], timeline: bool) -> None:
@@ -465,35 +593,56 @@ def _write_json(f, results: Iterable[dict], labels: list[str]) -> None:
 
 def predict_cli(args) -> int:
     """``audioclf predict``: classify every PATH and write CSV (default, to stdout without ``--out``),
-    JSON (``--out NAME.json``) or an ``ID,Class`` submission. Returns the exit code: 1 when every file
-    failed, else 0 (failures are rows with an ``error``)."""
+    JSON (``--out NAME.json``) or an ``ID,Class`` submission. ``-`` reads one file from stdin. Returns the
+    exit code: 1 when every file failed, else 0 (failures are rows with an ``error``)."""
     out = Path(args.out) if args.out else None
     kind = out.suffix.lower() if out else ".csv"
     if kind not in (".csv", ".json"):
         raise AudioclfError(f"Unsupported --out {out}: name a .csv or .json file")
     if args.submission and kind == ".json":
         raise AudioclfError("--submission writes CSV: give --out NAME.csv, or no --out for stdout")
-    paths = collect_paths(args.paths)
-    clf = load(args.model, args.device, batch_size=args.batch_size)
+    if out:
+        _check_out(out)
+    if sum(a in STDIN for a in args.paths) > 1:
+        raise AudioclfError("stdin ('-' or /dev/stdin) can be read once: name it once")
+    with tempfile.TemporaryDirectory(prefix="audioclf-stdin-") as tmp:
+        given = [str(_read_stdin(Path(tmp))) if a in STDIN else a for a in args.paths]
+        shown = {g: a for g, a in zip(given, args.paths) if a in STDIN}  # the temp file is "-" in the output
+        paths = collect_paths(given)
+        if out:
+            _check_not_an_input(out, [*map(Path, args.paths), *paths])
+        return _predict_files(args, paths, out, kind, shown)
 
-    failed = []
+
+def _predict_files(args, paths: list[Path], out: Optional[Path], kind: str, shown: dict) -> int:
+    clf = load(args.model, args.device, batch_size=args.batch_size)
+    failed, escaped = [], 0
 
     def logged(results):
+        nonlocal escaped
         for r in results:
+            raw = r["path"]
+            name = shown.get(raw, raw)
+            r["path"] = _printable(name)
+            escaped += r["path"] != name
             if r["error"]:
+                r["error"] = _printable(r["error"].replace(raw, name))
                 log.warning("%s", r["error"])
                 failed.append(r["path"])
             yield r
 
     results = logged(clf.classify_files(paths, window_s=args.window, hop_s=args.hop, timeline=args.timeline,
                                         top_k=args.top_k, quiet=args.quiet))
-    with open(out, "w", newline="", encoding="utf-8") if out else nullcontext(sys.stdout) as f:
-        if args.submission:
-            _write_submission(f, results)
-        elif kind == ".json":
-            _write_json(f, results, clf.labels)
-        else:
-            _write_csv(f, results, args.timeline)
+    with atomic_path(out) if out else nullcontext() as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") if out else nullcontext(sys.stdout) as f:
+            if args.submission:
+                _write_submission(f, results)
+            elif kind == ".json":
+                _write_json(f, results, clf.labels)
+            else:
+                _write_csv(f, results, args.timeline)
+    if escaped:
+        log.warning("%d file name(s) are not valid UTF-8: written with \\xNN escapes for the bytes that are not", escaped)
     log.info("%d file(s) classified, %d failed%s", len(paths) - len(failed), len(failed),
              f"; wrote {out}" if out else "")
     return 1 if len(failed) == len(paths) else 0

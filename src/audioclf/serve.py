@@ -3,19 +3,26 @@
 ``POST /predict``  multipart field ``file`` -> ``{label, confidence, top_k, duration_s[, windows]}``
 ``GET /health``, ``GET /labels``, ``GET /`` (a self-contained web page), ``/docs`` (OpenAPI).
 
-The model is loaded once, when the app is made. Each request runs in a worker thread, so the event
-loop keeps accepting connections while the model works. The Classifier keeps no per-request state;
-inference still takes one request at a time (a lock), because torch already spreads one forward pass
-over every core and a long file's batch of windows is large: memory stays bounded however many
-clients wait. Uploads are capped while they stream in, copied into a fresh temporary directory under a
-generated name (the client's file name is never part of a path), and deleted once answered.
+The model is loaded once, when the app is made. Requests are classified in worker threads, so the event
+loop keeps accepting connections while the model works. The model runs one step at a time (a lock),
+because torch already spreads one forward pass over every core; a step is a few windows, so a long file
+takes its turns between short requests instead of holding the model for its whole length, and a request
+whose client has gone stops at the next step.
+
+Every request's work and memory are bounded by the server's limits, never by the client's parameters:
+upload size, decoded duration (read from the header before decoding, counted again while decoding),
+window and hop ranges, number of windows, and time to send headers and body. Uploads are copied into a
+fresh temporary directory under a generated name (the client's file name is never part of a path), and
+deleted once answered.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.resources
 import importlib.util
 import logging
+import math
 import shutil
 import tempfile
 import threading
@@ -23,15 +30,17 @@ from pathlib import Path
 from typing import Optional
 
 from . import __version__
-from .audio import AUDIO_EXTENSIONS, audio_duration_s
+from .audio import AUDIO_EXTENSIONS, audio_duration_s, default_hop
 from .config import AudioclfError, _check_range
 
 try:
     import uvicorn
-    from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+    from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
     from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.middleware.cors import CORSMiddleware
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
     from pydantic import BaseModel
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 except ImportError as e:
     raise AudioclfError(f"serving needs {e.name}, which is not installed: pip install 'audioclf[serve]'") from None
 if importlib.util.find_spec("python_multipart") is None and importlib.util.find_spec("multipart") is None:
@@ -42,6 +51,24 @@ log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 # Room for the multipart boundary and part headers around a file of exactly the size limit.
 MULTIPART_SLACK = 64 * 1024
+# window_s a client may ask for: from this, up to this or the model's own window if longer
+MIN_WINDOW_S, MAX_WINDOW_S = 0.1, 60.0
+# hop_s >= this fraction of window_s: each sample is in at most 1 / fraction windows, so the model's work
+# is at most that many times the audio's length
+MIN_HOP_FRACTION = 0.25
+# Audio per model step, in the model's windows: small, so that short requests get the model between
+# the steps of a long one, and memory holds a few windows whatever window_s the client asks for.
+# benchmarks/serve.py, 2 CPU cores: 1-s clips during a 10-min file wait p50 190 ms with 2, 280 ms with 4;
+# 1 is no better, and a GPU gains from the pair
+STEP_WINDOWS = 2
+# Client disconnected before its answer was ready (nginx's code; nothing reads it)
+CLIENT_CLOSED = 499
+# Seconds a client may stay silent: before its request's headers are complete, between parts of its
+# body, and idle between requests
+TIMEOUT_S = 10.0
+# Open connections (requests included) before new requests get 503: each request may hold an upload,
+# twice over on disk (the upload spool and its decodable copy)
+MAX_CONNECTIONS = 64
 # What the page may load: itself, its inline style and script, and the blob: URL of the chosen file.
 PAGE_CSP = ("default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
             "media-src blob:; img-src data:; object-src 'none'; base-uri 'none'")
@@ -81,15 +108,17 @@ class Labels(BaseModel):
     labels: list[str]
 
 
-class UploadLimit:
-    """ASGI middleware: answer 413 to a request body over ``max_bytes``.
+class BodyLimits:
+    """ASGI middleware: answer 413 to a request body over ``max_bytes``, 408 to one that stalls.
 
     A declared ``Content-Length`` over the limit is refused before a byte is read; a body without one
-    (chunked) is counted as it streams in and refused as soon as it passes the limit.
+    (chunked) is counted as it streams in and refused as soon as it passes the limit. While a body is
+    still arriving, each read waits at most ``timeout_s``: a client that sends headers and then
+    nothing is dropped instead of holding a connection and a worker.
     """
 
-    def __init__(self, app, max_bytes: int, max_upload_mb: float):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, max_upload_mb: float, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
         self.detail = f"upload too large: the limit is {max_upload_mb:g} MB (audioclf serve --max-upload-mb)"
 
     async def __call__(self, scope, receive, send):
@@ -98,18 +127,60 @@ class UploadLimit:
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
             return await JSONResponse({"detail": self.detail}, status_code=413)(scope, receive, send)
-        received = 0
+        received, more_body = 0, True
 
         async def limited_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, more_body
+            if not more_body:  # after the body only a disconnect can come, whenever the client goes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                # Raised inside FastAPI's body parsing, which passes HTTPExceptions through to its handler.
+                raise HTTPException(408, f"the request body stalled: nothing arrived for {self.timeout_s:g} s "
+                                         f"(audioclf serve --timeout-s)") from None
+            more_body = message.get("more_body", False) and message["type"] == "http.request"
             received += len(message.get("body", b""))
             if received > self.max_bytes:
-                # Raised inside FastAPI's body parsing, which passes HTTPExceptions through to its handler.
                 raise HTTPException(413, self.detail)
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class HeaderDeadlineProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, with a deadline for a request's headers.
+
+    uvicorn times out a connection only once it has answered a request, and any byte restarts the wait: a
+    client that connects and sends nothing, or a header a byte at a time, would hold the connection for
+    ever. Here a request's headers must be complete ``config.timeout_keep_alive`` seconds after the
+    connection opens or the previous answer is sent.
+    """
+
+    deadline: Optional[asyncio.TimerHandle] = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+        waiting_after = self.cycle  # a new cycle starts when the next request's headers are complete
+        self.deadline = self.loop.call_later(self.timeout_keep_alive, self._expire, waiting_after)
+
+    def _expire(self, waiting_after) -> None:
+        if self.cycle is waiting_after and not self.transport.is_closing():
+            self.transport.close()
 
 
 def _upload_suffix(filename: Optional[str]) -> str:
@@ -137,7 +208,16 @@ def _add_offline_docs(app: "FastAPI") -> None:
         return get_swagger_ui_html(openapi_url=app.openapi_url, title="audioclf API", **assets)
 
 
-def create_app(model, max_upload_mb: float = 50.0, device: str = "auto") -> FastAPI:
+def _check_number(name: str, value, low, high, *, low_open: bool = False) -> None:
+    """``_check_range``, and NaN or infinity refused (they pass every comparison)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise AudioclfError(f"{name}={value!r} must be a finite number, {'>' if low_open else '>='} {low:g} "
+                            f"and <= {high:g}")
+    _check_range(name, value, low, high, low_open=low_open)
+
+
+def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_audio_s: float = 600.0,
+               max_windows: int = 2000, timeout_s: float = TIMEOUT_S, cors_origin: Optional[str] = None) -> FastAPI:
     """The serving app for ``model``: a :class:`~audioclf.predict.Classifier`, or anything
     :func:`audioclf.load` reads (run directory, ``.pt``, safetensors export), loaded here, once.
 
@@ -145,49 +225,84 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto") -> Fast
         model: a Classifier or a model path.
         max_upload_mb (float): largest accepted upload in MiB; bigger ones get 413. (Default: ``50``)
         device (str): ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, for a model path. (Default: ``"auto"``)
+        max_audio_s (float): longest decoded audio in seconds; longer gets 413. (Default: ``600``)
+        max_windows (int): most sliding windows one request may ask for; more gets 422. (Default: ``2000``)
+        timeout_s (float): seconds a request body may stall before it gets 408. (Default: ``TIMEOUT_S``, 10)
+        cors_origin (str, optional): the one origin whose pages may call the API from a browser.
+            (Default: none, same-origin only)
     """
-    from .predict import Classifier, load
+    from .predict import Classifier, LimitError, count_windows, load
 
-    _check_range("max_upload_mb", max_upload_mb, 0.0, 1e6, low_open=True)
+    _check_number("max_upload_mb", max_upload_mb, 0.0, 1e6, low_open=True)
+    _check_number("max_audio_s", max_audio_s, 0.0, 1e6, low_open=True)
+    _check_number("max_windows", max_windows, 1, 10**6)
+    _check_number("timeout_s", timeout_s, 0.0, 3600.0, low_open=True)
     clf = model if isinstance(model, Classifier) else load(model, device)
     labels, features = list(clf.labels), clf.config.features
+    sr, max_window_s = features.sample_rate, max(MAX_WINDOW_S, features.duration_s)
+    step_samples = STEP_WINDOWS * features.n_samples
     health = Health(status="ok", audioclf_version=__version__, n_classes=len(labels),
                     sample_rate=features.sample_rate, window_s=features.duration_s,
                     device=str(next(clf.model.parameters()).device), max_upload_mb=max_upload_mb)
     page = importlib.resources.files("audioclf").joinpath("static/index.html").read_text(encoding="utf-8")
     model_lock = threading.Lock()
 
-    def classify_upload(upload: UploadFile, **options) -> dict:
-        """Runs in a worker thread: copy the upload to a temp file, check it opens, classify it."""
-        shown = Path(upload.filename or "upload").name  # for messages only, never a path
-        with tempfile.TemporaryDirectory(prefix="audioclf-upload-") as tmp:
-            path = Path(tmp) / f"upload{_upload_suffix(upload.filename)}"
-            with open(path, "wb") as f:
-                shutil.copyfileobj(upload.file, f)
-            if path.stat().st_size == 0:
-                raise HTTPException(400, f"{shown}: the uploaded file is empty (0 bytes)")
-            try:
-                audio_duration_s(path)  # opens it: an undecodable upload is refused before the model's turn
-            except AudioclfError as e:
-                raise HTTPException(415, str(e).replace(str(path), shown)) from None
-            try:
-                # classify streams a long file from disk in windows, so memory stays bounded
-                with model_lock:
-                    return clf.classify(path, **options)
-            except AudioclfError as e:
-                raise HTTPException(422, str(e).replace(str(path), shown)) from None
+    def check_window(window_s: Optional[float], hop_s: Optional[float]) -> tuple[float, int, int]:
+        """The client's window and hop checked against the server's ranges: (window_s, window, hop), in
+        seconds and samples; a hop left out is the Classifier's default."""
+        window_s = features.duration_s if window_s is None else window_s
+        if not MIN_WINDOW_S <= window_s <= max_window_s:
+            raise HTTPException(422, f"window_s={window_s:g} is out of range: this server allows "
+                                     f"{MIN_WINDOW_S:g} to {max_window_s:g} s")
+        if hop_s is not None and hop_s < MIN_HOP_FRACTION * window_s:
+            raise HTTPException(422, f"hop_s={hop_s:g} is out of range: with window_s={window_s:g} this server "
+                                     f"allows hop_s >= {MIN_HOP_FRACTION * window_s:g} s ({MIN_HOP_FRACTION:g} x window_s)")
+        window = round(window_s * sr)
+        return window_s, window, default_hop(window) if hop_s is None else max(1, round(hop_s * sr))
+
+    def open_upload(upload: UploadFile, shown: str, tmp: Path, window: int, hop: int) -> Path:
+        """In a worker thread: copy the upload to ``tmp``, check from its header that it opens and fits the
+        limits, before the model's turn. ``shown`` names it in messages."""
+        path = tmp / f"upload{_upload_suffix(upload.filename)}"
+        with open(path, "wb") as f:
+            shutil.copyfileobj(upload.file, f)
+        if path.stat().st_size == 0:
+            raise HTTPException(400, f"{shown}: the uploaded file is empty (0 bytes)")
+        try:
+            duration_s = audio_duration_s(path)
+        except AudioclfError as e:
+            raise HTTPException(415, str(e).replace(str(path), shown)) from None
+        if duration_s > max_audio_s:
+            raise HTTPException(413, f"{shown}: {duration_s:.1f} s of audio; the limit is {max_audio_s:g} s "
+                                     f"(audioclf serve --max-audio-s)")
+        n = count_windows(math.ceil(duration_s * sr), window, hop)
+        if n > max_windows:
+            raise HTTPException(422, f"{shown}: window_s={window / sr:g} and hop_s={hop / sr:g} give {n} windows over "
+                                     f"{duration_s:.1f} s; the limit is {max_windows} (audioclf serve "
+                                     f"--max-windows): use a longer hop_s")
+        return path
+
+    def step(steps) -> Optional[dict]:
+        """In a worker thread: one model step of a request, holding the model for that step only."""
+        with model_lock:
+            return next(steps)
 
     app = FastAPI(title="audioclf", version=__version__, docs_url=None,
                   description=f"Audio classification with {len(labels)} classes: {', '.join(labels)}.")
     _add_offline_docs(app)
-    app.add_middleware(UploadLimit, max_bytes=int(max_upload_mb * MIB) + MULTIPART_SLACK,
-                       max_upload_mb=max_upload_mb)
+    app.add_middleware(BodyLimits, max_bytes=int(max_upload_mb * MIB) + MULTIPART_SLACK,
+                       max_upload_mb=max_upload_mb, timeout_s=timeout_s)
+    if cors_origin:  # off by default: a page from another site cannot read the answers
+        app.add_middleware(CORSMiddleware, allow_origins=[cors_origin], allow_methods=["GET", "POST"])
 
     @app.post("/predict", response_model=Prediction, response_model_exclude_none=True,
-              responses={400: {"description": "no file, or an empty one"}, 413: {"description": "upload too large"},
+              responses={400: {"description": "no file, or an empty one"}, 408: {"description": "the body stalled"},
+                         413: {"description": "upload or audio over the server's limits"},
                          415: {"description": "the file cannot be decoded as audio"},
-                         422: {"description": "invalid parameters, or audio that fails to decode part-way"}})
-    async def predict(file: Optional[UploadFile] = File(None, description="audio file: WAV, FLAC, OGG, MP3, ..."),
+                         422: {"description": "invalid parameters, too many windows, or audio that fails to "
+                                              "decode part-way"}})
+    async def predict(request: Request,
+                      file: Optional[UploadFile] = File(None, description="audio file: WAV, FLAC, OGG, MP3, ..."),
                       timeline: bool = Query(False, description="add per-window predictions (sliding window)"),
                       top_k: int = Query(3, ge=1, description="classes to return, most probable first"),
                       window_s: Optional[float] = Query(None, gt=0, description="sliding-window length in s "
@@ -197,8 +312,25 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto") -> Fast
         """Classify one uploaded audio file."""
         if file is None:
             raise HTTPException(400, "no file uploaded: POST multipart/form-data with the audio in the field 'file'")
-        return await run_in_threadpool(classify_upload, file, timeline=timeline, top_k=min(top_k, len(labels)),
-                                       window_s=window_s, hop_s=hop_s)
+        window_s, window, hop = check_window(window_s, hop_s)
+        shown = Path(file.filename or "upload").name  # for messages only, never a path
+        with tempfile.TemporaryDirectory(prefix="audioclf-upload-") as tmp:
+            path = await run_in_threadpool(open_upload, file, shown, Path(tmp), window, hop)
+            steps = clf.classify_steps(path, timeline=timeline, top_k=min(top_k, len(labels)), window_s=window_s,
+                                       hop_s=hop_s, batch_size=max(1, step_samples // window),
+                                       max_duration_s=max_audio_s, max_windows=max_windows)
+            try:
+                while (result := await run_in_threadpool(step, steps)) is None:
+                    if await request.is_disconnected():
+                        log.info("%s: the client disconnected; classification cancelled", shown)
+                        return Response(status_code=CLIENT_CLOSED)
+                return result
+            except LimitError as e:
+                raise HTTPException(413, str(e).replace(str(path), shown)) from None
+            except AudioclfError as e:
+                raise HTTPException(422, str(e).replace(str(path), shown)) from None
+            finally:
+                steps.close()  # closes the file before its folder is removed
 
     @app.get("/health", response_model=Health)
     def get_health():
@@ -216,9 +348,22 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto") -> Fast
     return app
 
 
-def serve(model_path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 50.0,
-          device: str = "auto") -> None:
-    """Load the model and serve it with uvicorn on ``host:port`` until interrupted."""
-    app = create_app(model_path, max_upload_mb=max_upload_mb, device=device)
+def serve(model_path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+          max_connections: int = MAX_CONNECTIONS, **limits) -> None:
+    """Load the model and serve it with uvicorn on ``host:port`` until interrupted; ``limits`` are
+    :func:`create_app`'s keyword arguments. ``timeout_s`` also bounds how long a connection may wait
+    for a request's headers and stay idle between requests; past ``max_connections`` open connections,
+    requests get 503."""
+    _check_number("port", port, 0, 65535)
+    _check_number("max_connections", max_connections, 1, 10**5)
+    app = create_app(model_path, device=device, **limits)
     log.info("serving %s on http://%s:%d (web page at /, API docs at /docs)", model_path, host, port)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info",
+                **uvicorn_options(limits.get("timeout_s", TIMEOUT_S), max_connections))
+
+
+def uvicorn_options(timeout_s: float, max_connections: int = MAX_CONNECTIONS) -> dict:
+    """uvicorn settings that bound what clients can hold: ``max_connections`` open connections (requests
+    beyond get 503), each silent for at most ``timeout_s`` before its request's headers are complete, and
+    as long idle between requests."""
+    return {"http": HeaderDeadlineProtocol, "timeout_keep_alive": timeout_s, "limit_concurrency": max_connections}

@@ -1,0 +1,154 @@
+"""Saved models whose parts disagree: a checkpoint or safetensors export whose config, labels and weights
+do not belong together is refused with a one-line message, never used; a run directory and an export in
+one folder are never confused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from audioclf.checkpoint import load_model
+from audioclf.cli import main
+from audioclf.config import AudioclfError
+from audioclf.export import export
+
+from _serving import LABELS, clip, make_checkpoint, wav_bytes
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("run") / "best.pt")
+
+
+@pytest.fixture(scope="module")
+def export_dir(ckpt_path, tmp_path_factory) -> Path:
+    pytest.importorskip("safetensors")
+    out = tmp_path_factory.mktemp("export")
+    export(ckpt_path, "safetensors", out)
+    return out
+
+
+def tampered(ckpt_path: Path, tmp_path: Path, change) -> Path:
+    """A copy of the checkpoint with ``change(ckpt_dict)`` applied."""
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    change(ckpt)
+    path = tmp_path / "tampered.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+def copy_export(export_dir: Path, tmp_path: Path, change_meta=None) -> Path:
+    out = tmp_path / "export"
+    shutil.copytree(export_dir, out)
+    if change_meta:
+        meta = json.loads((out / "config.json").read_text())
+        change_meta(meta)
+        (out / "config.json").write_text(json.dumps(meta))
+    return out
+
+
+def refused(path, *fragments):
+    with pytest.raises(AudioclfError) as e:
+        load_model(path)
+    message = str(e.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def test_labels_that_do_not_fit_the_head_are_refused(ckpt_path, tmp_path, capsys):
+    path = tampered(ckpt_path, tmp_path, lambda c: c.update(labels=LABELS[:3]))
+    refused(path, str(path), "3 labels", "(5, 512) in the weights, (3, 512) for the config")
+    wav = tmp_path / "clip.wav"
+    wav.write_bytes(wav_bytes(clip("tone")))
+    assert main(["predict", str(path), str(wav)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "3 labels" in err and "Traceback" not in err
+
+
+def test_n_mels_that_do_not_fit_the_normalisation_are_refused(ckpt_path, tmp_path):
+    path = tampered(ckpt_path, tmp_path, lambda c: c["config"]["features"].update(n_mels=64))
+    refused(path, "n_mels=64", "norm.mean is (80, 1) in the weights, (64, 1) for the config")
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda c: c["model"].pop("norm.std"), "norm.std is missing"),
+    (lambda c: c["model"].update({"extra.weight": torch.zeros(2)}), "extra.weight is not in the network"),
+    (lambda c: c["model"].update({"norm.std": 3}), "norm.std is int in the weights"),
+    (lambda c: c.update(model=[1, 2]), "the weights must be a state dict"),
+    (lambda c: c.update(labels="chirp"), "labels must be a list"),
+    (lambda c: c.update(labels=["a", "a", "a", "a", "a"]), "labels must be a list of at least 2 distinct"),
+    (lambda c: c.update(config=[1, 2]), "its config must be a mapping"),
+    (lambda c: c["config"]["features"].update(sample_rate="fast"), "its config is not valid"),
+    (lambda c: c.pop("labels"), "no labels"),
+])
+def test_a_tampered_checkpoint_is_refused_with_one_line(ckpt_path, tmp_path, change, says):
+    path = tampered(ckpt_path, tmp_path, change)
+    refused(path, str(path), says)
+
+
+# ---------------------------------------------------------------------------------------------- safetensors
+
+def test_an_export_binds_its_weights_and_config(export_dir, ckpt_path):
+    meta = json.loads((export_dir / "config.json").read_text())
+    assert len(meta["weights_sha256"]) == 64 and meta["format_version"] == 2
+    model, config, labels = load_model(export_dir)
+    assert labels == LABELS and config.features.sample_rate == 16000
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda m: m["config"]["features"].update(sample_rate=22050),
+     "features.sample_rate=22050 in config.json, 16000 in the weights"),
+    (lambda m: m.update(labels=[*LABELS[:4], "dog"]), "labels="),
+    (lambda m: m.pop("weights_sha256"), "weights_sha256 is missing"),
+    (lambda m: m.pop("config"), "it must hold format, config and labels"),
+    (lambda m: m.update(format_version="2"), "format_version='2' must be a whole number"),
+    (lambda m: m.update(format="onnx"), "format='onnx', expected 'safetensors'"),
+])
+def test_an_edited_export_config_is_refused(export_dir, tmp_path, change, says):
+    refused(copy_export(export_dir, tmp_path, change), says)
+
+
+def test_replaced_weights_are_refused(export_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    out = copy_export(export_dir, tmp_path)
+    torch.manual_seed(1)  # other weights of the same shapes: only the binding can tell
+    weights = load_file(out / "model.safetensors")
+    save_file({k: torch.randn_like(v) if v.is_floating_point() else v for k, v in weights.items()},
+              out / "model.safetensors")
+    refused(out, "sha256", "changed or replaced after export")
+    wav = tmp_path / "clip.wav"
+    wav.write_bytes(wav_bytes(clip("tone")))
+    assert main(["predict", str(out), str(wav)]) == 2
+    assert "changed or replaced" in capsys.readouterr().err
+
+
+def test_an_older_export_without_binding_still_gets_its_shapes_checked(export_dir, tmp_path):
+    def older(meta):
+        meta.update(format_version=1, labels=LABELS[:3])
+        meta.pop("weights_sha256")
+
+    refused(copy_export(export_dir, tmp_path, older), "3 labels", "(5, 512) in the weights")
+
+
+# ---------------------------------------------------------------------------------------------- which model
+
+def test_an_export_in_a_run_directory_does_not_shadow_best_pt(ckpt_path, export_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(ckpt_path.parent, run)
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(export_dir / name, run / name)
+    refused(run, "holds both best.pt", str(run / "best.pt"), str(run / "model.safetensors"))
+    assert load_model(run / "best.pt")[2] == LABELS
+    assert load_model(run / "model.safetensors")[2] == LABELS  # the export, named by its file
+    with pytest.raises(AudioclfError, match="holds best.pt, a training run"):
+        export(ckpt_path, "safetensors", ckpt_path.parent)
+    assert not (ckpt_path.parent / "model.safetensors").exists()

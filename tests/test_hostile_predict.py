@@ -1,0 +1,201 @@
+"""``audioclf predict`` against hostile input: an --out that is an input or cannot be written, file names
+that are not UTF-8, stdin, URLs, unreadable files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from _models import tiny_run  # noqa: F401 (a fixture)
+from _serving import clip
+
+import audioclf
+from audioclf import predict
+from audioclf.cli import main
+from audioclf.config import AudioclfError
+
+NOBODY = 65534
+
+
+@pytest.fixture(scope="module")
+def clf(tiny_run):
+    return audioclf.load(tiny_run.run_dir, device="cpu")
+
+
+@pytest.fixture
+def tone_wav(tiny_run) -> Path:
+    return tiny_run.data_dir / "tone" / "tone_000.wav"
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if predict gets as far as loading the model."""
+    monkeypatch.setattr(predict, "load", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+
+
+def rows_of(text: str) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def one_line_error(capsys, *fragments):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+# ---------------------------------------------------------------------------------------------- --out
+
+def test_out_that_is_an_input_is_refused_and_the_input_kept(tiny_run, tmp_path, tone_wav, capsys, no_model):
+    audio = tmp_path / "clip.csv"  # audio under a name --out accepts
+    audio.write_bytes(tone_wav.read_bytes())
+    before = audio.read_bytes()
+    assert main(["predict", str(tiny_run.run_dir), str(audio), "--out", str(audio)]) == 2
+    one_line_error(capsys, f"--out {audio} is also an input")
+    # the same file by another name: a relative path, a symlink, a path inside a list file
+    link = tmp_path / "link.csv"
+    link.symlink_to(audio)
+    listing = tmp_path / "files.txt"
+    listing.write_text("clip.csv\n")
+    for args in (["clip.csv", "--out", str(audio)], [str(audio), "--out", str(link)], [str(listing), "--out", str(audio)]):
+        cwd = os.getcwd()
+        os.chdir(tmp_path)
+        try:
+            assert main(["predict", str(tiny_run.run_dir), *args]) == 2
+        finally:
+            os.chdir(cwd)
+        one_line_error(capsys, "is also an input")
+    assert audio.read_bytes() == before
+
+
+@pytest.mark.parametrize("where, says", [("/nonexistent/x.csv", "the folder /nonexistent does not exist"),
+                                         ("{tmp}/afile/x.csv", "does not exist (it is a file)"),
+                                         ("{tmp}/folder.csv", "is a folder")])
+def test_out_that_cannot_be_written_is_one_line_before_the_model_loads(tiny_run, tmp_path, tone_wav, capsys, no_model,
+                                                                       where, says):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "folder.csv").mkdir()
+    out = where.format(tmp=tmp_path)
+    assert main(["predict", str(tiny_run.run_dir), str(tone_wav), "--out", out]) == 2
+    one_line_error(capsys, out, says)
+
+
+def test_out_is_written_atomically(tiny_run, tmp_path, tone_wav, monkeypatch):
+    out = tmp_path / "preds.csv"
+    out.write_text("previous results\n")
+
+    def broken(*a, **k):
+        yield {"path": str(tone_wav), "error": None, "label": "tone", "confidence": 1.0, "top_k": []}
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict.Classifier, "classify_files", broken)
+    assert main(["predict", str(tiny_run.run_dir), str(tone_wav), "--out", str(out), "--quiet"]) == 130
+    assert out.read_text() == "previous results\n"  # not a half-written file
+    assert [p.name for p in tmp_path.iterdir()] == ["preds.csv"]
+
+
+# ---------------------------------------------------------------------------------------------- odd names
+
+@pytest.mark.parametrize("suffix", [".csv", ".json", ""])
+def test_a_name_that_is_not_utf8_keeps_every_row(tiny_run, tmp_path, tone_wav, capsys, caplog, suffix):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    odd = Path(os.fsdecode(bytes(folder) + b"/caf\xe9.wav"))  # Latin-1 bytes: not UTF-8
+    odd.write_bytes(tone_wav.read_bytes())
+    (folder / "good.wav").write_bytes(tone_wav.read_bytes())
+    out = tmp_path / f"preds{suffix}"
+    assert main(["predict", str(tiny_run.run_dir), str(folder), "--quiet", *(["--out", str(out)] if suffix else [])]) == 0
+    text = out.read_text(encoding="utf-8") if suffix else capsys.readouterr().out
+    rows = json.loads(text) if suffix == ".json" else rows_of(text)
+    assert len(rows) == 2
+    by_name = {r["path"].rsplit("/", 1)[-1]: r for r in rows}
+    assert set(by_name) == {"caf\\xe9.wav", "good.wav"}
+    assert by_name["good.wav"]["label"] == "tone"
+    assert by_name["caf\\xe9.wav"]["label"] == "tone" or by_name["caf\\xe9.wav"]["error"]  # classified, or said why
+    assert "not valid UTF-8" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- stdin, URLs
+
+class _Stdin(io.TextIOWrapper):
+    def __init__(self, data: bytes, tty: bool = False):
+        super().__init__(io.BytesIO(data))
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+@pytest.mark.parametrize("arg, fmt", [("-", "WAV"), ("/dev/stdin", "FLAC")])
+def test_audio_from_stdin(tiny_run, tmp_path, monkeypatch, arg, fmt):
+    buf = io.BytesIO()
+    sf.write(buf, clip("tone"), 16000, format=fmt)
+    monkeypatch.setattr("sys.stdin", _Stdin(buf.getvalue()))
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(tiny_run.run_dir), arg, "--out", str(out), "--quiet"]) == 0
+    (row,) = rows_of(out.read_text())
+    assert row["path"] == arg and row["label"] == "tone" and row["error"] == ""
+
+
+def test_stdin_problems_are_one_line(tiny_run, tmp_path, tone_wav, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", _Stdin(b"", tty=True))
+    assert main(["predict", str(tiny_run.run_dir), "-"]) == 2
+    one_line_error(capsys, "stdin is a terminal")
+    monkeypatch.setattr("sys.stdin", _Stdin(b""))
+    assert main(["predict", str(tiny_run.run_dir), "-", "/dev/stdin"]) == 2
+    one_line_error(capsys, "can be read once")
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(tiny_run.run_dir), "-", str(tone_wav), "--out", str(out), "--quiet"]) == 0
+    rows = rows_of(out.read_text())
+    assert rows[0]["path"] == "-" and "empty" in rows[0]["error"] and "audioclf-stdin" not in rows[0]["error"]
+    assert rows[1]["label"] == "tone"
+
+
+@pytest.mark.parametrize("url", ["http://example.com/a.wav", "https://example.com/b.flac", "s3://bucket/c.wav"])
+def test_urls_are_not_supported(tiny_run, tmp_path, capsys, no_model, url):
+    assert main(["predict", str(tiny_run.run_dir), url]) == 2
+    one_line_error(capsys, url, "URLs are not supported")
+    listing = tmp_path / "files.txt"
+    listing.write_text(f"# inputs\n{url}\n")
+    assert main(["predict", str(tiny_run.run_dir), str(listing)]) == 2
+    one_line_error(capsys, url, f"line 2 of {listing}", "URLs are not supported")
+
+
+# ---------------------------------------------------------------------------------------------- permissions
+
+@contextmanager
+def unreadable(path: Path):
+    """``path`` with no read permission; as root (who reads anything) also run as nobody meanwhile."""
+    path.chmod(0)
+    as_root = os.geteuid() == 0
+    if as_root:
+        os.seteuid(NOBODY)
+    try:
+        yield path
+    finally:
+        if as_root:
+            os.seteuid(0)
+        path.chmod(0o644)
+
+
+def test_a_file_without_read_permission_is_reported_as_such(clf, tone_wav):
+    with tempfile.TemporaryDirectory() as tmp:  # in the system temp folder, which nobody may traverse
+        folder = Path(tmp)
+        folder.chmod(0o755)
+        path = folder / "locked.wav"
+        path.write_bytes(tone_wav.read_bytes())
+        with unreadable(path):
+            (result,) = clf.classify_files([path])
+            with pytest.raises(AudioclfError, match="permission denied"):
+                clf.classify(path)
+        assert "permission denied" in result["error"] and "locked.wav" in result["error"]
+        assert clf.classify(path)["label"] == "tone"  # readable again
