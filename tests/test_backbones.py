@@ -117,7 +117,8 @@ def test_the_front_end_is_chosen_by_the_backbone():
     # (x + 4.5) / 5 of log(mel + 1e-5): silence is log(1e-5) = -11.5 -> -1.40
     silence = LogMel(f)(torch.zeros(1, 32000))
     assert torch.allclose(silence, torch.full_like(silence, (math.log(1e-5) + 4.5) / 5), atol=1e-4)
-    assert resolve().features.mel_scale == "slaney"  # resnet18 keeps the seed's librosa features
+    assert resolve(overrides={"model": {"backbone": "resnet18"}}).features.mel_scale == "slaney"  # the seed's librosa features
+    assert resolve().model.backbone == "mn04_as"  # the default preset
 
 
 def test_flags_that_contradict_a_pretrained_front_end_are_refused():

@@ -21,7 +21,7 @@ def accuracy():
 
 
 def test_every_recipe_resolves_and_differs_from_the_default_as_named(accuracy):
-    default = resolve("default")
+    default = resolve("default", overrides={"model": {"backbone": "resnet18"}})  # the recipes are resnet18 ablations
     for name, (preset, overrides) in accuracy.ESC10_RECIPES.items():
         cfg = resolve(preset, overrides=overrides)
         assert isinstance(cfg, RunConfig) and preset in PRESETS

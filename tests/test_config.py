@@ -78,8 +78,9 @@ def test_resolve_precedence_defaults_preset_yaml_overrides(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"train": {"epochs": 7, "batch_size": 8}, "features": {"n_mels": 64}}))
 
-    base = resolve()
-    assert base == RunConfig()
+    assert resolve().model.backbone == "mn04_as"  # the default preset's backbone, with its front end and recipe
+    assert resolve().features.sample_rate == 32000
+    assert resolve(overrides={"model": {"backbone": "resnet18"}}) == RunConfig()  # resnet18 adds nothing to the defaults
 
     seeded = resolve("seed")
     assert seeded.train.lr == 1e-4 and seeded.preset == "seed"
@@ -118,7 +119,7 @@ def test_resolve_refuses_yaml_that_is_not_a_mapping(tmp_path):
 def test_empty_yaml_means_defaults(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    assert resolve(yaml_path=empty) == RunConfig()
+    assert resolve(yaml_path=empty) == resolve()
 
 
 # ----------------------------------------------------------------------------------------- round trips

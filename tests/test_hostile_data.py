@@ -362,7 +362,7 @@ def test_training_lists_odd_names_and_dead_links_in_skipped_csv(tmp_path, capfd)
     broken.write_bytes(b"RIFF not audio")
     (root / "high" / "dangling.wav").symlink_to(tmp_path / "gone.wav")
     config = resolve(overrides={
-        "features": {"sample_rate": SR, "duration_s": 0.5}, "model": {"pretrained": "none"},
+        "features": {"sample_rate": SR, "duration_s": 0.5}, "model": {"backbone": "resnet18", "pretrained": "none"},
         "data": {"root": str(root), "format": "folder", "val_split": 0.25, "num_workers": 0},
         "train": {"epochs": 1, "batch_size": 4, "quiet": True, "seed": 0}})
     fit(config, tmp_path / "run")

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 # small enough that an epoch over conftest's 36 clips takes about a second on 2 cores
 TINY = {"features": {"sample_rate": 16000, "duration_s": 1.0, "n_mels": 32, "n_fft": 512, "hop_length": 512,
                      "win_length": 512},
-        "model": {"pretrained": "none"},
+        "model": {"backbone": "resnet18", "pretrained": "none"},
         "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "scheduler": "cosine", "warmup_epochs": 0, "patience": 0,
                   "quiet": True, "seed": 3}}
 DROP = ("epoch_s", "clips_per_s")  # timing columns

@@ -9,7 +9,7 @@ from torchvision.models import resnet18
 
 from audioclf.config import AudioclfError, FeatureConfig, ModelConfig
 from audioclf.features import LogMel
-from audioclf.model import (AudioResNet, WaveformClassifier, build_model, imagenet_available, imagenet_cache_path,
+from audioclf.model import (AudioResNet, WaveformClassifier, build_model, imagenet_cache_path,
                             load_imagenet_state_dict)
 
 
@@ -59,11 +59,11 @@ def assert_loaded(model: AudioResNet, sd: dict, n_classes: int):
 
 def test_imagenet_from_the_torch_hub_cache(torch_home, offline, rgb_state_dict):
     path = cache_weights(torch_home, rgb_state_dict)
-    assert imagenet_cache_path() == path and imagenet_available()
-    model, pretrained = build_model(ModelConfig(pretrained="imagenet"), n_classes=5)
+    assert imagenet_cache_path() == path and path.is_file()
+    model, pretrained = build_model(ModelConfig(pretrained="imagenet"), n_classes=5, n_mels=80)
     assert pretrained is True
     assert_loaded(model, rgb_state_dict, 5)
-    model, pretrained = build_model(ModelConfig(pretrained="auto"), n_classes=3)
+    model, pretrained = build_model(ModelConfig(pretrained="auto"), n_classes=3, n_mels=80)
     assert pretrained is True
     assert_loaded(model, rgb_state_dict, 3)
 
@@ -72,17 +72,17 @@ def test_imagenet_from_the_torch_hub_cache(torch_home, offline, rgb_state_dict):
 def test_imagenet_from_weights_path(tmp_path, offline, rgb_state_dict, wrapped):
     path = tmp_path / "r18.pth"
     torch.save({"state_dict": rgb_state_dict} if wrapped else rgb_state_dict, path)
-    assert not imagenet_cache_path().exists() and imagenet_available(str(path))
+    assert not imagenet_cache_path().exists()
     # weights_path implies pretrained, whatever ``pretrained`` says.
-    model, pretrained = build_model(ModelConfig(pretrained="none", weights_path=str(path)), n_classes=5)
+    model, pretrained = build_model(ModelConfig(pretrained="none", weights_path=str(path)), n_classes=5, n_mels=80)
     assert pretrained is True
     assert_loaded(model, rgb_state_dict, 5)
 
 
 def test_offline_with_nothing_cached_says_what_to_do(torch_home, offline):
-    assert not imagenet_available()
+    assert not imagenet_cache_path().exists()
     with pytest.raises(AudioclfError) as e:
-        build_model(ModelConfig(pretrained="imagenet"), n_classes=5)
+        build_model(ModelConfig(pretrained="imagenet"), n_classes=5, n_mels=80)
     msg = str(e.value)
     assert str(torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in msg
     assert "--no-pretrained" in msg and "URLError" in msg
@@ -90,10 +90,10 @@ def test_offline_with_nothing_cached_says_what_to_do(torch_home, offline):
 
 def test_auto_falls_back_to_scratch_with_a_warning(torch_home, offline, caplog):
     with caplog.at_level(logging.WARNING, logger="audioclf.model"):
-        model, pretrained = build_model(ModelConfig(pretrained="auto"), n_classes=4)
+        model, pretrained = build_model(ModelConfig(pretrained="auto"), n_classes=4, n_mels=80)
     assert pretrained is False
     assert model.backbone.fc[-1].out_features == 4
-    assert "training from scratch" in caplog.text and "resnet18-f37072fd.pth" in caplog.text
+    assert "from scratch instead" in caplog.text and "resnet18-f37072fd.pth" in caplog.text
 
 
 def test_none_never_looks_for_weights(monkeypatch):
@@ -101,7 +101,7 @@ def test_none_never_looks_for_weights(monkeypatch):
         raise AssertionError("should not be called")
 
     monkeypatch.setattr("audioclf.model.load_imagenet_state_dict", fail)
-    model, pretrained = build_model(ModelConfig(pretrained="none", dropout=0.3), n_classes=2)
+    model, pretrained = build_model(ModelConfig(pretrained="none", dropout=0.3), n_classes=2, n_mels=80)
     assert pretrained is False and model.backbone.fc[0].p == 0.3
 
 
@@ -110,9 +110,9 @@ def test_corrupt_cached_weights(torch_home, offline, caplog):
     path.parent.mkdir(parents=True)
     path.write_bytes(b"\xc3" + bytes(range(256)) * 8)
     with pytest.raises(AudioclfError, match="ImageNet ResNet-18 weights"):
-        build_model(ModelConfig(pretrained="imagenet"), n_classes=3)
-    _, pretrained = build_model(ModelConfig(pretrained="auto"), n_classes=3)
-    assert pretrained is False and "training from scratch" in caplog.text
+        build_model(ModelConfig(pretrained="imagenet"), n_classes=3, n_mels=80)
+    _, pretrained = build_model(ModelConfig(pretrained="auto"), n_classes=3, n_mels=80)
+    assert pretrained is False and "from scratch instead" in caplog.text
 
 
 @pytest.mark.parametrize("content", [b"", b"\x80\x02garbage" * 50, b"PK\x03\x04truncated zip", b"plain text"])
@@ -123,7 +123,7 @@ def test_unreadable_weights_path_names_the_file(tmp_path, content):
         load_imagenet_state_dict(str(path))
     # An explicit file is never silently replaced by scratch training, even with "auto".
     with pytest.raises(AudioclfError, match="weights.pth"):
-        build_model(ModelConfig(pretrained="auto", weights_path=str(path)), n_classes=3)
+        build_model(ModelConfig(pretrained="auto", weights_path=str(path)), n_classes=3, n_mels=80)
 
 
 def test_weights_that_are_not_resnet18_are_refused(rgb_state_dict):

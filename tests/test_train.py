@@ -24,7 +24,7 @@ from audioclf.train import cross_validate, fit
 
 pytestmark = pytest.mark.slow
 
-SMALL = {"features": {"sample_rate": 16000, "duration_s": 1.0}, "model": {"pretrained": "none"}}
+SMALL = {"features": {"sample_rate": 16000, "duration_s": 1.0}, "model": {"backbone": "resnet18", "pretrained": "none"}}
 
 
 def small_config(data_dir, **train):
@@ -84,7 +84,7 @@ def test_two_runs_with_one_seed_are_identical(synth_dir, tmp_path):
 
 
 def _train_cmd(data, out, *extra):
-    return [sys.executable, "-m", "audioclf", "train", str(data), "--out", str(out), "--no-pretrained",
+    return [sys.executable, "-m", "audioclf", "train", str(data), "--out", str(out), "--backbone", "resnet18", "--no-pretrained",
             "--sample-rate", "16000", "--duration", "1.0", "--batch-size", "8", "--lr", "1e-3",
             "--scheduler", "cosine", "--patience", "0", "--seed", "5", "--quiet", *extra]
 

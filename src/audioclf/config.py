@@ -373,6 +373,10 @@ def resolve(preset: Optional[str] = "default", yaml_path=None, overrides: Option
     d = merge(base, user)
     if preset is not None:
         d["preset"] = preset
+    feats, asked, model = d.get("features"), user.get("features"), d.get("model")
+    if isinstance(feats, dict) and isinstance(asked, dict) and isinstance(model, dict) and model.get("pretrained") == "none" \
+            and "sample_rate" in asked and "f_max" not in asked and (feats.get("f_max") or 0) > asked["sample_rate"] / 2:
+        feats["f_max"] = None  # from scratch at a lower rate than the front end's: its mels go up to Nyquist
     _check_front_end(d)
     return RunConfig.from_dict(d)
 

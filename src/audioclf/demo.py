@@ -66,7 +66,7 @@ def demo_config(data_dir, quiet: bool = False):
     return resolve(overrides={
         "data": {"root": str(data_dir), "format": "folder", "val_split": 0.25},
         "features": {"sample_rate": 16000, "duration_s": 2.0},
-        "model": {"pretrained": "none"},
+        "model": {"backbone": "resnet18", "pretrained": "none"},
         "train": {"epochs": 8, "batch_size": 16, "lr": 1e-3, "scheduler": "cosine", "warmup_epochs": 1,
                   "patience": 4, "quiet": quiet},
     })

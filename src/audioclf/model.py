@@ -117,11 +117,6 @@ def load_imagenet_state_dict(weights_path: Optional[str] = None) -> dict:
             f"local state dict with --weights PATH, or train from scratch with --no-pretrained.") from None
 
 
-def imagenet_available(weights_path: Optional[str] = None) -> bool:
-    """True when ImageNet weights can be loaded without a network (local file or torch hub cache)."""
-    return bool(weights_path) or imagenet_cache_path().is_file()
-
-
 class AudioResNet(nn.Module):
     """ResNet-18 adapted to 1-channel log-mel input.
 
