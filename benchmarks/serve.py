@@ -181,7 +181,7 @@ def markdown(result: dict) -> str:
                   f"{r['p99_ms']:.0f} |" for r in result["serve"]]
     if "long" in result:
         r = result["long"]
-        lines += ["", f"| 1-s clips, one client, one after another | requests | p50 latency (ms) | p99 latency (ms) |",
+        lines += ["", "| 1-s clips, one client, one after another | requests | p50 latency (ms) | p99 latency (ms) |",
                   "|---|---:|---:|---:|",
                   f"| idle server | {r['idle']['requests']} | {r['idle']['p50_ms']:.0f} | {r['idle']['p99_ms']:.0f} |",
                   f"| while another client's {LONG_S / 60:g}-min file is classified ({r['long_file_s']:g} s) | "

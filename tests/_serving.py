@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
@@ -47,12 +48,26 @@ def wav_bytes(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
     return buf.getvalue()
 
 
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    """An untrained checkpoint (``make_checkpoint``), one per test module."""
+    return make_checkpoint(tmp_path_factory.mktemp("model") / "best.pt")
+
+
+@pytest.fixture(scope="module")
+def classifier(model_path):
+    import audioclf
+
+    return audioclf.load(model_path, device="cpu")
+
+
 @contextmanager
-def live_server(app, timeout_s: float = 30.0) -> Iterator[str]:
-    """Run ``app`` with uvicorn on 127.0.0.1 (a free port the OS picks) in a thread; yield its base URL."""
+def live_server(app, timeout_s: float = 30.0, **options) -> Iterator[str]:
+    """Run ``app`` with uvicorn on 127.0.0.1 (a free port the OS picks) in a thread; yield its base URL.
+    ``options`` go to ``uvicorn.Config`` (timeouts, connection limits)."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s

@@ -10,7 +10,7 @@ import audioclf.data as data_module
 from audioclf.audio import inference_windows, load_audio
 from audioclf.config import AudioclfError, DataConfig, FeatureConfig
 from audioclf.data import (Clip, ClipSet, FeatureBank, check_classes, default_cache_dir, load_clips, read_csv,
-                           read_esc50, read_folder, read_urbansound8k, split_clips)
+                           read_esc50, read_folder, split_clips)
 from audioclf.features import LogMel
 from conftest import SYNTH_CLASSES, SYNTH_PER_CLASS, tone
 

@@ -11,7 +11,6 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 import soundfile as sf
 from _models import tiny_run  # noqa: F401 (a fixture)

@@ -7,10 +7,8 @@ import asyncio
 import io
 import socket
 import struct
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +20,6 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-import audioclf  # noqa: E402
 from audioclf import serve as serve_module  # noqa: E402
 from audioclf.audio import inference_windows  # noqa: E402
 from audioclf.cli import main  # noqa: E402
@@ -30,17 +27,8 @@ from audioclf.config import AudioclfError  # noqa: E402
 from audioclf.predict import count_windows, sliding_windows  # noqa: E402
 from audioclf.serve import create_app  # noqa: E402
 
-from _serving import SAMPLE_RATE, clip, live_server, make_checkpoint, wav_bytes  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("model") / "best.pt")
-
-
-@pytest.fixture(scope="module")
-def classifier(model_path):
-    return audioclf.load(model_path, device="cpu")
+from _serving import (SAMPLE_RATE, classifier, clip, live_server, model_path,  # noqa: E402,F401
+                      wav_bytes)
 
 
 @pytest.fixture(scope="module")
@@ -212,17 +200,8 @@ def test_a_stalled_body_is_dropped_after_timeout_s(classifier):
 
 @pytest.mark.slow
 def test_silent_and_half_sent_connections_are_closed(classifier):
-    import uvicorn
-
-    app = create_app(classifier)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                           **serve_module.uvicorn_options(0.5)))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.02)
-        port = server.servers[0].sockets[0].getsockname()[1]
+    with live_server(create_app(classifier), **serve_module.uvicorn_options(0.5)) as url:
+        port = int(url.rsplit(":", 1)[1])
         silent, half = socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port))
         half.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")  # headers never finished
         for s in (silent, half):
@@ -232,39 +211,24 @@ def test_silent_and_half_sent_connections_are_closed(classifier):
             assert time.monotonic() - t0 < 5
             s.close()
         # a well-behaved client on a kept-alive connection is unaffected
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+        with httpx.Client(base_url=url, timeout=30) as http:
             assert http.get("/health").status_code == 200
             time.sleep(0.2)
             assert http.get("/labels").status_code == 200
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.mark.slow
 def test_connections_past_max_connections_get_503(classifier):
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(create_app(classifier), host="127.0.0.1", port=0, log_level="warning",
-                                           **serve_module.uvicorn_options(30.0, max_connections=2)))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.02)
-        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    with live_server(create_app(classifier), **serve_module.uvicorn_options(30.0, max_connections=2)) as url:
         with httpx.Client(base_url=url, timeout=30) as http:
             assert http.get("/health").status_code == 200
-            held = [socket.create_connection(server.servers[0].sockets[0].getsockname()[:2]) for _ in range(2)]
+            held = [socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) for _ in range(2)]
             time.sleep(0.2)
             assert http.get("/health").status_code == 503
             for s in held:
                 s.close()
             time.sleep(0.2)
             assert http.get("/health").status_code == 200
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.mark.slow

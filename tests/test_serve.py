@@ -23,19 +23,10 @@ from audioclf import serve as serve_module  # noqa: E402
 from audioclf.config import AudioclfError  # noqa: E402
 from audioclf.serve import create_app  # noqa: E402
 
-from _serving import DURATION_S, LABELS, SAMPLE_RATE, clip, live_server, make_checkpoint, wav_bytes  # noqa: E402
+from _serving import (DURATION_S, LABELS, SAMPLE_RATE, classifier, clip, live_server,  # noqa: E402,F401
+                      model_path, wav_bytes)
 
 MAX_UPLOAD_MB = 1.0
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("model") / "best.pt")
-
-
-@pytest.fixture(scope="module")
-def classifier(model_path):
-    return audioclf.load(model_path, device="cpu")
 
 
 @pytest.fixture(scope="module")

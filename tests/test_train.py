@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,7 +111,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(synth_dir, tmp_path):
 
     r = subprocess.run(_train_cmd(synth_dir, killed, "--epochs", "5", "--resume", *cache), env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert f"resumed from" in r.stderr
+    assert "resumed from" in r.stderr
     subprocess.run(_train_cmd(synth_dir, full, "--epochs", "5", *cache), check=True, env=env, capture_output=True)
     a, b = load_checkpoint(full / "last.pt"), load_checkpoint(killed / "last.pt")
     assert a["epoch"] == b["epoch"] == 5

@@ -2,8 +2,10 @@
 
 Keys: ``format`` (int), ``audioclf_version``, ``config`` (RunConfig as a dict), ``labels`` (class names),
 ``model`` (state dict, normalisation statistics included), and for training state ``optimizer``,
-``scheduler``, ``epoch``, ``best_val_loss``, ``bad_epochs``, ``rng``. Everything inference needs is
-in one file; the architecture comes from the checkpoint, never from flags.
+``scheduler``, ``epoch``, ``best_val_loss``, ``best_epoch``, ``bad_epochs`` (every random draw of an
+epoch comes from generators seeded by (seed, epoch, rank), so no RNG state is saved). Everything
+inference needs is in one file; the network (``config.model.backbone``) and its front end come from the
+checkpoint, never from flags.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def predict_bank(model: torch.nn.Module, bank: FeatureBank, idx: torch.Tensor, d
 
 def validate(model, bank: FeatureBank, idx: torch.Tensor, device, batch_size: int, autocast,
              rank: int, world: int) -> dict:
-    """Loss, accuracy and macro-F1 over ``idx`` (sharded across ranks, gathered everywhere)."""
+    """Loss, accuracy and macro-F1 over ``idx`` (sharded across ranks, gathered everywhere): plain floats."""
     logits, labels = predict_bank(model, bank, idx[rank::world], device, batch_size, autocast)
     if world > 1:
         gathered = [None] * world
@@ -109,7 +109,7 @@ def validate(model, bank: FeatureBank, idx: torch.Tensor, device, batch_size: in
         logits, labels = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
     pred = logits.argmax(1)
     return {"val_loss": F.cross_entropy(logits, labels).item(), "val_acc": (pred == labels).float().mean().item(),
-            "val_f1": macro_f1(labels.numpy(), pred.numpy()), "logits": logits, "labels": labels}
+            "val_f1": macro_f1(labels.numpy(), pred.numpy())}
 
 
 def plot_curves(metrics_csv: Path, out_png: Path) -> None:
