@@ -79,6 +79,10 @@ ESC10_RECIPES = {name: (preset, {**o, "model": {"backbone": "resnet18", **o.get(
                  for name, (preset, o) in _ESC10_RECIPES.items()}
 
 
+# ESC-50 recipes for the MobileNets, on top of their recipe (backbones.py): "e30" trains twice as long
+MN_RECIPES = {"default": {}, "e30": {"train": {"epochs": 30}}}
+
+
 # FSDD recipes on top of the backbone's recipe + 1-s windows: "e10" is an earlier benchmark's 10 epochs,
 # "freq-shift" adds vocal-tract-length perturbation, "gain-cmn" per-clip mean normalisation in the log range,
 # "peak" peak normalisation (resnet18's default; off in the MobileNets' recipe)
@@ -115,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--recipes", nargs="+", default=["default"], choices=list(ESC10_RECIPES),
                    help="resnet18 ESC-10 recipes: default (scratch), seed (preset), imagenet (needs cached weights), "
                         f"or an ablation: {', '.join(r for r in ESC10_RECIPES if r not in ('default', 'seed', 'imagenet'))}")
+    p.add_argument("--mn-recipes", nargs="+", default=["default"], choices=list(MN_RECIPES),
+                   help=f"MobileNet ESC-50 recipes: default, or {', '.join(list(MN_RECIPES)[1:])}")
     p.add_argument("--folds", nargs="+", type=int, help="ESC test folds (default: all four)")
     p.add_argument("--fsdd-speakers", nargs="+", default=FSDD_SPEAKERS,
                    help="held-out speakers (each a fold)")
@@ -136,7 +142,10 @@ def main(argv=None) -> int:
         train = {"device": args.device, "quiet": True, **quick}
         if "esc50" in args.only and esc.is_dir():
             data = {"root": str(esc), "format": "esc50", "esc10": False}
-            results.append(run(f"esc50-{backbone}", data, {"model": model, "train": train}, out, folds))
+            for recipe in (args.mn_recipes if backbone != "resnet18" else ["default"]):
+                o = MN_RECIPES[recipe]
+                name = f"esc50-{backbone}" if recipe == "default" else f"esc50-{backbone}-{recipe}"
+                results.append(run(name, data, {**o, "model": model, "train": {**o.get("train", {}), **train}}, out, folds))
         if "esc10" in args.only and esc.is_dir():
             data = {"root": str(esc), "format": "esc50", "esc10": True}
             for recipe in (args.recipes if backbone == "resnet18" else ["default"]):

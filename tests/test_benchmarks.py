@@ -49,3 +49,10 @@ def test_fsdd_manifest_holds_out_whole_speakers(accuracy, write_wav, tmp_path):
     trained_on = {Path(c.path).stem.split("_")[1] for c in splits["train"] + splits["val"]}
     assert trained_on == set(accuracy.FSDD_SPEAKERS) - {"george"}
     assert len(splits["val"]) == 20  # 20 % of the five other speakers' clips
+
+
+def test_mobilenet_recipes_resolve_on_the_mobilenet_front_end(accuracy):
+    for name, overrides in accuracy.MN_RECIPES.items():
+        cfg = resolve("default", overrides={**overrides, "model": accuracy.backbone_overrides("mn04_as", None)})
+        assert cfg.model.backbone == "mn04_as" and cfg.features.mel_scale == "kaldi"
+    assert resolve("default", overrides=accuracy.MN_RECIPES["e30"]).train.epochs == 30
