@@ -228,7 +228,7 @@ def _fit(config: RunConfig, out: Path, resume: bool) -> dict:
             bank.frames = bank.frames.to(device)  # the whole cache on the GPU: batches never cross PCIe
         n_classes = len(clipset.classes)
 
-        # --- model: ImageNet or scratch recipe, normalisation fitted on the training clips only
+        # --- model: the backbone, pretrained or from scratch; ResNet-18's normalisation fitted on the training clips only
         torch.manual_seed(t.seed)  # init from the seed alone: a cold cache build above drew from the global RNG
         model, pretrained = build_model(config.model, n_classes, config.features.n_mels)
         if t.lr is None:
