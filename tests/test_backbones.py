@@ -158,15 +158,17 @@ def test_auto_falls_back_to_scratch_and_says_so(caplog):
     assert "training mn04_as from scratch instead" in caplog.text
 
 
-def test_a_file_with_another_hash_is_refused(tmp_path):
-    fake = tmp_path / "mn04_as_mAP_432.pt"
-    torch.save(MobileNet(0.4).state_dict(), fake)
-    with pytest.raises(AudioclfError, match="sha256 .* is not that of the official mn04_as_mAP_432.pt"):
-        weights.weights_file("mn04_as", str(fake))
+@pytest.mark.parametrize("name", ["mn04_as", "mn10_as"])
+def test_a_file_with_another_hash_is_refused(tmp_path, name):
+    b = BACKBONES[name]
+    fake = tmp_path / b.weights_file
+    torch.save(MobileNet(b.width).state_dict(), fake)
+    with pytest.raises(AudioclfError, match=f"sha256 .* is not that of the official {b.weights_file}"):
+        weights.weights_file(name, str(fake))
 
 
 def test_the_hub_cache_is_used_and_a_download_lands_there(monkeypatch):
-    b = BACKBONES["mn10_as"]  # no pinned hash: any state dict of the right shapes is taken
+    b = BACKBONES["mn05_as"]  # no pinned hash: any state dict of the right shapes is taken
     sd = MobileNet(b.width).state_dict()
 
     def fake_download(url, dst, **kwargs):
@@ -174,10 +176,10 @@ def test_the_hub_cache_is_used_and_a_download_lands_there(monkeypatch):
         torch.save(sd, dst)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    assert weights.status("mn10_as") == "downloadable"
-    path = weights.weights_file("mn10_as")
-    assert path == weights.hub_path(b) and weights.status("mn10_as") == "cached"
-    model, pretrained = build_model(ModelConfig(backbone="mn10_as"), 4, 128)
+    assert weights.status("mn05_as") == "downloadable"
+    path = weights.weights_file("mn05_as")
+    assert path == weights.hub_path(b) and weights.status("mn05_as") == "cached"
+    model, pretrained = build_model(ModelConfig(backbone="mn05_as"), 4, 128)
     assert pretrained
     assert torch.equal(model.net.features[3].block[0][0].weight, sd["features.3.block.0.0.weight"])
     assert model.net.classifier[5].out_features == 4  # the AudioSet head was replaced
