@@ -297,3 +297,14 @@ def test_preemphasis_is_a_first_order_high_pass():
     x = torch.tensor([[1.0, 2.0, 4.0, 4.0]])
     assert torch.allclose(PreEmphasis(0.5)(x), torch.tensor([[1.0, 1.5, 3.0, 2.0]]))
     assert PreEmphasis(0.0)(x) is x
+
+
+def test_missing_weights_fail_before_the_feature_cache_is_built(synth_dir, tmp_path):
+    from audioclf.train import fit
+
+    config = resolve(overrides={"model": {"backbone": "mn04_as", "pretrained": "audioset"},
+                                "data": {"root": str(synth_dir), "format": "folder", "cache_dir": str(tmp_path / "cache")},
+                                "train": {"epochs": 1, "quiet": True}})
+    with pytest.raises(AudioclfError, match="cannot download the mn04_as weights"):
+        fit(config, tmp_path / "run")
+    assert not list((tmp_path / "cache").glob("features-*"))  # nothing was decoded first

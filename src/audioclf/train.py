@@ -197,12 +197,24 @@ def _fit(config: RunConfig, out: Path, resume: bool) -> dict:
     restore_kernels = _deterministic_kernels(t.deterministic)
 
     try:
-        # --- data: clips -> cached log-mels (rank 0 builds the cache, the others read it) -> split
+        # --- clips: the dataset's files and classes
         clipset = load_clips(config.data)
         if ckpt is not None and clipset.classes != list(ckpt["labels"]):
             raise AudioclfError(f"--resume: {config.data.root} now has the classes {', '.join(clipset.classes)}; the run in "
                                 f"{out} was trained on {', '.join(ckpt['labels'])}. Resume needs the same classes: start "
                                 f"a new run (another --out, or --overwrite) to train on these")
+        n_classes = len(clipset.classes)
+
+        # --- model: the backbone, pretrained or from scratch; its weights are fetched (or refused) before
+        # the feature cache build, which can take minutes
+        torch.manual_seed(t.seed)  # init from the seed alone, whatever ran before in this process
+        model, pretrained = build_model(config.model, n_classes, config.features.n_mels)
+        if t.lr is None:
+            t = replace(t, lr=LR_PRETRAINED if pretrained else LR_SCRATCH)
+        config = replace(config, train=t, model=replace(
+            config.model, pretrained=BACKBONES[config.model.backbone].pretrained_on if pretrained else "none"))
+
+        # --- data: clips -> cached features (rank 0 builds the cache, the others read it) -> split
         build = lambda: FeatureBank.build(clipset, config.features, cache_dir=config.data.cache_dir,  # noqa: E731
                                           device=device, num_workers=config.data.num_workers,
                                           strict=config.data.strict, quiet=quiet)
@@ -226,15 +238,8 @@ def _fit(config: RunConfig, out: Path, resume: bool) -> dict:
         train_idx, val_idx = bank.indices(splits["train"]), bank.indices(splits["val"])
         if device.type == "cuda" and bank.frames.numel() * 4 < 4 * 2**30:
             bank.frames = bank.frames.to(device)  # the whole cache on the GPU: batches never cross PCIe
-        n_classes = len(clipset.classes)
 
-        # --- model: the backbone, pretrained or from scratch; ResNet-18's normalisation fitted on the training clips only
-        torch.manual_seed(t.seed)  # init from the seed alone: a cold cache build above drew from the global RNG
-        model, pretrained = build_model(config.model, n_classes, config.features.n_mels)
-        if t.lr is None:
-            t = replace(t, lr=LR_PRETRAINED if pretrained else LR_SCRATCH)
-        config = replace(config, train=t, model=replace(
-            config.model, pretrained=BACKBONES[config.model.backbone].pretrained_on if pretrained else "none"))
+        # --- model on the data: ResNet-18's normalisation fitted on the training clips only
         if isinstance(model, AudioResNet):  # the MobileNets' front end normalises with fixed numbers
             model.norm.fit((bank.clip_frames(i) for i in train_idx.tolist()),
                            per_band=config.model.normalization != "global")
