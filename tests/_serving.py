@@ -55,6 +55,17 @@ def model_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def safetensors_dir(model_path, tmp_path_factory) -> Path:
+    """``model_path`` exported as safetensors, one per test module."""
+    pytest.importorskip("safetensors")
+    from audioclf.export import export
+
+    out = tmp_path_factory.mktemp("st")
+    assert export(model_path, "safetensors", out) == out / "model.safetensors"
+    return out
+
+
+@pytest.fixture(scope="module")
 def classifier(model_path):
     import audioclf
 

@@ -19,22 +19,9 @@ from audioclf.export import export, load_safetensors
 from audioclf.features import LogMel
 from audioclf.model import WaveformClassifier
 
-from _serving import LABELS, SAMPLE_RATE, clip, make_checkpoint
+from _serving import LABELS, SAMPLE_RATE, clip, model_path, safetensors_dir  # noqa: F401 (fixtures)
 
 KINDS = ["tone", "noise", "chirp", "clicks"]
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("model") / "best.pt")
-
-
-@pytest.fixture(scope="module")
-def safetensors_dir(model_path, tmp_path_factory) -> Path:
-    pytest.importorskip("safetensors")
-    out = tmp_path_factory.mktemp("st")
-    assert export(model_path, "safetensors", out) == out / "model.safetensors"
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -16,34 +16,21 @@ from audioclf.cli import main
 from audioclf.config import AudioclfError
 from audioclf.export import export
 
-from _serving import LABELS, clip, make_checkpoint, wav_bytes
+from _serving import LABELS, clip, model_path, safetensors_dir, wav_bytes  # noqa: F401 (fixtures)
 
 
-@pytest.fixture(scope="module")
-def ckpt_path(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("run") / "best.pt")
-
-
-@pytest.fixture(scope="module")
-def export_dir(ckpt_path, tmp_path_factory) -> Path:
-    pytest.importorskip("safetensors")
-    out = tmp_path_factory.mktemp("export")
-    export(ckpt_path, "safetensors", out)
-    return out
-
-
-def tampered(ckpt_path: Path, tmp_path: Path, change) -> Path:
+def tampered(model_path: Path, tmp_path: Path, change) -> Path:
     """A copy of the checkpoint with ``change(ckpt_dict)`` applied."""
-    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt = torch.load(model_path, weights_only=True)
     change(ckpt)
     path = tmp_path / "tampered.pt"
     torch.save(ckpt, path)
     return path
 
 
-def copy_export(export_dir: Path, tmp_path: Path, change_meta=None) -> Path:
+def copy_export(safetensors_dir: Path, tmp_path: Path, change_meta=None) -> Path:
     out = tmp_path / "export"
-    shutil.copytree(export_dir, out)
+    shutil.copytree(safetensors_dir, out)
     if change_meta:
         meta = json.loads((out / "config.json").read_text())
         change_meta(meta)
@@ -63,8 +50,8 @@ def refused(path, *fragments):
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
-def test_labels_that_do_not_fit_the_head_are_refused(ckpt_path, tmp_path, capsys):
-    path = tampered(ckpt_path, tmp_path, lambda c: c.update(labels=LABELS[:3]))
+def test_labels_that_do_not_fit_the_head_are_refused(model_path, tmp_path, capsys):
+    path = tampered(model_path, tmp_path, lambda c: c.update(labels=LABELS[:3]))
     refused(path, str(path), "3 labels", "(5, 512) in the weights, (3, 512) for the config")
     wav = tmp_path / "clip.wav"
     wav.write_bytes(wav_bytes(clip("tone")))
@@ -73,8 +60,8 @@ def test_labels_that_do_not_fit_the_head_are_refused(ckpt_path, tmp_path, capsys
     assert err.count("\n") == 1 and "3 labels" in err and "Traceback" not in err
 
 
-def test_n_mels_that_do_not_fit_the_normalisation_are_refused(ckpt_path, tmp_path):
-    path = tampered(ckpt_path, tmp_path, lambda c: c["config"]["features"].update(n_mels=64))
+def test_n_mels_that_do_not_fit_the_normalisation_are_refused(model_path, tmp_path):
+    path = tampered(model_path, tmp_path, lambda c: c["config"]["features"].update(n_mels=64))
     refused(path, "n_mels=64", "norm.mean is (80, 1) in the weights, (64, 1) for the config")
 
 
@@ -89,17 +76,17 @@ def test_n_mels_that_do_not_fit_the_normalisation_are_refused(ckpt_path, tmp_pat
     (lambda c: c["config"]["features"].update(sample_rate="fast"), "its config is not valid"),
     (lambda c: c.pop("labels"), "no labels"),
 ])
-def test_a_tampered_checkpoint_is_refused_with_one_line(ckpt_path, tmp_path, change, says):
-    path = tampered(ckpt_path, tmp_path, change)
+def test_a_tampered_checkpoint_is_refused_with_one_line(model_path, tmp_path, change, says):
+    path = tampered(model_path, tmp_path, change)
     refused(path, str(path), says)
 
 
 # ---------------------------------------------------------------------------------------------- safetensors
 
-def test_an_export_binds_its_weights_and_config(export_dir, ckpt_path):
-    meta = json.loads((export_dir / "config.json").read_text())
+def test_an_export_binds_its_weights_and_config(safetensors_dir, model_path):
+    meta = json.loads((safetensors_dir / "config.json").read_text())
     assert len(meta["weights_sha256"]) == 64 and meta["format_version"] == 2
-    model, config, labels = load_model(export_dir)
+    model, config, labels = load_model(safetensors_dir)
     assert labels == LABELS and config.features.sample_rate == 16000
 
 
@@ -112,14 +99,14 @@ def test_an_export_binds_its_weights_and_config(export_dir, ckpt_path):
     (lambda m: m.update(format_version="2"), "format_version='2' must be a whole number"),
     (lambda m: m.update(format="onnx"), "format='onnx', expected 'safetensors'"),
 ])
-def test_an_edited_export_config_is_refused(export_dir, tmp_path, change, says):
-    refused(copy_export(export_dir, tmp_path, change), says)
+def test_an_edited_export_config_is_refused(safetensors_dir, tmp_path, change, says):
+    refused(copy_export(safetensors_dir, tmp_path, change), says)
 
 
-def test_replaced_weights_are_refused(export_dir, tmp_path, capsys):
+def test_replaced_weights_are_refused(safetensors_dir, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
-    out = copy_export(export_dir, tmp_path)
+    out = copy_export(safetensors_dir, tmp_path)
     torch.manual_seed(1)  # other weights of the same shapes: only the binding can tell
     weights = load_file(out / "model.safetensors")
     save_file({k: torch.randn_like(v) if v.is_floating_point() else v for k, v in weights.items()},
@@ -131,24 +118,24 @@ def test_replaced_weights_are_refused(export_dir, tmp_path, capsys):
     assert "changed or replaced" in capsys.readouterr().err
 
 
-def test_an_older_export_without_binding_still_gets_its_shapes_checked(export_dir, tmp_path):
+def test_an_older_export_without_binding_still_gets_its_shapes_checked(safetensors_dir, tmp_path):
     def older(meta):
         meta.update(format_version=1, labels=LABELS[:3])
         meta.pop("weights_sha256")
 
-    refused(copy_export(export_dir, tmp_path, older), "3 labels", "(5, 512) in the weights")
+    refused(copy_export(safetensors_dir, tmp_path, older), "3 labels", "(5, 512) in the weights")
 
 
 # ---------------------------------------------------------------------------------------------- which model
 
-def test_an_export_in_a_run_directory_does_not_shadow_best_pt(ckpt_path, export_dir, tmp_path):
+def test_an_export_in_a_run_directory_does_not_shadow_best_pt(model_path, safetensors_dir, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(ckpt_path.parent, run)
+    shutil.copytree(model_path.parent, run)
     for name in ("model.safetensors", "config.json"):
-        shutil.copy(export_dir / name, run / name)
+        shutil.copy(safetensors_dir / name, run / name)
     refused(run, "holds both best.pt", str(run / "best.pt"), str(run / "model.safetensors"))
     assert load_model(run / "best.pt")[2] == LABELS
     assert load_model(run / "model.safetensors")[2] == LABELS  # the export, named by its file
     with pytest.raises(AudioclfError, match="holds best.pt, a training run"):
-        export(ckpt_path, "safetensors", ckpt_path.parent)
-    assert not (ckpt_path.parent / "model.safetensors").exists()
+        export(model_path, "safetensors", model_path.parent)
+    assert not (model_path.parent / "model.safetensors").exists()
