@@ -61,7 +61,8 @@ import torch.nn.functional as F
 from audioclf.augment import SpecAugment, mixup
 from audioclf.config import FeatureConfig, resolve
 from audioclf.data import Clip, ClipSet, FeatureBank
-from audioclf.model import AudioResNet, amp_dtype, resolve_device
+from audioclf.model import AudioResNet
+from audioclf.runtime import amp_dtype, resolve_device
 from audioclf.train import make_optimizer
 
 ESC50 = Path(__file__).resolve().parents[2] / "shared" / "data" / "esc50"

@@ -207,7 +207,7 @@ def test_inference_never_imports_torchvision(tmp_path):
 
 
 def test_amp_dtype_uses_bf16_on_cpu_only_where_it_is_native(monkeypatch):
-    from audioclf.model import amp_dtype
+    from audioclf.runtime import amp_dtype
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)

@@ -1,8 +1,9 @@
 """audioclf: train, evaluate and serve audio classifiers (log-mel spectrograms + ResNet-18)."""
 
-__version__ = "0.1.0"
+from ._version import __version__
+from .config import AudioclfError
 
-from .config import AudioclfError  # noqa: E402
+__all__ = ["AudioclfError", "__version__", "load"]
 
 
 def load(model, device: str = "auto"):

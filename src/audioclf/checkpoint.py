@@ -10,36 +10,18 @@ checkpoint, never from flags.
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .config import AudioclfError, RunConfig
+from .fileio import atomic_path
 from .model import build_network
 
 FORMAT = 1  # bump when a checkpoint written by this version can no longer be read by older code
 RUN_CHECKPOINT = "best.pt"  # what a run directory means as a model
-
-
-@contextmanager
-def atomic_path(path):
-    """Yield a temporary name next to ``path``; move it into place only when the block succeeds.
-
-    A crash mid-write leaves the previous file intact, and a full disk or Ctrl-C leaves no half-written
-    temp file behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(state: dict, path) -> None:

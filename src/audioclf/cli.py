@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .backbones import BACKBONE_NAMES
 from .config import PRESETS, AudioclfError, load_yaml, resolve
 

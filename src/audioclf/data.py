@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 from .audio import AUDIO_EXTENSIONS, default_hop, fix_length, inference_windows, link_problem, load_audio
 from .config import AudioclfError, DataConfig, FeatureConfig
 from .features import LogMel
+from .fileio import atomic_path
+from .runtime import auto_workers, cpu_threads_beside
 
 log = logging.getLogger(__name__)
 
@@ -406,23 +408,6 @@ def _identity(batch):
     return batch
 
 
-@contextlib.contextmanager
-def _cpu_threads_beside(workers: int, device: torch.device):
-    """Leave the decoding workers their cores: on 2 cores, 2 STFT threads beside 1 decoding worker made
-    the cache build 1.6x slower than 1 thread (benchmarks/speed.py, extract_clips_per_s_1thread)."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and workers > 0:
-        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - workers)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def auto_workers() -> int:
-    return min(4, max(0, (os.cpu_count() or 1) - 1))
-
-
 class FeatureBank:
     """Features of every readable clip, concatenated along time: ``frames`` (n_mels, total) with
     ``offsets`` (clips + 1). Clip ``i`` is ``frames[:, offsets[i]:offsets[i+1]]``: the features of its
@@ -505,7 +490,7 @@ class FeatureBank:
             skipped.append((clipset.clips[i].path, why))
 
         with tqdm(total=len(clipset.clips), desc="features", unit="clip", disable=True if quiet else None) as bar, \
-                _cpu_threads_beside(workers, torch.device(device)), torch.no_grad():
+                cpu_threads_beside(workers, torch.device(device)), torch.no_grad():
             for batch in loader:
                 for i, _, err in batch:
                     if err is not None:
@@ -523,14 +508,11 @@ class FeatureBank:
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         frames = torch.cat([pieces[i] for i in kept], dim=1)
         kept_t, skipped_l = torch.tensor(kept), [list(s) for s in skipped]
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
         try:
-            torch.save({"frames": frames, "offsets": offsets, "kept": kept_t, "skipped": skipped_l,
-                        "sha256": _checksum(frames, offsets, kept_t, skipped_l)}, tmp)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                torch.save({"frames": frames, "offsets": offsets, "kept": kept_t, "skipped": skipped_l,
+                            "sha256": _checksum(frames, offsets, kept_t, skipped_l)}, tmp)
             log.info("feature cache written: %s", path)
         except (OSError, RuntimeError) as e:  # disk full (torch.save raises RuntimeError): train uncached
             log.warning("could not write the feature cache %s (%s); the next run will compute it again", path, e)
-        finally:
-            tmp.unlink(missing_ok=True)
         return cls(frames, offsets, [clipset.clips[i] for i in kept], clipset.skipped + skipped, features.n_frames)

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .checkpoint import RUN_CHECKPOINT, atomic_path, load_model, model_from_checkpoint
+from ._version import __version__
+from .checkpoint import RUN_CHECKPOINT, load_model, model_from_checkpoint
+from .fileio import atomic_path
 from .config import AudioclfError, FeatureConfig, RunConfig, _check_choice
 from .features import LogMel
 from .model import WaveformClassifier

@@ -261,32 +261,3 @@ class WaveformClassifier(nn.Module):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """(batch, samples) at ``features.sample_rate`` -> (batch, n_classes) probabilities."""
         return torch.softmax(self.model(self.logmel(wave)), dim=-1)
-
-
-def amp_dtype(device: torch.device) -> Optional[torch.dtype]:
-    """The mixed-precision dtype worth using on ``device``, or None where it would not pay.
-
-    CUDA: bfloat16 where supported, else float16 (with a gradient scaler). CPU: bfloat16 only where the
-    CPU computes it natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates it and it is slower than fp32.
-    """
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu":
-        try:
-            native = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # private, hence the guard
-        except (AttributeError, RuntimeError):
-            native = False
-        return torch.bfloat16 if native else None
-    return None
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is an error, not a silent fallback."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise AudioclfError(f"device={name!r} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise AudioclfError(f"Unsupported device={name!r}; choose auto, cpu, cuda or cuda:N") from None

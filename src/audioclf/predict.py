@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 
 from .audio import (AUDIO_EXTENSIONS, CROP_SLACK, audio_duration_s, default_hop, find_audio_files, fix_length, load_audio,
                     resample, stream_audio)
-from .checkpoint import atomic_path, load_model
+from .checkpoint import load_model
+from .fileio import atomic_path
 from .config import AudioclfError, FeatureConfig, RunConfig
-from .data import auto_workers
-from .model import WaveformClassifier, resolve_device
+from .model import WaveformClassifier
+from .runtime import auto_workers, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +312,7 @@ class Classifier:
 
         Yields one dict per path, in order: ``classify``'s keys plus ``path`` and ``error`` (``None``, or
         the reason the file could not be read, in which case the other keys are absent). ``num_workers``
-        defaults to ``data.auto_workers()`` (none for one or two files); a progress bar goes to stderr unless ``quiet``.
+        defaults to ``runtime.auto_workers()`` (none for one or two files); a progress bar goes to stderr unless ``quiet``.
         """
         window, hop = self._window(window_s, hop_s)
         self._check_top_k(top_k)

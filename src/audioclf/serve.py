@@ -29,7 +29,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from . import __version__
+from ._version import __version__
 from .audio import AUDIO_EXTENSIONS, audio_duration_s, default_hop
 from .config import AudioclfError, _check_range
 

@@ -29,11 +29,13 @@ from tqdm.auto import tqdm
 
 from .augment import SpecAugment, mixup
 from .backbones import BACKBONES
-from .checkpoint import atomic_path, inference_state, load_checkpoint, save_checkpoint
+from .checkpoint import inference_state, load_checkpoint, save_checkpoint
+from .fileio import atomic_path
 from .config import AudioclfError, RunConfig
 from .data import FeatureBank, load_clips, split_clips
 from .evaluate import EVAL_FILES, macro_f1
-from .model import AudioResNet, amp_dtype, build_model, resolve_device
+from .model import AudioResNet, build_model
+from .runtime import amp_dtype, resolve_device
 
 log = logging.getLogger(__name__)
 

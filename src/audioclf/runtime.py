@@ -1,0 +1,59 @@
+"""Where and how work runs: the device, mixed precision, and how many processes and threads decode
+audio. Training and inference both take these decisions from here."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+
+from .config import AudioclfError
+
+
+def amp_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The mixed-precision dtype worth using on ``device``, or None where it would not pay.
+
+    CUDA: bfloat16 where supported, else float16 (with a gradient scaler). CPU: bfloat16 only where the
+    CPU computes it natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates it and it is slower than fp32.
+    """
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        try:
+            native = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # private, hence the guard
+        except (AttributeError, RuntimeError):
+            native = False
+        return torch.bfloat16 if native else None
+    return None
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is an error, not a silent fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AudioclfError(f"device={name!r} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise AudioclfError(f"Unsupported device={name!r}; choose auto, cpu, cuda or cuda:N") from None
+
+
+@contextlib.contextmanager
+def cpu_threads_beside(workers: int, device: torch.device):
+    """Leave the decoding workers their cores: on 2 cores, 2 STFT threads beside 1 decoding worker made
+    the cache build 1.6x slower than 1 thread (benchmarks/speed.py, extract_clips_per_s_1thread)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and workers > 0:
+        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def auto_workers() -> int:
+    """Decoding processes for a feature or prediction pass: all cores but one, at most 4."""
+    return min(4, max(0, (os.cpu_count() or 1) - 1))
