@@ -1,12 +1,14 @@
 import argparse
+import json
 import os
+import re
 
 import pytest
 import torch
 
 import audioclf
-from audioclf.checkpoint import (FORMAT, inference_state, load_checkpoint, load_model, model_from_checkpoint,
-                                 resolve_checkpoint, save_checkpoint)
+from audioclf.checkpoint import (EXPORT_FORMAT, FORMAT, inference_state, load_checkpoint, load_model,
+                                 model_from_checkpoint, resolve_checkpoint, save_checkpoint)
 from audioclf.config import AudioclfError, FeatureConfig, ModelConfig, RunConfig
 from audioclf.model import AudioResNet
 
@@ -30,8 +32,7 @@ def test_round_trip_through_a_run_dir(tmp_path, trained):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.rand(2, 32, 20)).sum().backward()
     opt.step()
-    extra = {"optimizer": opt.state_dict(), "epoch": 3, "best_val_loss": 0.25,
-             "rng": {"torch": torch.get_rng_state(), "generator": torch.Generator().manual_seed(1).get_state()}}
+    extra = {"optimizer": opt.state_dict(), "epoch": 3, "best_val_loss": 0.25}
     save_checkpoint(inference_state(model, config, LABELS, extra), tmp_path / "run" / "best.pt")
 
     # Plain tensors and builtins only: the safe loader reads it.
@@ -95,6 +96,36 @@ def test_future_format_asks_for_an_upgrade(tmp_path, trained):
     torch.save({**state, "format": FORMAT + 1, "audioclf_version": "9.0.0"}, tmp_path / "new.pt")
     with pytest.raises(AudioclfError, match=f"format {FORMAT + 1} was written by audioclf 9.0.0.*Upgrade audioclf"):
         load_checkpoint(tmp_path / "new.pt")
+
+
+def test_one_version_check_for_checkpoints_and_exports(tmp_path, trained):
+    """A checkpoint and a safetensors export from a newer audioclf are refused with the same words."""
+    pytest.importorskip("safetensors")
+    from audioclf.export import export
+
+    state = inference_state(*trained, LABELS)
+    pt = tmp_path / "new.pt"
+    torch.save({**state, "format": FORMAT + 1, "audioclf_version": "9.0.0"}, pt)
+    save_checkpoint(state, tmp_path / "best.pt")
+    folder = tmp_path / "export"
+    export(tmp_path / "best.pt", "safetensors", folder)
+    meta = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**meta, "format_version": EXPORT_FORMAT + 1,
+                                                    "audioclf_version": "9.0.0"}))
+    # one template, only the file and the numbers differ
+    for path, source, newest in [(pt, pt, FORMAT), (folder, folder / "config.json", EXPORT_FORMAT)]:
+        with pytest.raises(AudioclfError) as e:
+            load_model(path)
+        assert str(e.value) == (f"{source}: format {newest + 1} was written by audioclf 9.0.0; this is audioclf "
+                                f"{audioclf.__version__}, which reads formats up to {newest}. "
+                                f"Upgrade audioclf to read it.")
+
+
+@pytest.mark.parametrize("fmt", ["1", 0, 1.0, True, None])
+def test_a_format_that_is_not_a_whole_number_is_refused(tmp_path, trained, fmt):
+    torch.save({**inference_state(*trained, LABELS), "format": fmt}, tmp_path / "odd.pt")
+    with pytest.raises(AudioclfError, match=re.escape(f"odd.pt: format={fmt!r} must be a whole number >= 1")):
+        load_checkpoint(tmp_path / "odd.pt")
 
 
 @pytest.mark.parametrize("content", [b"", b"hello, this is text", os.urandom(512), b"PK\x03\x04cut"])

@@ -12,10 +12,10 @@ import torch
 
 import audioclf
 from audioclf import export as export_module
-from audioclf.checkpoint import load_model
+from audioclf.checkpoint import load_model, load_safetensors
 from audioclf.cli import main as cli_main
 from audioclf.config import AudioclfError
-from audioclf.export import export, load_safetensors
+from audioclf.export import export
 from audioclf.features import LogMel
 from audioclf.model import WaveformClassifier
 

@@ -1,15 +1,34 @@
-"""Checkpoints: plain dicts of tensors and builtins, written atomically, read with ``weights_only=True``.
+"""Saved models: the checkpoint format, and the one reader of every kind of saved model.
 
-Keys: ``format`` (int), ``audioclf_version``, ``config`` (RunConfig as a dict), ``labels`` (class names),
-``model`` (state dict, normalisation statistics included), and for training state ``optimizer``,
-``scheduler``, ``epoch``, ``best_val_loss``, ``best_epoch``, ``bad_epochs`` (every random draw of an
-epoch comes from generators seeded by (seed, epoch, rank), so no RNG state is saved). Everything
-inference needs is in one file; the network (``config.model.backbone``) and its front end come from the
-checkpoint, never from flags.
+A model path is one of:
+
+- a run directory: its ``best.pt``;
+- a ``.pt`` checkpoint (``best.pt``, ``last.pt``): :func:`load_checkpoint`;
+- a safetensors export (its folder: ``config.json`` + ``model.safetensors``, or the ``.safetensors`` file):
+  :func:`load_safetensors`.
+
+:func:`load_model` takes any of them. Every kind passes the same two checks: :func:`check_format` (written
+by a newer audioclf? then "Upgrade audioclf") and :func:`model_from_checkpoint` (the config through
+``RunConfig.from_saved``, the labels, and the weights against the network those two describe).
+``export.py`` writes exports and takes their file names and format version from here; nothing here imports
+it.
+
+Checkpoint keys: ``format`` (int), ``audioclf_version``, ``config`` (RunConfig as a dict), ``labels`` (class
+names) and ``model`` (state dict, normalisation statistics included): what :func:`inference_state` holds.
+Training adds ``epoch`` and ``best_val_loss``, and in ``last.pt`` also ``optimizer``, ``scheduler``,
+``best_epoch`` and ``bad_epochs`` for ``--resume``; every random draw of an epoch comes from generators
+seeded by (seed, epoch, rank), so no RNG state is saved. The network (``config.model.backbone``) and its
+front end come from the file, never from flags.
+
+An export's ``config.json`` holds ``format`` (``"safetensors"`` or ``"onnx"``), ``format_version``,
+``audioclf_version``, ``config`` and ``labels``; a safetensors export adds ``weights_sha256``, and its
+weights' metadata hold the config and labels under ``audioclf_config``, so that weights replaced after
+export, or a config edited by hand, are refused.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -17,46 +36,68 @@ import torch
 
 from ._version import __version__
 from .config import AudioclfError, RunConfig
-from .fileio import atomic_path
+from .fileio import atomic_path, sha256
 from .model import build_network
 
-FORMAT = 1  # bump when a checkpoint written by this version can no longer be read by older code
+FORMAT = 1  # of a checkpoint; bump when a checkpoint written by this version can no longer be read by older code
+EXPORT_FORMAT = 2  # config.json's format_version; bump likewise for exports (2: weights and config bound)
 RUN_CHECKPOINT = "best.pt"  # what a run directory means as a model
+CONFIG_FILE = "config.json"  # an export's config, beside its model file
+SAFETENSORS_FILE = "model.safetensors"
+BOUND_KEY = "audioclf_config"  # safetensors metadata: the config and labels the weights were exported with
 
+
+# --- writing checkpoints -----------------------------------------------------------------------------
 
 def save_checkpoint(state: dict, path) -> None:
-    """Write ``state`` to ``path`` atomically."""
+    """Write ``state`` to ``path`` atomically, stamped with the format and the audioclf version."""
     with atomic_path(path) as tmp:
         torch.save({"format": FORMAT, "audioclf_version": __version__, **state}, tmp)
 
 
-def resolve_checkpoint(model_path) -> Path:
-    """A run directory means its ``best.pt``; a file is taken as it is."""
-    p = Path(model_path)
-    if p.is_dir():
-        if (p / RUN_CHECKPOINT).is_file():
-            return p / RUN_CHECKPOINT
-        raise AudioclfError(f"{p}: no best.pt in this folder; pass a run directory made by 'audioclf train' or a .pt file")
-    if not p.is_file():
-        raise AudioclfError(f"{p}: no such model file or run directory")
-    return p
+def inference_state(model: torch.nn.Module, config: RunConfig, labels: list[str], extra: Optional[dict] = None) -> dict:
+    """The minimum a checkpoint needs for inference (config, labels, weights on the CPU), plus ``extra``."""
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {"config": config.to_dict(), "labels": list(labels), "model": sd, **(extra or {})}
 
 
-def load_checkpoint(model_path, map_location="cpu") -> dict:
-    """Read a checkpoint (run dir or ``.pt``) safely and check it is one this version understands."""
-    path = resolve_checkpoint(model_path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch.load fails on a damaged or foreign file with many error types (KeyError for text)
-        reason = (str(e).splitlines() or [type(e).__name__])[0]  # an empty file raises a bare EOFError
-        raise AudioclfError(f"{path}: not a readable audioclf checkpoint ({reason})") from None
-    if not isinstance(ckpt, dict) or "format" not in ckpt or "config" not in ckpt:
-        raise AudioclfError(f"{path}: not an audioclf checkpoint (a bare state dict? it must hold config and labels)")
-    if ckpt["format"] > FORMAT:
-        raise AudioclfError(f"{path}: checkpoint format {ckpt['format']} was written by audioclf "
-                            f"{ckpt.get('audioclf_version')}; this is audioclf {__version__} (format {FORMAT}). "
+# --- the checks every saved model passes -------------------------------------------------------------
+
+# kind of saved model: (the key holding its format number, the newest this version reads)
+_FORMATS = {"checkpoint": ("format", FORMAT), "export": ("format_version", EXPORT_FORMAT)}
+
+
+def check_format(source, kind: str, saved: dict) -> int:
+    """The format number of ``saved`` (a checkpoint dict, or an export's ``config.json``), refused
+    (AudioclfError naming ``source``) when it is not a whole number >= 1, or when it is newer than this
+    version of audioclf reads: one check and one "Upgrade audioclf" message for every kind of saved model.
+
+    Args:
+        source: the file, for messages.
+        kind (str): ``"checkpoint"`` or ``"export"``.
+        saved (dict): what the file holds.
+    """
+    key, newest = _FORMATS[kind]
+    found = saved.get(key, 1)  # exports written before format_version existed are version 1
+    if not isinstance(found, int) or isinstance(found, bool) or found < 1:
+        raise AudioclfError(f"{source}: {key}={found!r} must be a whole number >= 1")
+    if found > newest:
+        raise AudioclfError(f"{source}: format {found} was written by audioclf {saved.get('audioclf_version')}; "
+                            f"this is audioclf {__version__}, which reads formats up to {newest}. "
                             f"Upgrade audioclf to read it.")
-    return ckpt
+    return found
+
+
+def read_config(saved: dict, source) -> RunConfig:
+    """The RunConfig of a saved model (settings added since it was saved take their earlier behaviour),
+    refused with ``source`` named when it is not a valid one."""
+    try:
+        return RunConfig.from_saved(saved["config"])
+    except AudioclfError as e:
+        raise AudioclfError(f"{source}: its config is not valid: {e}") from None
+    except (TypeError, AttributeError):  # not a mapping of sections
+        raise AudioclfError(f"{source}: its config must be a mapping of sections (features, model, ...), "
+                            f"not a {type(saved['config']).__name__}") from None
 
 
 def model_from_checkpoint(ckpt: dict, source="the checkpoint") -> tuple[torch.nn.Module, RunConfig, list[str]]:
@@ -65,13 +106,7 @@ def model_from_checkpoint(ckpt: dict, source="the checkpoint") -> tuple[torch.nn
     missing = [k for k in ("config", "labels", "model") if k not in ckpt]
     if missing:
         raise AudioclfError(f"{source}: not an audioclf model: no {', '.join(missing)}")
-    try:
-        config = RunConfig.from_saved(ckpt["config"])
-    except AudioclfError as e:
-        raise AudioclfError(f"{source}: its config is not valid: {e}") from None
-    except (TypeError, AttributeError):  # not a mapping of sections
-        raise AudioclfError(f"{source}: its config must be a mapping of sections (features, model, ...), "
-                            f"not a {type(ckpt['config']).__name__}") from None
+    config = read_config(ckpt, source)
     labels = ckpt["labels"]
     if not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels) or len(set(labels)) < 2:
         raise AudioclfError(f"{source}: labels must be a list of at least 2 distinct class names, got {labels!r:.80}")
@@ -101,17 +136,127 @@ def _check_weights(model: torch.nn.Module, state, source, described: str) -> Non
                             f"{'; '.join(problems[:3])}{more}")
 
 
+# --- run directories and .pt checkpoints -------------------------------------------------------------
+
+def resolve_checkpoint(model_path) -> Path:
+    """A run directory means its ``best.pt``; a file is taken as it is."""
+    p = Path(model_path)
+    if p.is_dir():
+        if (p / RUN_CHECKPOINT).is_file():
+            return p / RUN_CHECKPOINT
+        raise AudioclfError(f"{p}: no best.pt in this folder; pass a run directory made by 'audioclf train' or a .pt file")
+    if not p.is_file():
+        raise AudioclfError(f"{p}: no such model file or run directory")
+    return p
+
+
+def load_checkpoint(model_path, map_location="cpu") -> dict:
+    """Read a checkpoint (run dir or ``.pt``) safely and check it is one this version understands."""
+    path = resolve_checkpoint(model_path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch.load fails on a damaged or foreign file with many error types (KeyError for text)
+        reason = (str(e).splitlines() or [type(e).__name__])[0]  # an empty file raises a bare EOFError
+        raise AudioclfError(f"{path}: not a readable audioclf checkpoint ({reason})") from None
+    if not isinstance(ckpt, dict) or "format" not in ckpt or "config" not in ckpt:
+        raise AudioclfError(f"{path}: not an audioclf checkpoint (a bare state dict? it must hold config and labels)")
+    check_format(path, "checkpoint", ckpt)
+    return ckpt
+
+
+# --- safetensors exports -----------------------------------------------------------------------------
+
+def read_export_config(folder) -> dict:
+    """``config.json`` of an export folder, checked to be one this version of audioclf understands, with
+    ``format_version`` always set."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except OSError as e:
+        raise AudioclfError(f"{path}: cannot read the export's config ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise AudioclfError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not {"format", "config", "labels"} <= set(meta):
+        raise AudioclfError(f"{path}: not an audioclf export config (it must hold format, config and labels)")
+    meta["format_version"] = check_format(path, "export", meta)  # filled in for exports older than the key
+    return meta
+
+
+def is_safetensors_export(path) -> bool:
+    """True for a folder written by ``export(..., format="safetensors")``, or the ``.safetensors`` file in one.
+
+    Raises:
+        AudioclfError: for a folder that holds both an export and a training run's ``best.pt``: which of
+            the two it means is not for audioclf to guess.
+    """
+    p = Path(path)
+    if p.is_file():
+        return p.suffix == ".safetensors"
+    if not (p / SAFETENSORS_FILE).is_file():
+        return False
+    if (p / RUN_CHECKPOINT).is_file():
+        raise AudioclfError(f"{p} holds both {RUN_CHECKPOINT} (a training run) and {SAFETENSORS_FILE} (an export); "
+                            f"name the one to use: {p / RUN_CHECKPOINT} or {p / SAFETENSORS_FILE}")
+    return True
+
+
+def load_safetensors(path) -> tuple[torch.nn.Module, RunConfig, list[str]]:
+    """Rebuild the model (eval mode, CPU), its config and class names from a safetensors export (its folder
+    or its weights file), refusing weights and a config that do not belong together."""
+    weights = Path(path) if Path(path).is_file() else Path(path) / SAFETENSORS_FILE
+    try:
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+    except ImportError:
+        raise AudioclfError(f"{weights}: reading a safetensors export needs the safetensors package: "
+                            f"pip install 'audioclf[export]'") from None
+    folder = weights.parent
+    meta = read_export_config(folder)
+    if meta["format"] != "safetensors":
+        raise AudioclfError(f"{folder / CONFIG_FILE}: format={meta['format']!r}, expected 'safetensors'")
+    try:
+        state = load_file(weights)
+        with safe_open(weights, "pt") as f:
+            stored = (f.metadata() or {}).get(BOUND_KEY)
+    except (OSError, SafetensorError) as e:
+        raise AudioclfError(f"{weights}: not a readable safetensors file ({e})") from None
+    if meta["format_version"] >= 2:  # exports before version 2 carry no binding
+        _check_bound(meta, weights, stored)
+    return model_from_checkpoint({"config": meta["config"], "labels": meta["labels"], "model": state}, weights)
+
+
+def _check_bound(meta: dict, weights: Path, stored) -> None:
+    """The weights are the ones ``config.json`` was written with, and the config the one they were trained with."""
+    config_path = weights.parent / CONFIG_FILE
+    expected = meta.get("weights_sha256")
+    if not isinstance(expected, str):
+        raise AudioclfError(f"{config_path}: weights_sha256 is missing or not a string; export the model again")
+    if sha256(weights) != expected:
+        raise AudioclfError(f"{weights}: its sha256 is not the weights_sha256 in {config_path}: the weights were "
+                            f"changed or replaced after export; export the model again")
+    try:
+        bound = json.loads(stored)
+    except (TypeError, json.JSONDecodeError):
+        raise AudioclfError(f"{weights}: no readable {BOUND_KEY} in its metadata; export the model again") from None
+    diff = _differences({"labels": meta["labels"], "config": meta["config"]}, bound)
+    if diff:
+        raise AudioclfError(f"{config_path} does not match the config the weights were exported with: "
+                            f"{'; '.join(diff[:3])}")
+
+
+def _differences(a, b, where: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str) for d in _differences(a.get(k), b.get(k), f"{where}{k}.")]
+    return [] if a == b else [f"{where[:-1]}={a!r} in {CONFIG_FILE}, {b!r} in the weights"]
+
+
+# --- any saved model ---------------------------------------------------------------------------------
+
 def load_model(model_path, map_location="cpu") -> tuple[torch.nn.Module, RunConfig, list[str]]:
     """Model (eval mode, CPU), config and class names from a run directory, a ``.pt`` checkpoint or a
-    folder written by ``audioclf export --format safetensors``."""
-    from .export import is_safetensors_export, load_safetensors  # export imports this module
-
+    safetensors export (its folder or its ``.safetensors`` file)."""
     if is_safetensors_export(model_path):
         return load_safetensors(model_path)
-    return model_from_checkpoint(load_checkpoint(model_path, map_location), resolve_checkpoint(model_path))
-
-
-def inference_state(model: torch.nn.Module, config: RunConfig, labels: list[str], extra: Optional[dict] = None) -> dict:
-    """The minimum a checkpoint needs for inference (what ``best.pt`` holds, with training extras)."""
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {"config": config.to_dict(), "labels": list(labels), "model": sd, **(extra or {})}
+    path = resolve_checkpoint(model_path)
+    return model_from_checkpoint(load_checkpoint(path, map_location), path)

@@ -2,7 +2,9 @@
 
 Both formats write ``config.json`` beside the model file: the run config (feature settings included),
 the class names, the audioclf version and the format, so an exported folder carries everything
-inference needs. ``audioclf.load(FOLDER)`` reads a safetensors export like a run directory.
+inference needs. ``audioclf.load(FOLDER)`` reads a safetensors export like a run directory. This module
+only writes: every saved model, an export included, is read by :mod:`audioclf.checkpoint`, which owns
+the file names and the format version written here.
 
 A safetensors export binds its two files: ``config.json`` holds the sha256 of ``model.safetensors``, and
 the weights' own metadata hold the config and labels they were exported with. Weights replaced after
@@ -18,7 +20,6 @@ and says so in ``config.json`` (``"input": "logmel"``); the caller then computes
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -28,18 +29,15 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .checkpoint import RUN_CHECKPOINT, load_model, model_from_checkpoint
-from .fileio import atomic_path
-from .config import AudioclfError, FeatureConfig, RunConfig, _check_choice
+from .checkpoint import BOUND_KEY, CONFIG_FILE, EXPORT_FORMAT, RUN_CHECKPOINT, SAFETENSORS_FILE, load_model
+from .config import AudioclfError, FeatureConfig, _check_choice
+from .fileio import atomic_path, sha256
 from .features import LogMel
 from .model import WaveformClassifier
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "safetensors")
-FORMAT_VERSION = 2  # of config.json; bump when older code can no longer read an export (2: weights bound)
-CONFIG_FILE = "config.json"
-SAFETENSORS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
 ONNX_OPSET = 18  # STFT needs >= 17; 18 is what the dynamo exporter emits natively
 ONNX_ATOL = 1e-4  # largest probability difference from PyTorch an export may show
@@ -76,10 +74,10 @@ def export(model_path, format: str = "safetensors", out_dir="export") -> Path:
     bound = {"labels": list(labels), "config": config.to_dict()}
     if format == "safetensors":
         path = _export_safetensors(model, out, bound)
-        extra = {"weights_sha256": _sha256(path)}
+        extra = {"weights_sha256": sha256(path)}
     else:
         path, extra = _export_onnx(model, config.features, out)
-    meta = {"format": format, "format_version": FORMAT_VERSION, "audioclf_version": __version__, **extra, **bound}
+    meta = {"format": format, "format_version": EXPORT_FORMAT, "audioclf_version": __version__, **extra, **bound}
     with atomic_path(out / CONFIG_FILE) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
     log.info("exported %s to %s", format, path)
@@ -101,109 +99,14 @@ def _export_safetensors(model: nn.Module, out: Path, bound: dict) -> Path:
     return path
 
 
-BOUND_KEY = "audioclf_config"  # safetensors metadata: the config and labels the weights were exported with
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _differences(a, b, where: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b), key=str) for d in _differences(a.get(k), b.get(k), f"{where}{k}.")]
-    return [] if a == b else [f"{where[:-1]}={a!r} in {CONFIG_FILE}, {b!r} in the weights"]
-
-
-def read_export_config(folder) -> dict:
-    """``config.json`` of an export folder, checked to be one this version of audioclf understands."""
-    path = Path(folder) / CONFIG_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except OSError as e:
-        raise AudioclfError(f"{path}: cannot read the export's config ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise AudioclfError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or not {"format", "config", "labels"} <= set(meta):
-        raise AudioclfError(f"{path}: not an audioclf export config (it must hold format, config and labels)")
-    version = meta.get("format_version", 1)
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise AudioclfError(f"{path}: format_version={version!r} must be a whole number >= 1")
-    if version > FORMAT_VERSION:
-        raise AudioclfError(f"{path}: export format {meta['format_version']} was written by audioclf "
-                            f"{meta.get('audioclf_version')}; this is audioclf {__version__} (format "
-                            f"{FORMAT_VERSION}). Upgrade audioclf to read it.")
-    return meta
-
-
-def is_safetensors_export(path) -> bool:
-    """True for a folder written by ``export(..., format="safetensors")``, or the ``.safetensors`` file in one.
-
-    Raises:
-        AudioclfError: for a folder that holds both an export and a training run's ``best.pt``: which of
-            the two it means is not for audioclf to guess.
-    """
-    p = Path(path)
-    if p.is_file():
-        return p.suffix == ".safetensors"
-    if not (p / SAFETENSORS_FILE).is_file():
-        return False
-    if (p / RUN_CHECKPOINT).is_file():
-        raise AudioclfError(f"{p} holds both {RUN_CHECKPOINT} (a training run) and {SAFETENSORS_FILE} (an export); "
-                            f"name the one to use: {p / RUN_CHECKPOINT} or {p / SAFETENSORS_FILE}")
-    return True
-
-
-def load_safetensors(path) -> tuple[nn.Module, RunConfig, list[str]]:
-    """Rebuild the model (eval mode, CPU), its config and class names from a safetensors export (its folder
-    or its weights file), refusing weights and a config that do not belong together."""
-    _require("safetensors")
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    weights = Path(path) if Path(path).is_file() else Path(path) / SAFETENSORS_FILE
-    folder = weights.parent
-    meta = read_export_config(folder)
-    if meta["format"] != "safetensors":
-        raise AudioclfError(f"{folder / CONFIG_FILE}: format={meta['format']!r}, expected 'safetensors'")
-    try:
-        state = load_file(weights)
-        with safe_open(weights, "pt") as f:
-            stored = (f.metadata() or {}).get(BOUND_KEY)
-    except (OSError, SafetensorError) as e:
-        raise AudioclfError(f"{weights}: not a readable safetensors file ({e})") from None
-    if meta.get("format_version", 1) >= 2:  # exports before version 2 carry no binding
-        _check_bound(meta, weights, stored)
-    return model_from_checkpoint({"config": meta["config"], "labels": meta["labels"], "model": state}, weights)
-
-
-def _check_bound(meta: dict, weights: Path, stored) -> None:
-    """The weights are the ones ``config.json`` was written with, and the config the one they were trained with."""
-    config_path = weights.parent / CONFIG_FILE
-    expected = meta.get("weights_sha256")
-    if not isinstance(expected, str):
-        raise AudioclfError(f"{config_path}: weights_sha256 is missing or not a string; export the model again")
-    if _sha256(weights) != expected:
-        raise AudioclfError(f"{weights}: its sha256 is not the weights_sha256 in {config_path}: the weights were "
-                            f"changed or replaced after export; export the model again")
-    try:
-        bound = json.loads(stored)
-    except (TypeError, json.JSONDecodeError):
-        raise AudioclfError(f"{weights}: no readable {BOUND_KEY} in its metadata; export the model again") from None
-    diff = _differences({"labels": meta["labels"], "config": meta["config"]}, bound)
-    if diff:
-        raise AudioclfError(f"{config_path} does not match the config the weights were exported with: "
-                            f"{'; '.join(diff[:3])}")
-
-
 # --- ONNX --------------------------------------------------------------------------------------------
 
 class LogMelClassifier(nn.Module):
-    """Log-mel in, class probabilities out: nn.Module -> softmax (the ONNX fallback graph)."""
+    """Log-mel in, class probabilities out: the network, then softmax (the ONNX fallback graph).
+
+    Args:
+        model (nn.Module): a trained network (:func:`audioclf.model.build_network`).
+    """
 
     def __init__(self, model: nn.Module):
         super().__init__()

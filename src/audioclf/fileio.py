@@ -1,7 +1,9 @@
-"""Writing files so that a crash, a full disk or Ctrl-C never leaves a half-written one in place."""
+"""Files: the one atomic write (a crash, a full disk or Ctrl-C never leaves a half-written file in place)
+and the one file hash."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,3 +24,12 @@ def atomic_path(path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sha256(path) -> str:
+    """Hex sha256 of the file at ``path``, read in 1 MiB blocks so a large weights file never sits in memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
