@@ -28,8 +28,8 @@ from pathlib import Path
 
 from audioclf.backbones import BACKBONE_NAMES, BACKBONES
 from audioclf.config import resolve
-from audioclf.model import imagenet_cache_path
 from audioclf.train import cross_validate
+from audioclf.weights import hub_path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHARED_WEIGHTS = SHARED.parent / "weights"
@@ -152,8 +152,8 @@ def main(argv=None) -> int:
                 preset, overrides = ESC10_RECIPES[recipe]
                 overrides = {**overrides, "train": {**overrides.get("train", {}), **train}}
                 if recipe == "imagenet":
-                    if not imagenet_cache_path().is_file():
-                        logging.warning("no %s: skipping the ImageNet recipe (download it to run it)", imagenet_cache_path())
+                    if not hub_path(BACKBONES["resnet18"]).is_file():
+                        logging.warning("no %s: skipping the ImageNet recipe (download it to run it)", hub_path(BACKBONES["resnet18"]))
                         continue
                     results.append(run("esc10-resnet18-imagenet", data, overrides, out, folds))
                     continue

@@ -20,6 +20,7 @@ from audioclf.backbones import BACKBONES
 from audioclf.checkpoint import inference_state, load_model, save_checkpoint
 from audioclf.config import AudioclfError, ModelConfig, RunConfig, resolve
 from audioclf.features import LogMel, kaldi_mel_filterbank
+from audioclf.fileio import sha256
 from audioclf.mobilenet import MobileNet
 from audioclf.model import AudioMobileNet, build_model, build_network
 from audioclf.predict import load
@@ -51,7 +52,7 @@ def test_mn04_as_loads_the_official_file_strictly(mn04_file):
     assert len(sd) == len(net.state_dict()) == 312
     net.load_state_dict(sd, strict=True)  # every key and shape
     assert sum(p.numel() for p in net.parameters()) == 983_599
-    assert weights.sha256(mn04_file) == BACKBONES["mn04_as"].sha256
+    assert sha256(mn04_file) == BACKBONES["mn04_as"].sha256
 
 
 def _audioset_top3(path: Path) -> list[str]:
@@ -158,7 +159,7 @@ def test_auto_falls_back_to_scratch_and_says_so(caplog):
     assert "training mn04_as from scratch instead" in caplog.text
 
 
-@pytest.mark.parametrize("name", ["mn04_as", "mn10_as"])
+@pytest.mark.parametrize("name", ["mn04_as", "mn10_as", "resnet18"])  # resnet18: only a prefix is pinned
 def test_a_file_with_another_hash_is_refused(tmp_path, name):
     b = BACKBONES[name]
     fake = tmp_path / b.weights_file

@@ -1,5 +1,7 @@
 import logging
+import shutil
 import urllib.error
+from dataclasses import replace
 
 import pytest
 import torch
@@ -7,10 +9,14 @@ import torch.hub
 from torch import nn
 from torchvision.models import resnet18
 
+from audioclf import weights
+from audioclf.backbones import BACKBONES
 from audioclf.config import AudioclfError, FeatureConfig, ModelConfig
 from audioclf.features import LogMel
-from audioclf.model import (AudioResNet, WaveformClassifier, build_model, imagenet_cache_path,
-                            load_imagenet_state_dict)
+from audioclf.fileio import sha256
+from audioclf.model import AudioResNet, WaveformClassifier, build_model
+
+RESNET18 = BACKBONES["resnet18"]
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +43,17 @@ def offline(monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
 
 
+def pin_prefix(monkeypatch, prefix):
+    """ResNet-18's entry with another published hash prefix (None: unchecked), so that a random state dict
+    can stand in for the official file, which cannot be downloaded here."""
+    monkeypatch.setitem(BACKBONES, "resnet18", replace(RESNET18, sha256_prefix=prefix))
+
+
+@pytest.fixture
+def unpinned(monkeypatch):
+    pin_prefix(monkeypatch, None)
+
+
 def cache_weights(torch_home, state_dict):
     path = torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     path.parent.mkdir(parents=True)
@@ -57,35 +74,67 @@ def assert_loaded(model: AudioResNet, sd: dict, n_classes: int):
 
 # ----------------------------------------------------------------------------------- ImageNet weights
 
-def test_imagenet_from_the_torch_hub_cache(torch_home, offline, rgb_state_dict):
-    path = cache_weights(torch_home, rgb_state_dict)
-    assert imagenet_cache_path() == path and path.is_file()
+def test_imagenet_is_downloaded_into_the_hub_cache_then_read_from_it(torch_home, tmp_path, rgb_state_dict,
+                                                                     monkeypatch):
+    official = tmp_path / "official.pth"
+    torch.save(rgb_state_dict, official)
+    pin_prefix(monkeypatch, sha256(official)[:8])  # the file's own 8 hex digits, as torchvision publishes them
+    urls = []
+
+    def fake_download(url, dst, **kwargs):
+        urls.append(url)
+        shutil.copy(official, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
     model, pretrained = build_model(ModelConfig(pretrained="imagenet"), n_classes=5, n_mels=80)
-    assert pretrained is True
+    assert pretrained is True and urls == [RESNET18.weights_url]
     assert_loaded(model, rgb_state_dict, 5)
+    assert weights.hub_path(RESNET18) == torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert weights.status("resnet18") == "cached"
     model, pretrained = build_model(ModelConfig(pretrained="auto"), n_classes=3, n_mels=80)
-    assert pretrained is True
+    assert pretrained is True and len(urls) == 1  # the second time, from the cache
     assert_loaded(model, rgb_state_dict, 3)
 
 
+def test_a_cached_file_without_torchvisions_hash_prefix_is_refused(torch_home, offline, rgb_state_dict, caplog):
+    path = cache_weights(torch_home, rgb_state_dict)  # right name and shapes, but not the official bytes
+    with pytest.raises(AudioclfError) as e:
+        build_model(ModelConfig(pretrained="imagenet"), n_classes=5, n_mels=80)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: sha256 {sha256(path)} is not that of the official resnet18-f37072fd.pth "
+                          f"(f37072fd...)")
+    assert RESNET18.weights_url in msg
+    _, pretrained = build_model(ModelConfig(pretrained="auto"), n_classes=3, n_mels=80)
+    assert pretrained is False and "from scratch instead" in caplog.text
+
+
 @pytest.mark.parametrize("wrapped", [False, True])
-def test_imagenet_from_weights_path(tmp_path, offline, rgb_state_dict, wrapped):
+def test_imagenet_from_weights_path(tmp_path, offline, unpinned, rgb_state_dict, wrapped):
     path = tmp_path / "r18.pth"
     torch.save({"state_dict": rgb_state_dict} if wrapped else rgb_state_dict, path)
-    assert not imagenet_cache_path().exists()
+    assert not weights.hub_path(RESNET18).exists()
     # weights_path implies pretrained, whatever ``pretrained`` says.
     model, pretrained = build_model(ModelConfig(pretrained="none", weights_path=str(path)), n_classes=5, n_mels=80)
     assert pretrained is True
     assert_loaded(model, rgb_state_dict, 5)
 
 
+def test_a_weights_path_is_checked_like_the_cached_file(tmp_path, offline, rgb_state_dict):
+    path = tmp_path / "r18.pth"
+    torch.save(rgb_state_dict, path)
+    with pytest.raises(AudioclfError, match=r"r18.pth: sha256 \w+ is not that of the official resnet18-f37072fd.pth"):
+        build_model(ModelConfig(pretrained="auto", weights_path=str(path)), n_classes=5, n_mels=80)
+
+
 def test_offline_with_nothing_cached_says_what_to_do(torch_home, offline):
-    assert not imagenet_cache_path().exists()
+    assert not weights.hub_path(RESNET18).exists()
     with pytest.raises(AudioclfError) as e:
         build_model(ModelConfig(pretrained="imagenet"), n_classes=5, n_mels=80)
     msg = str(e.value)
+    # the file, where to get it, where to put it, why it failed and how to do without
+    assert "resnet18-f37072fd.pth" in msg and RESNET18.weights_url in msg
     assert str(torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in msg
-    assert "--no-pretrained" in msg and "URLError" in msg
+    assert "Temporary failure in name resolution" in msg and "--pretrained none" in msg
 
 
 def test_auto_falls_back_to_scratch_with_a_warning(torch_home, offline, caplog):
@@ -100,27 +149,28 @@ def test_none_never_looks_for_weights(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("should not be called")
 
-    monkeypatch.setattr("audioclf.model.load_imagenet_state_dict", fail)
+    monkeypatch.setattr("audioclf.weights.load_state_dict", fail)
     model, pretrained = build_model(ModelConfig(pretrained="none", dropout=0.3), n_classes=2, n_mels=80)
     assert pretrained is False and model.backbone.fc[0].p == 0.3
 
 
-def test_corrupt_cached_weights(torch_home, offline, caplog):
+def test_corrupt_cached_weights(torch_home, offline, unpinned, caplog):
     path = torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     path.parent.mkdir(parents=True)
     path.write_bytes(b"\xc3" + bytes(range(256)) * 8)
-    with pytest.raises(AudioclfError, match="ImageNet ResNet-18 weights"):
+    with pytest.raises(AudioclfError, match="resnet18-f37072fd.pth: cannot load resnet18 weights"):
         build_model(ModelConfig(pretrained="imagenet"), n_classes=3, n_mels=80)
     _, pretrained = build_model(ModelConfig(pretrained="auto"), n_classes=3, n_mels=80)
     assert pretrained is False and "from scratch instead" in caplog.text
 
 
 @pytest.mark.parametrize("content", [b"", b"\x80\x02garbage" * 50, b"PK\x03\x04truncated zip", b"plain text"])
-def test_unreadable_weights_path_names_the_file(tmp_path, content):
+def test_unreadable_weights_path_names_the_file(tmp_path, unpinned, content):
     path = tmp_path / "weights.pth"
     path.write_bytes(content)
-    with pytest.raises(AudioclfError, match="weights.pth: cannot load ResNet-18 weights"):
-        load_imagenet_state_dict(str(path))
+    with pytest.raises(AudioclfError, match="weights.pth: cannot load resnet18 weights") as e:
+        weights.load_state_dict("resnet18", str(path))
+    assert "\n" not in str(e.value)
     # An explicit file is never silently replaced by scratch training, even with "auto".
     with pytest.raises(AudioclfError, match="weights.pth"):
         build_model(ModelConfig(pretrained="auto", weights_path=str(path)), n_classes=3, n_mels=80)
@@ -181,9 +231,11 @@ def test_waveform_classifier_gives_probabilities():
 def test_our_resnet18_is_torchvisions_module_for_module(rgb_state_dict):
     from torchvision.models import ResNet18_Weights
 
-    from audioclf.model import IMAGENET_FILE, IMAGENET_URL, ResNet18
+    from audioclf.model import ResNet18
 
-    assert IMAGENET_URL == ResNet18_Weights.IMAGENET1K_V1.url and IMAGENET_FILE == "resnet18-f37072fd.pth"
+    url = ResNet18_Weights.IMAGENET1K_V1.url  # torchvision names its files <name>-<first 8 hex of sha256>.pth
+    assert RESNET18.weights_url == url and RESNET18.weights_file == url.rsplit("/", 1)[1] == "resnet18-f37072fd.pth"
+    assert RESNET18.sha256_prefix == torch.hub.HASH_REGEX.search(RESNET18.weights_file).group(1)
     ours, theirs = ResNet18(nn.Linear(512, 1000)), resnet18(weights=None)
     assert [(k, v.shape) for k, v in ours.state_dict().items()] == [(k, v.shape) for k, v in theirs.state_dict().items()]
     ours.load_state_dict(rgb_state_dict), theirs.load_state_dict(rgb_state_dict)

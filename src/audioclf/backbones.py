@@ -27,6 +27,8 @@ class Backbone:
     width: float = 1.0  # MobileNet width multiplier
     front_end: dict = field(default_factory=dict)  # FeatureConfig fields the pretrained weights expect
     recipe: dict = field(default_factory=dict)  # {section: {field: value}} fine-tuning defaults
+    # where no full sha256 is pinned: its first hex digits, as published (torchvision's file names carry 8)
+    sha256_prefix: Optional[str] = None
 
 
 # EfficientAT's AugmentMelSTFT in eval mode (its models/preprocess.py): 32 kHz, pre-emphasis 0.97, a
@@ -71,7 +73,8 @@ _PINNED_SHA256 = {
 BACKBONES: dict[str, Backbone] = {
     "resnet18": Backbone(
         "resnet18", "ResNet-18 on log-mels (ImageNet weights or from scratch; the seed's model)", "imagenet",
-        "resnet18-f37072fd.pth", "https://download.pytorch.org/models/resnet18-f37072fd.pth"),
+        "resnet18-f37072fd.pth", "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+        sha256_prefix="f37072fd"),  # torchvision's ResNet18_Weights.IMAGENET1K_V1 (a test checks they agree)
     **{name: Backbone(
         name, f"EfficientAT MobileNet, width {width}, AudioSet-pretrained", "audioset", file,
         EFFICIENTAT_URL + file, _PINNED_SHA256.get(file), width, _AUDIOSET_FRONT_END, _MN_RECIPE)

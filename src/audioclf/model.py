@@ -13,8 +13,6 @@ convolutional trunk, before any classifier layer.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -25,10 +23,6 @@ from .features import LogMel, Normalize
 from .mobilenet import MobileNet
 
 log = logging.getLogger(__name__)
-
-# torchvision's ResNet18_Weights.IMAGENET1K_V1 (a test checks they agree)
-IMAGENET_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
-IMAGENET_FILE = Path(IMAGENET_URL).name
 
 
 class BasicBlock(nn.Module):
@@ -56,7 +50,7 @@ class ResNet18(nn.Module):
     initialisation), with ``in_channels`` input planes and a ``head`` in place of the 1000-way layer.
 
     Defined here rather than imported because importing torchvision costs 2-3 s of every prediction's
-    cold start (it pulls in torch._dynamo); torchvision is imported only to fetch ImageNet weights.
+    cold start (it pulls in torch._dynamo); its ImageNet file is fetched by :mod:`audioclf.weights`.
     (batch, in_channels, H, W) -> (batch, outputs of ``head``)
     """
 
@@ -86,35 +80,6 @@ class ResNet18(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.trunk(x))
-
-
-def imagenet_cache_path() -> Path:
-    """Where torchvision looks for (and downloads) the ImageNet ResNet-18 weights."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
-
-
-def load_imagenet_state_dict(weights_path: Optional[str] = None) -> dict:
-    """The ResNet-18 ImageNet state dict: from ``weights_path``, else torchvision's cache or download.
-
-    Raises:
-        AudioclfError: when the file is unreadable, or offline with nothing cached, saying where to put
-            the file and how to train from scratch instead.
-    """
-    if weights_path:
-        try:
-            sd = torch.load(weights_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch.load fails on a damaged or foreign file with many error types
-            raise AudioclfError(f"{weights_path}: cannot load ResNet-18 weights ({e})") from None
-        return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-    from torchvision.models import ResNet18_Weights  # the official weights, through torchvision's own loader
-
-    try:
-        return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True)
-    except Exception as e:  # offline (URLError), a cut download (IncompleteRead), a bad hash, a damaged cached file
-        raise AudioclfError(
-            f"cannot get the ImageNet ResNet-18 weights ({type(e).__name__}: {e}). Either download "
-            f"{IMAGENET_URL} to {imagenet_cache_path()} (or set TORCH_HOME), pass a "
-            f"local state dict with --weights PATH, or train from scratch with --no-pretrained.") from None
 
 
 class AudioResNet(nn.Module):
@@ -233,10 +198,11 @@ def build_model(config: ModelConfig, n_classes: int, n_mels: int) -> tuple[nn.Mo
     if config.pretrained == "none" and not config.weights_path:
         return model, False
     try:
+        state_dict = load_state_dict(config.backbone, config.weights_path)
         if config.backbone == "resnet18":
-            model.load_imagenet(load_imagenet_state_dict(config.weights_path))
+            model.load_imagenet(state_dict)
         else:
-            model.load_pretrained(load_state_dict(config.backbone, config.weights_path), config.backbone)
+            model.load_pretrained(state_dict, config.backbone)
     except AudioclfError as e:
         if config.pretrained != "auto" or config.weights_path:
             raise
@@ -246,7 +212,7 @@ def build_model(config: ModelConfig, n_classes: int, n_mels: int) -> tuple[nn.Mo
 
 
 class WaveformClassifier(nn.Module):
-    """Waveform in, class probabilities out: LogMel -> AudioResNet -> softmax.
+    """Waveform in, class probabilities out: LogMel -> the network -> softmax.
 
     Args:
         features (FeatureConfig): the feature settings the model was trained with.

@@ -1,5 +1,7 @@
-"""Pretrained weights: from ``--weights PATH``, the torch hub cache, or the official URL (with a progress
-bar), checked against a pinned sha256 where one is known.
+"""Pretrained weights of every backbone (ResNet-18's ImageNet file and the AudioSet MobileNets'): from
+``--weights PATH``, the torch hub cache, or the official URL (with a progress bar), checked against the
+pinned sha256, or the published prefix of it, where one is known. The one place audioclf fetches weights
+or knows where the cache is; torchvision is not needed.
 
 Offline with nothing cached, the error names the file, the URL and where to put it; never a urllib
 traceback.
@@ -7,7 +9,6 @@ traceback.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import socket
 import urllib.error
@@ -18,6 +19,7 @@ import torch
 
 from .backbones import BACKBONES, Backbone
 from .config import AudioclfError
+from .fileio import sha256
 
 log = logging.getLogger(__name__)
 
@@ -27,23 +29,21 @@ def hub_path(backbone: Backbone) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / backbone.weights_file
 
 
-def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def status(name: str) -> str:
     """``cached`` (in the torch hub cache) or ``downloadable`` (from the official URL, when online)."""
     return "cached" if hub_path(BACKBONES[name]).is_file() else "downloadable"
 
 
 def _check_hash(path: Path, backbone: Backbone) -> None:
-    if backbone.sha256 and sha256(path) != backbone.sha256:
-        raise AudioclfError(f"{path}: sha256 {sha256(path)} is not that of the official {backbone.weights_file} "
-                            f"({backbone.sha256}); the file is damaged or a different model. Delete it, or "
+    # a full pinned digest is its own prefix, so one comparison serves both
+    pinned = backbone.sha256 or backbone.sha256_prefix
+    if not pinned:
+        return
+    digest = sha256(path)
+    if not digest.startswith(pinned):
+        official = pinned if backbone.sha256 else f"{pinned}..."
+        raise AudioclfError(f"{path}: sha256 {digest} is not that of the official {backbone.weights_file} "
+                            f"({official}); the file is damaged or a different model. Delete it, or "
                             f"download {backbone.weights_url} again")
 
 
@@ -64,7 +64,8 @@ def weights_file(name: str, weights_path: Optional[str] = None, download: bool =
 
     Args:
         name (str): a key of :data:`audioclf.backbones.BACKBONES`.
-        weights_path (str, optional): a local copy; its hash is checked where one is pinned.
+        weights_path (str, optional): a local copy of the official file; its hash is checked where one is
+            pinned.
         download (bool, optional): fetch the official file into the torch hub cache when it is not there.
             (Default: ``True``)
 
@@ -102,7 +103,8 @@ def load_state_dict(name: str, weights_path: Optional[str] = None) -> dict:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load fails on a damaged or foreign file with many error types
-        raise AudioclfError(f"{path}: cannot load {name} weights ({e})") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0]  # the safe loader's own message runs to pages
+        raise AudioclfError(f"{path}: cannot load {name} weights ({reason})") from None
     sd = sd.get("state_dict", sd.get("model", sd)) if isinstance(sd, dict) else sd
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise AudioclfError(f"{path}: not a state dict of tensors")
