@@ -167,7 +167,8 @@ def cmd_backbones(args) -> int:
     print(f"{'backbone':<10} {'parameters':>11}  {'input':<36} {'weights':<13} description")
     for name, b in BACKBONES.items():
         fe = {**asdict(FeatureConfig()), **b.front_end}  # no front end of its own: the config's defaults
-        inp = f"{fe['n_mels']} {fe['mel_scale'].capitalize()} mels, {fe['sample_rate'] / 1000:g} kHz, hop {fe['hop_length']}"
+        inp = (f"{fe['n_mels']} {fe['mel_scale'].capitalize()} mels, {fe['sample_rate'] / 1000:g} kHz, "
+               f"hop {fe['hop_length']}")
         # with the published head (527 AudioSet classes; ImageNet's 1000): the count the weights hold
         net = build_network(ModelConfig(backbone=name), 527 if b.front_end else 1000, fe["n_mels"])
         params = f"{sum(p.numel() for p in net.parameters()):,}"
