@@ -45,7 +45,7 @@ PARTS = ("serve", "long", "engines")
 
 def untrained_model(folder: Path, n_classes: int = 10) -> Path:
     config = RunConfig(model=ModelConfig(pretrained="none"))
-    model = AudioResNet(n_classes, config.features.n_mels).eval()
+    model = AudioResNet.from_config(config.model, n_classes, config.features.n_mels).eval()
     path = folder / "best.pt"
     save_checkpoint(inference_state(model, config, [f"class_{i}" for i in range(n_classes)]), path)
     return path

@@ -284,7 +284,7 @@ def bench_model(device: torch.device, n_classes: int, *, min_reps: int, min_s: f
 
     batch, c = 16, FeatureConfig()
     t = resolve("default").train
-    model = AudioResNet(n_classes, c.n_mels, dropout=resolve("default").model.dropout).to(device)
+    model = AudioResNet.from_config(resolve("default").model, n_classes, c.n_mels).to(device)
     amp = amp_dtype(device) if t.amp and fast else None
     if fast:
         model.to(memory_format=torch.channels_last)

@@ -35,13 +35,14 @@ def train_tiny(out_dir, data_dir, steps: int = 40, seed: int = 0) -> Path:
     """Train an AudioResNet on the folder dataset ``data_dir`` and save ``out_dir/best.pt``."""
     torch.manual_seed(seed)
     clipset = load_clips(DataConfig(root=str(data_dir)))
-    config = RunConfig(data=DataConfig(root=str(data_dir)), features=FEATURES, model=ModelConfig(pretrained="none"))
+    config = RunConfig(data=DataConfig(root=str(data_dir)), features=FEATURES,
+                       model=ModelConfig(pretrained="none", dropout=0.0))
     waves = torch.stack([torch.from_numpy(fix_length(load_audio(c.path, FEATURES.sample_rate), FEATURES.n_samples))
                          for c in clipset.clips])
     with torch.no_grad():
         x = LogMel(FEATURES)(waves)  # (clips, n_mels, frames)
     y = torch.tensor([c.label for c in clipset.clips])
-    model = AudioResNet(len(clipset.classes), FEATURES.n_mels)
+    model = AudioResNet.from_config(config.model, len(clipset.classes), FEATURES.n_mels)
     model.norm.fit(x)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()

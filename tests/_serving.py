@@ -29,7 +29,7 @@ def make_checkpoint(path: Path) -> Path:
     """An untrained AudioResNet whose normalisation is fitted on one clip per class, saved as ``path``."""
     features = FeatureConfig(sample_rate=SAMPLE_RATE, duration_s=DURATION_S)
     torch.manual_seed(0)
-    model = AudioResNet(len(LABELS), features.n_mels)
+    model = AudioResNet.from_config(RunConfig().model, len(LABELS), features.n_mels)
     rng = np.random.default_rng(0)
     logmel = LogMel(features)
     model.norm.fit(logmel(torch.from_numpy(synth_clip(k, rng, SAMPLE_RATE, DURATION_S))) for k in LABELS)

@@ -61,7 +61,7 @@ def test_widths_and_counts_are_configurable():
 
 def test_width_is_capped_by_axis_size():
     x = features(8)[:, :4, :]  # only 4 bands
-    out = FrequencyMasking(max_width=100, generator=torch.Generator().manual_seed(0)).train()(x)
+    out = FrequencyMasking(max_width=100, n_masks=1, generator=torch.Generator().manual_seed(0)).train()(x)
     assert out.shape == x.shape
 
 
@@ -85,13 +85,13 @@ def test_eval_mode_is_identity():
 
 def test_zero_width_or_count_is_identity_in_training():
     x = features()
-    assert TimeMasking(max_width=0).train()(x) is x
+    assert TimeMasking(max_width=0, n_masks=1).train()(x) is x
     assert FrequencyMasking(max_width=10, n_masks=0).train()(x) is x
 
 
 def test_negative_mask_settings_are_refused():
     with pytest.raises(AudioclfError, match="max_width=-1"):
-        TimeMasking(max_width=-1)
+        TimeMasking(max_width=-1, n_masks=1)
 
 
 def test_masking_on_a_batch_masks_examples_independently():
@@ -179,7 +179,7 @@ def test_time_mask_fraction_caps_width_on_short_clips():
     long = [int((m(torch.ones(1, 4, 431)) == 0).all(-2).sum()) for _ in range(300)]
     assert max(long) == 25  # on 5-s clips the cap does not bind
     with pytest.raises(AudioclfError, match="max_fraction"):
-        TimeMasking(25, max_fraction=1.5)
+        TimeMasking(25, n_masks=1, max_fraction=1.5)
 
 
 def test_time_shift_rolls_each_example_within_range():

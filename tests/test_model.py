@@ -178,14 +178,14 @@ def test_unreadable_weights_path_names_the_file(tmp_path, unpinned, content):
 
 def test_weights_that_are_not_resnet18_are_refused(rgb_state_dict):
     with pytest.raises(AudioclfError, match="not a torchvision ResNet-18"):
-        AudioResNet(3).load_imagenet({"weight": torch.zeros(3)})
+        AudioResNet(3, 80, 0.0).load_imagenet({"weight": torch.zeros(3)})
     partial = {k: v for k, v in rgb_state_dict.items() if not k.startswith("layer4.")}
     with pytest.raises(AudioclfError, match="missing.*layer4"):
-        AudioResNet(3).load_imagenet(partial)
+        AudioResNet(3, 80, 0.0).load_imagenet(partial)
 
 
 def test_summed_stem_sees_a_grey_image_like_the_rgb_stem(rgb_state_dict):
-    model = AudioResNet(5).load_imagenet(rgb_state_dict)
+    model = AudioResNet(5, 80, 0.0).load_imagenet(rgb_state_dict)
     rgb = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
     rgb.weight.data.copy_(rgb_state_dict["conv1.weight"])
     x = torch.randn(2, 1, 40, 50)
@@ -197,7 +197,7 @@ def test_summed_stem_sees_a_grey_image_like_the_rgb_stem(rgb_state_dict):
 
 def test_forward_shapes_and_normalisation():
     torch.manual_seed(0)
-    model = AudioResNet(n_classes=7, n_mels=32).eval()
+    model = AudioResNet(n_classes=7, n_mels=32, dropout=0.0).eval()
     x = torch.rand(3, 32, 45)
     assert model(x).shape == (3, 7)
     # The normalisation buffers are applied before the backbone.
@@ -211,14 +211,14 @@ def test_forward_shapes_and_normalisation():
 
 def test_one_class_is_refused():
     with pytest.raises(AudioclfError, match="n_classes=1"):
-        AudioResNet(1)
+        AudioResNet(1, 80, 0.0)
 
 
 def test_waveform_classifier_gives_probabilities():
     torch.manual_seed(0)
     features = FeatureConfig(sample_rate=16000, duration_s=0.5, n_mels=32, n_fft=512, hop_length=256,
                              win_length=512)
-    model = AudioResNet(3, n_mels=32).eval()
+    model = AudioResNet(3, n_mels=32, dropout=0.0).eval()
     clf = WaveformClassifier(features, model).eval()
     wave = torch.randn(2, features.n_samples) * 0.1
     with torch.no_grad():
@@ -253,7 +253,7 @@ def test_inference_never_imports_torchvision(tmp_path):
     import sys
 
     code = ("import sys, audioclf, audioclf.predict, audioclf.cli, audioclf.serve, audioclf.export; "
-            "from audioclf.model import AudioResNet; AudioResNet(3); print('torchvision' in sys.modules)")
+            "from audioclf.model import AudioResNet; AudioResNet(3, 80, 0.0); print('torchvision' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"  # it costs 2-3 s of a prediction's cold start
 
@@ -272,14 +272,3 @@ def test_amp_dtype_uses_bf16_on_cpu_only_where_it_is_native(monkeypatch):
 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", gone)
     assert amp_dtype(cpu) is None  # a torch without the private probe: fp32, not a crash
-
-
-def test_without_the_stem_pool_the_layers_see_twice_the_resolution():
-    shapes = {}
-    for pool in (True, False):
-        model = AudioResNet(4, n_mels=32, stem_pool=pool).eval()
-        model.backbone.layer1.register_forward_hook(lambda m, i, o, pool=pool: shapes.__setitem__(pool, o.shape[-2:]))
-        assert model(torch.rand(2, 32, 64)).shape == (2, 4)
-    assert tuple(shapes[True]) == (8, 16) and tuple(shapes[False]) == (16, 32)
-    # the same parameters either way, so ImageNet weights load into both
-    assert AudioResNet(4, stem_pool=False).state_dict().keys() == AudioResNet(4).state_dict().keys()

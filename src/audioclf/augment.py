@@ -2,7 +2,8 @@
 
 Every transform samples its random parameters from a ``torch.Generator`` (CPU) separately from
 applying them, so a run is reproducible from its seed and resumable from a saved generator state.
-In ``eval()`` mode each transform is the identity.
+In ``eval()`` mode each transform is the identity. Their settings are arguments without defaults, or
+an :class:`~audioclf.config.AugmentConfig`: the defaults live in the config only.
 """
 
 from __future__ import annotations
@@ -21,11 +22,22 @@ class _AxisMasking(nn.Module):
     """Zero out ``n_masks`` bands of random width ``[0, max_width]`` along one axis, per example.
 
     Zero in log1p-mel space is silence, so a masked region reads as "nothing there" rather than noise.
+
+    Args:
+        max_width (int): Widest mask, in mel bands (frequency) or frames (time); ``0`` turns masking off.
+        n_masks (int): Masks per example; they may overlap.
+        generator (torch.Generator, optional): Source of randomness (CPU). (Default: the global RNG)
+        max_fraction (float, optional): A mask covers at most this fraction of the axis (SpecAugment's
+            ``p``), in [0, 1]. (Default: ``1.0``, no cap)
+
+    Shape:
+        - Input: ``(batch, n_mels, frames)`` features.
+        - Output: same shape; masked in training mode only.
     """
 
     axis: int  # -2 (frequency) or -1 (time) of (batch, n_mels, frames)
 
-    def __init__(self, max_width: int, n_masks: int = 1, generator: Optional[torch.Generator] = None,
+    def __init__(self, max_width: int, n_masks: int, generator: Optional[torch.Generator] = None,
                  max_fraction: float = 1.0):
         super().__init__()
         if max_width < 0 or n_masks < 0:
@@ -65,32 +77,49 @@ class _AxisMasking(nn.Module):
 
 
 class FrequencyMasking(_AxisMasking):
-    """SpecAugment frequency masks: (batch, n_mels, frames) -> same shape."""
+    """SpecAugment frequency masks: bands of up to ``max_width`` mel bands zeroed, per example.
+    Arguments and shapes as :class:`_AxisMasking`'s.
+
+    Example:
+        >>> mask = FrequencyMasking(max_width=15, n_masks=2, generator=torch.Generator().manual_seed(0))
+        >>> mask.train()(torch.ones(4, 80, 431)).shape   # eval() would pass the input through
+        torch.Size([4, 80, 431])
+    """
 
     axis = -2
 
 
 class TimeMasking(_AxisMasking):
-    """SpecAugment time masks: (batch, n_mels, frames) -> same shape."""
+    """SpecAugment time masks: spans of up to ``max_width`` frames (and ``max_fraction`` of the frames)
+    zeroed, per example. Arguments and shapes as :class:`_AxisMasking`'s."""
 
     axis = -1
 
 
 class RandomTimeShift(nn.Module):
     """Roll each example along time by a random whole number of frames in ``[-max_fraction * frames,
-    +max_fraction * frames]``: (batch, n_mels, frames) -> same shape.
+    +max_fraction * frames]``.
 
     A fixed-length clip (ESC-50's 5 s) otherwise always shows its event at the same place; the roll is
     circular so no frames are lost or invented.
+
+    Args:
+        max_fraction (float): Largest shift as a fraction of the frames, in [0, 1]; ``0`` turns it off.
+        generator (torch.Generator, optional): Source of randomness (CPU). (Default: the global RNG)
+
+    Shape:
+        - Input: ``(batch, n_mels, frames)`` features.
+        - Output: same shape; shifted in training mode only.
     """
 
-    def __init__(self, max_fraction: float = 0.0, generator: Optional[torch.Generator] = None):
+    def __init__(self, max_fraction: float, generator: Optional[torch.Generator] = None):
         super().__init__()
         if not 0.0 <= max_fraction <= 1.0:
             raise AudioclfError(f"time shift max_fraction={max_fraction} must be in [0, 1]")
         self.max_fraction, self.generator = max_fraction, generator
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, frames) -> same shape."""
         frames = x.shape[-1]
         most = int(self.max_fraction * frames)
         if not self.training or most == 0:
@@ -102,21 +131,30 @@ class RandomTimeShift(nn.Module):
 
 class RandomTimeStretch(nn.Module):
     """Stretch each example along time by a random factor in ``[1 / (1 + max_fraction), 1 + max_fraction]``
-    (log-uniform), then crop or zero-pad it back to its length at a random offset:
-    (batch, n_mels, frames) -> same shape.
+    (log-uniform), then crop or zero-pad it back to its length at a random offset.
 
     A dog barks faster or slower, an engine idles at another rate: the classic time-stretch
     augmentation of environmental-sound work (Salamon & Bello, 2017), done on the spectrogram by
     linear interpolation between frames, so the pitch stays where it was.
+
+    Args:
+        max_fraction (float): The largest stretch is by a factor ``1 + max_fraction`` (and the largest
+            squeeze by its inverse); ``0`` turns it off. ``0.2``: between 0.83x and 1.2x the duration.
+        generator (torch.Generator, optional): Source of randomness (CPU). (Default: the global RNG)
+
+    Shape:
+        - Input: ``(batch, n_mels, frames)`` features.
+        - Output: same shape; stretched in training mode only.
     """
 
-    def __init__(self, max_fraction: float = 0.0, generator: Optional[torch.Generator] = None):
+    def __init__(self, max_fraction: float, generator: Optional[torch.Generator] = None):
         super().__init__()
         if max_fraction < 0:
             raise AudioclfError(f"time stretch max_fraction={max_fraction} must be >= 0")
         self.max_fraction, self.generator = max_fraction, generator
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, frames) -> same shape."""
         if not self.training or self.max_fraction == 0:
             return x
         batch, frames = x.shape[0], x.shape[-1]
@@ -137,20 +175,29 @@ class RandomTimeStretch(nn.Module):
 
 class RandomFrequencyShift(nn.Module):
     """Shift each example along the mel axis by a random whole number of bands in ``[-max_bands,
-    +max_bands]``, zero-filling the bands shifted in: (batch, n_mels, frames) -> same shape.
+    +max_bands]``, zero-filling the bands shifted in.
 
     Above 1 kHz the mel scale is logarithmic, so a shift of k bands scales those frequencies by a
     constant factor, as a different voice or a re-pitched sound would (about 4.4 % per band at 80 bands
     and 22.05 kHz): vocal-tract-length perturbation, for speaker-independent speech.
+
+    Args:
+        max_bands (int): Largest shift in mel bands; ``0`` turns it off.
+        generator (torch.Generator, optional): Source of randomness (CPU). (Default: the global RNG)
+
+    Shape:
+        - Input: ``(batch, n_mels, frames)`` features.
+        - Output: same shape; shifted in training mode only.
     """
 
-    def __init__(self, max_bands: int = 0, generator: Optional[torch.Generator] = None):
+    def __init__(self, max_bands: int, generator: Optional[torch.Generator] = None):
         super().__init__()
         if max_bands < 0:
             raise AudioclfError(f"frequency shift max_bands={max_bands} must be >= 0")
         self.max_bands, self.generator = max_bands, generator
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, frames) -> same shape."""
         if not self.training or self.max_bands == 0:
             return x
         n_mels = x.shape[-2]
@@ -169,12 +216,22 @@ class RandomGain(nn.Module):
     without ``(x + offset) / scale``).
 
     Args:
-        max_db (float, optional): Largest gain in dB; ``0`` turns it off. (Default: ``0.0``)
-        generator (torch.Generator, optional): Source of randomness. (Default: global RNG)
-        features (FeatureConfig, optional): How the features were made. (Default: ``FeatureConfig()``)
+        max_db (float): Largest gain in dB (of power); ``0`` turns it off.
+        generator (torch.Generator, optional): Source of randomness (CPU). (Default: the global RNG)
+        features (FeatureConfig, optional): How the features were made: their compression, offset and
+            scale. (Default: ``FeatureConfig()``)
+
+    Shape:
+        - Input: ``(batch, ...)`` features, e.g. ``(batch, n_mels, frames)``.
+        - Output: same shape; one gain per example, in training mode only.
+
+    Example:
+        >>> f = FeatureConfig(sample_rate=16000)
+        >>> gain = RandomGain(12.0, torch.Generator().manual_seed(0), f).train()
+        >>> gain(LogMel(f)(wave))   # as LogMel(f)(wave * 10 ** (db / 20)) for a db drawn in [-12, 12]
     """
 
-    def __init__(self, max_db: float = 0.0, generator: Optional[torch.Generator] = None,
+    def __init__(self, max_db: float, generator: Optional[torch.Generator] = None,
                  features: Optional[FeatureConfig] = None):
         super().__init__()
         self.max_db, self.generator, self.features = max_db, generator, features or FeatureConfig()
@@ -199,8 +256,20 @@ class SpecAugment(nn.Module):
     training only.
 
     Args:
-        config (AugmentConfig, optional): mask widths and counts. (Default: ``AugmentConfig()``)
-        generator (torch.Generator, optional): source of randomness (CPU). (Default: global RNG)
+        config (AugmentConfig, optional): Every augmentation setting: mask widths (mel bands, frames) and
+            counts, shift and stretch fractions, gain in dB. (Default: ``AugmentConfig()``)
+        generator (torch.Generator, optional): Source of randomness (CPU). (Default: the global RNG)
+        features (FeatureConfig, optional): How the features were made, for the gain (see
+            :class:`RandomGain`). (Default: ``FeatureConfig()``)
+
+    Shape:
+        - Input: ``(batch, n_mels, frames)`` features.
+        - Output: same shape; the input itself in ``eval()`` mode.
+
+    Example:
+        >>> aug = SpecAugment(config.augment, features=config.features).train()
+        >>> aug.set_generator(torch.Generator().manual_seed(seed + epoch))  # the same draws on a rerun
+        >>> x = aug(x)
     """
 
     def __init__(self, config: Optional[AugmentConfig] = None, generator: Optional[torch.Generator] = None,

@@ -37,7 +37,7 @@ class Backbone:
 _AUDIOSET_FRONT_END = {
     "sample_rate": 32000, "n_fft": 1024, "win_length": 800, "hop_length": 320, "window": "symmetric",
     "preemphasis": 0.97, "n_mels": 128, "f_min": 0.0, "f_max": 15000.0, "mel_scale": "kaldi",
-    "compression": "log", "mel_gain": 1.0, "offset": 4.5, "scale": 5.0,
+    "compression": "log", "offset": 4.5, "scale": 5.0,
 }
 
 # Fine-tuning recipe for the AudioSet MobileNets: EfficientAT's ESC-50 recipe (mixup 0.3, +-12 dB gain,

@@ -10,82 +10,62 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Optional
 
 from ._version import __version__
-from .backbones import BACKBONE_NAMES
-from .config import PRESETS, AudioclfError, load_yaml, resolve
+from .config import PRESETS, SECTIONS, AudioclfError, Setting, load_yaml, resolve, settings
 
 log = logging.getLogger("audioclf")
 
 
-def _add_data_args(p: argparse.ArgumentParser, with_splits: bool = True, with_folds: bool = True) -> None:
-    p.add_argument("data", help="dataset: a folder per class, a CSV manifest, or an ESC-50/UrbanSound8K root")
-    p.add_argument("--format", choices=["folder", "csv", "esc50", "urbansound8k"], default=None,
-                   help="dataset layout (default: folder, or csv when DATA is a .csv file)")
-    p.add_argument("--esc10", action="store_true", default=None, help="ESC-50: keep the ESC-10 subset")
-    if with_splits and with_folds:  # cv chooses each fold's test fold itself
-        p.add_argument("--val-fold", type=int, help="hold out this fold for validation")
-        p.add_argument("--test-fold", type=int, help="hold out this fold for the final test")
-    if with_splits:
-        p.add_argument("--val-split", type=float, help="validation fraction when no --val-fold (default 0.2)")
-        p.add_argument("--cache-dir", help="feature cache folder (default $AUDIOCLF_CACHE or ~/.cache/audioclf)")
-        p.add_argument("--strict", action="store_true", default=None, help="stop at the first unreadable clip")
-        p.add_argument("--balance", choices=["none", "weights", "sampler"], help="class-imbalance handling")
-        p.add_argument("--num-workers", type=int, help="decoding processes for the feature cache")
+_DATA_HELP = "dataset: a folder per class, a CSV manifest, or an ESC-50/UrbanSound8K root"
+
+# settings whose flags exclude each other: a weights file is loaded, so it cannot go with another choice
+_EXCLUSIVE = ("pretrained", "weights_path")
 
 
-def _add_train_args(p: argparse.ArgumentParser, with_folds: bool = True) -> None:
-    _add_data_args(p, with_folds=with_folds)
+def _setting_kwargs(s: Setting) -> dict:
+    """``add_argument`` keywords for setting ``s``: its type, choices and help as config.py declares them."""
+    help = s.help.replace("%", "%%")  # argparse formats help with %
+    if s.kind is bool:
+        return {"action": argparse.BooleanOptionalAction, "help": help}
+    return {"type": s.kind, "choices": s.choices, "help": help}
+
+
+def _add_setting_args(p: argparse.ArgumentParser, only: Optional[tuple] = None, skip: tuple = ()) -> None:
+    """A flag for each config setting that has one (``only`` those, or all but ``skip``), generated from its
+    declaration in config.py; a flag not given is None and leaves the config as it is."""
+    for section, cls in SECTIONS.items():
+        chosen = [s for s in settings(cls) if s.flag and (only is None or s.name in only) and s.name not in skip]
+        if not chosen:
+            continue
+        group = p.add_argument_group(f"{section} settings") if only is None else p
+        exclusive = group.add_mutually_exclusive_group() if any(s.name in _EXCLUSIVE for s in chosen) else None
+        for s in chosen:
+            (exclusive if s.name in _EXCLUSIVE else group).add_argument(s.flag, dest=s.name, **_setting_kwargs(s))
+        if any(s.name == "pretrained" for s in chosen):
+            exclusive.add_argument("--no-pretrained", action="store_const", const="none", dest="pretrained",
+                                   help="the same as --pretrained none: random initialisation, the from-scratch "
+                                        "recipe")
+
+
+class _RefuseFold(argparse.Action):
+    """``cv`` picks each fold's test and validation folds itself: a fold flag is an error that says so."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"cv chooses each fold's test and validation folds itself, so it has no {option_string}: every "
+                     f"fold in turn is the test fold (pick which with --folds) and validation is a --val-split of the "
+                     f"others; use train for one fixed split")
+
+
+def _add_run_args(p: argparse.ArgumentParser, skip: tuple = ()) -> None:
+    """What train and cv share: the data, the config's sources and every setting's flag (but ``skip``)."""
+    p.add_argument("data", help=_DATA_HELP)
     p.add_argument("--config", help="YAML config file (flags override it)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="named recipe (default: the default recipe; seed = the original notebook)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4 pretrained, 1e-3 from scratch)")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--patience", type=int, help="early-stopping patience in epochs (0 = off)")
-    p.add_argument("--scheduler", choices=["plateau", "cosine", "onecycle"])
-    p.add_argument("--warmup-epochs", type=int)
-    p.add_argument("--mixup", type=float, dest="mixup_alpha", help="mixup alpha (0 = off)")
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--freq-mask", type=int, dest="freq_mask_width", help="widest frequency mask (mel bands)")
-    p.add_argument("--time-mask", type=int, dest="time_mask_width", help="widest time mask (frames)")
-    p.add_argument("--time-shift", type=float, help="roll examples in time by up to this fraction (0 = off)")
-    p.add_argument("--time-stretch", type=float, help="stretch examples in time by up to 1 + this factor (0 = off)")
-    p.add_argument("--freq-shift", type=int, help="shift examples by up to this many mel bands (0 = off)")
-    p.add_argument("--gain-db", type=float, help="random gain in +-dB (0 = off)")
-    p.add_argument("--sample-rate", type=int)
-    p.add_argument("--duration", type=float, dest="duration_s", help="seconds per example")
-    p.add_argument("--backbone", choices=BACKBONE_NAMES,
-                   help="network, with its own front end and recipe (list them: audioclf backbones)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--no-pretrained", action="store_const", const="none", dest="pretrained",
-                   help="random initialisation (the from-scratch recipe)")
-    g.add_argument("--pretrained", choices=["auto", "imagenet", "audioset", "none"], dest="pretrained",
-                   help="auto (default): the backbone's pretrained weights when available, else from scratch")
-    g.add_argument("--weights", dest="weights_path",
-                   help="local copy of the backbone's official weights (e.g. mn04_as_mAP_432.pt)")
-    p.add_argument("--no-stem-pool", action="store_const", const=False, dest="stem_pool",
-                   help="drop ResNet's max-pool after the stem: 2x the resolution, 4x the compute")
-    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--no-amp", action="store_const", const=False, dest="amp",
-                   help="full fp32 (default: mixed precision on CUDA and on CPUs with native bf16)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--deterministic", action="store_const", const=True,
-                   help="deterministic kernels: the same seed gives the same model on CUDA too (slower)")
-    p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="named recipe (default: the default recipe; seed = the original notebook)")
     p.add_argument("--out", required=True, help="run directory")
-
-
-# flag name -> config section; None values (flags not given) leave the config as it is
-_SECTIONS = {
-    "data": ["format", "esc10", "val_fold", "test_fold", "val_split", "cache_dir", "strict", "balance", "num_workers"],
-    "features": ["sample_rate", "duration_s"],
-    "augment": ["mixup_alpha", "freq_mask_width", "time_mask_width", "time_shift", "time_stretch", "freq_shift", "gain_db"],
-    "model": ["backbone", "pretrained", "weights_path", "dropout", "stem_pool"],
-    "train": ["epochs", "batch_size", "lr", "weight_decay", "patience", "scheduler", "warmup_epochs",
-              "label_smoothing", "device", "amp", "seed", "quiet", "deterministic"],
-}
+    _add_setting_args(p, skip=skip)
 
 
 def _guess_format(data: str) -> str:
@@ -105,7 +85,8 @@ def _resumed_run_config(args: argparse.Namespace):
 
 def config_from_args(args: argparse.Namespace):
     v = vars(args)
-    overrides = {sec: {k: v[k] for k in keys if v.get(k) is not None} for sec, keys in _SECTIONS.items()}
+    overrides = {sec: {s.name: v[s.name] for s in settings(cls) if v.get(s.name) is not None}
+                 for sec, cls in SECTIONS.items()}
     overrides["data"]["root"] = args.data
     if getattr(args, "weights_path", None):
         overrides["model"]["pretrained"] = "auto"  # a given file is loaded or refused, never skipped
@@ -176,19 +157,21 @@ def cmd_export(args) -> int:
 
 
 def cmd_backbones(args) -> int:
+    from dataclasses import asdict
+
     from .backbones import BACKBONES, DEFAULT_BACKBONE
-    from .config import ModelConfig
+    from .config import FeatureConfig, ModelConfig
     from .model import build_network
     from .weights import status
 
     print(f"{'backbone':<10} {'parameters':>11}  {'input':<36} {'weights':<13} description")
     for name, b in BACKBONES.items():
-        fe = b.front_end
-        inp = (f"{fe['n_mels']} Kaldi mels, {fe['sample_rate'] // 1000} kHz, hop {fe['hop_length']}" if fe
-               else "80 Slaney mels, 22.05 kHz, hop 256")
+        fe = {**asdict(FeatureConfig()), **b.front_end}  # no front end of its own: the config's defaults
+        inp = (f"{fe['n_mels']} {fe['mel_scale'].capitalize()} mels, {fe['sample_rate'] / 1000:g} kHz, "
+               f"hop {fe['hop_length']}")
         # with the published head (527 AudioSet classes; ImageNet's 1000): the count the weights hold
-        n_out = 527 if fe else 1000
-        params = f"{sum(p.numel() for p in build_network(ModelConfig(backbone=name), n_out, fe.get('n_mels', 80)).parameters()):,}"
+        net = build_network(ModelConfig(backbone=name), 527 if b.front_end else 1000, fe["n_mels"])
+        params = f"{sum(p.numel() for p in net.parameters()):,}"
         default = " (default)" if name == DEFAULT_BACKBONE else ""
         print(f"{name:<10} {params:>11}  {inp:<36} {status(name):<13} {b.description}{default}")
     print("weights: cached = in the torch hub cache; downloadable = fetched from the official URL on first use")
@@ -213,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a classifier on a dataset")
-    _add_train_args(p)
+    _add_run_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue from RUN_DIR/last.pt; only --epochs, --device, --quiet, --num-workers, --cache-dir and "
                         "--deterministic may differ from the run's start")
@@ -221,8 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("cv", help="k-fold cross-validation over the dataset's folds")
-    _add_train_args(p, with_folds=False)
+    _add_run_args(p, skip=("val_fold", "test_fold"))
     p.add_argument("--folds", type=int, nargs="+", help="test folds to run (default: all)")
+    for flag in ("--val-fold", "--test-fold"):
+        p.add_argument(flag, nargs="?", action=_RefuseFold, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("demo", help="make a synthetic dataset, train on it, evaluate")
@@ -232,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="metrics, per-clip predictions and a confusion matrix")
     p.add_argument("model", help="run directory or .pt checkpoint")
-    _add_data_args(p, with_splits=False)
+    p.add_argument("data", help=_DATA_HELP)
+    _add_setting_args(p, only=("format", "esc10"))
     p.add_argument("--fold", type=int, help="evaluate this fold only")
     p.add_argument("--out", help="output folder (default MODEL_DIR/eval)")
     p.add_argument("--device", default="auto")

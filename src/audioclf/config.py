@@ -3,11 +3,16 @@
 The resolved ``RunConfig`` is written to the run directory before training starts and stored in every
 checkpoint. At inference time the saved :class:`FeatureConfig` is the only source of feature settings,
 so training and prediction can never disagree about how audio becomes a spectrogram.
+
+Each setting is declared once, as a dataclass field made by :func:`setting`: its default, help text,
+command-line flag and allowed values. The checks below and the CLI's flags (``cli.py``) are generated
+from those declarations; only the rules that relate two settings are written out by hand.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -17,6 +22,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from ._version import __version__
 from .backbones import BACKBONE_NAMES, BACKBONES, DEFAULT_BACKBONE
 
 
@@ -43,48 +49,113 @@ def _check_choice(name: str, value, choices):
         raise AudioclfError(f"Unsupported {name}={value!r}; choose one of {', '.join(map(repr, choices))}")
 
 
+def setting(default: Any, *, help: str, flag: Optional[str] = None, yaml_only: Optional[str] = None,
+            low=None, high=None, low_open: bool = False, choices: Optional[tuple] = None):
+    """A config field with everything the rest of audioclf needs to know about it, in one place.
+
+    Args:
+        default: The value when neither a preset, a backbone, YAML nor a flag sets it. The one default.
+        help (str): What the setting does, with its unit; the CLI's help text.
+        flag (str, optional): Its command-line flag. (Default: ``--`` and the name with dashes)
+        yaml_only (str, optional): Why the setting has no flag; it is then set in a YAML config only.
+        low, high (optional): Inclusive bounds of the allowed range; ``None`` = unbounded. Bounds that
+            depend on another setting are checked by the section's ``__post_init__`` instead.
+        low_open (bool, optional): ``low`` itself is not allowed. (Default: ``False``)
+        choices (tuple, optional): Allowed values of a ``str`` setting whose choices live elsewhere (the
+            backbone registry); a ``Literal`` annotation gives its choices itself.
+    """
+    if flag is not None and yaml_only is not None:
+        raise TypeError("a setting has a flag or a reason to be YAML-only, not both")
+    return field(default=default, metadata={"help": help, "flag": flag, "yaml_only": yaml_only, "low": low,
+                                            "high": high, "low_open": low_open, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One declared setting, as :func:`settings` reads it from a config section's field."""
+
+    section: str  # "features", ...: its place in RunConfig and in a YAML file
+    name: str
+    kind: type  # bool, int, float or str: what one value is, once an Optional is unwrapped
+    optional: bool  # None is allowed
+    choices: Optional[tuple]
+    default: Any
+    help: str
+    flag: Optional[str]  # None: YAML only
+    yaml_only: Optional[str]
+    low: Any
+    high: Any
+    low_open: bool
+
+
+@functools.cache
+def settings(cls: type) -> tuple[Setting, ...]:
+    """The settings of config section ``cls`` (:class:`FeatureConfig`, ...), in declaration order."""
+    hints = typing.get_type_hints(cls)
+    section = next(name for name, tp in SECTIONS.items() if tp is cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp, optional = hints[f.name], False
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            args = [t for t in typing.get_args(tp) if t is not type(None)]
+            tp, optional = args[0], len(args) < len(typing.get_args(tp))
+        choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else f.metadata["choices"]
+        kind = type(choices[0]) if typing.get_origin(tp) is Literal else tp
+        m = f.metadata
+        flag = None if m["yaml_only"] else m["flag"] or "--" + f.name.replace("_", "-")
+        out.append(Setting(section, f.name, kind, optional, choices, f.default, m["help"], flag, m["yaml_only"],
+                           m["low"], m["high"], m["low_open"]))
+    return tuple(out)
+
+
+def _check_settings(section) -> None:
+    """The rules a setting declares for itself: a value among its choices, within its range, finite."""
+    for s in settings(type(section)):
+        value = getattr(section, s.name)
+        if s.choices is not None and not (s.optional and value is None):
+            _check_choice(s.name, value, s.choices)
+        _check_range(s.name, value, s.low, s.high, low_open=s.low_open)
+
+# why the front-end constants of a backbone have no flags
+_FRONT_END = ("one of a pretrained backbone's front-end constants (backbones.py): set it in YAML to train from "
+              "scratch on another front end")
+
+
 @dataclass
 class FeatureConfig:
     """How audio becomes model input. Saved with every model; inference reads only this copy."""
 
-    sample_rate: int = 22050  # Hz, every clip is resampled to this
-    duration_s: float = 5.0  # seconds of audio per example (crop or zero-pad)
-    n_mels: int = 80  # mel bands
-    n_fft: int = 1024  # samples per FFT
-    hop_length: int = 256  # samples between frames
-    win_length: int = 1024  # samples in the Hann window
-    f_min: float = 0.0  # Hz, lowest mel filter edge
-    f_max: Optional[float] = None  # Hz, highest mel filter edge; None = sample_rate / 2
-    # scale each clip (each window, at inference) to a peak of 1 before the STFT: recordings made at
-    # different levels (FSDD's speakers are 20 dB apart) then look alike to the model
-    peak_normalize: bool = True
-    # features are log1p(mel_gain * mel power): log1p is linear below 1 / mel_gain and logarithmic above,
-    # so the gain sets how much of the quiet dynamic range the log reaches (1 = the seed's plain log1p)
-    mel_gain: float = 1.0
+    sample_rate: int = setting(22050, help="Hz: every clip is resampled to this", low=1000, high=384000)
+    duration_s: float = setting(5.0, flag="--duration", help="seconds of audio per example (crop or zero-pad)",
+                                low=0.0, high=3600.0, low_open=True)
+    n_mels: int = setting(80, help="mel bands", low=8, high=512)
+    n_fft: int = setting(1024, help="samples per FFT", low=16, high=65536)
+    hop_length: int = setting(256, help="samples between frames, at most n_fft", low=1)
+    win_length: int = setting(1024, help="samples in the Hann window, at most n_fft", low=1)
+    f_min: float = setting(0.0, help="Hz: lowest mel filter edge", low=0.0)
+    f_max: Optional[float] = setting(None, help="Hz: highest mel filter edge (default: sample_rate / 2)")
+    # recordings made at different levels (FSDD's speakers are 20 dB apart) then look alike to the model
+    peak_normalize: bool = setting(True, help="scale each clip (each window, at inference) to a peak of 1 "
+                                              "before the STFT")
     # The settings below exist so that a pretrained backbone's own front end is one FeatureConfig
     # (backbones.py); their defaults are the seed's librosa features.
-    window: Literal["periodic", "symmetric"] = "periodic"  # Hann window kind
-    preemphasis: float = 0.0  # y[t] = x[t] - preemphasis * x[t-1] before the STFT; 0 = off
-    mel_scale: Literal["slaney", "kaldi"] = "slaney"  # librosa's area-normalised filters, or Kaldi's
-    compression: Literal["log1p", "log"] = "log1p"  # log1p(mel_gain * mel), or log(mel + 1e-5)
-    offset: float = 0.0  # features are (compressed + offset) / scale: a fixed normalisation
-    scale: float = 1.0
+    window: Literal["periodic", "symmetric"] = setting("periodic", yaml_only=_FRONT_END, help="Hann window kind")
+    preemphasis: float = setting(0.0, yaml_only=_FRONT_END, low=0.0, high=0.999,
+                                 help="y[t] = x[t] - preemphasis * x[t-1] before the STFT; 0 = off")
+    mel_scale: Literal["slaney", "kaldi"] = setting("slaney", yaml_only=_FRONT_END,
+                                                    help="librosa's area-normalised mel filters, or Kaldi's")
+    compression: Literal["log1p", "log"] = setting("log1p", yaml_only=_FRONT_END,
+                                                   help="log1p(mel power), or log(mel power + 1e-5)")
+    offset: float = setting(0.0, yaml_only=_FRONT_END, low=-1e6, high=1e6,
+                            help="features are (compressed + offset) / scale: a fixed normalisation")
+    scale: float = setting(1.0, yaml_only=_FRONT_END, low=0.0, high=1e6, low_open=True,
+                           help="see offset")
 
     def __post_init__(self):
-        _check_range("sample_rate", self.sample_rate, 1000, 384000)
-        _check_range("mel_gain", self.mel_gain, 0.0, 1e12, low_open=True)
-        _check_choice("window", self.window, ("periodic", "symmetric"))
-        _check_choice("mel_scale", self.mel_scale, ("slaney", "kaldi"))
-        _check_choice("compression", self.compression, ("log1p", "log"))
-        _check_range("preemphasis", self.preemphasis, 0.0, 0.999)
-        _check_range("offset", self.offset, -1e6, 1e6)
-        _check_range("scale", self.scale, 0.0, 1e6, low_open=True)
-        _check_range("duration_s", self.duration_s, 0.0, 3600.0, low_open=True)
-        _check_range("n_mels", self.n_mels, 8, 512)
-        _check_range("n_fft", self.n_fft, 16, 65536)
-        _check_range("hop_length", self.hop_length, 1, self.n_fft)
-        _check_range("win_length", self.win_length, 1, self.n_fft)
-        _check_range("f_min", self.f_min, 0.0, self.sample_rate / 2)
+        _check_settings(self)
+        _check_range("hop_length", self.hop_length, high=self.n_fft)
+        _check_range("win_length", self.win_length, high=self.n_fft)
+        _check_range("f_min", self.f_min, high=self.sample_rate / 2)
         _check_range("f_max", self.f_max, self.f_min, self.sample_rate / 2, low_open=True)
         self.window_samples(self.duration_s, "duration_s")
 
@@ -113,110 +184,102 @@ class FeatureConfig:
 class AugmentConfig:
     """Training-only augmentation. SpecAugment widths are upper bounds: each mask draws its width."""
 
-    freq_mask_width: int = 15  # mel bands, widest frequency mask
-    time_mask_width: int = 25  # frames, widest time mask
-    n_freq_masks: int = 2
-    n_time_masks: int = 2
-    # a time mask covers at most this fraction of the frames (SpecAugment's p): 25 frames would blank
-    # a spoken digit in a 1-s clip, while 5-s clips (431 frames) are unaffected
-    time_mask_fraction: float = 0.1
-    time_shift: float = 0.5  # roll each example in time by up to this fraction of its frames
-    time_stretch: float = 0.0  # stretch each example in time by a factor up to 1 + this (or its inverse)
-    freq_shift: int = 0  # shift each example by up to this many mel bands (about 4 % in pitch per band)
-    mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixing; 0 turns mixup off
-    gain_db: float = 0.0  # random gain in [-gain_db, +gain_db], applied in the log-mel domain
+    freq_mask_width: int = setting(15, flag="--freq-mask", help="widest frequency mask, in mel bands", low=0,
+                                   high=10000)
+    time_mask_width: int = setting(25, flag="--time-mask", help="widest time mask, in frames", low=0, high=10000)
+    n_freq_masks: int = setting(2, help="frequency masks per example", low=0, high=10000)
+    n_time_masks: int = setting(2, help="time masks per example", low=0, high=10000)
+    # SpecAugment's p: 25 frames would blank a spoken digit in a 1-s clip, while 5-s clips (431 frames)
+    # are unaffected
+    time_mask_fraction: float = setting(0.1, help="a time mask covers at most this fraction of the frames",
+                                        low=0.0, high=1.0)
+    time_shift: float = setting(0.5, low=0.0, high=1.0,
+                                help="roll each example in time by up to this fraction of its frames (0 = off)")
+    time_stretch: float = setting(0.0, low=0.0, high=1.0, help="stretch each example in time by a factor up to "
+                                                               "1 + this, or its inverse (0 = off)")
+    freq_shift: int = setting(0, low=0, high=64, help="shift each example by up to this many mel bands, about 4 % "
+                                                      "in pitch per band (0 = off)")
+    mixup_alpha: float = setting(0.0, flag="--mixup", help="mixup with Beta(alpha, alpha) weights (0 = off)",
+                                 low=0.0, high=100.0)
+    gain_db: float = setting(0.0, help="random gain in [-gain_db, +gain_db] dB, applied to the features (0 = off)",
+                             low=0.0, high=60.0)
 
     def __post_init__(self):
-        for name in ("freq_mask_width", "time_mask_width", "n_freq_masks", "n_time_masks"):
-            _check_range(name, getattr(self, name), 0, 10000)
-        _check_range("time_mask_fraction", self.time_mask_fraction, 0.0, 1.0)
-        _check_range("time_shift", self.time_shift, 0.0, 1.0)
-        _check_range("time_stretch", self.time_stretch, 0.0, 1.0)
-        _check_range("freq_shift", self.freq_shift, 0, 64)
-        _check_range("mixup_alpha", self.mixup_alpha, 0.0, 100.0)
-        _check_range("gain_db", self.gain_db, 0.0, 60.0)
+        _check_settings(self)
 
 
 @dataclass
 class ModelConfig:
-    # the network; it brings its own front end and fine-tuning recipe (backbones.py, `audioclf backbones`)
-    # (the dataclass default is the seed's network; the "default" preset, what the CLI runs, picks
-    # backbones.DEFAULT_BACKBONE)
-    backbone: Literal["resnet18", "mn04_as", "mn05_as", "mn10_as", "mn20_as", "mn30_as", "mn40_as"] = "resnet18"
-    # "auto": the backbone's pretrained weights when they can be had (--weights, torch hub cache or download),
-    # else from scratch; after training it records what was used ("imagenet", "audioset" or "none").
-    pretrained: Literal["auto", "imagenet", "audioset", "none"] = "auto"
-    weights_path: Optional[str] = None  # local state dict of the backbone's official weights; implies pretrained
-    dropout: float = 0.2  # before the final linear layer
-    # per-mel-band or one mean/std from the train split; "clip": each clip's own mean per band over time is
-    # subtracted (cepstral mean normalisation: a fixed microphone or voice colouring goes), then the band's std
-    normalization: Literal["band", "global", "clip"] = "band"
-    # ResNet's 3x3 max-pool after the stem; without it every layer sees 2x the mel and time resolution
-    # (4x the compute): 80 mel bands are a small image next to ImageNet's 224 pixels
-    stem_pool: bool = True
+    # the dataclass default is the seed's network; the "default" preset, what the CLI runs, picks
+    # backbones.DEFAULT_BACKBONE
+    backbone: str = setting("resnet18", choices=BACKBONE_NAMES, help="network, with its own front end and "
+                            "fine-tuning recipe (list them: audioclf backbones)")
+    # after training it records what was used ("imagenet", "audioset" or "none")
+    pretrained: Literal["auto", "imagenet", "audioset", "none"] = setting(
+        "auto", help="auto: the backbone's pretrained weights when they can be had (--weights, torch hub cache "
+                     "or download), else from scratch; none: from scratch")
+    weights_path: Optional[str] = setting(None, flag="--weights", help="local copy of the backbone's official "
+                                          "weights (e.g. mn04_as_mAP_432.pt); implies its pretrained weights")
+    dropout: float = setting(0.2, help="dropout before the final linear layer", low=0.0, high=0.99)
+    normalization: Literal["band", "global"] = setting(
+        "band", help="ResNet-18's input standardisation from the train split: per mel band, or one mean and std")
 
     def __post_init__(self):
-        _check_choice("backbone", self.backbone, BACKBONE_NAMES)
-        _check_choice("pretrained", self.pretrained, ("auto", "imagenet", "audioset", "none"))
+        _check_settings(self)
         kind = BACKBONES[self.backbone].pretrained_on
         if self.pretrained not in ("auto", "none", kind):
             raise AudioclfError(f"pretrained={self.pretrained!r} does not exist for backbone={self.backbone!r}; "
                                 f"choose auto, none or {kind}")
-        _check_choice("normalization", self.normalization, ("band", "global", "clip"))
-        _check_range("dropout", self.dropout, 0.0, 0.99)
 
 
 @dataclass
 class DataConfig:
-    root: str = ""  # folder, CSV manifest, or dataset root
-    format: Literal["folder", "csv", "esc50", "urbansound8k"] = "folder"
-    esc10: bool = False  # ESC-50 only: keep the ESC-10 subset
-    val_fold: Optional[int] = None  # hold out this fold for validation
-    test_fold: Optional[int] = None  # hold out this fold for testing (never seen in training)
-    val_split: float = 0.2  # fraction for validation when val_fold is not given (group-aware)
-    cache_dir: Optional[str] = None  # feature cache; None = $AUDIOCLF_CACHE or ~/.cache/audioclf
-    strict: bool = False  # fail on the first unreadable clip instead of skipping it
-    balance: Literal["none", "weights", "sampler"] = "none"
-    num_workers: Optional[int] = None  # decoding processes for the cache build; None = auto
+    root: str = setting("", yaml_only="the DATA argument of train and cv sets it",
+                        help="folder, CSV manifest, or dataset root")
+    format: Literal["folder", "csv", "esc50", "urbansound8k"] = setting(
+        "folder", help="dataset layout (the CLI's default: csv when DATA is a .csv file, else folder)")
+    esc10: bool = setting(False, help="ESC-50 only: keep the ESC-10 subset")
+    val_fold: Optional[int] = setting(None, help="hold out this fold for validation")
+    test_fold: Optional[int] = setting(None, help="hold out this fold for the final test (never seen in training)")
+    val_split: float = setting(0.2, help="validation fraction when no val_fold is given (group-aware)",
+                               low=0.0, high=0.9, low_open=True)
+    cache_dir: Optional[str] = setting(None, help="feature cache folder (default: $AUDIOCLF_CACHE or "
+                                                  "~/.cache/audioclf)")
+    strict: bool = setting(False, help="stop at the first unreadable clip instead of skipping it")
+    balance: Literal["none", "weights", "sampler"] = setting("none", help="class-imbalance handling")
+    num_workers: Optional[int] = setting(None, help="decoding processes for the feature cache (default: auto)")
 
     def __post_init__(self):
-        _check_choice("format", self.format, ("folder", "csv", "esc50", "urbansound8k"))
-        _check_choice("balance", self.balance, ("none", "weights", "sampler"))
-        _check_range("val_split", self.val_split, 0.0, 0.9, low_open=True)
+        _check_settings(self)
         if self.val_fold is not None and self.val_fold == self.test_fold:
             raise AudioclfError(f"val_fold and test_fold are both {self.val_fold}: they must differ")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 16
-    lr: Optional[float] = None  # None = recipe default (1e-4 with ImageNet weights, 1e-3 from scratch)
-    weight_decay: float = 1e-3
-    patience: int = 15  # epochs without a better validation loss before stopping; 0 = never stop early
-    scheduler: Literal["plateau", "cosine", "onecycle"] = "cosine"
-    warmup_epochs: int = 2  # linear warmup before cosine
-    label_smoothing: float = 0.1
-    grad_clip: float = 0.0  # max gradient norm; 0 = off
-    seed: int = 42
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    amp: bool = True  # mixed precision: bf16/fp16 on CUDA, bf16 on CPUs that compute it natively
-    quiet: bool = False
-    # deterministic kernels (torch.use_deterministic_algorithms, cuDNN without autotuning): the same seed
-    # gives the same model on CUDA too, at some speed; CPU runs are reproducible without it
-    deterministic: bool = False
+    epochs: int = setting(30, help="training epochs", low=1, high=100000)
+    batch_size: int = setting(16, help="examples per optimiser step", low=1, high=65536)
+    lr: Optional[float] = setting(None, low=0.0, high=10.0, low_open=True, help="peak learning rate (default: "
+                                  "the recipe's, 1e-4 with ImageNet weights, 1e-3 from scratch)")
+    weight_decay: float = setting(1e-3, help="AdamW weight decay", low=0.0, high=10.0)
+    patience: int = setting(15, help="epochs without a better validation loss before stopping (0 = never stop "
+                                     "early)", low=0, high=100000)
+    scheduler: Literal["plateau", "cosine", "onecycle"] = setting("cosine", help="learning-rate schedule")
+    warmup_epochs: int = setting(2, help="epochs of linear warmup before the cosine schedule", low=0, high=100000)
+    label_smoothing: float = setting(0.1, help="label smoothing of the cross-entropy", low=0.0, high=0.99)
+    grad_clip: float = setting(0.0, help="largest gradient norm (0 = off)", low=0.0, high=1e6)
+    # numpy's and scikit-learn's seeds are 32-bit
+    seed: int = setting(42, help="seed of every random draw: splits, initialisation, augmentation", low=0,
+                        high=2**32 - 1)
+    device: str = setting("auto", help="auto, cpu, cuda or cuda:N")
+    amp: bool = setting(True, help="mixed precision: bf16/fp16 on CUDA, bf16 on CPUs that compute it natively")
+    quiet: bool = setting(False, help="no progress bars")
+    # the same seed gives the same model on CUDA too, at some speed; CPU runs are reproducible without it
+    deterministic: bool = setting(False, help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN "
+                                              "without autotuning)")
 
     def __post_init__(self):
-        _check_range("epochs", self.epochs, 1, 100000)
-        _check_range("batch_size", self.batch_size, 1, 65536)
-        _check_range("lr", self.lr, 0.0, 10.0, low_open=True)
-        _check_range("weight_decay", self.weight_decay, 0.0, 10.0)
-        _check_range("patience", self.patience, 0, 100000)
-        _check_range("warmup_epochs", self.warmup_epochs, 0, 100000)
-        _check_range("label_smoothing", self.label_smoothing, 0.0, 0.99)
-        _check_range("grad_clip", self.grad_clip, 0.0, 1e6)
-        _check_range("seed", self.seed, 0, 2**32 - 1)  # numpy's and scikit-learn's seeds are 32-bit
-        _check_choice("scheduler", self.scheduler, ("plateau", "cosine", "onecycle"))
+        _check_settings(self)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise AudioclfError(f"Unsupported device={self.device!r}; choose auto, cpu, cuda or cuda:N")
 
@@ -231,10 +294,9 @@ class RunConfig:
     preset: str = "default"
 
     def __post_init__(self):
-        # a float setting without a range check (or added later) must still never be NaN or infinite
-        for section in (getattr(self, name) for name in _SECTION_NAMES):
-            for f in dataclasses.fields(section):
-                _check_range(f.name, getattr(section, f.name))
+        # a section built, then changed, must still hold allowed values (never NaN or infinite)
+        for name in SECTIONS:
+            _check_settings(getattr(self, name))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -246,23 +308,57 @@ class RunConfig:
     @classmethod
     def from_saved(cls, d: dict) -> "RunConfig":
         """A config stored with a model or run: a setting that an older audioclf did not write yet takes
-        the value that version behaved with (not today's default), so old models predict as trained."""
+        the value that version behaved with (not today's default), so old models predict as trained. A
+        setting since removed is dropped where it was off, and refused where it was on."""
         d = {**d, **{sec: {**before, **d.get(sec, {})} for sec, before in _BEFORE_THE_SETTING.items()}}
         d["model"] = {k: v for k, v in d["model"].items() if k != "arch"}  # always "resnet18", now `backbone`
-        return from_dict(cls, d)
+        return from_dict(cls, _without_removed_settings(d))
 
     def save_yaml(self, path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-_SECTION_NAMES = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name != "preset")
+# The config sections, by their name in RunConfig and in a YAML file
+SECTIONS: dict[str, type] = {name: tp for name, tp in typing.get_type_hints(RunConfig).items() if name != "preset"}
+_SECTION_NAMES = tuple(SECTIONS)
 
 # How audioclf behaved before each of these settings existed (see RunConfig.from_saved)
 _BEFORE_THE_SETTING = {
-    "features": {"peak_normalize": False, "mel_gain": 1.0},
+    "features": {"peak_normalize": False},
     "augment": {"time_mask_fraction": 1.0, "time_shift": 0.0, "time_stretch": 0.0, "freq_shift": 0},
-    "model": {"stem_pool": True, "backbone": "resnet18"},
+    "model": {"backbone": "resnet18"},
 }
+
+# Settings (and values) that were measured, did not help and were removed, with the value that meant "off":
+# a saved config holding that value loads without the setting; any other value would be ignored by this
+# code, so the model would predict with other features or another network than it was trained with.
+_REMOVED = {
+    ("features", "mel_gain"): 1.0,  # features were log1p(mel_gain * mel power)
+    ("model", "stem_pool"): True,  # False dropped ResNet's max-pool after the stem
+}
+_REMOVED_VALUES = {("model", "normalization"): ("clip",)}  # each clip's own mean per band over time
+
+
+def _without_removed_settings(d: dict) -> dict:
+    """``d`` (a saved config) without the removed settings left at their "off" value; refused if one was on."""
+    out = dict(d)
+    for (sec, key), off in _REMOVED.items():
+        values = out.get(sec)
+        if isinstance(values, dict) and key in values:  # a section of the wrong type is from_dict's to report
+            if values[key] != off:
+                _refuse_removed(f"{sec}.{key}={values[key]!r}", f"{key}={off!r}")
+            out[sec] = {k: v for k, v in values.items() if k != key}
+    for (sec, key), gone in _REMOVED_VALUES.items():
+        values = out.get(sec)
+        if isinstance(values, dict) and values.get(key) in gone:
+            _refuse_removed(f"{sec}.{key}={values[key]!r}", f"another {key}")
+    return out
+
+
+def _refuse_removed(what: str, instead: str) -> None:
+    raise AudioclfError(f"the model was trained with {what}, a setting this audioclf ({__version__}) removed (it "
+                        f"was measured and did not help), so it cannot be rebuilt as trained; load it with the "
+                        f"audioclf version that trained it, or retrain it with {instead}")
 
 
 # Named recipes: overrides applied on top of the defaults, before a YAML file and flags.
@@ -270,7 +366,7 @@ PRESETS: dict[str, dict] = {
     "default": {"model": {"backbone": DEFAULT_BACKBONE}},
     # The seed notebook: plateau schedule, lr 1e-4, batch 16, 25 epochs, patience 5, one mask of each kind.
     "seed": {
-        "features": {"peak_normalize": False, "mel_gain": 1.0},
+        "features": {"peak_normalize": False},
         "train": {"lr": 1e-4, "batch_size": 16, "epochs": 25, "patience": 5, "scheduler": "plateau",
                   "warmup_epochs": 0, "label_smoothing": 0.0},
         "augment": {"freq_mask_width": 15, "time_mask_width": 25, "n_freq_masks": 1, "n_time_masks": 1,

@@ -1,7 +1,8 @@
 """Feature extraction as small ``nn.Module``s over batched waveforms: Spectrogram -> MelScale -> log1p.
 
 Fixed tensors (window, filterbank, statistics) are buffers, so ``.to(device)`` moves them and the
-whole front end runs on the GPU in batch.
+whole front end runs on the GPU in batch. The modules take their settings as arguments without
+defaults, or as a :class:`~audioclf.config.FeatureConfig`: the defaults live in the config only.
 """
 
 from __future__ import annotations
@@ -22,15 +23,19 @@ class Spectrogram(nn.Module):
     """Power spectrogram of a centred, zero-padded STFT with a Hann window.
 
     Args:
-        n_fft (int, optional): Size of FFT, creates ``n_fft // 2 + 1`` bins. (Default: ``1024``)
-        hop_length (int, optional): Samples between frames. (Default: ``256``)
-        win_length (int, optional): Window size in samples, ``<= n_fft``; a shorter window is centred in
-            the FFT frame. (Default: ``1024``)
-        periodic (bool, optional): Periodic Hann window (librosa's, for spectral analysis) or symmetric
-            (``periodic=False``, the one EfficientAT's models were trained with). (Default: ``True``)
+        n_fft (int): Size of FFT in samples, creates ``n_fft // 2 + 1`` frequency bins.
+        hop_length (int): Samples between the starts of successive frames.
+        win_length (int): Window size in samples, ``<= n_fft``; a shorter window is centred in the FFT
+            frame.
+        periodic (bool): Periodic Hann window (librosa's, for spectral analysis) or symmetric
+            (``periodic=False``, the one EfficientAT's models were trained with).
+
+    Shape:
+        - Input: ``(..., time)`` waveform, in samples.
+        - Output: ``(..., n_fft // 2 + 1, 1 + time // hop_length)`` power (squared magnitude).
     """
 
-    def __init__(self, n_fft: int = 1024, hop_length: int = 256, win_length: int = 1024, periodic: bool = True):
+    def __init__(self, n_fft: int, hop_length: int, win_length: int, periodic: bool):
         super().__init__()
         if not 0 < win_length <= n_fft:
             raise AudioclfError(f"win_length={win_length} must be in (0, n_fft={n_fft}]")
@@ -59,9 +64,9 @@ def _mel_to_hz(m: np.ndarray) -> np.ndarray:
     return np.where(m >= 15.0, 1000.0 * np.exp((np.log(6.4) / 27.0) * (m - 15.0)), m * (200.0 / 3))
 
 
-def mel_filterbank(sample_rate: int = 22050, n_fft: int = 1024, n_mels: int = 80, f_min: float = 0.0,
-                   f_max: Optional[float] = None) -> np.ndarray:
-    """Slaney-normalised triangular mel filters, (n_mels, n_fft // 2 + 1) float32.
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: Optional[float]) -> np.ndarray:
+    """Slaney-normalised triangular mel filters, (n_mels, n_fft // 2 + 1) float32. ``sample_rate``, ``f_min``
+    and ``f_max`` are in Hz; ``f_max=None`` is ``sample_rate / 2``.
 
     The same numbers as ``librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=f_min,
     fmax=f_max)`` (tested against it), without importing librosa: that import alone costs seconds of a
@@ -81,8 +86,8 @@ def mel_filterbank(sample_rate: int = 22050, n_fft: int = 1024, n_mels: int = 80
     return weights.astype(np.float32)
 
 
-def kaldi_mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0,
-                         f_max: Optional[float] = None) -> np.ndarray:
+def kaldi_mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float,
+                         f_max: Optional[float]) -> np.ndarray:
     """Kaldi's triangular mel filters, (n_mels, n_fft // 2 + 1) float32: the front end of EfficientAT's
     AudioSet models (``torchaudio.compliance.kaldi.get_mel_banks`` padded with a zero Nyquist column).
 
@@ -106,16 +111,18 @@ class MelScale(nn.Module):
     Args:
         n_mels (int): Number of mel bands.
         sample_rate (int): Sample rate in Hz.
-        n_fft (int): FFT size the spectrogram was computed with.
-        f_min (float, optional): Lowest filter edge in Hz. (Default: ``0.0``)
-        f_max (float or None, optional): Highest filter edge in Hz; ``None`` = ``sample_rate / 2``.
-            (Default: ``None``)
-        scale (str, optional): ``"slaney"`` (``librosa.filters.mel``: Slaney's scale, area-normalised) or
-            ``"kaldi"`` (:func:`kaldi_mel_filterbank`). (Default: ``"slaney"``)
+        n_fft (int): FFT size in samples the spectrogram was computed with.
+        f_min (float): Lowest filter edge in Hz.
+        f_max (float or None): Highest filter edge in Hz; ``None`` = ``sample_rate / 2``.
+        scale (str): ``"slaney"`` (``librosa.filters.mel``: Slaney's scale, area-normalised) or ``"kaldi"``
+            (:func:`kaldi_mel_filterbank`).
+
+    Shape:
+        - Input: ``(..., n_fft // 2 + 1, frames)`` power spectrogram.
+        - Output: ``(..., n_mels, frames)`` mel power.
     """
 
-    def __init__(self, n_mels: int, sample_rate: int, n_fft: int, f_min: float = 0.0,
-                 f_max: Optional[float] = None, scale: str = "slaney"):
+    def __init__(self, n_mels: int, sample_rate: int, n_fft: int, f_min: float, f_max: Optional[float], scale: str):
         super().__init__()
         filters = kaldi_mel_filterbank if scale == "kaldi" else mel_filterbank
         fb = filters(sample_rate, n_fft, n_mels, f_min, f_max)
@@ -127,11 +134,16 @@ class MelScale(nn.Module):
 
 
 class PeakNormalize(nn.Module):
-    """Scale each waveform to a peak absolute amplitude of 1: (..., time) -> same shape.
+    """Scale each waveform to a peak absolute amplitude of 1.
 
     Args:
-        floor (float, optional): peaks below this are treated as this, so near-silence is boosted by at
-            most ``1 / floor`` (60 dB) instead of being blown up to full scale. (Default: ``1e-3``)
+        floor (float, optional): Peaks below this amplitude (full scale = 1) are treated as this, so
+            near-silence is boosted by at most ``1 / floor`` (60 dB) instead of being blown up to full
+            scale. (Default: ``1e-3``)
+
+    Shape:
+        - Input: ``(..., time)`` waveform.
+        - Output: same shape, each waveform (last axis) scaled on its own.
     """
 
     def __init__(self, floor: float = 1e-3):
@@ -139,14 +151,19 @@ class PeakNormalize(nn.Module):
         self.floor = floor
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """(..., time) -> same shape, peak 1 (or less, for a peak under ``floor``)."""
         return wave / wave.abs().amax(-1, keepdim=True).clamp_min(self.floor)
 
 
 class PreEmphasis(nn.Module):
-    """First-order high-pass ``y[t] = x[t] - coef * x[t - 1]`` (``y[0] = x[0]``): (..., time) -> same shape.
+    """First-order high-pass ``y[t] = x[t] - coef * x[t - 1]`` (``y[0] = x[0]``).
 
     Args:
         coef (float): Filter coefficient, in [0, 1). ``0`` passes the waveform through.
+
+    Shape:
+        - Input: ``(..., time)`` waveform.
+        - Output: same shape.
     """
 
     def __init__(self, coef: float):
@@ -154,6 +171,7 @@ class PreEmphasis(nn.Module):
         self.coef = coef
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """(..., time) -> same shape."""
         if self.coef == 0:
             return wave
         return torch.cat([wave[..., :1], wave[..., 1:] - self.coef * wave[..., :-1]], dim=-1)
@@ -164,13 +182,18 @@ class LogMel(nn.Module):
     peak normalisation -> pre-emphasis -> power STFT -> mel filterbank -> compression -> fixed affine.
 
     With the defaults (no pre-emphasis, periodic window, Slaney mels, ``log1p``) the output is identical
-    to ``np.log1p(mel_gain * librosa.feature.melspectrogram(y=..., sr=..., n_fft=..., hop_length=...,
-    win_length=..., n_mels=...))``. With ``compression="log"`` it is ``log(mel + 1e-5)``; either is then
-    mapped to ``(x + config.offset) / config.scale``. The AudioSet backbones' front end
-    (:data:`audioclf.model.BACKBONES`) is one setting of these fields.
+    to ``np.log1p(librosa.feature.melspectrogram(y=..., sr=..., n_fft=..., hop_length=..., win_length=...,
+    n_mels=...))``. With ``compression="log"`` it is ``log(mel + 1e-5)``; either is then mapped to
+    ``(x + config.offset) / config.scale``. The AudioSet backbones' front end
+    (:data:`audioclf.backbones.BACKBONES`) is one setting of these fields.
 
     Args:
-        config (FeatureConfig, optional): Feature parameters. (Default: ``FeatureConfig()``)
+        config (FeatureConfig, optional): Every feature setting, sample rate (Hz) and STFT sizes (samples)
+            included. (Default: ``FeatureConfig()``)
+
+    Shape:
+        - Input: ``(..., time)`` waveform in [-1, 1] at ``config.sample_rate``.
+        - Output: ``(..., n_mels, 1 + time // hop_length)`` features.
 
     Example:
         >>> LogMel(FeatureConfig(n_mels=64))(torch.zeros(2, 22050)).shape   # one second, two clips
@@ -190,7 +213,7 @@ class LogMel(nn.Module):
         """(..., time) waveform in [-1, 1] -> (..., n_mels, 1 + time // hop_length) features."""
         c = self.config
         mel = self.mel(self.spectrogram(self.preemphasis(self.peak(wave))))
-        x = torch.log1p(c.mel_gain * mel) if c.compression == "log1p" else torch.log(mel + LOG_FLOOR)
+        x = torch.log1p(mel) if c.compression == "log1p" else torch.log(mel + LOG_FLOOR)
         return x if (c.offset, c.scale) == (0.0, 1.0) else (x + c.offset) / c.scale
 
 
@@ -198,17 +221,25 @@ class Normalize(nn.Module):
     """Standardise features with statistics of the training split: ``(x - mean) / std``.
 
     ImageNet-trained convolutions expect roughly zero-mean, unit-variance input; log1p mels are
-    neither. ``mean`` and ``std`` are buffers of shape ``(n_mels, 1)`` (per band) saved with the model.
-    With ``per_clip`` each clip's own mean over time replaces ``mean``, per band.
+    neither. ``mean`` and ``std`` are buffers of shape ``(n_mels, 1)`` (per band) saved with the model;
+    until :meth:`fit` sets them they are 0 and 1, the identity.
 
     Args:
-        n_mels (int, optional): Mel bands. (Default: ``80``)
-        per_clip (bool, optional): Centre each clip on its own mean per band. (Default: ``False``)
+        n_mels (int): Mel bands of the features.
+
+    Shape:
+        - Input: ``(..., n_mels, frames)`` features.
+        - Output: same shape, standardised.
+
+    Example:
+        >>> logmel = LogMel(FeatureConfig(n_mels=64))
+        >>> norm = Normalize(64).fit(logmel(w) for w in torch.randn(3, 22050))  # the training clips, one at a time
+        >>> norm(logmel(torch.randn(2, 22050))).shape
+        torch.Size([2, 64, 87])
     """
 
-    def __init__(self, n_mels: int = 80, per_clip: bool = False):
+    def __init__(self, n_mels: int):
         super().__init__()
-        self.per_clip = per_clip
         self.register_buffer("mean", torch.zeros(n_mels, 1))
         self.register_buffer("std", torch.ones(n_mels, 1))
 
@@ -234,4 +265,4 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., n_mels, frames) -> same shape, standardised."""
-        return (x - (x.mean(-1, keepdim=True) if self.per_clip else self.mean)) / self.std
+        return (x - self.mean) / self.std

@@ -113,11 +113,12 @@ class MobileNet(nn.Module):
 
     Args:
         width (float): Width multiplier (0.4 for ``mn04_as``, 1.0 for ``mn10_as``, ...).
-        n_classes (int, optional): Outputs of the last layer. (Default: ``527``, AudioSet's classes)
-        dropout (float, optional): Dropout before the last layer. (Default: ``0.2``)
+        n_classes (int, optional): Outputs of the last layer. (Default: ``527``, AudioSet's classes: the
+            published weights' head)
+        dropout (float): Dropout probability before the last layer (``ModelConfig.dropout``).
     """
 
-    def __init__(self, width: float, n_classes: int = 527, dropout: float = 0.2):
+    def __init__(self, width: float, n_classes: int = 527, *, dropout: float):
         super().__init__()
         cin = channels(_STEM * width)
         layers = [_conv_bn(1, cin, 3, 2, act=nn.Hardswish)]

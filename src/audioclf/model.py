@@ -87,31 +87,24 @@ class AudioResNet(nn.Module):
 
     Args:
         n_classes (int): Output classes.
-        n_mels (int, optional): Mel bands of the input, sizes the normalisation buffers. (Default: ``80``)
-        dropout (float, optional): Dropout before the final linear layer. (Default: ``0.0``)
-        stem_pool (bool, optional): Keep ResNet's max-pool after the stem; without it the layers work at
-            twice the resolution along both axes. (Default: ``True``)
-        per_clip_mean (bool, optional): Centre each clip on its own mean per band (``normalization="clip"``).
-            (Default: ``False``)
+        n_mels (int): Mel bands of the input, sizes the normalisation buffers.
+        dropout (float): Dropout probability before the final linear layer.
     """
 
-    def __init__(self, n_classes: int, n_mels: int = 80, dropout: float = 0.0, stem_pool: bool = True,
-                 per_clip_mean: bool = False):
+    def __init__(self, n_classes: int, n_mels: int, dropout: float):
         super().__init__()
         if n_classes < 2:
             raise AudioclfError(f"n_classes={n_classes}: a classifier needs at least 2 classes")
-        self.norm = Normalize(n_mels, per_clip=per_clip_mean)
+        self.norm = Normalize(n_mels)
         self.backbone = ResNet18(nn.Sequential(nn.Dropout(dropout), nn.Linear(512, n_classes)), in_channels=1)
         # the scratch recipe was tuned with the stem at PyTorch's default init (it used to replace
         # torchvision's RGB stem after torchvision's init ran): keep it so
         self.backbone.conv1.reset_parameters()
-        if not stem_pool:
-            self.backbone.maxpool = nn.Identity()
 
     @classmethod
-    def from_config(cls, config: ModelConfig, n_classes: int, n_mels: int = 80) -> "AudioResNet":
-        """The network ``config`` describes (random weights): the one place a ModelConfig becomes a model."""
-        return cls(n_classes, n_mels, config.dropout, config.stem_pool, config.normalization == "clip")
+    def from_config(cls, config: ModelConfig, n_classes: int, n_mels: int) -> "AudioResNet":
+        """The network ``config`` describes, with random weights (see :func:`build_network`)."""
+        return cls(n_classes, n_mels, config.dropout)
 
     def load_imagenet(self, state_dict: dict) -> "AudioResNet":
         """Load ImageNet weights: the RGB stem is summed over colour (a grey image gives the same
@@ -145,14 +138,14 @@ class AudioMobileNet(nn.Module):
     Args:
         n_classes (int): Output classes.
         width (float): Width multiplier of the backbone (0.4 for ``mn04_as``).
-        dropout (float): Dropout before the last layer.
+        dropout (float): Dropout probability before the last layer.
     """
 
     def __init__(self, n_classes: int, width: float, dropout: float):
         super().__init__()
         if n_classes < 2:
             raise AudioclfError(f"n_classes={n_classes}: a classifier needs at least 2 classes")
-        self.net = MobileNet(width, n_classes, dropout)
+        self.net = MobileNet(width, n_classes, dropout=dropout)
 
     def load_pretrained(self, state_dict: dict, name: str) -> "AudioMobileNet":
         """Load the official AudioSet weights of backbone ``name``: every tensor but the 527-class last
