@@ -5,7 +5,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from audioclf.audio import audio_duration_s, find_audio_files, fix_length, load_audio, stream_audio
+from audioclf.audio import (audio_duration_s, find_audio_files, fix_length, inference_windows, load_audio, stream_audio,
+                            window_starts)
 from audioclf.config import AudioclfError
 from conftest import chirp_noise, tone
 
@@ -147,6 +148,34 @@ def test_fix_length_random_crop_is_in_bounds_and_seeded(as_tensor):
 def test_fix_length_exact_length_is_untouched():
     x = torch.randn(7)
     assert torch.equal(fix_length(x, 7, random_crop=True), x)
+
+
+# -------------------------------------------------------------------------------------------- windows
+
+@pytest.mark.parametrize("n_samples, starts", [
+    (0, [0]), (50, [0]), (100, [0]),  # up to one window: zero-padded from the start
+    (105, [2]), (110, [5]),  # at most CROP_SLACK longer: one window, centre-cropped as fix_length crops
+    (111, [0, 11]),  # longer: a window every hop, the last one ending exactly at the end
+    (200, [0, 50, 100]),  # the hop grid ends exactly at the end: no extra window
+    (201, [0, 50, 100, 101]),
+    (260, [0, 50, 100, 150, 160]),
+])
+def test_window_starts(n_samples, starts):
+    assert window_starts(n_samples, 100, 50) == starts
+
+
+def test_window_starts_with_a_hop_longer_than_the_window_still_ends_at_the_end():
+    assert window_starts(350, 100, 120) == [0, 120, 240, 250]
+
+
+def test_inference_windows_cut_at_window_starts():
+    wave = torch.arange(1, 261, dtype=torch.float32)
+    windows = inference_windows(wave, 100, 50)
+    assert windows.shape == (5, 100)
+    assert windows[:, 0].tolist() == [1, 51, 101, 151, 161] and windows[-1, -1] == 260
+    padded = inference_windows(wave[:30], 100, 50)
+    assert padded.shape == (1, 100) and padded[0, 29] == 30 and not padded[0, 30:].any()
+    np.testing.assert_array_equal(inference_windows(wave[:105], 100, 50)[0], fix_length(wave[:105], 100))
 
 
 # -------------------------------------------------------------------------------------------- streaming

@@ -19,6 +19,7 @@ from _serving import clip
 import audioclf
 from audioclf import predict
 from audioclf.cli import main
+from audioclf.commands import predict as predict_command
 from audioclf.config import AudioclfError
 
 NOBODY = 65534
@@ -37,7 +38,7 @@ def tone_wav(tiny_run) -> Path:
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if predict gets as far as loading the model."""
-    monkeypatch.setattr(predict, "load", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    monkeypatch.setattr(predict_command, "load", lambda *a, **k: pytest.fail("the model was loaded before the check"))
 
 
 def rows_of(text: str) -> list[dict]:

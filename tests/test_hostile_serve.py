@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -21,10 +20,8 @@ httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from audioclf import serve as serve_module  # noqa: E402
-from audioclf.audio import inference_windows  # noqa: E402
 from audioclf.cli import main  # noqa: E402
 from audioclf.config import AudioclfError  # noqa: E402
-from audioclf.predict import count_windows, sliding_windows  # noqa: E402
 from audioclf.serve import create_app  # noqa: E402
 
 from _serving import (SAMPLE_RATE, classifier, clip, live_server, model_path,  # noqa: E402,F401
@@ -143,13 +140,6 @@ def test_more_windows_than_max_windows_is_422_before_decoding(client, forwards):
     assert forwards == []
     r = post(client, wav_bytes(clip("noise", duration_s=3.5)), hop_s=0.3, timeline=1)  # 10 windows: allowed
     assert r.status_code == 200 and len(r.json()["windows"]) == 10
-
-
-@pytest.mark.parametrize("n", [100, 16000, 17600, 17601, 24000, 40000, 40001, 63999])
-def test_count_windows_agrees_with_the_windows_made(n):
-    window, hop = 16000, 8000
-    made = 1 if n <= 1.1 * window else len(list(sliding_windows([np.zeros(n, np.float32)], window, hop)))
-    assert count_windows(n, window, hop) == made == len(inference_windows(torch.zeros(n), window, hop))
 
 
 def test_the_model_runs_a_few_windows_per_step_whatever_window_s(client, forwards):

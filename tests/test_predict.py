@@ -11,9 +11,9 @@ from _serving import clip
 
 import audioclf
 from audioclf import predict
-from audioclf.audio import fix_length
+from audioclf.audio import CROP_SLACK, fix_length, inference_windows, window_starts
 from audioclf.cli import main
-from audioclf.config import AudioclfError
+from audioclf.config import AudioclfError, FeatureConfig
 from audioclf.demo import synth_clip
 from audioclf.features import LogMel
 
@@ -45,6 +45,37 @@ def test_sliding_windows_pad_a_short_recording_and_stop_at_an_exact_end():
     (start, w), = predict.sliding_windows([np.ones(100, np.float32)], window=300, hop=150)
     assert start == 0 and w.shape == (300,) and w[:100].all() and not w[100:].any()
     assert [s for s, _ in predict.sliding_windows([np.ones(600, np.float32)], 300, 150)] == [0, 150, 300]
+
+
+def _ramp_blocks(wave: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    """``wave`` in blocks of random lengths (empty ones too), as a decoder might hand it over."""
+    cuts = np.sort(rng.integers(0, len(wave) + 1, size=rng.integers(0, 6)))
+    return np.split(wave, cuts)
+
+
+@pytest.mark.parametrize("window, hop", [(1, 1), (7, 1), (7, 3), (7, 7), (7, 10), (300, 150), (300, 149), (300, 301),
+                                         (1000, 250), (1000, 999)])
+def test_streamed_counted_and_batched_windows_agree(window, hop):
+    """The three users of ``audio.window_starts``: the streamed windows (``sliding_windows``), the count the
+    server checks before decoding (``count_windows``) and the windows training caches (``inference_windows``)
+    give the same windows, and ``prepare`` classifies the same samples."""
+    rng = np.random.default_rng(window * 1000 + hop)
+    slack = int(window * (1 + CROP_SLACK))
+    lengths = {0, 1, window - 1, window, window + 1, slack, slack + 1, 2 * window, 2 * window + 1, 3 * window + hop,
+               5 * window + 3, window + 4 * hop, window + 4 * hop - 1, window + 4 * hop + 1, *rng.integers(1, 6000, 4)}
+    for n in sorted(x for x in lengths if x >= 0):
+        wave = np.arange(1, n + 1, dtype=np.float32)  # no zeros: padding shows
+        starts = window_starts(n, window, hop)
+        expected = [fix_length(wave[s:s + window], window) for s in starts]
+
+        streamed = list(predict.sliding_windows(_ramp_blocks(wave, rng), window, hop))
+        assert [s for s, _ in streamed] == starts, n
+        np.testing.assert_array_equal(np.stack([w for _, w in streamed]), np.stack(expected))
+        assert predict.count_windows(n, window, hop) == len(starts)
+        np.testing.assert_array_equal(inference_windows(torch.from_numpy(wave), window, hop).numpy(), np.stack(expected))
+        if n:  # an empty waveform is refused before any window
+            source = predict.prepare(wave, None, FeatureConfig(), window, hop)  # at its own rate: as it is
+            np.testing.assert_array_equal(np.stack([w for _, w in source.windows]), np.stack(expected))
 
 
 # ---------------------------------------------------------------------------------------------- Python API
@@ -85,6 +116,28 @@ def test_long_waveform_is_the_mean_of_its_windows(clf):
     assert [(w["start_s"], w["end_s"]) for w in result["windows"]] == [(0, 1), (0.5, 1.5), (1, 2), (1.5, 2.5), (2, 3)]
     windows = [wave[s:s + 16000] for s in range(0, 32001, 8000)]
     np.testing.assert_allclose(result["probs"], clf.predict_proba(windows).mean(axis=0), atol=1e-5)
+
+
+def test_probabilities_and_embeddings_are_window_means_for_arrays_and_files_alike(clf, tmp_path):
+    wave = np.concatenate([clip("tone", 8), clip("noise", 9), clip("chirp", 10)[:4000]])  # 2.25 s: 4 windows of 1 s
+    windows = [wave[s:s + 16000] for s in (0, 8000, 16000, 20000)]
+    path = tmp_path / "long.wav"
+    sf.write(path, wave, 16000, subtype="FLOAT")
+    short = tmp_path / "short.wav"
+    sf.write(short, clip("tone", 11), 16000, subtype="FLOAT")
+
+    probs = clf.predict_proba([wave, path, short])
+    np.testing.assert_allclose(probs[0], clf.predict_proba(windows).mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(probs[1], probs[0], atol=1e-5)
+    np.testing.assert_allclose([r["probs"] for r in clf.classify_files([path, short], quiet=True)], probs[1:], atol=1e-5)
+
+    emb = clf.embed([wave, path, short])
+    assert emb.shape == (3, 512) and not np.allclose(emb[0], emb[2])
+    np.testing.assert_allclose(emb[0], clf.embed(windows).mean(axis=0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(emb[1], emb[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(clf.embed_files([path, short], quiet=True), emb[1:], rtol=1e-4, atol=1e-4)
+
+    assert clf.predict_proba([]).shape == (0, 3) and clf.embed([]).shape == (0, 0)
 
 
 def test_api_rejects_bad_input_with_a_clear_message(clf, tmp_path):

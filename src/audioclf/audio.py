@@ -140,21 +140,30 @@ def default_hop(window: int) -> int:
     return max(1, window // 2)
 
 
+def window_starts(n_samples: int, window: int, hop: int) -> list[int]:
+    """The one rule for cutting a recording of ``n_samples`` samples into windows of ``window`` samples:
+    the start sample of each window, in order.
+
+    A recording at most ``CROP_SLACK`` longer than the window is one window, centre-cropped (or, when
+    shorter, zero-padded at the end from start 0). A longer one gets a window every ``hop`` samples, plus
+    one ending exactly at the end when the last of those stops short of it, so every sample is seen.
+    """
+    if n_samples <= window * (1 + CROP_SLACK):
+        return [max(0, (n_samples - window) // 2)]  # fix_length's centre crop
+    starts = list(range(0, n_samples - window + 1, hop))
+    if starts[-1] + window < n_samples:
+        starts.append(n_samples - window)
+    return starts
+
+
 def inference_windows(wave: torch.Tensor, window: int, hop: int) -> torch.Tensor:
-    """The windows a model classifies in one recording, ``(k, window)``: the clip centre-cropped or
-    zero-padded to one window when it is at most ``CROP_SLACK`` longer, else a window every ``hop``
-    samples plus one ending exactly at the end (``predict.sliding_windows`` streams the same ones).
+    """The windows a model classifies in one recording, ``(k, window)``, at :func:`window_starts`
+    (``predict.sliding_windows`` streams the same ones).
 
     Training caches the features of exactly these windows, each peak-normalised on its own, so a model
     sees in training what it sees in prediction.
     """
-    n = wave.shape[-1]
-    if n <= window * (1 + CROP_SLACK):
-        return fix_length(wave, window)[None]
-    starts = list(range(0, n - window + 1, hop))
-    if starts[-1] + window < n:
-        starts.append(n - window)
-    return torch.stack([wave[s:s + window] for s in starts])
+    return torch.stack([fix_length(wave[s:s + window], window) for s in window_starts(wave.shape[-1], window, hop)])
 
 
 def find_audio_files(root) -> list[Path]:

@@ -117,7 +117,11 @@ def cmd_cv(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, quiet=args.quiet)
+    r = run_demo(args.out, quiet=args.quiet)
+    print(r["eval"]["report"])
+    print(f"\nrun directory: {r['run_dir']} (config.yaml, metrics.csv, curves.png, best.pt)\n"
+          f"evaluation:    {r['eval_dir']} (metrics.json, predictions.csv, confusion_matrix.png)\n"
+          f"next: audioclf predict {r['run_dir']} {r['test_dir'] / 'tone'} | audioclf serve {r['run_dir']}")
     return 0
 
 
@@ -133,9 +137,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import predict_cli
+    from .commands.predict import run_predict
 
-    return predict_cli(args)
+    return run_predict(args.model, args.paths, out=args.out, top_k=args.top_k, batch_size=args.batch_size,
+                       device=args.device, window_s=args.window, hop_s=args.hop, timeline=args.timeline,
+                       submission=args.submission, quiet=args.quiet)
 
 
 def cmd_serve(args) -> int:
@@ -179,13 +185,11 @@ def cmd_backbones(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from .predict import collect_paths, load, write_embeddings
+    from .commands.embed import run_embed
 
-    clf = load(args.model, device=args.device, batch_size=args.batch_size)
-    paths = collect_paths(args.paths)
-    emb = clf.embed_files(paths, quiet=args.quiet)
-    out = write_embeddings(args.out, [str(p) for p in paths], emb)
-    print(f"{len(paths)} embeddings of dimension {emb.shape[1]}: {out}")
+    r = run_embed(args.model, args.paths, out=args.out, batch_size=args.batch_size, device=args.device,
+                  quiet=args.quiet)
+    print(f"{r['n_files']} embeddings of dimension {r['dim']}: {r['out']}")
     return 0
 
 

@@ -73,7 +73,12 @@ def demo_config(data_dir, quiet: bool = False):
 
 
 def run_demo(out="runs/demo", quiet: bool = False) -> dict:
-    """Make the synthetic dataset, train on it, and evaluate the best model on fresh clips it never saw."""
+    """Make the synthetic dataset, train on it, and evaluate the best model on fresh clips it never saw.
+
+    Returns:
+        dict: ``train`` (``fit``'s summary), ``eval`` (``evaluate``'s metrics, with the text ``report``),
+        ``run_dir`` and ``eval_dir`` (where they were written) and ``test_dir`` (the unseen clips), as Paths.
+    """
     import logging
     from dataclasses import replace
 
@@ -86,10 +91,7 @@ def run_demo(out="runs/demo", quiet: bool = False) -> dict:
     test_dir = make_synthetic_dataset(out / "test", n_per_class=10, seed=1)  # other random draws: unseen clips
     log.info("synthetic dataset: %s (%d classes), held-out test clips: %s", data_dir, len(SYNTH_CLASSES), test_dir)
     config = demo_config(data_dir, quiet)
-    summary = fit(config, out / "run", overwrite=True)  # a rerun of the demo replaces its earlier run
-    metrics = evaluate(out / "run", replace(config.data, root=str(test_dir)), out_dir=out / "run" / "eval", quiet=quiet)
-    print(metrics["report"])
-    print(f"\nrun directory: {out / 'run'} (config.yaml, metrics.csv, curves.png, best.pt)\n"
-          f"evaluation:    {out / 'run' / 'eval'} (metrics.json, predictions.csv, confusion_matrix.png)\n"
-          f"next: audioclf predict {out / 'run'} {test_dir / 'tone'} | audioclf serve {out / 'run'}")
-    return {"train": summary, "eval": metrics}
+    run_dir, eval_dir = out / "run", out / "run" / "eval"
+    summary = fit(config, run_dir, overwrite=True)  # a rerun of the demo replaces its earlier run
+    metrics = evaluate(run_dir, replace(config.data, root=str(test_dir)), out_dir=eval_dir, quiet=quiet)
+    return {"train": summary, "eval": metrics, "run_dir": run_dir, "eval_dir": eval_dir, "test_dir": test_dir}

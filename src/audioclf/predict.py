@@ -4,31 +4,23 @@
 A clip up to the training duration is padded exactly as in training (``audio.fix_length``); a longer one
 is cut into sliding windows and gets the mean of the window probabilities. Long files are streamed block
 by block, so memory stays bounded whatever their length. Windows of many inputs share model batches.
+The ``predict`` and ``embed`` commands around this live in :mod:`audioclf.commands`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
-import re
-import sys
-import tempfile
 from collections import deque
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .audio import (AUDIO_EXTENSIONS, CROP_SLACK, audio_duration_s, default_hop, find_audio_files, fix_length, load_audio,
-                    resample, stream_audio)
+from .audio import audio_duration_s, default_hop, fix_length, load_audio, resample, stream_audio, window_starts
 from .checkpoint import load_model
-from .fileio import atomic_path
 from .config import AudioclfError, FeatureConfig, RunConfig
 from .model import WaveformClassifier
 from .runtime import auto_workers, resolve_device
@@ -50,33 +42,29 @@ def sliding_windows(blocks: Iterable[np.ndarray], window: int, hop: int) -> Iter
         window (int): samples per window.
         hop (int): samples between window starts.
 
-    Yields ``(start sample, window)`` every ``hop`` samples; when the last of them stops short of the end,
-    one more window ends exactly at the end, so every sample is seen. A recording shorter than ``window``
-    gives one zero-padded window. Memory holds one block plus one window.
+    Yields ``(start sample, window)`` at ``audio.window_starts`` of the whole recording, each window as
+    soon as the audio decoded so far settles it. Memory holds one block plus one window.
     """
-    buf, buf_start, next_start, covered = np.zeros(0, np.float32), 0, 0, 0
+    buf, buf_start, done = np.zeros(0, np.float32), 0, 0
     for block in blocks:
         buf = np.concatenate([buf, block])
-        while next_start + window <= buf_start + len(buf):
-            yield next_start, buf[next_start - buf_start:next_start - buf_start + window]
-            covered, next_start = next_start + window, next_start + hop
-        # keep what the next window, or a final end-aligned one, can still need
-        keep_from = max(buf_start, min(next_start, buf_start + len(buf) - window))
+        end = buf_start + len(buf)
+        # every start but the last is settled: the last may be a centred or end-aligned window that
+        # more audio would move
+        settled = window_starts(end, window, hop)[:-1]
+        for start in settled[done:]:
+            yield start, buf[start - buf_start:start - buf_start + window]
+        done = len(settled)
+        # keep what the next window on the hop grid, or a final end-aligned one, can still need
+        keep_from = max(buf_start, min(done * hop, end - window))
         buf, buf_start = buf[keep_from - buf_start:], keep_from
-    total = buf_start + len(buf)
-    if total < window and covered == 0:
-        yield 0, fix_length(buf, window)
-    elif covered < total:
-        yield total - window, buf[len(buf) - window:]
+    for start in window_starts(buf_start + len(buf), window, hop)[done:]:
+        yield start, fix_length(buf[start - buf_start:start - buf_start + window], window)
 
 
 def count_windows(n_samples: int, window: int, hop: int) -> int:
-    """How many windows :func:`prepare` (and ``audio.inference_windows``) gives a recording of ``n_samples``
-    samples, without decoding it."""
-    if n_samples <= window * (1 + CROP_SLACK):
-        return 1
-    regular = (n_samples - window) // hop + 1
-    return regular + ((regular - 1) * hop + window < n_samples)  # the end-aligned last window
+    """How many windows :func:`prepare` gives a recording of ``n_samples`` samples, without decoding it."""
+    return len(window_starts(n_samples, window, hop))
 
 
 def _limited(windows: Iterable[tuple[int, np.ndarray]], name: str, window: int, sample_rate: int,
@@ -121,7 +109,11 @@ class _Source:
     windows: Iterable[tuple[int, np.ndarray]] = ()  # (start sample, window of `window` samples)
     error: Optional[Exception] = None
     starts: list[int] = field(default_factory=list)  # filled in as the windows pass through the model
-    probs: list[np.ndarray] = field(default_factory=list)
+    rows: list[np.ndarray] = field(default_factory=list)  # the model head's output for each window
+
+    def mean(self) -> np.ndarray:
+        """The rows averaged over the windows: what a long input gets as a whole."""
+        return np.mean(self.rows, axis=0)
 
 
 def as_waveform(audio, sample_rate: Optional[int], target_sr: int) -> np.ndarray:
@@ -164,16 +156,18 @@ def _check_readable(path) -> None:
 def prepare(audio, sample_rate: Optional[int], features: FeatureConfig, window: int, hop: int) -> _Source:
     """Decode or convert one input and plan its windows (``window`` and ``hop`` in samples).
 
-    A file longer than ``window`` (plus ``CROP_SLACK``) is not decoded here: its windows stream from disk.
+    A file of more than one window is not decoded here: its windows stream from disk.
     """
     sr = features.sample_rate
     if isinstance(audio, (str, os.PathLike)):
         _check_readable(audio)
         name, wave, duration_s = str(audio), None, audio_duration_s(audio)
+        n_samples = round(duration_s * sr)  # from the header, before decoding
     else:
         name, wave = "<array>", as_waveform(audio, sample_rate, sr)
-        duration_s = wave.shape[0] / sr
-    if duration_s * sr > window * (1 + CROP_SLACK):
+        n_samples = wave.shape[0]
+        duration_s = n_samples / sr
+    if count_windows(n_samples, window, hop) > 1:
         windows = _FileWindows(name, sr, window, hop) if wave is None else sliding_windows([wave], window, hop)
         return _Source(name, duration_s, windows)
     if wave is None:
@@ -238,16 +232,7 @@ class Classifier:
     def predict_proba(self, audio, sample_rate: Optional[int] = None) -> np.ndarray:
         """Class probabilities, columns in ``labels`` order: ``(n_classes,)`` for one input, ``(n, n_classes)``
         for a list of inputs."""
-        if not isinstance(audio, (list, tuple)):
-            return np.asarray(self.classify(audio, sample_rate, top_k=1)["probs"], dtype=np.float32)
-        window, hop = self._window(None, None)
-        sources = (prepare(a, sample_rate, self.config.features, window, hop) for a in audio)
-        rows = []
-        for s in self._run(sources):
-            if s.error is not None:
-                raise s.error
-            rows.append(np.mean(s.probs, axis=0))
-        return np.stack(rows) if rows else np.zeros((0, len(self.labels)), np.float32)
+        return self._window_means(audio, sample_rate, width=len(self.labels))
 
     def predict(self, audio, sample_rate: Optional[int] = None):
         """The most probable label (a list of them for a list of inputs), from ``predict_proba``."""
@@ -316,12 +301,8 @@ class Classifier:
         """
         window, hop = self._window(window_s, hop_s)
         self._check_top_k(top_k)
-        # a worker process costs more to start than a couple of files cost to decode
-        workers = (auto_workers() if len(paths) > 2 else 0) if num_workers is None else num_workers
-        loader = torch.utils.data.DataLoader(
-            _PrepareFiles(paths, self.config.features, window, hop), batch_size=None, num_workers=workers,
-            prefetch_factor=self.batch_size if workers else None)  # a batch of short clips stays queued
-        sources = tqdm(self._run(loader), total=len(paths), desc="predict", unit="file", disable=True if quiet else None)
+        sources = tqdm(self._run(self._file_loader(paths, window, hop, num_workers)), total=len(paths),
+                       desc="predict", unit="file", disable=True if quiet else None)
         # a generator expression, so that the checks above run now, not at the first result
         return ({"path": s.name, "error": str(s.error)} if s.error is not None else
                 {"path": s.name, "error": None, **self._summarise(s, window, timeline, top_k)} for s in sources)
@@ -332,29 +313,18 @@ class Classifier:
 
         Returns ``(d,)`` for one input (path or waveform), ``(n, d)`` for a list of them.
         """
-        one = not isinstance(audio, (list, tuple))
-        window, hop = self._window(None, None)
-        sources = (prepare(a, sample_rate, self.config.features, window, hop) for a in ([audio] if one else audio))
-        rows = []
-        for s in self._run(sources, self._embed):
-            if s.error is not None:
-                raise s.error
-            rows.append(np.mean(s.probs, axis=0))
-        return rows[0] if one else np.stack(rows)
+        return self._window_means(audio, sample_rate, self._embed)
 
     def embed_files(self, paths: Sequence, *, quiet: bool = False) -> np.ndarray:
         """:meth:`embed` of many files, decoded in background workers: ``(len(paths), d)``. A file that cannot
         be read gets a row of NaN and a warning naming it, so one bad file does not lose the others."""
         window, hop = self._window(None, None)
-        workers = auto_workers() if len(paths) > 2 else 0
-        loader = torch.utils.data.DataLoader(_PrepareFiles(paths, self.config.features, window, hop), batch_size=None,
-                                             num_workers=workers, prefetch_factor=self.batch_size if workers else None)
         rows = []
-        for s in tqdm(self._run(loader, self._embed), total=len(paths), desc="embed", unit="file",
-                      disable=True if quiet else None):
+        for s in tqdm(self._run(self._file_loader(paths, window, hop), self._embed), total=len(paths), desc="embed",
+                      unit="file", disable=True if quiet else None):
             if s.error is not None:
                 log.warning("%s", s.error)
-            rows.append(np.mean(s.probs, axis=0) if s.error is None else None)
+            rows.append(None if s.error is not None else s.mean())
         dim = next((len(r) for r in rows if r is not None), 0)
         return np.stack([np.full(dim, np.nan, np.float32) if r is None else r for r in rows]) if rows else np.zeros((0, 0))
 
@@ -363,6 +333,32 @@ class Classifier:
     def _embed(self, wave: torch.Tensor) -> torch.Tensor:
         return self.model.embed(self._net.logmel(wave))
 
+    def _window_means(self, audio, sample_rate: Optional[int], head=None, width: int = 0) -> np.ndarray:
+        """``head`` (a batch of windows to one row each; default: class probabilities) on every window of
+        every input, averaged over each input's windows: ``(d,)`` for one input, ``(n, d)`` for a list of
+        them, ``(0, width)`` for an empty list. Raises the error of the first input that cannot be read."""
+        one = not isinstance(audio, (list, tuple))
+        window, hop = self._window(None, None)
+        sources = (prepare(a, sample_rate, self.config.features, window, hop) for a in ([audio] if one else audio))
+        rows = []
+        for s in self._run(sources, head):
+            if s.error is not None:
+                raise s.error
+            rows.append(s.mean())
+        if one:
+            return rows[0]
+        return np.stack(rows) if rows else np.zeros((0, width), np.float32)
+
+    def _file_loader(self, paths: Sequence, window: int, hop: int,
+                     num_workers: Optional[int] = None) -> torch.utils.data.DataLoader:
+        """``paths`` prepared by background DataLoader workers (``runtime.auto_workers()`` unless
+        ``num_workers``), one source at a time, in order."""
+        # a worker process costs more to start than a couple of files cost to decode
+        workers = (auto_workers() if len(paths) > 2 else 0) if num_workers is None else num_workers
+        return torch.utils.data.DataLoader(
+            _PrepareFiles(paths, self.config.features, window, hop), batch_size=None, num_workers=workers,
+            prefetch_factor=self.batch_size if workers else None)  # a batch of short clips stays queued
+
     def _run(self, sources: Iterable[_Source], head=None, batch_size: Optional[int] = None,
              steps: bool = False) -> Iterator[Optional[_Source]]:
         """Push every window of every source through the model, ``batch_size`` windows per forward pass
@@ -370,7 +366,7 @@ class Classifier:
         and with ``steps`` also ``None`` after each forward pass.
 
         ``head`` maps a batch of windows to one row each (default: class probabilities); its rows are
-        collected in each source's ``probs``."""
+        collected in each source's ``rows``."""
         batch_size = batch_size or self.batch_size
         pending: deque[_Source] = deque()
         batch: list[tuple[_Source, int, np.ndarray]] = []
@@ -406,10 +402,10 @@ class Classifier:
             return
         x = torch.from_numpy(np.stack([w for _, _, w in batch])).to(self.device)  # (batch, window samples)
         with torch.inference_mode():
-            probs = (head or self._net)(x).float().cpu().numpy()  # (batch, n_classes or embedding size)
-        for (source, start, _), p in zip(batch, probs):
+            rows = (head or self._net)(x).float().cpu().numpy()  # (batch, n_classes or embedding size)
+        for (source, start, _), row in zip(batch, rows):
             source.starts.append(start)
-            source.probs.append(p)
+            source.rows.append(row)
         batch.clear()
 
     # -- helpers
@@ -432,7 +428,7 @@ class Classifier:
 
     def _summarise(self, source: _Source, window: int, timeline: bool, top_k: int) -> dict:
         sr = self.config.features.sample_rate
-        probs = np.mean(source.probs, axis=0)
+        probs = source.mean()
         best = np.argsort(-probs)[:top_k]
         out = {"label": self.labels[best[0]], "confidence": float(probs[best[0]]),
                "probs": [float(p) for p in probs],
@@ -441,209 +437,11 @@ class Classifier:
         if timeline:
             out["windows"] = [{"start_s": start / sr, "end_s": min((start + window) / sr, source.duration_s),
                                "label": self.labels[int(p.argmax())], "confidence": float(p.max())}
-                              for start, p in zip(source.starts, source.probs)]
+                              for start, p in zip(source.starts, source.rows)]
         return out
-
-
-def write_embeddings(out, paths: Sequence[str], emb: np.ndarray) -> Path:
-    """``.npy``: the array, plus ``<stem>.paths.txt`` with one path per row; ``.parquet``: a ``path`` column
-    and one ``embedding`` list column (needs pandas with pyarrow)."""
-    out = Path(out)
-    if out.suffix not in (".npy", ".parquet"):
-        raise AudioclfError(f"--out {out}: write embeddings to a .npy or .parquet file")
-    if not out.parent.is_dir():
-        raise AudioclfError(f"--out {out}: folder {out.parent} does not exist")
-    if out.suffix == ".parquet":
-        try:
-            import pandas as pd
-
-            with atomic_path(out) as tmp:
-                pd.DataFrame({"path": list(paths), "embedding": list(emb)}).to_parquet(tmp)
-        except ImportError:
-            raise AudioclfError("writing .parquet needs pandas and pyarrow (pip install pandas pyarrow); "
-                                "or write .npy") from None
-        return out
-    with atomic_path(out) as tmp, open(tmp, "wb") as f:
-        np.save(f, emb.astype(np.float32))
-    with atomic_path(out.with_suffix(".paths.txt")) as tmp:
-        tmp.write_text("".join(f"{p}\n" for p in paths))
-    return out
 
 
 def load(model, device: str = "auto", *, batch_size: int = 32) -> Classifier:
     """A :class:`Classifier` from a run directory, ``.pt`` checkpoint or exported safetensors folder."""
     net, config, labels = load_model(model)
     return Classifier(net, config, labels, device=device, batch_size=batch_size)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-# "http://...", "s3://...": a scheme, then "//"
-URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-STDIN = ("-", "/dev/stdin")
-
-
-def _refuse_url(arg: str, where: str = "") -> None:
-    if URL.match(arg):
-        raise AudioclfError(f"{arg}{where}: URLs are not supported; download the file and pass its path")
-
-
-def collect_paths(paths: Sequence) -> list[Path]:
-    """Expand PATH arguments: a folder gives its audio files (recursive, sorted), a ``.txt`` file the paths
-    it lists (one a line, relative to the list's folder; blank lines and ``#`` comments skipped), anything
-    else is taken as an audio file (a missing one is reported when it is read). URLs are refused."""
-    out = []
-    for arg in paths:
-        _refuse_url(str(arg))  # before Path(), which would fold "//" into "/"
-        p = Path(arg)
-        listed = [p]
-        if p.suffix.lower() == ".txt" and not p.is_dir():
-            try:
-                lines = p.read_text(encoding="utf-8-sig").splitlines()
-            except OSError as e:
-                raise AudioclfError(f"{p}: cannot read the list of paths ({e.strerror})") from None
-            listed = []
-            for i, line in enumerate(map(str.strip, lines), 1):
-                if line and not line.startswith("#"):
-                    _refuse_url(line, f" (line {i} of {p})")
-                    listed.append(p.parent / line)
-        for q in listed:
-            if not q.is_dir():
-                out.append(q)
-                continue
-            found = find_audio_files(q)
-            if not found:
-                log.warning("%s: folder holds no audio files (%s)", q, ", ".join(AUDIO_EXTENSIONS))
-            out += found
-    if not out:
-        raise AudioclfError(f"no audio files to classify in {', '.join(map(str, paths))}")
-    return out
-
-
-def _check_out(out: Path) -> None:
-    """Refuse an ``--out`` that cannot be written, before any model work."""
-    if out.is_dir():
-        raise AudioclfError(f"--out {out} is a folder; name a .csv or .json file")
-    folder = out.parent
-    if not folder.is_dir():
-        raise AudioclfError(f"--out {out}: the folder {folder} does not exist"
-                            + (" (it is a file)" if folder.exists() else ""))
-    if not os.access(folder, os.W_OK):
-        raise AudioclfError(f"--out {out}: the folder {folder} is not writable")
-
-
-def _check_not_an_input(out: Path, inputs: Iterable[Path]) -> None:
-    """Refuse an ``--out`` that is one of the inputs: writing it would destroy that input."""
-    target = out.resolve()
-    for p in inputs:
-        if p.resolve() == target or (out.exists() and p.exists() and os.path.samefile(p, out)):
-            raise AudioclfError(f"--out {out} is also an input ({p}): writing it would destroy that input; "
-                                f"choose another file")
-
-
-def _read_stdin(folder: Path) -> Path:
-    """``predict -``: the audio piped in, saved to a file in ``folder`` (the decoders need to seek)."""
-    if sys.stdin is None or sys.stdin.isatty():
-        raise AudioclfError("'-' reads audio from stdin, but stdin is a terminal: pipe a file in "
-                            "(audioclf predict MODEL - < clip.wav)")
-    path = folder / "stdin"
-    path.write_bytes(sys.stdin.buffer.read())
-    return path
-
-
-def _printable(text: str) -> str:
-    """``text`` as valid UTF-8: the bytes of a file name that is not UTF-8 (surrogate-escaped by Python)
-    become ``\\xNN``."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def _write_csv(f, results: Iterable[dict], timeline: bool) -> None:
-    fields = ["path", "label", "confidence", "top_k", "error"] + (["start_s", "end_s"] if timeline else [])
-    w = csv.DictWriter(f, fields, restval="", lineterminator="\n")
-    w.writeheader()
-    for r in results:
-        if r["error"]:
-            w.writerow({"path": r["path"], "error": r["error"]})
-            continue
-        w.writerow({"path": r["path"], "label": r["label"], "confidence": f"{r['confidence']:.4f}",
-                    "top_k": ";".join(f"{t['label']}:{t['prob']:.4f}" for t in r["top_k"])})
-        for win in r.get("windows", ()):
-            w.writerow({"path": r["path"], "label": win["label"], "confidence": f"{win['confidence']:.4f}",
-                        "start_s": f"{win['start_s']:.3f}", "end_s": f"{win['end_s']:.3f}"})
-
-
-def _write_submission(f, results: Iterable[dict]) -> None:
-    w = csv.writer(f, lineterminator="\n")
-    w.writerow(["ID", "Class"])
-    for r in results:  # a failed file keeps its row, with no class, so the IDs stay complete
-        w.writerow([Path(r["path"]).name, r.get("label", "")])
-
-
-def _write_json(f, results: Iterable[dict], labels: list[str]) -> None:
-    items = []
-    for r in results:
-        item = {"path": r["path"], "label": r.get("label"), "confidence": r.get("confidence"),
-                "probs": dict(zip(labels, r["probs"])) if "probs" in r else None,
-                "top_k": r.get("top_k"), "duration_s": r.get("duration_s"), "error": r["error"]}
-        if "windows" in r:
-            item["windows"] = r["windows"]
-        items.append(item)
-    json.dump(items, f, indent=2)
-    f.write("\n")
-
-
-def predict_cli(args) -> int:
-    """``audioclf predict``: classify every PATH and write CSV (default, to stdout without ``--out``),
-    JSON (``--out NAME.json``) or an ``ID,Class`` submission. ``-`` reads one file from stdin. Returns the
-    exit code: 1 when every file failed, else 0 (failures are rows with an ``error``)."""
-    out = Path(args.out) if args.out else None
-    kind = out.suffix.lower() if out else ".csv"
-    if kind not in (".csv", ".json"):
-        raise AudioclfError(f"Unsupported --out {out}: name a .csv or .json file")
-    if args.submission and kind == ".json":
-        raise AudioclfError("--submission writes CSV: give --out NAME.csv, or no --out for stdout")
-    if out:
-        _check_out(out)
-    if sum(a in STDIN for a in args.paths) > 1:
-        raise AudioclfError("stdin ('-' or /dev/stdin) can be read once: name it once")
-    with tempfile.TemporaryDirectory(prefix="audioclf-stdin-") as tmp:
-        given = [str(_read_stdin(Path(tmp))) if a in STDIN else a for a in args.paths]
-        shown = {g: a for g, a in zip(given, args.paths) if a in STDIN}  # the temp file is "-" in the output
-        paths = collect_paths(given)
-        if out:
-            _check_not_an_input(out, [*map(Path, args.paths), *paths])
-        return _predict_files(args, paths, out, kind, shown)
-
-
-def _predict_files(args, paths: list[Path], out: Optional[Path], kind: str, shown: dict) -> int:
-    clf = load(args.model, args.device, batch_size=args.batch_size)
-    failed, escaped = [], 0
-
-    def logged(results):
-        nonlocal escaped
-        for r in results:
-            raw = r["path"]
-            name = shown.get(raw, raw)
-            r["path"] = _printable(name)
-            escaped += r["path"] != name
-            if r["error"]:
-                r["error"] = _printable(r["error"].replace(raw, name))
-                log.warning("%s", r["error"])
-                failed.append(r["path"])
-            yield r
-
-    results = logged(clf.classify_files(paths, window_s=args.window, hop_s=args.hop, timeline=args.timeline,
-                                        top_k=args.top_k, quiet=args.quiet))
-    with atomic_path(out) if out else nullcontext() as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") if out else nullcontext(sys.stdout) as f:
-            if args.submission:
-                _write_submission(f, results)
-            elif kind == ".json":
-                _write_json(f, results, clf.labels)
-            else:
-                _write_csv(f, results, args.timeline)
-    if escaped:
-        log.warning("%d file name(s) are not valid UTF-8: written with \\xNN escapes for the bytes that are not", escaped)
-    log.info("%d file(s) classified, %d failed%s", len(paths) - len(failed), len(failed),
-             f"; wrote {out}" if out else "")
-    return 1 if len(failed) == len(paths) else 0
