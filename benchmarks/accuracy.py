@@ -29,7 +29,7 @@ from pathlib import Path
 from audioclf.backbones import BACKBONE_NAMES, BACKBONES
 from audioclf.config import resolve
 from audioclf.model import imagenet_cache_path
-from audioclf.train import cross_validate
+from audioclf.cv import cross_validate
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHARED_WEIGHTS = SHARED.parent / "weights"
