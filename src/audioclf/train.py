@@ -77,8 +77,8 @@ def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = Fals
             model, pretrained, config = _build_model(config, len(clipset.classes))
             t = config.train
             # --- data: cached features (rank 0 builds the cache, the others read it) -> train/val/test split
-            bank = _feature_bank(clipset, config, s)
-            splits = _split(bank, clipset, config, s, out)
+            bank = _feature_bank(clipset, config, s, out)
+            splits = _split(bank, clipset, config)
             train_idx, val_idx = bank.indices(splits["train"]), bank.indices(splits["val"])
             # --- model on the data: normalisation from the training clips, device, channels-last, DDP
             ddp = _place_model(model, bank, train_idx, config, s)
@@ -151,15 +151,18 @@ def train_one_epoch(model: nn.Module, bank: FeatureBank, order: torch.Tensor, op
 
     Args:
         model (nn.Module): the network (DDP-wrapped when there are several processes).
-        bank (FeatureBank): the cached features.
+        bank (FeatureBank): the cached features; only ``bank.batch`` is read.
         order (torch.Tensor): ``(clips,)`` indices into ``bank``, in the order to train on them.
-        optimizer, loss_fn: the optimiser and ``loss_fn(logits, soft_targets)``.
+        optimizer (torch.optim.Optimizer): steps the model's parameters.
+        loss_fn (callable): ``loss_fn(logits (batch, classes), soft targets (batch, classes))`` -> scalar.
         s (Session): this process's rank, device and mixed precision.
         config (RunConfig): batch size, gradient clipping, mixup and the lr (named when the loss diverges).
-        epoch (int): for the progress bar and the divergence message, from 1.
+        epoch (int): the epoch, from 1, for the progress bar and the divergence message.
         n_classes (int): the width of mixup's soft targets.
-        specaug, scaler, generator: SpecAugment, the fp16 gradient scaler, the generator of crops and mixup.
-        scheduler (optional): stepped after every batch; ``None`` for a per-epoch schedule.
+        specaug (SpecAugment): masks and shifts, drawing from ``generator``.
+        scaler (torch.amp.GradScaler): scales fp16 losses; a disabled one otherwise.
+        generator (torch.Generator): draws the crops and mixup of this epoch.
+        scheduler (optional): stepped after every batch. (Default: ``None``, for a per-epoch schedule)
 
     Returns:
         dict: ``train_loss`` (mean over this rank's clips), ``train_acc`` (argmax against the unmixed labels)
@@ -419,8 +422,9 @@ def _build_model(config: RunConfig, n_classes: int) -> tuple[nn.Module, bool, Ru
     return model, pretrained, replace(config, train=t, model=m)
 
 
-def _feature_bank(clipset: ClipSet, config: RunConfig, s: Session) -> FeatureBank:
-    """The clips' cached features: rank 0 builds the cache, then the other ranks read it."""
+def _feature_bank(clipset: ClipSet, config: RunConfig, s: Session, out: Path) -> FeatureBank:
+    """The clips' cached features: rank 0 builds the cache, then the other ranks read it; rank 0 lists the
+    clips it could not read in skipped.csv."""
     build = lambda: FeatureBank.build(clipset, config.features, cache_dir=config.data.cache_dir,  # noqa: E731
                                       device=s.device, num_workers=config.data.num_workers,
                                       strict=config.data.strict, quiet=s.quiet)
@@ -430,14 +434,15 @@ def _feature_bank(clipset: ClipSet, config: RunConfig, s: Session) -> FeatureBan
         dist.barrier()
     if not s.master:
         bank = build()
+    if s.master:
+        _write_skipped(out / "skipped.csv", bank.skipped)
     if s.device.type == "cuda" and bank.frames.numel() * 4 < 4 * 2**30:
         bank.frames = bank.frames.to(s.device)  # the whole cache on the GPU: batches never cross PCIe
     return bank
 
 
-def _split(bank: FeatureBank, clipset: ClipSet, config: RunConfig, s: Session, out: Path) -> dict:
-    """``{"train", "val", "test"}`` clips (``data.split_clips``); every class needs training clips. Rank 0
-    lists the clips the cache could not read in skipped.csv."""
+def _split(bank: FeatureBank, clipset: ClipSet, config: RunConfig) -> dict:
+    """``{"train", "val", "test"}`` clips of the bank (``data.split_clips``); every class needs training clips."""
     splits = split_clips(bank.clips, val_fold=config.data.val_fold, test_fold=config.data.test_fold,
                          val_split=config.data.val_split, seed=config.train.seed, classes=clipset.classes)
     for name, clips in splits.items():
@@ -447,8 +452,6 @@ def _split(bank: FeatureBank, clipset: ClipSet, config: RunConfig, s: Session, o
     if missing:
         raise AudioclfError(f"class(es) {', '.join(sorted(missing))} have no training clips after the split; "
                             f"change val_fold/test_fold/val_split or add clips")
-    if s.master:
-        _write_skipped(out / "skipped.csv", bank.skipped)
     return splits
 
 
