@@ -28,7 +28,7 @@ from pathlib import Path
 
 from audioclf.backbones import BACKBONE_NAMES, BACKBONES
 from audioclf.config import resolve
-from audioclf.train import cross_validate
+from audioclf.cv import cross_validate
 from audioclf.weights import hub_path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -9,8 +9,8 @@ import torch
 import audioclf.data as data_module
 from audioclf.audio import inference_windows, load_audio
 from audioclf.config import AudioclfError, DataConfig, FeatureConfig
-from audioclf.data import (Clip, ClipSet, FeatureBank, check_classes, default_cache_dir, load_clips, read_csv,
-                           read_esc50, read_folder, split_clips)
+from audioclf.data import (Clip, ClipSet, FeatureBank, assign_folds, check_classes, default_cache_dir, load_clips,
+                           read_csv, read_esc50, read_folder, split_clips, write_folds)
 from audioclf.features import LogMel
 from conftest import SYNTH_CLASSES, SYNTH_PER_CLASS, tone
 
@@ -272,6 +272,31 @@ def test_too_few_groups_is_refused():
     with pytest.raises(AudioclfError, match="only 3 group\\(s\\)"):
         split_clips(clips, val_split=0.2)
 
+
+def test_assigned_folds_keep_groups_whole_and_stratify():
+    clips = grouped_clips(n_groups=40, per_group=3, n_labels=4)
+    folds = assign_folds(clips, 5, seed=0)
+    assert sorted(set(folds)) == [1, 2, 3, 4, 5]
+    fold_of_group = defaultdict(set)
+    for c, k in zip(clips, folds):
+        fold_of_group[c.group].add(k)
+    assert all(len(ks) == 1 for ks in fold_of_group.values())  # a recording never straddles two folds
+    for k in range(1, 6):  # 10 recordings of each label: 2 per fold
+        assert Counter(c.label for c, f in zip(clips, folds) if f == k) == {0: 6, 1: 6, 2: 6, 3: 6}
+    assert assign_folds(clips, 5, seed=0) == folds and assign_folds(clips, 5, seed=1) != folds
+    with pytest.raises(AudioclfError, match="n_folds=41.*40 group"):
+        assign_folds(clips, 41, seed=0)
+
+
+def test_written_folds_read_back_as_a_manifest(tmp_path):
+    paths = [str(touch_wav(tmp_path / "audio" / f"c{i:02d}.wav")) for i in range(12)]
+    clips = [Clip(p, i % 2, None, f"g{i // 2}" if i < 8 else None) for i, p in enumerate(paths)]
+    path = write_folds(ClipSet(clips, ["a", "b"]), tmp_path / "folds.csv", 3, seed=0)
+    back = read_csv(path)
+    assert back.classes == ["a", "b"] and back.skipped == []
+    assert [(c.path, c.label, c.fold) for c in back.clips] == \
+           [(c.path, c.label, k) for c, k in zip(clips, assign_folds(clips, 3, seed=0))]
+    assert [c.group for c in back.clips] == [c.group or c.path for c in clips]  # a clip alone is its own group
 
 @pytest.mark.shared_data
 def test_esc10_shared_copy(esc50_root):

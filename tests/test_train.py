@@ -19,7 +19,11 @@ from audioclf.checkpoint import load_checkpoint
 from audioclf.cli import build_parser, config_from_args
 from audioclf.config import AudioclfError, resolve
 from audioclf.demo import make_synthetic_dataset
-from audioclf.train import cross_validate, fit
+from audioclf import train
+from audioclf.augment import SpecAugment
+from audioclf.cv import cross_validate
+from audioclf.model import AudioResNet
+from audioclf.train import Session, evaluate_split, fit, make_optimizer, param_groups, train_one_epoch
 
 pytestmark = pytest.mark.slow
 
@@ -200,3 +204,107 @@ def test_cross_validation_on_a_folder_dataset(synth_dir, tmp_path):
     other = replace(cfg, train=replace(cfg.train, lr=0.5))
     with pytest.raises(AudioclfError, match=r"different recipe \(train.lr"):
         cross_validate(other, tmp_path / "cv", folds=[1], n_folds=3)
+
+
+# ------------------------------------------------------------------------------------------ weight decay
+
+class _Layers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)  # weight decayed, bias not
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.ln = torch.nn.LayerNorm((4, 5))  # a 2-D norm weight: spared for its layer, not its shape
+        self.gn = torch.nn.GroupNorm(2, 4)
+        self.fc = torch.nn.Linear(5, 3)
+
+
+def test_weight_decay_spares_norm_layers_and_biases():
+    m = _Layers()
+    decay, no_decay = param_groups(m, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    assert ids(decay["params"]) == ids([m.conv.weight, m.fc.weight])
+    assert ids(no_decay["params"]) == ids([m.conv.bias, m.bn.weight, m.bn.bias, m.ln.weight, m.ln.bias, m.gn.weight,
+                                           m.gn.bias, m.fc.bias])
+    # ResNet-18: every parameter in exactly one group, in the model's order
+    net = AudioResNet(3, n_mels=32)
+    decay, no_decay = param_groups(net, 0.05)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(net.parameters()))
+    assert not ids(decay["params"]) & ids(no_decay["params"])
+    assert ids(decay["params"]) == {id(p) for name, p in net.named_parameters() if name.endswith("weight") and p.ndim > 1}
+    order = {id(p): i for i, p in enumerate(net.parameters())}
+    assert [order[id(p)] for p in decay["params"]] == sorted(order[id(p)] for p in decay["params"])
+
+
+def test_adamw_decays_only_the_decayed_group():
+    m = _Layers()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(1.0)
+    t = replace(resolve().train, lr=0.1, weight_decay=0.5)
+    opt = make_optimizer(m, t, torch.device("cpu"))
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)  # only weight decay moves a parameter
+    opt.step()
+    assert torch.allclose(m.conv.weight, torch.full_like(m.conv.weight, 1 - 0.1 * 0.5))
+    assert torch.allclose(m.fc.weight, torch.full_like(m.fc.weight, 0.95))
+    for p in (m.conv.bias, m.bn.weight, m.bn.bias, m.ln.weight, m.gn.weight, m.fc.bias):
+        assert torch.equal(p, torch.ones_like(p))
+    assert len(make_optimizer(m, t, torch.device("cpu"), decay_all=True).param_groups) == 1
+
+
+def test_a_run_started_with_one_optimizer_group_resumes_with_one(synth_dir, tmp_path, monkeypatch):
+    # what an audioclf before the parameter groups wrote into last.pt
+    monkeypatch.setattr(train, "make_optimizer",
+                        lambda model, t, device, decay_all=False: torch.optim.AdamW(model.parameters(), lr=t.lr,
+                                                                                    weight_decay=t.weight_decay))
+    cfg = small_config(synth_dir, epochs=1)
+    fit(cfg, tmp_path / "run")
+    assert len(load_checkpoint(tmp_path / "run" / "last.pt")["optimizer"]["param_groups"]) == 1
+    monkeypatch.undo()
+    fit(replace(cfg, train=replace(cfg.train, epochs=2)), tmp_path / "run", resume=True)
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["epoch"] == 2 and len(last["optimizer"]["param_groups"]) == 1
+    fit(cfg, tmp_path / "new")  # a new run has both groups
+    groups = load_checkpoint(tmp_path / "new" / "last.pt")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [cfg.train.weight_decay, 0.0]
+
+
+# ------------------------------------------------------------------------------------------ the epoch's pieces
+
+class _Bank:
+    """What train_one_epoch and evaluate_split read from a FeatureBank: batches of features and labels,
+    here features whose first band's mean tells the class."""
+
+    def __init__(self, n=24, n_mels=16, n_frames=20):
+        g = torch.Generator().manual_seed(0)
+        self.labels = torch.arange(n) % 2
+        self.x = torch.randn(n, n_mels, n_frames, generator=g) + 3.0 * self.labels[:, None, None]
+
+    def batch(self, indices, *, random_crop=False, generator=None):
+        return self.x[indices], self.labels[indices]
+
+
+def test_train_one_epoch_and_evaluate_split_return_plain_floats():
+    torch.manual_seed(0)
+    cfg = resolve(overrides={**SMALL, "features": {**SMALL["features"], "n_mels": 16},
+                             "train": {"batch_size": 8, "lr": 1e-3, "epochs": 1}})
+    model, bank, s = AudioResNet(2, n_mels=16), _Bank(), Session(rank=0, world=1, device=torch.device("cpu"), amp=None,
+                                                                 quiet=True)
+    opt = make_optimizer(model, cfg.train, s.device)
+    before = [p.detach().clone() for p in model.parameters()]
+    g = torch.Generator().manual_seed(1)
+    specaug = SpecAugment(cfg.augment, features=cfg.features)
+    specaug.set_generator(g)
+    out = train_one_epoch(model, bank, torch.randperm(24, generator=g), opt, torch.nn.functional.cross_entropy, s,
+                          config=cfg, epoch=1, n_classes=2, specaug=specaug, scaler=torch.amp.GradScaler(enabled=False),
+                          generator=g)
+    assert set(out) == {"train_loss", "train_acc", "clips_per_s"} and all(type(v) is float for v in out.values())
+    assert 0 <= out["train_acc"] <= 1 and out["train_loss"] > 0 and out["clips_per_s"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it stepped
+    val = evaluate_split(model, bank, torch.arange(24), s, batch_size=16)
+    assert set(val) == {"val_loss", "val_acc", "val_f1"} and all(type(v) is float for v in val.values())
+    assert not model.training  # evaluated in eval mode
+    logits = model(bank.x)
+    assert val["val_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, bank.labels).item(), rel=1e-5)
+    assert val["val_acc"] == pytest.approx((logits.argmax(1) == bank.labels).float().mean().item())

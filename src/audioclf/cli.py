@@ -107,7 +107,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_cv(args) -> int:
-    from .train import cross_validate
+    from .cv import cross_validate
 
     summary = cross_validate(config_from_args(args), args.out, folds=args.folds)
     print(summary["table"])

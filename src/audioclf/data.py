@@ -291,6 +291,36 @@ def group_split(clips: Sequence[Clip], val_split: float, seed: int) -> tuple[lis
     return [c for i, c in enumerate(clips) if i not in val], [clips[i] for i in sorted(val)]
 
 
+def assign_folds(clips: Sequence[Clip], n_folds: int, seed: int) -> list[int]:
+    """Fold 1..``n_folds`` of each clip: stratified by label, whole groups (a clip without one is its own
+    group) in one fold, so cross-validation never tests on a recording it trained on."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    groups = [c.group if c.group is not None else c.path for c in clips]
+    if n_folds < 2 or len(set(groups)) < n_folds:
+        raise AudioclfError(f"n_folds={n_folds}: need at least 2 folds and no more folds than the "
+                            f"{len(set(groups))} group(s) in the data")
+    fold = np.zeros(len(clips), dtype=int)
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for k, (_, test) in enumerate(splitter.split(np.zeros(len(clips)), [c.label for c in clips], groups), 1):
+        fold[test] = k
+    return fold.tolist()
+
+
+def write_folds(clipset: ClipSet, path, n_folds: int, seed: int) -> Path:
+    """Write ``clipset`` with :func:`assign_folds`' folds as a CSV manifest (``path,label,fold,group``,
+    the layout ``read_csv`` reads) and return its path."""
+    path = Path(path)
+    folds = assign_folds(clipset.clips, n_folds, seed)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:  # as read_csv reads it
+        w = csv.writer(f)
+        w.writerow(["path", "label", "fold", "group"])
+        w.writerows([c.path, clipset.classes[c.label], k, c.group if c.group is not None else c.path]
+                    for c, k in zip(clipset.clips, folds))
+    log.info("no folds in the dataset: %d stratified group folds written to %s", n_folds, path)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------- cache
 
 def default_cache_dir() -> Path:

@@ -11,12 +11,13 @@ import csv
 import json
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
 from .config import AudioclfError, DataConfig
 from .data import load_clips
+from .fileio import atomic_path
 from .predict import load
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,20 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, labels: Seq
         "labels": [labels[c] for c in present],
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=present).tolist(),
     }
+
+
+def write_predictions(path, rows: Iterable[tuple[str, str, str, float]]) -> None:
+    """Write per-clip predictions as CSV (``path,true,predicted,confidence,correct``), atomically.
+
+    Args:
+        path: the CSV file.
+        rows (iterable): ``(clip path, true class name, predicted class name, confidence)``, the
+            confidence being the predicted class's probability in [0, 1].
+    """
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["path", "true", "predicted", "confidence", "correct"])
+        w.writerows([clip, true, pred, f"{conf:.4f}", int(pred == true)] for clip, true, pred, conf in rows)
 
 
 def plot_confusion_matrix(cm, labels: Sequence[str], path) -> None:
@@ -153,8 +168,7 @@ def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=N
         true = clipset.classes[clip.label]
         y_true.append(index[true])
         probs.append(r["probs"])
-        rows.append({"path": clip.path, "true": true, "predicted": r["label"],
-                     "confidence": f"{r['confidence']:.4f}", "correct": int(r["label"] == true)})
+        rows.append((clip.path, true, r["label"], r["confidence"]))
     if not rows:
         raise AudioclfError(f"none of the {len(clips)} clips could be read; see the warnings above for each file's reason")
 
@@ -163,10 +177,7 @@ def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=N
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics.update(skipped=skipped, out_dir=str(out_dir))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, ["path", "true", "predicted", "confidence", "correct"], lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
+    write_predictions(out_dir / "predictions.csv", rows)
     plot_confusion_matrix(metrics["confusion_matrix"], metrics["labels"], out_dir / "confusion_matrix.png")
     metrics["report"] = _report(metrics, y_true, probs, clf.labels, model_path, data, fold)
     (out_dir / "report.txt").write_text(metrics["report"])
