@@ -19,9 +19,9 @@ from audioclf import demo
 from audioclf.checkpoint import load_checkpoint
 from audioclf.cli import main
 from audioclf.config import AudioclfError, resolve
-from audioclf.data import FeatureBank
 from audioclf.demo import make_synthetic_dataset
 from audioclf.evaluate import macro_f1
+from audioclf.store import FeatureBank
 from audioclf.train import LOCK_FILE, cross_validate, fit
 
 pytestmark = pytest.mark.slow

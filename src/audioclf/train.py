@@ -32,10 +32,11 @@ from .backbones import BACKBONES
 from .checkpoint import inference_state, load_checkpoint, save_checkpoint
 from .fileio import atomic_path
 from .config import AudioclfError, RunConfig
-from .data import FeatureBank, load_clips, split_clips
+from .data import load_clips, split_clips
 from .evaluate import EVAL_FILES, macro_f1
 from .model import AudioResNet, build_model
 from .runtime import amp_dtype, resolve_device
+from .store import FeatureBank
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +239,8 @@ def _fit(config: RunConfig, out: Path, resume: bool) -> dict:
         if master:
             _write_skipped(out / "skipped.csv", bank.skipped)
         train_idx, val_idx = bank.indices(splits["train"]), bank.indices(splits["val"])
-        if device.type == "cuda" and bank.frames.numel() * 4 < 4 * 2**30:
-            bank.frames = bank.frames.to(device)  # the whole cache on the GPU: batches never cross PCIe
+        if device.type == "cuda":
+            bank.to_device(device, max_bytes=4 * 2**30)  # a store that fits whole on the GPU: batches never cross PCIe
 
         # --- model on the data: ResNet-18's normalisation fitted on the training clips only
         if isinstance(model, AudioResNet):  # the MobileNets' front end normalises with fixed numbers
