@@ -16,7 +16,7 @@ import torch
 
 import audioclf.store as store_module
 from audioclf.config import AudioclfError, FeatureConfig
-from audioclf.data import Clip, ClipSet, read_folder
+from audioclf.data import Clip, ClipSet
 from audioclf.features import LogMel
 from audioclf.store import FeatureBank, cache_key, shard_path, store_folder, write_manifest, write_shard
 from conftest import tone
