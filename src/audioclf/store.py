@@ -331,7 +331,7 @@ class FeatureBank:
         self._maps: dict[int, np.ndarray] = {}
         self._read_since_drop = 0
         self._frames: Optional[torch.Tensor] = None  # the whole store, after to_device
-        self._offsets: Optional[torch.Tensor] = None
+        self._offsets: Optional[np.ndarray] = None  # per clip: its first row in _frames
         self._rows_of: Optional[dict] = None
 
     def __len__(self):
@@ -373,19 +373,25 @@ class FeatureBank:
         else:
             pick = (windows - 1) // 2
         first = pick * self.n_frames  # the window's first frame, within its clip
-        if self._frames is not None:
-            rows = (self._offsets[indices] + first)[:, None] + torch.arange(self.n_frames)
+        if self._frames is not None and self._frames.device.type != "cpu":  # one gather on the GPU
+            rows = (torch.from_numpy(self._offsets)[indices] + first)[:, None] + torch.arange(self.n_frames)
             x = self._frames[rows.to(self._frames.device)].transpose(1, 2).contiguous()
         else:
             x = torch.from_numpy(self._read(torch.as_tensor(indices).tolist(), first.tolist()))
         return x, self.labels[indices]
 
     def _read(self, indices: list[int], first: list[int]) -> np.ndarray:
+        """(batch, n_mels, n_frames) windows, each copied (and transposed) once, from RAM or the maps."""
         out = np.empty((len(indices), self.n_mels, self.n_frames), dtype=np.float32)
+        whole = None if self._frames is None else self._frames.numpy()
         for row, (i, f) in enumerate(zip(indices, first)):
-            s = int(self._start[i]) + f
-            out[row] = self._map(int(self._shard[i]))[s:s + self.n_frames].T
-        self._count(out.nbytes)
+            if whole is None:
+                src, s = self._map(int(self._shard[i])), int(self._start[i]) + f
+            else:
+                src, s = whole, int(self._offsets[i]) + f
+            out[row] = src[s:s + self.n_frames].T
+        if whole is None:
+            self._count(out.nbytes)
         return out
 
     def indices(self, clips: Sequence[Clip]) -> torch.Tensor:
@@ -410,7 +416,7 @@ class FeatureBank:
                 frames[row:row + n].copy_(torch.from_numpy(np.load(shard_path(self.folder, k))))
             row += n
         self._frames = frames
-        self._offsets = torch.from_numpy(np.array([base[k] for k in self._shard], dtype=np.int64) + self._start)
+        self._offsets = np.array([base[k] for k in self._shard], dtype=np.int64) + self._start
         self._maps.clear()
         return True
 
