@@ -176,6 +176,7 @@ def test_a_damaged_shard_is_named_and_rebuilt_alone(tmp_path, caplog):
     seen.clear()
     with caplog.at_level(logging.WARNING, logger="audioclf"):
         assert same_features(build(cs, tmp_path, shard_clips=4, source=functools.partial(Tones, seen=seen)), first)
+    assert "shard-00001.npy cannot be used (its index lacks n_mels, lengths, skipped, sha256)" in caplog.text
     assert seen == [4, 5, 6, 7]
 
 

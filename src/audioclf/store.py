@@ -193,7 +193,10 @@ def read_shard_index(folder: Path, k: int, n_mels: int) -> dict:
     path = shard_path(folder, k)
     index = json.loads(path.with_suffix(".json").read_text())
     if not isinstance(index, dict) or index.get("version") != CACHE_VERSION or index.get("shard") != k:
-        raise ValueError("its index is not a version-4 index of this shard")
+        raise ValueError(f"its index is not a version-{CACHE_VERSION} index of shard {k}")
+    missing = [key for key in ("n_mels", "clips", "lengths", "skipped", "sha256") if key not in index]
+    if missing:
+        raise ValueError(f"its index lacks {', '.join(missing)}")
     sha, finite = hashlib.sha256(), True
     with open(path, "rb") as f:
         np.lib.format.read_magic(f)
@@ -359,7 +362,7 @@ class FeatureBank:
             s = int(self._offsets[i])
             return self._frames[s:s + n].T
         s = int(self._start[i])
-        x = torch.from_numpy(np.ascontiguousarray(self._map(int(self._shard[i]))[s:s + n].T))
+        x = torch.from_numpy(self._map(int(self._shard[i]))[s:s + n].T.copy())  # a copy: no view keeps the map
         self._count(x.numel() * 4)
         return x
 
