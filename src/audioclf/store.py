@@ -47,7 +47,10 @@ log = logging.getLogger(__name__)
 # memory-mapped, one checksum per shard
 CACHE_VERSION = 4
 SHARD_CLIPS = 1024  # clips per shard: ~140 MB of 5-s clips, and a dataset of up to 1024 clips is one shard
-MAP_BYTES = 128 * 2**20  # bytes read through the memory maps of a larger store before they are dropped
+MAP_BYTES = 64 * 2**20  # bytes mapped in from a larger store before its memory maps are dropped
+# A page fault on a mapped file maps up to this much of the page cache around it (Linux's fault-around),
+# so reading a window maps its bytes plus up to this on each side.
+_FAULT_AROUND = 64 * 2**10
 _HEADER_BYTES = 128  # a .npy header of any 2-D float32 shape (numpy pads it to a multiple of 64)
 
 
@@ -307,9 +310,9 @@ class FeatureBank:
 
     Clip ``i`` (of ``clips``) has ``lengths[i]`` frames: the features of its inference windows
     (``audio.inference_windows``), ``n_frames`` each, one after the other. Only the frames a batch asks
-    for are read; on a store larger than ``MAP_BYTES`` the memory maps are dropped after every
-    ``MAP_BYTES`` read, so resident memory stays flat however large the dataset. :meth:`to_device` loads
-    a small store whole (onto a GPU, or into RAM).
+    for are read; on a store larger than ``MAP_BYTES`` the memory maps are dropped whenever about
+    ``MAP_BYTES`` may have been mapped in, so resident memory stays flat however large the dataset.
+    :meth:`to_device` loads a small store whole (onto a GPU, or into RAM).
     """
 
     def __init__(self, folder: Path, clipset: ClipSet, indexes: dict[int, dict], n_frames: int, n_mels: int):
@@ -332,7 +335,7 @@ class FeatureBank:
         self.nbytes = sum(self._rows.values()) * n_mels * 4
         self.map_bytes = MAP_BYTES
         self._maps: dict[int, np.ndarray] = {}
-        self._read_since_drop = 0
+        self._mapped_since_drop = 0
         self._frames: Optional[torch.Tensor] = None  # the whole store, after to_device
         self._offsets: Optional[np.ndarray] = None  # per clip: its first row in _frames
         self._rows_of: Optional[dict] = None
@@ -347,13 +350,14 @@ class FeatureBank:
             self._maps[k] = np.load(shard_path(self.folder, k), mmap_mode="r")
         return self._maps[k]
 
-    def _count(self, nbytes: int) -> None:
-        """Drop the memory maps once ``map_bytes`` were read through them: the kernel keeps the pages it
-        mapped in this process's resident set until then, so an epoch over a large store would count it all."""
-        self._read_since_drop += nbytes
-        if self.nbytes > self.map_bytes and self._read_since_drop > self.map_bytes:
+    def _count(self, nbytes: int, reads: int) -> None:
+        """Drop the memory maps once ``map_bytes`` may have been mapped in through them (``reads`` contiguous
+        reads of ``nbytes`` in all): a mapped page stays in this process's resident set until it is unmapped,
+        so without this an epoch over a large store would count all of it."""
+        self._mapped_since_drop += nbytes + 2 * _FAULT_AROUND * reads
+        if self.nbytes > self.map_bytes and self._mapped_since_drop > self.map_bytes:
             self._maps.clear()
-            self._read_since_drop = 0
+            self._mapped_since_drop = 0
 
     def clip_frames(self, i: int) -> torch.Tensor:
         """``(n_mels, lengths[i])`` features of clip ``i``, read alone (a copy; a view when loaded whole)."""
@@ -363,7 +367,7 @@ class FeatureBank:
             return self._frames[s:s + n].T
         s = int(self._start[i])
         x = torch.from_numpy(self._map(int(self._shard[i]))[s:s + n].T.copy())  # a copy: no view keeps the map
-        self._count(x.numel() * 4)
+        self._count(x.numel() * 4, 1)
         return x
 
     def batch(self, indices: torch.Tensor, *, random_crop: bool = False,
@@ -394,7 +398,7 @@ class FeatureBank:
                 src, s = whole, int(self._offsets[i]) + f
             out[row] = src[s:s + self.n_frames].T
         if whole is None:
-            self._count(out.nbytes)
+            self._count(out.nbytes, len(indices))
         return out
 
     def indices(self, clips: Sequence[Clip]) -> torch.Tensor:
