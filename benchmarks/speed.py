@@ -60,9 +60,10 @@ import torch.nn.functional as F
 
 from audioclf.augment import SpecAugment, mixup
 from audioclf.config import FeatureConfig, resolve
-from audioclf.data import Clip, ClipSet, FeatureBank
+from audioclf.data import Clip, ClipSet
 from audioclf.model import AudioResNet
 from audioclf.runtime import amp_dtype, resolve_device
+from audioclf.store import FeatureBank
 from audioclf.train import make_optimizer
 
 ESC50 = Path(__file__).resolve().parents[2] / "shared" / "data" / "esc50"
@@ -254,10 +255,10 @@ def bench_cached(bank: FeatureBank, device: torch.device, n_classes: int, min_s:
     gen = torch.Generator().manual_seed(0)
     specaug = SpecAugment(augment, gen).train()
     if device.type == "cuda":
-        bank.frames = bank.frames.to(device)  # the trainer keeps the whole cache on the GPU
+        bank.to_device(device)  # the trainer keeps a store that fits whole on the GPU
 
     def epoch():
-        # indices stay on the CPU, where bank.offsets and bank.lengths are
+        # indices stay on the CPU, where bank.lengths is
         order = torch.randperm(len(bank), generator=gen)
         for i in range(0, len(order), 16):
             x, y = bank.batch(order[i:i + 16], random_crop=True, generator=gen)

@@ -56,3 +56,25 @@ def test_mobilenet_recipes_resolve_on_the_mobilenet_front_end(accuracy):
         cfg = resolve("default", overrides={**overrides, "model": accuracy.backbone_overrides("mn04_as", None)})
         assert cfg.model.backbone == "mn04_as" and cfg.features.mel_scale == "kaldi"
     assert resolve("default", overrides=accuracy.MN_RECIPES["e30"]).train.epochs == 30
+
+
+@pytest.mark.slow
+def test_scale_benchmark_measures_every_part(tmp_path):
+    """``benchmarks/scale.py --quick``: tiny sizes, each part run once, its JSON complete and plausible."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--quick", "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout)
+    (row,) = r["rss"]
+    assert row["clips"] == 300 and 0 < row["store_mb"] < row["peak_rss_mb_store"]
+    assert row["peak_rss_mb_memory"] > 0 and row["data_ms_store"] > 0 and row["data_ms_memory"] > 0
+    assert 0 < r["share_store"] < 1 and 0 < r["share_memory"] < 1 and r["step_ms"] > 0
+    assert r["extract_clips_per_s_1"] > 0 and r["extract_scaling"] > 0
+    assert not list(tmp_path.glob("audioclf-scale-*"))  # its temporary stores and clips are gone

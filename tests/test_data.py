@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-import audioclf.data as data_module
+import audioclf.store as store_module
 from audioclf.audio import inference_windows, load_audio
 from audioclf.config import AudioclfError, DataConfig, FeatureConfig
-from audioclf.data import (Clip, ClipSet, FeatureBank, assign_folds, check_classes, default_cache_dir, load_clips,
-                           read_csv, read_esc50, read_folder, split_clips, write_folds)
+from audioclf.data import (Clip, ClipSet, assign_folds, check_classes, load_clips, read_csv, read_esc50, read_folder,
+                           split_clips, write_folds)
 from audioclf.features import LogMel
+from audioclf.store import FeatureBank, default_cache_dir
 from conftest import SYNTH_CLASSES, SYNTH_PER_CLASS, tone
 
 ESC10_CLASSES = ["dog", "rooster", "rain", "sea_waves", "crackling_fire", "crying_baby", "sneezing", "clock_tick",
@@ -409,31 +410,39 @@ def test_feature_bank_refuses_when_nothing_is_readable(tmp_path):
         build(read_folder(tmp_path), cache_dir=tmp_path / "cache")
 
 
+def stores(cache):
+    return sorted(p for p in cache.glob("features-*") if (p / "manifest.json").is_file())
+
+
+def same_features(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(a.clip_frames(i), b.clip_frames(i)) for i in range(len(a)))
+
+
 def test_feature_cache_hit_and_miss(small_set, tmp_path, monkeypatch):
     cs = read_folder(small_set)
     cache = tmp_path / "cache"
     calls = []
-    real_load = data_module.load_audio
+    real_load = store_module.load_audio
 
     def counting_load(path, sample_rate):
         calls.append(path)
         return real_load(path, sample_rate)
 
-    monkeypatch.setattr(data_module, "load_audio", counting_load)
+    monkeypatch.setattr(store_module, "load_audio", counting_load)
     first = build(cs, cache_dir=cache)
-    assert len(calls) == 12 and len(list(cache.glob("features-*.pt"))) == 1
-    assert not list(cache.glob("*.tmp*"))
+    assert len(calls) == 12 and len(stores(cache)) == 1
+    assert not list(cache.rglob("*.tmp*"))
 
     calls.clear()
     second = build(cs, cache_dir=cache)
     assert calls == []  # nothing decoded
-    assert torch.equal(second.frames, first.frames) and torch.equal(second.offsets, first.offsets)
+    assert same_features(second, first) and torch.equal(second.lengths, first.lengths)
     assert second.clips == first.clips
 
     changed = FeatureConfig(sample_rate=22050, duration_s=1.0, n_mels=64)
     third = build(cs, changed, cache_dir=cache)
-    assert len(calls) == 12 and third.frames.shape[0] == 64
-    assert len(list(cache.glob("features-*.pt"))) == 2
+    assert len(calls) == 12 and third.clip_frames(0).shape[0] == 64
+    assert len(stores(cache)) == 2
 
     calls.clear()
     touched = small_set / SYNTH_CLASSES[0] / sorted(p.name for p in (small_set / SYNTH_CLASSES[0]).iterdir())[0]
@@ -445,10 +454,10 @@ def test_feature_cache_hit_and_miss(small_set, tmp_path, monkeypatch):
 def test_feature_cache_survives_a_damaged_file(small_set, tmp_path):
     cs = read_folder(small_set)
     first = build(cs, cache_dir=tmp_path)
-    (cache_file,) = tmp_path.glob("features-*.pt")
-    cache_file.write_bytes(b"not a torch file")
+    (shard,) = tmp_path.glob("features-*/shard-*.npy")
+    shard.write_bytes(b"not a numpy file")
     rebuilt = build(cs, cache_dir=tmp_path)
-    assert torch.equal(rebuilt.frames, first.frames)
+    assert same_features(rebuilt, first)
 
 
 def test_default_cache_dir_is_the_test_environment(tmp_path_factory):
@@ -458,26 +467,34 @@ def test_default_cache_dir_is_the_test_environment(tmp_path_factory):
 def test_feature_bank_with_worker_processes(small_set, tmp_path):
     cs = read_folder(small_set)
     in_process = build(cs, cache_dir=tmp_path / "a")
-    workers = build(cs, cache_dir=tmp_path / "b", num_workers=1)
-    assert torch.equal(workers.frames, in_process.frames)
+    workers = build(cs, cache_dir=tmp_path / "b", num_workers=2)
+    assert same_features(workers, in_process)
 
 
-def test_cache_build_leaves_the_decoding_workers_their_cores(small_set, tmp_path, monkeypatch):
-    import audioclf.data as data
+def test_a_cpu_build_computes_features_in_its_workers_one_thread_each(small_set, tmp_path, monkeypatch):
+    """Each worker decodes and featurises its own clips (so the build scales with cores); the main process
+    only writes. Workers are forked, so the patched forward runs there and reports through a file."""
+    import os
 
     cs = read_folder(small_set)
+    calls = tmp_path / "calls.txt"
+    real = store_module.LogMel.forward
+
+    def logged(self, w):
+        with open(calls, "a") as f:
+            f.write(f"{os.getpid()} {torch.get_num_threads()}\n")
+        return real(self, w)
+
+    monkeypatch.setattr(store_module.LogMel, "forward", logged)
+    build(cs, cache_dir=tmp_path / "w", num_workers=2, batch_size=4)
+    rows = [line.split() for line in calls.read_text().splitlines()]
+    assert len(rows) == 3  # 12 clips in tasks of 4
+    assert all(pid != str(os.getpid()) and threads == "1" for pid, threads in rows)
+    calls.unlink()
     before = torch.get_num_threads()
-    monkeypatch.setattr(data.os, "cpu_count", lambda: 2)
-    seen = []
-    real = data.LogMel.forward
-    monkeypatch.setattr(data.LogMel, "forward", lambda self, w: (seen.append(torch.get_num_threads()), real(self, w))[1])
     torch.set_num_threads(2)
     try:
-        build(cs, cache_dir=tmp_path / "w", num_workers=1)
-        assert seen and set(seen) == {1}  # 2 cores, 1 decoding worker: 1 thread for the STFT
-        assert torch.get_num_threads() == 2  # and put back afterwards
-        seen.clear()
         build(cs, cache_dir=tmp_path / "n", num_workers=0)
-        assert set(seen) == {2}  # no workers: every thread for the STFT
     finally:
         torch.set_num_threads(before)
+    assert {tuple(line.split()) for line in calls.read_text().splitlines()} == {(str(os.getpid()), "2")}  # no workers: all threads here

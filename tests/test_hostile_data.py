@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import zipfile
 
 import numpy as np
 import pytest
@@ -16,11 +15,12 @@ import soundfile as sf
 import torch
 
 import audioclf.audio as audio_module
-import audioclf.data as data_module
+import audioclf.store as store_module
 from audioclf.audio import load_audio
 from audioclf.config import AudioclfError, FeatureConfig
-from audioclf.data import Clip, FeatureBank, check_cache_dir, read_csv, read_folder, split_clips
+from audioclf.data import Clip, read_csv, read_folder, split_clips
 from audioclf.features import LogMel
+from audioclf.store import FeatureBank, check_cache_dir
 from conftest import tone
 
 SR = 8000  # Hz: small files, fast builds
@@ -126,44 +126,48 @@ def test_a_class_with_one_clip_is_trained_on_and_named_in_a_warning(caplog):
 
 # ------------------------------------------------------------------------------------- the feature cache
 
+def same_features(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(a.clip_frames(i), b.clip_frames(i)) for i in range(len(a)))
+
+
 def test_a_cache_changed_on_disk_is_rebuilt_not_trusted(tmp_path, caplog):
     cs = read_folder(two_class_folder(tmp_path / "data"))
     first = build(cs, tmp_path / "cache")
-    (cache,) = (tmp_path / "cache").glob("features-*.pt")
+    (shard,) = (tmp_path / "cache").glob("features-*/shard-*.npy")
     # Overwrite a few samples of the stored frames in place, as a disk error or an edit would.
-    with zipfile.ZipFile(cache) as z:
-        info = next(i for i in z.infolist() if i.filename.endswith("data/0"))
-    with open(cache, "r+b") as f:
-        f.seek(info.header_offset + 26)
-        name_len, extra_len = np.frombuffer(f.read(4), dtype="<u2")
-        f.seek(info.header_offset + 30 + int(name_len) + int(extra_len) + 64)
+    with open(shard, "r+b") as f:
+        f.seek(128 + 64)  # past the .npy header
         f.write(np.full(8, np.nan, dtype=np.float32).tobytes())
     with caplog.at_level(logging.WARNING, logger="audioclf"):
         again = build(cs, tmp_path / "cache")
-    assert "checksum does not match" in caplog.text and "rebuilding" in caplog.text
-    assert torch.equal(again.frames, first.frames)
-    assert torch.isfinite(torch.load(cache, weights_only=True)["frames"]).all()  # and the rebuilt copy is sound
+    assert f"{shard} cannot be used (its checksum does not match" in caplog.text and "rebuilding" in caplog.text
+    assert same_features(again, first)
+    assert np.isfinite(np.load(shard)).all()  # and the rebuilt copy is sound
 
 
 def test_a_cache_with_non_finite_features_is_rebuilt(tmp_path, caplog):
+    import hashlib
+
     cs = read_folder(two_class_folder(tmp_path / "data"))
     first = build(cs, tmp_path / "cache")
-    (cache,) = (tmp_path / "cache").glob("features-*.pt")
-    d = torch.load(cache, weights_only=True)
-    d["frames"][:, 3] = float("inf")
-    d["sha256"] = data_module._checksum(d["frames"], d["offsets"], d["kept"], d["skipped"])  # a consistent file
-    torch.save(d, cache)
+    (shard,) = (tmp_path / "cache").glob("features-*/shard-*.npy")
+    frames = np.load(shard)
+    frames[3] = np.inf
+    np.save(shard, frames)
+    index = json.loads(shard.with_suffix(".json").read_text())
+    index["sha256"] = store_module._digest(hashlib.sha256(frames.tobytes()).hexdigest(), index)  # a consistent shard
+    shard.with_suffix(".json").write_text(json.dumps(index))
     with caplog.at_level(logging.WARNING, logger="audioclf"):
         again = build(cs, tmp_path / "cache")
-    assert "NaN or infinite" in caplog.text
-    assert torch.equal(again.frames, first.frames)
+    assert "NaN or infinite" in caplog.text and "checksum" not in caplog.text
+    assert same_features(again, first)
 
 
 @pytest.fixture
 def count_decodes(monkeypatch):
     calls = []
-    real = data_module.load_audio
-    monkeypatch.setattr(data_module, "load_audio", lambda path, sr: (calls.append(path), real(path, sr))[1])
+    real = store_module.load_audio
+    monkeypatch.setattr(store_module, "load_audio", lambda path, sr: (calls.append(path), real(path, sr))[1])
     return calls
 
 
@@ -196,7 +200,7 @@ def test_a_cache_dir_refusing_writes_is_named_where_tests_run_as_root(tmp_path, 
     def refuse(**kw):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(data_module.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(store_module.tempfile, "TemporaryFile", refuse)
     with pytest.raises(AudioclfError, match=r"cache_dir .*cache: cannot write the feature cache there \(Permission denied\)"):
         build(read_folder(two_class_folder(tmp_path / "data")), tmp_path / "cache")
     assert count_decodes == []
@@ -205,13 +209,15 @@ def test_a_cache_dir_refusing_writes_is_named_where_tests_run_as_root(tmp_path, 
 def test_temp_files_of_killed_builds_are_removed(tmp_path):
     cs = read_folder(two_class_folder(tmp_path / "data"))
     cache = tmp_path / "cache"
-    cache.mkdir()
+    build(cs, cache)
+    (store,) = cache.glob("features-*")
+    (store / "shard-00000.json").unlink()  # as if killed while writing the shard
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    orphan = cache / f"features-0123456789abcdef0123.tmp{gone.pid}"
-    running = cache / f"features-0123456789abcdef0123.tmp{os.getpid()}"  # a build still writing
+    orphan = store / f".shard-00000.npy.tmp{gone.pid}"
+    running = store / f".shard-00001.npy.tmp{os.getpid()}"  # a live build, writing another shard
     for p in (orphan, running):
-        p.write_bytes(b"half a cache")
+        p.write_bytes(b"half a shard")
     build(cs, cache)
     assert not orphan.exists() and running.exists()
 
@@ -319,7 +325,8 @@ def test_training_features_of_a_long_clip_are_what_prediction_computes(tmp_path)
 PEAK_RSS = textwrap.dedent("""
     import resource, sys
     from audioclf.config import FeatureConfig
-    from audioclf.data import FeatureBank, read_folder
+    from audioclf.data import read_folder
+    from audioclf.store import FeatureBank
     FeatureBank.build(read_folder(sys.argv[1]), FeatureConfig(sample_rate=8000, duration_s=5.0),
                       cache_dir=sys.argv[2], num_workers=0, quiet=True)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux

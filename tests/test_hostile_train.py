@@ -19,11 +19,11 @@ from audioclf import demo
 from audioclf.checkpoint import load_checkpoint
 from audioclf.cli import main
 from audioclf.config import AudioclfError, resolve
-from audioclf.data import FeatureBank
 from audioclf.demo import make_synthetic_dataset
 from audioclf.evaluate import macro_f1
 from audioclf.cv import cross_validate
 from audioclf.rundir import LOCK_FILE
+from audioclf.store import FeatureBank
 from audioclf.train import fit
 
 pytestmark = pytest.mark.slow

@@ -1,37 +1,27 @@
-"""Datasets: where clips come from, how they are split, and the log-mel cache the trainer reads.
+"""Datasets: where clips come from and how they are split.
 
-Flow: ``load_clips`` (folder / csv / esc50 / urbansound8k) -> ``FeatureBank.build`` (decode, resample,
-batched LogMel, cached on disk once per dataset and feature config) -> ``split_clips`` (folds, or a
-stratified split that keeps every group on one side) -> ``FeatureBank.batch`` (crop, collate).
+Flow: ``load_clips`` (folder / csv / esc50 / urbansound8k) -> ``store.FeatureBank.build`` (the features,
+on disk once per dataset and feature config) -> ``split_clips`` (folds, or a stratified split that keeps
+every group on one side) -> ``store.FeatureBank.batch`` (crop, collate).
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import hashlib
-import json
 import logging
 import os
-import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from .audio import AUDIO_EXTENSIONS, default_hop, fix_length, inference_windows, link_problem, load_audio
-from .config import AudioclfError, DataConfig, FeatureConfig
-from .features import LogMel
+from .audio import AUDIO_EXTENSIONS, link_problem
+from .config import AudioclfError, DataConfig
 from .fileio import atomic_path
-from .runtime import auto_workers, cpu_threads_beside
 
 log = logging.getLogger(__name__)
-
-CACHE_VERSION = 3  # 2: a sha256 of the contents is stored with them; 3: the features of inference windows
 
 
 @dataclass(frozen=True)
@@ -319,230 +309,3 @@ def write_folds(clipset: ClipSet, path, n_folds: int, seed: int) -> Path:
                     for c, k in zip(clipset.clips, folds))
     log.info("no folds in the dataset: %d stratified group folds written to %s", n_folds, path)
     return path
-
-
-# ---------------------------------------------------------------------------------------------- cache
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("AUDIOCLF_CACHE", Path.home() / ".cache" / "audioclf"))
-
-
-def cache_key(clips: Sequence[Clip], features: FeatureConfig) -> str:
-    """Changes when any file (path, size, mtime) or feature setting changes."""
-    h = hashlib.sha256(json.dumps([CACHE_VERSION, asdict(features)], sort_keys=True).encode())
-    for c in clips:
-        h.update(os.fsencode(c.path))  # bytes: a file name need not be valid UTF-8
-        try:
-            st = os.stat(c.path)
-            h.update(f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(b"\0missing\n")
-    return h.hexdigest()[:20]
-
-
-def check_cache_dir(path) -> Path:
-    """Create the feature cache folder ``path`` if needed and check that a file can be written in it.
-
-    Called before any feature is computed, so a bad folder fails in a second, not after the whole build.
-
-    Raises:
-        AudioclfError: naming ``path``, when it is a file, lies under a file, or is not writable.
-    """
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except FileExistsError:
-        raise AudioclfError(f"cache_dir {path}: is a file, not a folder; give a folder (--cache-dir)") from None
-    except NotADirectoryError:
-        raise AudioclfError(f"cache_dir {path}: lies under a file, so it cannot be a folder; give a folder "
-                            f"(--cache-dir)") from None
-    except OSError as e:
-        raise AudioclfError(f"cache_dir {path}: cannot write the feature cache there ({e.strerror}); give a "
-                            f"writable folder (--cache-dir)") from None
-    return path
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _remove_orphans(cache_dir: Path) -> None:
-    """Delete ``features-*.tmp<pid>`` files whose build process is gone (killed while writing)."""
-    for p in cache_dir.glob("features-*.tmp*"):
-        pid = p.suffix.removeprefix(".tmp")
-        if pid.isdigit() and (int(pid) <= 0 or not _pid_alive(int(pid))):
-            with contextlib.suppress(OSError):
-                p.unlink()
-                log.info("removed %s, left by a cache build that was killed (process %s)", p, pid)
-
-
-def _checksum(frames: torch.Tensor, offsets: torch.Tensor, kept: torch.Tensor, skipped: list) -> str:
-    h = hashlib.sha256()
-    for t in (frames, offsets, kept):
-        h.update(t.contiguous().numpy())
-    h.update(json.dumps(skipped).encode())
-    return h.hexdigest()
-
-
-def _log_mels(logmel: LogMel, waves: list[tuple[int, torch.Tensor]], batch_size: int,
-              device) -> Iterator[tuple[int, torch.Tensor]]:
-    """(index, features) of each (index, waveform): the features of its inference windows
-    (``audio.inference_windows``, each peak-normalised alone), concatenated along time, so the cache
-    holds exactly what prediction computes for the same samples.
-
-    Windows go through ``logmel`` ``batch_size`` at a time, whichever clips they come from: memory is
-    bounded by the batch (and the one clip being cut), never by clips x longest clip.
-    """
-    c = logmel.config
-    todo = [(i, inference_windows(w, c.n_samples, default_hop(c.n_samples))) for i, w in waves]
-    flat = [(i, win) for i, wins in todo for win in wins]  # views into the clips, no copies yet
-    out: dict[int, list[torch.Tensor]] = {i: [] for i, _ in todo}
-    for k in range(0, len(flat), batch_size):
-        chunk = flat[k:k + batch_size]
-        for (i, _), m in zip(chunk, logmel(torch.stack([win for _, win in chunk]).to(device)).cpu()):
-            out[i].append(m)
-    for i, _ in todo:
-        yield i, torch.cat(out.pop(i), dim=1)
-
-
-class _Decode(torch.utils.data.Dataset):
-    """Decode + resample + pad, one clip per item, in DataLoader workers; errors come back as text."""
-
-    def __init__(self, paths: Sequence[str], features: FeatureConfig):
-        self.paths, self.features = paths, features
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            wave = load_audio(self.paths[i], self.features.sample_rate)
-        except AudioclfError as e:
-            return i, None, str(e)
-        except Exception as e:  # a corrupt clip must never end a long cache build
-            return i, None, f"{self.paths[i]}: {type(e).__name__}: {e}"
-        if wave.shape[0] < self.features.n_samples:
-            wave = fix_length(wave, self.features.n_samples)
-        return i, torch.from_numpy(np.ascontiguousarray(wave)), None
-
-
-def _identity(batch):
-    return batch
-
-
-class FeatureBank:
-    """Features of every readable clip, concatenated along time: ``frames`` (n_mels, total) with
-    ``offsets`` (clips + 1). Clip ``i`` is ``frames[:, offsets[i]:offsets[i+1]]``: the features of its
-    inference windows (``audio.inference_windows``), ``n_frames`` each, one after the other."""
-
-    def __init__(self, frames: torch.Tensor, offsets: torch.Tensor, clips: list[Clip],
-                 skipped: list[tuple[str, str]], n_frames: int):
-        self.frames, self.offsets, self.clips, self.skipped, self.n_frames = frames, offsets, clips, skipped, n_frames
-        self.labels = torch.tensor([c.label for c in clips], dtype=torch.long)
-        self.lengths = offsets[1:] - offsets[:-1]
-
-    def __len__(self):
-        return len(self.clips)
-
-    def clip_frames(self, i: int) -> torch.Tensor:
-        return self.frames[:, self.offsets[i]:self.offsets[i + 1]]
-
-    def batch(self, indices: torch.Tensor, *, random_crop: bool = False,
-              generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch, n_mels, n_frames) features and (batch,) labels of clips ``indices``: of a long clip, one
-        of its windows drawn at random (training) or the middle one."""
-        windows = self.lengths[indices] // self.n_frames
-        if random_crop:
-            pick = (torch.rand(len(indices), generator=generator) * windows).long()
-        else:
-            pick = (windows - 1) // 2
-        start = self.offsets[indices] + pick * self.n_frames
-        x = torch.stack([self.frames[:, s:s + self.n_frames] for s in start.tolist()])
-        return x, self.labels[indices]
-
-    def indices(self, clips: Sequence[Clip]) -> torch.Tensor:
-        """Rows of ``clips`` in this bank (each clip must be in it)."""
-        row = {c.path: i for i, c in enumerate(self.clips)}
-        return torch.tensor([row[c.path] for c in clips], dtype=torch.long)
-
-    @classmethod
-    def build(cls, clipset: ClipSet, features: FeatureConfig, *, cache_dir=None, device="cpu",
-              num_workers: Optional[int] = None, strict: bool = False, quiet: bool = False,
-              batch_size: int = 32) -> "FeatureBank":
-        """Load features from the cache, or decode every clip and compute them (then cache them).
-
-        A clip that cannot be decoded is listed in ``skipped`` with its reason, unless ``strict``.
-        """
-        cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-        path = cache_dir / f"features-{cache_key(clipset.clips, features)}.pt"
-        if path.is_file():
-            try:
-                d = torch.load(path, map_location="cpu", weights_only=True)
-                if d.get("sha256") != _checksum(d["frames"], d["offsets"], d["kept"], d["skipped"]):
-                    raise ValueError("its checksum does not match: the file changed after it was written")
-                if not torch.isfinite(d["frames"]).all():
-                    raise ValueError("it holds NaN or infinite features")
-                clips = [clipset.clips[i] for i in d["kept"].tolist()]
-                decode_skipped = [tuple(s) for s in d["skipped"]]
-                bank = cls(d["frames"], d["offsets"], clips, clipset.skipped + decode_skipped, features.n_frames)
-            except Exception as e:  # a damaged or altered cache is rebuilt, never trusted, never fatal
-                log.warning("feature cache %s cannot be used (%s); rebuilding it", path, e)
-            else:
-                # A cache written by a lenient build still holds the clips strict mode must refuse.
-                if strict and decode_skipped:
-                    raise AudioclfError(f"unreadable clip (strict mode): {decode_skipped[0][1]}")
-                log.info("feature cache hit: %s (%d clips)", path, len(clips))
-                return bank
-
-        check_cache_dir(cache_dir)
-        _remove_orphans(cache_dir)
-        logmel = LogMel(features).to(device)
-        workers = auto_workers() if num_workers is None else num_workers
-        # Its own generator: the base seed the loader draws for its workers must not come from (and
-        # advance) the global RNG, or a cold cache would change the model's initialisation.
-        loader = torch.utils.data.DataLoader(_Decode([c.path for c in clipset.clips], features), batch_size=batch_size,
-                                             num_workers=workers, collate_fn=_identity, generator=torch.Generator())
-        pieces: list[Optional[torch.Tensor]] = [None] * len(clipset.clips)
-        skipped = []
-
-        def skip(i: int, why: str) -> None:
-            if strict:
-                raise AudioclfError(f"unreadable clip (strict mode): {why}")
-            log.warning("skipping clip: %s", why)
-            skipped.append((clipset.clips[i].path, why))
-
-        with tqdm(total=len(clipset.clips), desc="features", unit="clip", disable=True if quiet else None) as bar, \
-                cpu_threads_beside(workers, torch.device(device)), torch.no_grad():
-            for batch in loader:
-                for i, _, err in batch:
-                    if err is not None:
-                        skip(i, err)
-                for i, m in _log_mels(logmel, [(i, w) for i, w, _ in batch if w is not None], batch_size, device):
-                    if torch.isfinite(m).all():
-                        pieces[i] = m
-                    else:
-                        skip(i, f"{clipset.clips[i].path}: its features hold NaN or infinite values")
-                bar.update(len(batch))
-        kept = [i for i, p in enumerate(pieces) if p is not None]
-        if not kept:
-            raise AudioclfError("none of the clips could be read; see the warnings above for each file's reason")
-        lengths = torch.tensor([pieces[i].shape[1] for i in kept])
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        frames = torch.cat([pieces[i] for i in kept], dim=1)
-        kept_t, skipped_l = torch.tensor(kept), [list(s) for s in skipped]
-        try:
-            with atomic_path(path) as tmp:
-                torch.save({"frames": frames, "offsets": offsets, "kept": kept_t, "skipped": skipped_l,
-                            "sha256": _checksum(frames, offsets, kept_t, skipped_l)}, tmp)
-            log.info("feature cache written: %s", path)
-        except (OSError, RuntimeError) as e:  # disk full (torch.save raises RuntimeError): train uncached
-            log.warning("could not write the feature cache %s (%s); the next run will compute it again", path, e)
-        return cls(frames, offsets, [clipset.clips[i] for i in kept], clipset.skipped + skipped, features.n_frames)

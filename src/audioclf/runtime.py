@@ -3,7 +3,6 @@ audio. Training and inference both take these decisions from here."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Optional
 
@@ -41,19 +40,20 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise AudioclfError(f"Unsupported device={name!r}; choose auto, cpu, cuda or cuda:N") from None
 
 
-@contextlib.contextmanager
-def cpu_threads_beside(workers: int, device: torch.device):
-    """Leave the decoding workers their cores: on 2 cores, 2 STFT threads beside 1 decoding worker made
-    the cache build 1.6x slower than 1 thread (benchmarks/speed.py, extract_clips_per_s_1thread)."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and workers > 0:
-        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - workers)))
+def cpu_cores() -> int:
+    """Cores this process may run on: its CPU affinity (what a container or ``taskset`` allows), not the machine's."""
     try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
-def auto_workers() -> int:
-    """Decoding processes for a feature or prediction pass: all cores but one, at most 4."""
-    return min(4, max(0, (os.cpu_count() or 1) - 1))
+def auto_workers(main_process_busy: bool = True) -> int:
+    """Worker processes for a pass over many files: one per core, less one for the main process when it has
+    work of its own (running a model, computing features on a GPU); none on one core, where a worker only
+    adds the cost of passing its results. No upper bound: a feature build whose workers each decode and
+    compute their own clips scales with the cores (benchmarks/scale.py)."""
+    cores = cpu_cores()
+    if cores <= 1:
+        return 0
+    return cores - 1 if main_process_busy else cores

@@ -37,12 +37,13 @@ from .augment import SpecAugment, mixup
 from .backbones import BACKBONES
 from .checkpoint import inference_state, load_checkpoint, save_checkpoint
 from .config import AudioclfError, RunConfig, TrainConfig
-from .data import ClipSet, FeatureBank, load_clips, split_clips
+from .data import ClipSet, load_clips, split_clips
 from .evaluate import classification_metrics, macro_f1, write_predictions
 from .fileio import atomic_path
 from .model import AudioResNet, build_model
 from .rundir import claim, resumed_config
 from .runtime import amp_dtype, resolve_device
+from .store import FeatureBank
 
 log = logging.getLogger(__name__)
 
@@ -423,21 +424,15 @@ def _build_model(config: RunConfig, n_classes: int) -> tuple[nn.Module, bool, Ru
 
 
 def _feature_bank(clipset: ClipSet, config: RunConfig, s: Session, out: Path) -> FeatureBank:
-    """The clips' cached features: rank 0 builds the cache, then the other ranks read it; rank 0 lists the
-    clips it could not read in skipped.csv."""
-    build = lambda: FeatureBank.build(clipset, config.features, cache_dir=config.data.cache_dir,  # noqa: E731
-                                      device=s.device, num_workers=config.data.num_workers,
-                                      strict=config.data.strict, quiet=s.quiet)
-    if s.master:
-        bank = build()
-    if s.world > 1:
-        dist.barrier()
-    if not s.master:
-        bank = build()
+    """The clips' feature store: under DDP each rank builds its share of the shards, then every rank opens
+    the whole store; rank 0 lists the clips it could not read in skipped.csv."""
+    bank = FeatureBank.build(clipset, config.features, cache_dir=config.data.cache_dir, device=s.device,
+                             num_workers=config.data.num_workers, strict=config.data.strict, quiet=s.quiet,
+                             distributed=s.world > 1)
     if s.master:
         _write_skipped(out / "skipped.csv", bank.skipped)
-    if s.device.type == "cuda" and bank.frames.numel() * 4 < 4 * 2**30:
-        bank.frames = bank.frames.to(s.device)  # the whole cache on the GPU: batches never cross PCIe
+    if s.device.type == "cuda":
+        bank.to_device(s.device, max_bytes=4 * 2**30)  # a small store whole on the GPU: batches never cross PCIe
     return bank
 
 
