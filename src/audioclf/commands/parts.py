@@ -57,7 +57,8 @@ class PartWriter:
     def __init__(self, path, fields: list[str], *, chunk_rows: int = CHUNK_ROWS, chunk_s: float = CHUNK_S):
         self.path, self.chunk_rows, self.chunk_s = Path(path), chunk_rows, chunk_s
         self._file = open(self.path, "x", newline="", encoding="utf-8")
-        self._csv = csv.DictWriter(self._file, fields, restval="", lineterminator="\n")
+        # every field quoted: with "\n" line ends, csv leaves a "\r" in a file name unquoted, and reading it fails
+        self._csv = csv.DictWriter(self._file, fields, restval="", lineterminator="\n", quoting=csv.QUOTE_ALL)
         self._csv.writeheader()
         self._unsynced, self._synced_at = 0, time.monotonic()
 
