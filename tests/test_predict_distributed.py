@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from _models import tiny_run  # noqa: F401 (a fixture)
 
 from audioclf.cli import main
@@ -22,6 +23,7 @@ from audioclf.commands import predict as predict_command
 from audioclf.commands.parts import PartWriter, list_parts, part_path, read_part
 from audioclf.config import AudioclfError
 from audioclf.fileio import PARQUET_INSTALL
+from audioclf.runtime import process_group
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SUMMARY = re.compile(r"(\d+) classified now, (\d+) skipped as done, (\d+) failed")
@@ -167,6 +169,14 @@ def test_a_rerun_with_other_options_is_refused(tiny_run, inputs, tmp_path, capsy
     assert "top_k=2 (the parts have 3)" in err and "another --out folder" in err
 
 
+def test_options_the_classifier_refuses_are_not_kept_for_the_rerun(tiny_run, inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert predict(tiny_run, inputs / "tone_000.wav", "--out", out, "--top-k", "0") == 2
+    assert "top_k=0" in capsys.readouterr().err
+    assert not (out / "options.json").exists() and list_parts(out) == []
+    assert predict(tiny_run, inputs / "tone_000.wav", "--out", out) == 0
+
+
 # ---------------------------------------------------------------------------------------------- part files
 
 def test_part_reader_leaves_out_a_torn_tail(tmp_path):
@@ -267,6 +277,15 @@ def test_folder_out_options_that_cannot_work_are_refused(tiny_run, inputs, tmp_p
     err = capsys.readouterr().err
     assert says in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_process_without_a_gpu_of_its_own_is_refused(monkeypatch):
+    for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(AudioclfError, match="process 1 of this node has no GPU of its own"):
+        with process_group(torch.device("cuda")):
+            pytest.fail("the group was joined")
 
 
 # ---------------------------------------------------------------------------------------------- torchrun

@@ -81,6 +81,10 @@ def process_group(device: torch.device, timeout_s: float = 24 * 3600) -> Iterato
     import torch.distributed as dist
 
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise AudioclfError(f"torchrun process {local_rank} of this node has no GPU of its own (torch sees "
+                                f"{torch.cuda.device_count()}): start at most that many with --nproc_per_node, or use "
+                                f"--device cpu")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))

@@ -33,6 +33,7 @@ STDIN = ("-", "/dev/stdin")
 FILE_KINDS = (".csv", ".json", ".parquet")  # --out suffixes that name one file; other names are folders
 FORMATS = {"csv": ("csv",), "parquet": ("parquet",), "both": ("csv", "parquet")}  # --format, for --out DIR
 NUMBERS = ("confidence", "start_s", "end_s")  # CSV columns that hold numbers: floats in Parquet
+OPTIONS = "options.json"  # in --out DIR: the options its parts were made with
 
 
 def _refuse_url(arg: str, where: str = "") -> None:
@@ -286,10 +287,14 @@ def _is_folder(out: Path) -> bool:
 
 
 def _check_folder(folder: Path) -> None:
-    """Refuse an ``--out DIR`` that cannot be made or written, before any model work."""
+    """Refuse an ``--out DIR`` that is a file, before the inputs are listed."""
     if folder.exists() and not folder.is_dir():
         raise AudioclfError(f"--out {folder} is a file: name a folder (new or existing) for --out DIR, or a .csv, "
                             f".json or .parquet file")
+
+
+def _make_folder(folder: Path) -> None:
+    """Make ``--out DIR`` and its parts folder, or refuse it, before any model work."""
     try:
         (folder / PARTS).mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -298,14 +303,11 @@ def _check_folder(folder: Path) -> None:
         raise AudioclfError(f"--out {folder}: the folder is not writable")
 
 
-def _check_options(folder: Path, options: dict, write: bool) -> None:
+def _check_options(folder: Path, options: dict) -> None:
     """The options that shape the rows must be the ones ``folder``'s parts were made with, else a rerun
-    would mix two kinds of rows: refuse a change, naming it; record them (``write``) on the first run."""
-    path = folder / "options.json"
+    would mix two kinds of rows: refuse a change, naming it."""
+    path = folder / OPTIONS
     if not path.is_file():
-        if write:
-            with atomic_path(path) as tmp:
-                tmp.write_text(json.dumps(options, indent=1) + "\n", encoding="utf-8")
         return
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
@@ -318,6 +320,14 @@ def _check_options(folder: Path, options: dict, write: bool) -> None:
                             f"the same options to continue them, or another --out folder")
 
 
+def _record_options(folder: Path, options: dict) -> None:
+    """Keep the options for later runs' :func:`_check_options`, once they have passed the classifier's checks
+    and before the first part is written (every process that writes a part does this: the same file)."""
+    if not (folder / OPTIONS).is_file():
+        with atomic_path(folder / OPTIONS) as tmp:
+            tmp.write_text(json.dumps(options, indent=1) + "\n", encoding="utf-8")
+
+
 def _done(folder: Path, fields: list[str], skip_run: str, retry_errors: bool) -> set[str]:
     """The files whose latest row in ``folder``'s parts is complete (and, with ``retry_errors``, not an error)."""
     error = fields.index("error")
@@ -327,13 +337,11 @@ def _done(folder: Path, fields: list[str], skip_run: str, retry_errors: bool) ->
     return {name for name, done in latest.items() if done}
 
 
-def _classify_into_part(model, files: list[Path], part: Path, fields: list[str], device, *, batch_size: int,
-                        quiet: bool, **classify) -> None:
-    """Classify ``files`` and append their rows to the part file ``part`` as they come."""
-    clf = load(model, str(device), batch_size=batch_size)
+def _write_part(results: Iterable[dict], part: Path, fields: list[str]) -> None:
+    """Append the rows of ``results`` to the part file ``part`` as they come."""
     tally = _Tally()
     with PartWriter(part, fields) as writer:
-        for r in tally.shown(clf.classify_files(files, quiet=quiet, **classify), {}):
+        for r in tally.shown(results, {}):
             rows = _csv_rows(r)
             writer.write(rows[1:] + rows[:1])  # the file's own row last: it marks the file complete
     tally.warn_escaped()
@@ -409,12 +417,14 @@ def predict_to_folder(model, paths: Sequence[str], folder: Path, *, out_format: 
         require_pyarrow()
     _check_folder(folder)
     files = collect_paths(paths)
+    _make_folder(folder)
     by_name: dict[str, Path] = {}
     for p in files:  # a file named twice is classified once
         by_name.setdefault(_printable(str(p)), p)
     rank, _, world = dist_info()
-    _check_options(folder, {"model": str(Path(model).resolve()), "top_k": top_k, "window_s": window_s,
-                            "hop_s": hop_s, "timeline": timeline}, write=rank == 0)
+    options = {"model": str(Path(model).resolve()), "top_k": top_k, "window_s": window_s, "hop_s": hop_s,
+               "timeline": timeline}
+    _check_options(folder, options)
     fields = _csv_fields(timeline)
     who = f"rank {rank} of {world}: " if world > 1 else ""
     t0 = time.perf_counter()
@@ -425,10 +435,12 @@ def predict_to_folder(model, paths: Sequence[str], folder: Path, *, out_format: 
         mine = todo[rank::world]
         log.info("%sclassifying %d of %d file(s); %d done before", who, len(mine), len(by_name), len(by_name) - len(todo))
         if mine:
+            clf = load(model, str(dev), batch_size=batch_size)
+            results = clf.classify_files(mine, window_s=window_s, hop_s=hop_s, timeline=timeline, top_k=top_k,
+                                         quiet=quiet or rank != 0)  # checks its options now, before any part
+            _record_options(folder, options)
             try:
-                _classify_into_part(model, mine, part_path(folder, run_id, rank), fields, dev, batch_size=batch_size,
-                                    quiet=quiet or rank != 0, window_s=window_s, hop_s=hop_s, timeline=timeline,
-                                    top_k=top_k)
+                _write_part(results, part_path(folder, run_id, rank), fields)
             except KeyboardInterrupt:
                 log.warning("interrupted: the rows so far are in %s; run the same command again to continue",
                             folder / PARTS)
