@@ -6,6 +6,7 @@
     python benchmarks/speed.py --model RUN_DIR  # time inference with this model instead of the benchmark's own run
     python benchmarks/speed.py --device cuda    # GPU LogMel, AMP and channels_last, as the trainer uses them
     python benchmarks/speed.py --backbones      # only: each backbone's training step and inference latency (2 min)
+    python benchmarks/speed.py --distributed-predict  # only: torchrun predict --out DIR, 1 and 2 processes (1 min)
 
 All figures come from one run on the same clips: the ESC-50 clips in ../shared/data/esc50 (5-s, 44.1 kHz),
 or generated 5-s 44.1 kHz clips when those are absent (or with --synthetic).
@@ -30,6 +31,11 @@ Extra keys explain the misses: ``*_1thread`` (the same data path with one torch 
 (the long file's windows at ``gemm_gflops``: no model of this size can beat it on this machine),
 ``predict_cold_cpu_s`` and ``predict_cold_peak_mb``.
 
+``--distributed-predict`` times ``torchrun --nproc_per_node=N -m audioclf predict MODEL FOLDER --out DIR`` over
+200 generated 1-s 16 kHz clips with an untrained ResNet-18 (64 mels), a fresh DIR for each N: files/s as the
+command's summary line counts them (the process group, model load, classification and merge, not the start of
+the processes), and over the command's whole wall time.
+
 Peak memory is ``ru_maxrss`` from ``os.wait4``: the largest single process of the command's tree (a DataLoader
 worker counts on its own, not added to its parent). Absolute numbers depend on what else runs on the machine;
 the ratios, measured within one run, are what the targets are about. With --quick the training epoch is
@@ -44,6 +50,7 @@ import json
 import logging
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -59,8 +66,10 @@ import torch
 import torch.nn.functional as F
 
 from audioclf.augment import SpecAugment, mixup
+from audioclf.checkpoint import inference_state, save_checkpoint
 from audioclf.config import FeatureConfig, resolve
 from audioclf.data import Clip, ClipSet
+from audioclf.features import LogMel
 from audioclf.model import AudioResNet
 from audioclf.runtime import amp_dtype, resolve_device
 from audioclf.store import FeatureBank
@@ -428,6 +437,63 @@ def bench_long_audio(model: Path, seconds: float, device: torch.device, tmp: Pat
             "long_audio_s": r["duration_s"], "long_audio_windows": r["windows"]}
 
 
+def small_model(path: Path, n_classes: int = 4) -> Path:
+    """An untrained ResNet-18 over 1-s 16 kHz clips (64 mels), saved for inference: the timing is of the work per
+    file, whatever the model has learnt."""
+    cfg = resolve(overrides={"features": {"sample_rate": 16000, "duration_s": 1.0, "n_mels": 64},
+                             "model": {"backbone": "resnet18", "pretrained": "none"}})
+    torch.manual_seed(0)
+    model = AudioResNet.from_config(cfg.model, n_classes, cfg.features.n_mels)
+    with torch.no_grad():
+        model.norm.fit(LogMel(cfg.features)(0.1 * torch.randn(8, cfg.features.n_samples)))
+    save_checkpoint(inference_state(model.eval(), cfg, [f"class{k}" for k in range(n_classes)]), path)
+    return path
+
+
+def short_clips(n: int, folder: Path, sample_rate: int = 16000) -> Path:
+    """``n`` 1-s 16-bit WAVs in ``folder``: a tone in noise, each at its own pitch."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    t = np.arange(sample_rate) / sample_rate
+    for i in range(n):
+        wave = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 4000) * t) + 0.05 * rng.standard_normal(t.size)
+        sf.write(folder / f"short{i:05d}.wav", wave.astype(np.float32), sample_rate, subtype="PCM_16")
+    return folder
+
+
+def bench_distributed_predict(device: torch.device, tmp: Path, n_files: int = 200,
+                              processes: tuple = (1, 2)) -> list[dict]:
+    """Files/s of ``torchrun --nproc_per_node=N -m audioclf predict ... --out DIR`` for each N: from the command's
+    summary line (group, model, classification, merge) and from its wall time (process start-up included)."""
+    model, folder = small_model(tmp / "small.pt"), short_clips(n_files, tmp / "short")
+    rows = []
+    for n in processes:
+        if device.type == "cuda" and n > torch.cuda.device_count():
+            log.info("distributed predict: %d processes need %d GPUs; skipped", n, n)
+            continue
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "audioclf",
+               "predict", model, folder, "--out", tmp / f"predict-{n}", "--quiet", "--device", device]
+        t0 = time.perf_counter()
+        done = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
+        wall_s = time.perf_counter() - t0
+        summary = re.search(r"(\d+) classified now.*\(([\d.]+) s, ([\d.]+) files/s\)", done.stderr)
+        if done.returncode != 0 or summary is None:
+            raise RuntimeError(f"{' '.join(map(str, cmd))} failed (exit code {done.returncode}):\n{done.stderr[-3000:]}")
+        rows.append({"processes": n, "files": int(summary[1]), "run_s": float(summary[2]),
+                     "files_per_s": float(summary[3]), "wall_s": wall_s, "wall_files_per_s": n_files / wall_s})
+        log.info("distributed predict: %s", rows[-1])
+    return rows
+
+
+def distributed_table(rows: list[dict], device: torch.device) -> str:
+    lines = ["| processes | files | files/s (group, model, classify, merge) | files/s (whole command) |",
+             "|---:|---:|---:|---:|"]
+    lines += [f"| {r['processes']} | {r['files']} | {r['files_per_s']:.1f} ({r['run_s']:.1f} s) | "
+              f"{r['wall_files_per_s']:.1f} ({r['wall_s']:.1f} s) |" for r in rows]
+    lines.append(f"\ndevice {device} ({device_name(device)}), {os.cpu_count()} CPUs, torch {torch.__version__}")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 def fmt(v: float) -> str:
@@ -470,12 +536,19 @@ def main(argv=None) -> int:
     p.add_argument("--clips", type=int, help="clips for the data-path and training figures (default 320, 64 with --quick)")
     p.add_argument("--synthetic", action="store_true", help="generated clips even when ESC-50 is present")
     p.add_argument("--backbones", action="store_true", help="only the backbone comparison (training step, latency)")
+    p.add_argument("--distributed-predict", action="store_true",
+                   help="only torchrun predict --out DIR with 1 and 2 processes, 200 short files")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     device = resolve_device(args.device)
     if args.backbones:
         rows = bench_backbones(device, min_s=3.0)
         print(json.dumps(rows, indent=1) if args.json else backbone_table(rows))
+        return 0
+    if args.distributed_predict:
+        with tempfile.TemporaryDirectory(prefix="audioclf-speed-") as tmp_name:
+            rows = bench_distributed_predict(device, Path(tmp_name))
+        print(json.dumps(rows, indent=1) if args.json else distributed_table(rows, device))
         return 0
     n_clips = args.clips or (64 if args.quick else 320)
     n_predict = 32 if args.quick else 200

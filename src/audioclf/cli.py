@@ -141,7 +141,8 @@ def cmd_predict(args) -> int:
 
     return run_predict(args.model, args.paths, out=args.out, top_k=args.top_k, batch_size=args.batch_size,
                        device=args.device, window_s=args.window, hop_s=args.hop, timeline=args.timeline,
-                       submission=args.submission, quiet=args.quiet)
+                       submission=args.submission, out_format=args.format, retry_errors=args.retry_errors,
+                       quiet=args.quiet)
 
 
 def cmd_serve(args) -> int:
@@ -234,7 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run directory, .pt checkpoint or exported safetensors folder")
     p.add_argument("paths", nargs="+", help="audio files, folders (recursive), .txt files listing paths, or - for "
                    "one file on stdin")
-    p.add_argument("--out", help="output .csv or .json (default: CSV on stdout)")
+    p.add_argument("--out", help="output .csv, .json or .parquet file (default: CSV on stdout), or a folder (existing, "
+                   "or a new name without a suffix): resumable, and shared among torchrun's processes; the rows go to "
+                   "DIR/parts as they come and are merged into DIR/predictions.csv")
+    p.add_argument("--format", choices=["csv", "parquet", "both"],
+                   help="with --out DIR: predictions.csv (default), predictions.parquet or both")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="with --out DIR: classify again the files done with an error (a rerun otherwise skips every "
+                        "file with a row in DIR/parts, failed ones included)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")

@@ -1,5 +1,5 @@
-"""Files: the one atomic write (a crash, a full disk or Ctrl-C never leaves a half-written file in place)
-and the one file hash."""
+"""Files: the one atomic write (a crash, a full disk or Ctrl-C never leaves a half-written file in place),
+the one file hash and the one Parquet writer."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ import hashlib
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
+
+from .config import AudioclfError
+
+PARQUET_INSTALL = 'pip install "audioclf[parquet]"'
 
 
 @contextmanager
@@ -33,3 +38,29 @@ def sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def require_pyarrow():
+    """The ``pyarrow`` module, or an AudioclfError naming the extra that installs it: checked before any
+    model work by a command that will write Parquet."""
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401 (a submodule pyarrow does not import by itself)
+    except ImportError:
+        raise AudioclfError(f"writing .parquet needs pyarrow, an optional dependency: {PARQUET_INSTALL}") from None
+    return pyarrow
+
+
+def write_parquet(path, columns: dict[str, list], types: Optional[dict[str, type]] = None) -> Path:
+    """Write ``columns`` (name -> one value per row; ``None`` is null) to the Parquet file ``path``, atomically.
+
+    ``types`` maps a column to ``str`` or ``float`` where pyarrow could not infer it: a column of nulls only
+    (every file failed, or none did) would otherwise get the null type. Other columns are inferred (a list of
+    float32 arrays becomes ``list<float>``).
+    """
+    pa = require_pyarrow()
+    arrow, types = {str: pa.string(), float: pa.float64()}, types or {}
+    table = pa.table({name: pa.array(values, type=arrow.get(types.get(name))) for name, values in columns.items()})
+    with atomic_path(path) as tmp:
+        pa.parquet.write_table(table, tmp)
+    return Path(path)

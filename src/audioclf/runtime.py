@@ -1,10 +1,12 @@
-"""Where and how work runs: the device, mixed precision, and how many processes and threads decode
-audio. Training and inference both take these decisions from here."""
+"""Where and how work runs: the device, mixed precision, how many processes and threads decode audio,
+and torchrun's process group. Training and inference both take these decisions from here."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional
+from datetime import timedelta
+from typing import Iterator, Optional
 
 import torch
 
@@ -57,3 +59,56 @@ def auto_workers(main_process_busy: bool = True) -> int:
     if cores <= 1:
         return 0
     return cores - 1 if main_process_busy else cores
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) outside torchrun."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device, timeout_s: float = 24 * 3600) -> Iterator[torch.device]:
+    """Under torchrun (``WORLD_SIZE`` > 1), join the process group for the block and leave it after; yield
+    this rank's device: ``cuda:LOCAL_RANK`` with NCCL when ``device`` is CUDA, else ``device`` with gloo.
+    Outside torchrun, yield ``device`` and do nothing else.
+
+    ``timeout_s`` bounds each collective, a barrier included: long, because a barrier waits for the slowest
+    rank's whole share of the work (torchrun ends every rank at once when one of them dies).
+    """
+    _, local_rank, world = dist_info()
+    if world == 1:
+        yield device
+        return
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise AudioclfError(f"torchrun process {local_rank} of this node has no GPU of its own (torch sees "
+                                f"{torch.cuda.device_count()}): start at most that many with --nproc_per_node, or use "
+                                f"--device cpu")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier(device: torch.device) -> None:
+    """Wait until every rank of the process group gets here; nothing outside torchrun."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def broadcast(value, device: torch.device):
+    """Rank 0's ``value`` (any picklable object) on every rank; ``value`` itself outside torchrun."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0, device=device if device.type == "cuda" else None)
+    return holder[0]

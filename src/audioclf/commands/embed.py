@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from ..config import AudioclfError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, require_pyarrow, write_parquet
 from ..predict import load
 from .predict import collect_paths
 
@@ -21,23 +21,17 @@ def _check_out(out: Path) -> None:
         raise AudioclfError(f"--out {out}: write embeddings to a .npy or .parquet file")
     if not out.parent.is_dir():
         raise AudioclfError(f"--out {out}: folder {out.parent} does not exist")
+    if out.suffix == ".parquet":
+        require_pyarrow()
 
 
 def write_embeddings(out, paths: Sequence[str], emb: np.ndarray) -> Path:
     """``.npy``: the array, plus ``<stem>.paths.txt`` with one path per row; ``.parquet``: a ``path`` column
-    and one ``embedding`` list column (needs pandas with pyarrow)."""
+    and one ``embedding`` list column (needs pyarrow: the ``parquet`` extra)."""
     out = Path(out)
     _check_out(out)
     if out.suffix == ".parquet":
-        try:
-            import pandas as pd
-
-            with atomic_path(out) as tmp:
-                pd.DataFrame({"path": list(paths), "embedding": list(emb)}).to_parquet(tmp)
-        except ImportError:
-            raise AudioclfError("writing .parquet needs pandas and pyarrow (pip install pandas pyarrow); "
-                                "or write .npy") from None
-        return out
+        return write_parquet(out, {"path": list(paths), "embedding": list(emb.astype(np.float32))}, {"path": str})
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         np.save(f, emb.astype(np.float32))
     with atomic_path(out.with_suffix(".paths.txt")) as tmp:

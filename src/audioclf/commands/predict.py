@@ -1,6 +1,7 @@
 """``audioclf predict``: which files to classify (folders, lists of paths, stdin; no URLs), checks on
-``--out`` before the model loads, and the CSV, JSON and ``ID,Class`` submission writers. Inference itself
-is :meth:`audioclf.predict.Classifier.classify_files`.
+``--out`` before the model loads, the CSV, JSON, Parquet and ``ID,Class`` submission writers, and ``--out
+DIR``: resumable prediction, shared among the processes of ``torchrun`` (their part files are
+:mod:`audioclf.commands.parts`). Inference itself is :meth:`audioclf.predict.Classifier.classify_files`.
 """
 
 from __future__ import annotations
@@ -12,20 +13,27 @@ import os
 import re
 import sys
 import tempfile
+import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 from ..audio import AUDIO_EXTENSIONS, find_audio_files
 from ..config import AudioclfError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, require_pyarrow, write_parquet
 from ..predict import load
+from ..runtime import barrier, broadcast, dist_info, process_group, resolve_device
+from .parts import PARTS, PartWriter, new_run_id, part_path, read_parts
 
 log = logging.getLogger(__name__)
 
 # "http://...", "s3://...": a scheme, then "//"
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 STDIN = ("-", "/dev/stdin")
+FILE_KINDS = (".csv", ".json", ".parquet")  # --out suffixes that name one file; other names are folders
+FORMATS = {"csv": ("csv",), "parquet": ("parquet",), "both": ("csv", "parquet")}  # --format, for --out DIR
+NUMBERS = ("confidence", "start_s", "end_s")  # CSV columns that hold numbers: floats in Parquet
+OPTIONS = "options.json"  # in --out DIR: the options its parts were made with
 
 
 def _refuse_url(arg: str, where: str = "") -> None:
@@ -68,7 +76,8 @@ def collect_paths(paths: Sequence) -> list[Path]:
 def _check_out(out: Path) -> None:
     """Refuse an ``--out`` that cannot be written, before any model work."""
     if out.is_dir():
-        raise AudioclfError(f"--out {out} is a folder; name a .csv or .json file")
+        raise AudioclfError(f"--out {out} is a folder; name a .csv, .json or .parquet file, or a folder without a "
+                            f"suffix for --out DIR")
     folder = out.parent
     if not folder.is_dir():
         raise AudioclfError(f"--out {out}: the folder {folder} does not exist"
@@ -102,19 +111,34 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def _csv_fields(timeline: bool) -> list[str]:
+    return ["path", "label", "confidence", "top_k", "error"] + (["start_s", "end_s"] if timeline else [])
+
+
+def _csv_rows(r: dict) -> list[dict]:
+    """The CSV rows of one result: its own row, then with a timeline one row per window."""
+    if r["error"]:
+        return [{"path": r["path"], "error": r["error"]}]
+    return [{"path": r["path"], "label": r["label"], "confidence": f"{r['confidence']:.4f}",
+             "top_k": ";".join(f"{t['label']}:{t['prob']:.4f}" for t in r["top_k"])},
+            *({"path": r["path"], "label": win["label"], "confidence": f"{win['confidence']:.4f}",
+               "start_s": f"{win['start_s']:.3f}", "end_s": f"{win['end_s']:.3f}"} for win in r.get("windows", ()))]
+
+
 def _write_csv(f, results: Iterable[dict], timeline: bool) -> None:
-    fields = ["path", "label", "confidence", "top_k", "error"] + (["start_s", "end_s"] if timeline else [])
-    w = csv.DictWriter(f, fields, restval="", lineterminator="\n")
+    w = csv.DictWriter(f, _csv_fields(timeline), restval="", lineterminator="\n")
     w.writeheader()
     for r in results:
-        if r["error"]:
-            w.writerow({"path": r["path"], "error": r["error"]})
-            continue
-        w.writerow({"path": r["path"], "label": r["label"], "confidence": f"{r['confidence']:.4f}",
-                    "top_k": ";".join(f"{t['label']}:{t['prob']:.4f}" for t in r["top_k"])})
-        for win in r.get("windows", ()):
-            w.writerow({"path": r["path"], "label": win["label"], "confidence": f"{win['confidence']:.4f}",
-                        "start_s": f"{win['start_s']:.3f}", "end_s": f"{win['end_s']:.3f}"})
+        w.writerows(_csv_rows(r))
+
+
+def _write_parquet(out: Path, fields: list[str], rows: Iterable[list[str]]) -> None:
+    """CSV rows (lists of strings in ``fields`` order) as a Parquet file: numbers as floats, empty cells null."""
+    columns: dict[str, list] = {f: [] for f in fields}
+    for row in rows:
+        for f, cell in zip(fields, row):
+            columns[f].append((float(cell) if f in NUMBERS else cell) if cell else None)
+    write_parquet(out, columns, {f: float if f in NUMBERS else str for f in fields})
 
 
 def _write_submission(f, results: Iterable[dict]) -> None:
@@ -139,18 +163,22 @@ def _write_json(f, results: Iterable[dict], labels: list[str]) -> None:
 
 def run_predict(model, paths: Sequence[str], *, out: Optional[str] = None, top_k: int = 3, batch_size: int = 32,
                 device: str = "auto", window_s: Optional[float] = None, hop_s: Optional[float] = None,
-                timeline: bool = False, submission: bool = False, quiet: bool = False) -> int:
-    """``audioclf predict``: classify every path and write CSV (default, to stdout without ``out``), JSON
-    (``out`` ending in ``.json``) or an ``ID,Class`` submission.
+                timeline: bool = False, submission: bool = False, out_format: Optional[str] = None,
+                retry_errors: bool = False, quiet: bool = False) -> int:
+    """``audioclf predict``: classify every path and write CSV (default, to stdout without ``out``), JSON or
+    Parquet (``out`` ending in ``.json`` or ``.parquet``), an ``ID,Class`` submission, or, with ``out`` a
+    folder, resumable parts merged into ``out/predictions.csv`` (:func:`predict_to_folder`).
 
     Args:
         model (str or Path): run directory, ``.pt`` checkpoint or exported safetensors folder.
         paths (list of str): audio files, folders (recursive), ``.txt`` files listing paths, or ``-`` (or
             ``/dev/stdin``) for one file read from stdin.
-        out (str, optional): the ``.csv`` or ``.json`` file to write. (Default: CSV on stdout)
+        out (str, optional): the ``.csv``, ``.json`` or ``.parquet`` file to write, or a folder: an existing
+            one, or a new name without a suffix. (Default: CSV on stdout)
         top_k, batch_size, device, window_s, hop_s, timeline: as in :meth:`Classifier.classify_files`
             and :func:`audioclf.predict.load`; ``window_s`` and ``hop_s`` in seconds.
         submission (bool, optional): write ``ID,Class`` rows. (Default: ``False``)
+        out_format, retry_errors: for a folder ``out`` only; see :func:`predict_to_folder`.
         quiet (bool, optional): no progress bar. (Default: ``False``)
 
     Returns:
@@ -160,11 +188,28 @@ def run_predict(model, paths: Sequence[str], *, out: Optional[str] = None, top_k
         AudioclfError: for options, inputs or an ``out`` that cannot work, before the model loads.
     """
     out_path = Path(out) if out else None
+    options = dict(top_k=top_k, batch_size=batch_size, device=device, window_s=window_s, hop_s=hop_s,
+                   timeline=timeline, quiet=quiet)
+    if out_path and _is_folder(out_path):
+        if submission:
+            raise AudioclfError(f"--submission writes one CSV file: give --out NAME.csv, not the folder {out_path}")
+        return predict_to_folder(model, paths, out_path, out_format=out_format, retry_errors=retry_errors, **options)
+    world = dist_info()[2]
+    if world > 1:
+        raise AudioclfError(f"under torchrun ({world} processes) every process would write "
+                            f"{out_path or 'stdout'}: give --out DIR, a folder, where each process writes its own "
+                            f"part and rank 0 merges them into DIR/predictions.csv")
+    if out_format is not None or retry_errors:
+        raise AudioclfError(f"--format and --retry-errors are for --out DIR (a folder); --out {out_path or '(stdout)'} "
+                            f"is one file, whose suffix chooses its format")
     kind = out_path.suffix.lower() if out_path else ".csv"
-    if kind not in (".csv", ".json"):
-        raise AudioclfError(f"Unsupported --out {out_path}: name a .csv or .json file")
-    if submission and kind == ".json":
+    if kind not in FILE_KINDS:
+        raise AudioclfError(f"Unsupported --out {out_path}: name a .csv, .json or .parquet file, or a folder (an "
+                            f"existing one, or a new name without a suffix)")
+    if submission and kind != ".csv":
         raise AudioclfError("--submission writes CSV: give --out NAME.csv, or no --out for stdout")
+    if kind == ".parquet":
+        require_pyarrow()
     if out_path:
         _check_out(out_path)
     if sum(a in STDIN for a in paths) > 1:
@@ -185,34 +230,227 @@ def run_predict(model, paths: Sequence[str], *, out: Optional[str] = None, top_k
     return 1 if failed == len(files) else 0
 
 
-def _write_results(results: Iterable[dict], out: Optional[Path], kind: str, labels: list[str], timeline: bool,
-                   shown: dict) -> int:
-    """Write ``results`` as they come to ``out`` (atomically; stdout when ``None``) in ``kind`` (``.csv``,
-    ``.json`` or ``submission``), with printable names (``shown`` renames the stdin temp file). Returns how
-    many files failed."""
-    failed, escaped = 0, 0
+class _Tally:
+    """How many results failed and how many names needed escapes, counted as the results pass."""
 
-    def logged(results):
-        nonlocal failed, escaped
+    def __init__(self):
+        self.failed, self.escaped = 0, 0
+
+    def shown(self, results: Iterable[dict], shown: dict) -> Iterator[dict]:
+        """``results`` with printable names (``shown`` renames the stdin temp file); each failure logged."""
         for r in results:
             raw = r["path"]
             name = shown.get(raw, raw)
             r["path"] = _printable(name)
-            escaped += r["path"] != name
+            self.escaped += r["path"] != name
             if r["error"]:
                 r["error"] = _printable(r["error"].replace(raw, name))
                 log.warning("%s", r["error"])
-                failed += 1
+                self.failed += 1
             yield r
 
-    with atomic_path(out) if out else nullcontext() as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") if out else nullcontext(sys.stdout) as f:
-            if kind == "submission":
-                _write_submission(f, logged(results))
-            elif kind == ".json":
-                _write_json(f, logged(results), labels)
-            else:
-                _write_csv(f, logged(results), timeline)
-    if escaped:
-        log.warning("%d file name(s) are not valid UTF-8: written with \\xNN escapes for the bytes that are not", escaped)
-    return failed
+    def warn_escaped(self) -> None:
+        if self.escaped:
+            log.warning("%d file name(s) are not valid UTF-8: written with \\xNN escapes for the bytes that are not",
+                        self.escaped)
+
+
+def _write_results(results: Iterable[dict], out: Optional[Path], kind: str, labels: list[str], timeline: bool,
+                   shown: dict) -> int:
+    """Write ``results`` as they come to ``out`` (atomically; stdout when ``None``) in ``kind`` (``.csv``,
+    ``.json``, ``.parquet`` or ``submission``), with printable names (``shown`` renames the stdin temp file).
+    Returns how many files failed."""
+    tally = _Tally()
+    named = tally.shown(results, shown)
+    if kind == ".parquet":
+        fields = _csv_fields(timeline)
+        _write_parquet(out, fields, ([row.get(f, "") for f in fields] for r in named for row in _csv_rows(r)))
+    else:
+        with atomic_path(out) if out else nullcontext() as tmp:
+            with open(tmp, "w", newline="", encoding="utf-8") if out else nullcontext(sys.stdout) as f:
+                if kind == "submission":
+                    _write_submission(f, named)
+                elif kind == ".json":
+                    _write_json(f, named, labels)
+                else:
+                    _write_csv(f, named, timeline)
+    tally.warn_escaped()
+    return tally.failed
+
+
+# ---------------------------------------------------------------------------------------------- --out DIR
+
+def _is_folder(out: Path) -> bool:
+    """Whether ``--out`` names a folder: an existing one, or a new name without a suffix. A name ending in
+    ``.csv``, ``.json`` or ``.parquet`` is always a file (and refused if it is a folder)."""
+    return out.suffix.lower() not in FILE_KINDS and (out.is_dir() or not out.suffix)
+
+
+def _check_folder(folder: Path) -> None:
+    """Refuse an ``--out DIR`` that is a file, before the inputs are listed."""
+    if folder.exists() and not folder.is_dir():
+        raise AudioclfError(f"--out {folder} is a file: name a folder (new or existing) for --out DIR, or a .csv, "
+                            f".json or .parquet file")
+
+
+def _make_folder(folder: Path) -> None:
+    """Make ``--out DIR`` and its parts folder, or refuse it, before any model work."""
+    try:
+        (folder / PARTS).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AudioclfError(f"--out {folder}: cannot create the folder ({e.strerror})") from None
+    if not os.access(folder / PARTS, os.W_OK):
+        raise AudioclfError(f"--out {folder}: the folder is not writable")
+
+
+def _check_options(folder: Path, options: dict) -> None:
+    """The options that shape the rows must be the ones ``folder``'s parts were made with, else a rerun
+    would mix two kinds of rows: refuse a change, naming it."""
+    path = folder / OPTIONS
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise AudioclfError(f"{path}: unreadable ({e}); delete it only if every part in {folder / PARTS} was made "
+                            f"with today's options") from None
+    changed = [f"{k}={v!r} (the parts have {saved.get(k)!r})" for k, v in options.items() if saved.get(k) != v]
+    if changed:
+        raise AudioclfError(f"--out {folder} holds predictions made with other options: {', '.join(changed)}; give "
+                            f"the same options to continue them, or another --out folder")
+
+
+def _record_options(folder: Path, options: dict) -> None:
+    """Keep the options for later runs' :func:`_check_options`, once they have passed the classifier's checks
+    and before the first part is written (every process that writes a part does this: the same file)."""
+    if not (folder / OPTIONS).is_file():
+        with atomic_path(folder / OPTIONS) as tmp:
+            tmp.write_text(json.dumps(options, indent=1) + "\n", encoding="utf-8")
+
+
+def _done(folder: Path, fields: list[str], skip_run: str, retry_errors: bool) -> set[str]:
+    """The files whose latest row in ``folder``'s parts is complete (and, with ``retry_errors``, not an error)."""
+    error = fields.index("error")
+    latest = {}
+    for _, (row, *_) in read_parts(folder, fields, skip_run=skip_run):
+        latest[row[0]] = not (retry_errors and row[error])
+    return {name for name, done in latest.items() if done}
+
+
+def _write_part(results: Iterable[dict], part: Path, fields: list[str]) -> None:
+    """Append the rows of ``results`` to the part file ``part`` as they come."""
+    tally = _Tally()
+    with PartWriter(part, fields) as writer:
+        for r in tally.shown(results, {}):
+            rows = _csv_rows(r)
+            writer.write(rows[1:] + rows[:1])  # the file's own row last: it marks the file complete
+    tally.warn_escaped()
+
+
+def _merge(folder: Path, names: list[str], fields: list[str], formats: tuple, run_id: str) -> dict:
+    """Every part merged into ``folder/predictions.csv`` and/or ``.parquet`` (atomically): one file's rows
+    per name in ``names``, in that order, each file's latest rows (parts of a later run win).
+
+    Returns:
+        dict: ``now`` (files classified by run ``run_id``), ``before`` (done by earlier runs), ``failed``
+        (files whose latest row is an error), counted once per file however often it is named.
+
+    Raises:
+        AudioclfError: when a name has no complete row in any part (its process stopped early).
+    """
+    wanted, latest = set(names), {}
+    for run, record in read_parts(folder, fields):
+        if record[0][0] in wanted:
+            latest[record[0][0]] = (run == run_id, record)
+    missing = [name for name in wanted if name not in latest]
+    if missing:
+        raise AudioclfError(f"{len(missing)} of {len(wanted)} input(s) have no complete row in {folder / PARTS} (e.g. "
+                            f"{missing[0]}): a process stopped before its share was done; run the same command again "
+                            f"to classify them")
+    rows = [row for name in names for row in latest[name][1]]
+    if "csv" in formats:
+        with atomic_path(folder / "predictions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(fields)
+            w.writerows(rows)
+    if "parquet" in formats:
+        _write_parquet(folder / "predictions.parquet", fields, rows)
+    now = sum(new for new, _ in latest.values())
+    error = fields.index("error")
+    return {"now": now, "before": len(latest) - now, "failed": sum(bool(rec[0][error]) for _, rec in latest.values())}
+
+
+def predict_to_folder(model, paths: Sequence[str], folder: Path, *, out_format: Optional[str] = None,
+                      retry_errors: bool = False, top_k: int = 3, batch_size: int = 32, device: str = "auto",
+                      window_s: Optional[float] = None, hop_s: Optional[float] = None, timeline: bool = False,
+                      quiet: bool = False) -> int:
+    """``audioclf predict --out DIR``: resumable prediction, shared among torchrun's processes.
+
+    Every process collects the same inputs in the same order and skips the files that ``DIR/parts`` already
+    holds a complete row for (a row with an ``error`` counts as done, unless ``retry_errors``); process ``r``
+    of ``w`` (torchrun's ``RANK`` and ``WORLD_SIZE``; 0 of 1 without torchrun) classifies every ``w``-th of
+    the others from the ``r``-th on and appends their rows to ``DIR/parts/part-<run id>-<r>.csv``, synced
+    every :data:`~audioclf.commands.parts.CHUNK_ROWS` rows or :data:`~audioclf.commands.parts.CHUNK_S`
+    seconds. When all are done, process 0 merges every part into ``DIR/predictions.csv``: the rows of
+    ``--out x.csv``, one file's rows per input, in input order, a file's latest rows winning.
+
+    Args:
+        folder (Path): the folder, made when missing.
+        out_format (str, optional): ``csv``, ``parquet`` (needs pyarrow) or ``both``. (Default: ``csv``)
+        retry_errors (bool, optional): classify again the files whose latest row is an error. (Default: ``False``)
+        The others: as in :func:`run_predict`; under torchrun a CUDA device is ``cuda:LOCAL_RANK``.
+
+    Returns:
+        int: the exit code: 1 when every file failed, else 0.
+
+    Raises:
+        AudioclfError: for options, inputs or a folder that cannot work, before the model loads; for options
+            that differ from those the folder's parts were made with.
+    """
+    if out_format not in (None, *FORMATS):
+        raise AudioclfError(f"Unsupported --format {out_format}; choose {', '.join(FORMATS)}")
+    formats = FORMATS[out_format or "csv"]
+    if any(a in STDIN for a in paths):
+        raise AudioclfError("stdin ('-') cannot be classified into --out DIR: a rerun could not tell whether it was "
+                            "done; give --out NAME.csv, or no --out")
+    if "parquet" in formats:
+        require_pyarrow()
+    _check_folder(folder)
+    files = collect_paths(paths)
+    _make_folder(folder)
+    by_name: dict[str, Path] = {}
+    for p in files:  # a file named twice is classified once
+        by_name.setdefault(_printable(str(p)), p)
+    rank, _, world = dist_info()
+    options = {"model": str(Path(model).resolve()), "top_k": top_k, "window_s": window_s, "hop_s": hop_s,
+               "timeline": timeline}
+    _check_options(folder, options)
+    fields = _csv_fields(timeline)
+    who = f"rank {rank} of {world}: " if world > 1 else ""
+    t0 = time.perf_counter()
+    with process_group(resolve_device(device)) as dev:
+        run_id = broadcast(new_run_id() if rank == 0 else None, dev)
+        done = _done(folder, fields, run_id, retry_errors)
+        todo = [p for name, p in by_name.items() if name not in done]
+        mine = todo[rank::world]
+        log.info("%sclassifying %d of %d file(s); %d done before", who, len(mine), len(by_name), len(by_name) - len(todo))
+        if mine:
+            clf = load(model, str(dev), batch_size=batch_size)
+            results = clf.classify_files(mine, window_s=window_s, hop_s=hop_s, timeline=timeline, top_k=top_k,
+                                         quiet=quiet or rank != 0)  # checks its options now, before any part
+            _record_options(folder, options)
+            try:
+                _write_part(results, part_path(folder, run_id, rank), fields)
+            except KeyboardInterrupt:
+                log.warning("interrupted: the rows so far are in %s; run the same command again to continue",
+                            folder / PARTS)
+                raise
+        barrier(dev)  # every rank, with files or without: rank 0 merges only once all parts are complete
+    if rank != 0:
+        return 0
+    counts = _merge(folder, [_printable(str(p)) for p in files], fields, formats, run_id)
+    elapsed = time.perf_counter() - t0
+    log.info("%d classified now, %d skipped as done, %d failed; wrote %s (%.1f s%s)", counts["now"], counts["before"],
+             counts["failed"], " and ".join(str(folder / f"predictions.{f}") for f in formats), elapsed,
+             f", {counts['now'] / elapsed:.1f} files/s" if counts["now"] else "")
+    return 1 if counts["failed"] == len(by_name) else 0

@@ -1,0 +1,132 @@
+"""The part files of ``audioclf predict --out DIR``: each process appends the rows of the files it classifies
+to its own ``DIR/parts/part-<run id>-<rank>.csv``, synced to disk chunk by chunk, so a killed job loses at
+most its last chunk. A rerun reads every part to skip the files already done; at the end rank 0 merges them.
+
+A part holds the CSV rows of ``--out x.csv`` in one other order: a file's ``--timeline`` window rows come
+before its own row, so that its own row, written last, says that the file is complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Optional
+
+from ..config import AudioclfError
+
+PARTS = "parts"  # the sub-folder of --out DIR that holds them
+CHUNK_ROWS = 100  # rows written between two syncs at most
+CHUNK_S = 10.0  # seconds between two syncs at most, while rows arrive
+_NAME = re.compile(r"^part-(?P<run>\d{8}T\d{12}Z)-(?P<rank>\d+)\.csv$")
+
+
+def new_run_id() -> str:
+    """A name for one run's parts that sorts after every earlier run's: the UTC time to the microsecond."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def part_path(folder: Path, run_id: str, rank: int) -> Path:
+    return Path(folder) / PARTS / f"part-{run_id}-{rank}.csv"
+
+
+def list_parts(folder: Path) -> list[tuple[str, Path]]:
+    """``(run id, path)`` of every part in ``folder``, oldest run first (within a run, by rank)."""
+    found = []
+    for path in (Path(folder) / PARTS).glob("part-*.csv"):
+        m = _NAME.match(path.name)
+        if m:
+            found.append((m["run"], int(m["rank"]), path))
+    return [(run, path) for run, _, path in sorted(found)]
+
+
+class PartWriter:
+    """One process's part file: rows appended file by file, flushed and fsync'd every ``chunk_rows`` rows or
+    ``chunk_s`` seconds, and on close (a Ctrl-C included).
+
+    Args:
+        path (Path): the part file to create; an existing file is never overwritten.
+        fields (list of str): the CSV columns, written as the header.
+        chunk_rows (int, optional): rows written between two syncs at most. (Default: ``CHUNK_ROWS``)
+        chunk_s (float, optional): seconds between two syncs at most, while rows arrive. (Default: ``CHUNK_S``)
+    """
+
+    def __init__(self, path, fields: list[str], *, chunk_rows: int = CHUNK_ROWS, chunk_s: float = CHUNK_S):
+        self.path, self.chunk_rows, self.chunk_s = Path(path), chunk_rows, chunk_s
+        self._file = open(self.path, "x", newline="", encoding="utf-8")
+        # every field quoted: with "\n" line ends, csv leaves a "\r" in a file name unquoted, and reading it fails
+        self._csv = csv.DictWriter(self._file, fields, restval="", lineterminator="\n", quoting=csv.QUOTE_ALL)
+        self._csv.writeheader()
+        self._unsynced, self._synced_at = 0, time.monotonic()
+
+    def write(self, rows: list[dict]) -> None:
+        """Append one file's rows: its window rows, then its own row."""
+        self._csv.writerows(rows)
+        self._unsynced += len(rows)
+        if self._unsynced >= self.chunk_rows or time.monotonic() - self._synced_at >= self.chunk_s:
+            self.sync()
+
+    def sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._unsynced, self._synced_at = 0, time.monotonic()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            try:
+                self.sync()
+            finally:
+                self._file.close()
+
+    def __enter__(self) -> "PartWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_part(path: Path, fields: list[str]) -> Iterator[list[list[str]]]:
+    """The complete files of one part, in the order written: each a list of rows (lists of strings in
+    ``fields`` order), the file's own row first, then its window rows.
+
+    A torn last line (the process was killed mid-write) is left out, and with it the file it belonged to.
+
+    Raises:
+        AudioclfError: naming the part, when its columns are not ``fields`` (it was written with other options).
+    """
+    path_col = fields.index("path")
+    start_col = fields.index("start_s") if "start_s" in fields else None
+    # newline="\n": a "\r" inside a quoted file name must not end a line
+    with open(path, newline="\n", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader((line for line in f if line.endswith("\n")), strict=True)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
+            if header != fields:
+                raise AudioclfError(f"{path}: its columns ({', '.join(header)}) are not this run's ({', '.join(fields)}); "
+                                    f"it was written with other options: move it out of {path.parent}, or use another "
+                                    f"--out folder")
+            windows: list[list[str]] = []
+            for row in reader:
+                if len(row) != len(fields):
+                    windows = []
+                elif start_col is not None and row[start_col]:
+                    windows.append(row)
+                else:
+                    yield [row, *(w for w in windows if w[path_col] == row[path_col])]
+                    windows = []
+        except csv.Error:
+            return  # a quoted field cut short by the kill: the rest is the torn tail
+
+
+def read_parts(folder: Path, fields: list[str], skip_run: Optional[str] = None) -> Iterator[tuple[str, list[list[str]]]]:
+    """``(run id, file's rows)`` for every complete file in every part in ``folder`` but ``skip_run``'s, oldest
+    run first: a file classified twice comes last as it was classified last."""
+    for run, path in list_parts(folder):
+        if run != skip_run:
+            for record in read_part(path, fields):
+                yield run, record
