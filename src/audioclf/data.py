@@ -1,6 +1,6 @@
 """Datasets: where clips come from, how they are split, and the log-mel cache the trainer reads.
 
-Flow: ``load_clips`` (folder / csv / esc50 / urbansound8k) -> ``FeatureBank.build`` (decode, resample,
+Flow: ``load_clips`` (folder / csv / esc50 / urbansound8k / webdataset shards, ``webdata.py``) -> ``FeatureBank.build`` (decode, resample,
 batched LogMel, cached on disk once per dataset and feature config) -> ``split_clips`` (folds, or a
 stratified split that keeps every group on one side) -> ``FeatureBank.batch`` (crop, collate).
 """
@@ -36,7 +36,7 @@ CACHE_VERSION = 3  # 2: a sha256 of the contents is stored with them; 3: the fea
 
 @dataclass(frozen=True)
 class Clip:
-    path: str  # absolute path of the audio file
+    path: str  # absolute path of the audio file, or of a tar member (audio.member_path)
     label: int  # index into the dataset's class names
     fold: Optional[int] = None  # official fold, where the dataset has them
     group: Optional[str] = None  # source recording; clips of one group never straddle a split
@@ -216,12 +216,18 @@ def load_clips(config: DataConfig) -> ClipSet:
     if not config.root:
         raise AudioclfError("no dataset given: pass the data folder or CSV (DataConfig.root)")
     readers = {"folder": read_folder, "csv": read_csv, "urbansound8k": read_urbansound8k,
-               "esc50": lambda root: read_esc50(root, config.esc10)}
+               "esc50": lambda root: read_esc50(root, config.esc10), "webdataset": _read_webdataset}
     clipset = readers[config.format](config.root)
     if config.esc10 and config.format != "esc50":
         raise AudioclfError(f"--esc10 applies to format 'esc50' only, not {config.format!r}")
     check_classes(clipset, config.root)
     return clipset
+
+
+def _read_webdataset(root) -> ClipSet:
+    from .webdata import read_webdataset  # webdata builds on this module
+
+    return read_webdataset(root)
 
 
 def check_classes(clipset: ClipSet, where) -> None:
