@@ -408,3 +408,18 @@ def test_two_gloo_processes_train_on_shards_in_step(synth_dir, tmp_path):
     n_train = int(re.search(r"train: (\d+) clips", log).group(1))
     steps = [int((tmp_path / f"rank{k}").read_text()) for k in (0, 1)]
     assert steps == [2 * math.ceil(math.ceil(n_train / 2) / 4)] * 2, (n_train, steps)  # 2 epochs, 2 ranks, batch 4
+
+
+def test_a_manifest_may_list_tar_members(synth_shards, tmp_path):
+    # cv writes folds.csv from the clips of a dataset without folds, then reads it as a CSV
+    from audioclf.data import write_folds
+
+    shards = read_webdataset(synth_shards)
+    manifest = write_folds(shards, tmp_path / "folds.csv", 3, seed=0)
+    back = read_csv(manifest)
+    assert [(c.path, c.label) for c in back.clips] == [(c.path, c.label) for c in shards.clips]
+    assert {c.fold for c in back.clips} == {1, 2, 3} and back.skipped == []
+    with open(manifest, "a", newline="") as f:
+        csv.writer(f).writerow([f"{split_member(shards.clips[0].path)[0]}#no-such-key.wav", "tone", 1, "g"])
+    assert read_csv(manifest).skipped == [(f"{split_member(shards.clips[0].path)[0]}#no-such-key.wav",
+                                           "file listed in the metadata is missing")]

@@ -183,6 +183,17 @@ def source_stat(path) -> SourceStat:
     return SourceStat(entry.size, st.st_mtime_ns)
 
 
+def source_exists(path) -> bool:
+    """Whether ``path`` is a file, or a member of a readable tar that holds it."""
+    if split_member(path) is None:
+        return os.path.isfile(path)
+    try:
+        source_stat(path)
+    except OSError:
+        return False
+    return True
+
+
 def read_source(path) -> bytes:
     """The encoded bytes of the audio source ``path`` (a file or a tar member), as stored."""
     member = split_member(path)

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .audio import AUDIO_EXTENSIONS, default_hop, fix_length, inference_windows, link_problem, load_audio
+from .audio import (AUDIO_EXTENSIONS, default_hop, fix_length, inference_windows, link_problem, load_audio,
+                    source_exists)
 from .config import AudioclfError, DataConfig, FeatureConfig
 from .features import LogMel
 from .fileio import atomic_path
@@ -160,7 +161,7 @@ def _from_rows(rows: list[Row], source, classes: Optional[list[str]] = None) -> 
     index = {name: i for i, name in enumerate(classes)}
     clips, skipped = [], []
     for path, name, fold, group, _ in rows:
-        if path.is_file():
+        if source_exists(path):  # a file, or a tar member (cv's folds.csv of a shard set lists those)
             clips.append(Clip(os.path.realpath(path), index[name], fold, group))
         else:
             skipped.append((os.path.abspath(path), link_problem(path) or "file listed in the metadata is missing"))
