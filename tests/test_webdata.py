@@ -210,15 +210,18 @@ def test_samples_without_audio_or_label_are_skipped_with_the_reason(tmp_path):
         {"__key__": "badcls", "wav": wav, "cls": "dog"},
         {"__key__": "badfold", "wav": wav, "json": {"label": "0", "fold": "one"}},
         {"__key__": "named", "wav": wav, "json": {"label": "0", "fold": 2, "group": 7}},
+        {"__key__": "negative", "wav": wav, "json": {"label": -1}},
+        {"__key__": "jsonindex", "flac": wav, "json": {"label": 1}},
     ])
     cs = read_webdataset(tar)
     assert cs.classes == ["0", "1"]
-    assert [(Path(c.path).name, c.label, c.fold, c.group) for c in cs.clips] == [("mixed.tar#good.wav", 1, None, None),
-                                                                                 ("mixed.tar#named.wav", 0, 2, "7")]
+    assert [(Path(c.path).name, c.label, c.fold, c.group) for c in cs.clips] == [
+        ("mixed.tar#good.wav", 1, None, None), ("mixed.tar#named.wav", 0, 2, "7"), ("mixed.tar#jsonindex.flac", 1, None, None)]
     reasons = {p.rsplit("#", 1)[1]: r for p, r in cs.skipped}
     assert reasons["nolabel"] == 'no label: neither a .json with a "label" nor a .cls'
     assert reasons["noaudio"].startswith("no audio member (one of .wav, .flac")
-    assert reasons["twoaudio"].startswith("more than one audio member (")
+    assert reasons["twoaudio"] == "more than one audio member (flac, wav); a sample holds exactly one"
+    assert reasons["negative"] == "class index -1 is negative"
     assert reasons["badjson"].startswith("its .json is not valid JSON")
     assert reasons["badcls"] == "its .cls holds 'dog', not a class index"
     assert reasons["badfold"] == "fold 'one' in its .json is not a whole number"

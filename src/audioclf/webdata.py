@@ -71,10 +71,9 @@ def write_shards(clipset: ClipSet, out_dir, *, samples_per_shard: int = 500, max
     Each clip's audio goes in as its original bytes, with its class index (``.cls``) and its label, fold,
     group and source path (``.json``). A shard closes at ``samples_per_shard`` samples or before it would
     pass ``max_shard_bytes`` (estimated from the clips' sizes and the tar headers; a clip larger than that
-    gets a shard of its own). Every shard is written
-    under a temporary name and renamed when complete, and ``dataset.json`` says ``"complete": false``
-    until the last one is in place, so an interrupted run never looks like a finished shard set; running
-    again into the same folder starts it over.
+    gets a shard of its own). Every shard is written under a temporary name and renamed when complete, and
+    ``dataset.json`` says ``"complete": false`` until the last one is in place, so an interrupted run never
+    looks like a finished shard set; running again into the same folder starts it over.
 
     Args:
         clipset (ClipSet): the clips, classes and reader's skipped list (``data.load_clips``).
@@ -277,7 +276,7 @@ def _describe(source: Source) -> str:
 
 def _class_order(name: str) -> tuple:
     # names made from .cls indices sort as numbers, so class "10" comes after class "9"
-    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+    return (0, int(name), "") if name.isascii() and name.isdigit() else (1, 0, name)
 
 
 def _resolve(source: Source) -> tuple[list[str], Optional[dict]]:
@@ -377,9 +376,10 @@ def _read_sample(tar: str, key: str, members: dict[str, str],
                  classes: Optional[list[str]]) -> Union[str, tuple[str, object, Optional[int], Optional[str]]]:
     """(audio path, label, fold, group) of one sample, or why it cannot be used."""
     audio = [ext for ext in members if f".{ext}" in AUDIO_EXTENSIONS]
-    if len(audio) != 1:
-        return (f"{'no' if not audio else 'more than one'} audio member ({', '.join(audio) or 'one of ' + ', '.join(AUDIO_EXTENSIONS)}); "
-                f"a sample holds exactly one")
+    if not audio:
+        return f"no audio member (one of {', '.join(AUDIO_EXTENSIONS)})"
+    if len(audio) > 1:
+        return f"more than one audio member ({', '.join(audio)}); a sample holds exactly one"
     meta = {}
     if "json" in members:
         try:
@@ -397,8 +397,10 @@ def _read_sample(tar: str, key: str, members: dict[str, str],
     if label is None:
         return "no label: neither a .json with a \"label\" nor a .cls"
     if isinstance(label, int) and not isinstance(label, bool):
+        if label < 0:
+            return f"class index {label} is negative"
         if classes is not None:
-            if not 0 <= label < len(classes):
+            if label >= len(classes):
                 return f"class index {label} is outside the {len(classes)} classes of {INDEX_NAME}"
             label = classes[label]
     elif not isinstance(label, str) or not label.strip():
