@@ -15,7 +15,7 @@ import logging
 import os
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -25,34 +25,16 @@ from tqdm.auto import tqdm
 
 from .audio import (AUDIO_EXTENSIONS, default_hop, fix_length, inference_windows, link_problem, load_audio,
                     source_exists)
+from .clips import Clip, ClipSet
 from .config import AudioclfError, DataConfig, FeatureConfig
 from .features import LogMel
 from .fileio import atomic_path
 from .runtime import auto_workers, cpu_threads_beside
+from .webdata import read_webdataset
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 3  # 2: a sha256 of the contents is stored with them; 3: the features of inference windows
-
-
-@dataclass(frozen=True)
-class Clip:
-    path: str  # absolute path of the audio file, or of a tar member (audio.member_path)
-    label: int  # index into the dataset's class names
-    fold: Optional[int] = None  # official fold, where the dataset has them
-    group: Optional[str] = None  # source recording; clips of one group never straddle a split
-
-
-@dataclass
-class ClipSet:
-    clips: list[Clip]
-    classes: list[str]  # label index -> class name
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) left out
-
-    def describe(self, clips: Optional[Sequence[Clip]] = None) -> str:
-        clips = self.clips if clips is None else clips
-        groups = {c.group if c.group is not None else c.path for c in clips}
-        return f"{len(clips)} clips, {len({c.label for c in clips})} classes, {len(groups)} groups"
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -217,18 +199,12 @@ def load_clips(config: DataConfig) -> ClipSet:
     if not config.root:
         raise AudioclfError("no dataset given: pass the data folder or CSV (DataConfig.root)")
     readers = {"folder": read_folder, "csv": read_csv, "urbansound8k": read_urbansound8k,
-               "esc50": lambda root: read_esc50(root, config.esc10), "webdataset": _read_webdataset}
+               "esc50": lambda root: read_esc50(root, config.esc10), "webdataset": read_webdataset}
     clipset = readers[config.format](config.root)
     if config.esc10 and config.format != "esc50":
         raise AudioclfError(f"--esc10 applies to format 'esc50' only, not {config.format!r}")
     check_classes(clipset, config.root)
     return clipset
-
-
-def _read_webdataset(root) -> ClipSet:
-    from .webdata import read_webdataset  # webdata builds on this module
-
-    return read_webdataset(root)
 
 
 def check_classes(clipset: ClipSet, where) -> None:

@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from ._version import __version__
 from .audio import (AUDIO_EXTENSIONS, audio_duration_s, audio_format, member_path, read_member, read_source,
                     source_stat, split_member, tar_index)
+from .clips import Clip, ClipSet
 from .config import AudioclfError
-from .data import Clip, ClipSet
 from .fileio import atomic_path
 
 log = logging.getLogger(__name__)
