@@ -212,3 +212,89 @@ def test_find_audio_files_recursive_sorted_case_insensitive(tmp_path):
     os.mkdir(tmp_path / "dir.wav")  # a folder with an audio-looking name is not a file
     found = [p.relative_to(tmp_path).as_posix() for p in find_audio_files(tmp_path)]
     assert found == ["a/deep/er/y.flac", "a/z.ogg", "b/x.WAV", "c.mp3"]
+
+
+# ------------------------------------------------------------------------------------------- tar members
+
+def _tar_of(tmp_path, files: dict, name="set.tar"):
+    """An uncompressed tar holding ``files`` (member name -> bytes)."""
+    import io
+    import tarfile
+
+    path = tmp_path / name
+    with tarfile.open(path, "w") as t:
+        for member, data in files.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_a_tar_member_decodes_like_the_file(tmp_path, write_wav):
+    from audioclf.audio import member_path, read_source, split_member
+
+    wav = write_wav(chirp_noise(16000, 2.0), 16000, name="src/a.wav")
+    flac = tmp_path / "src" / "b.flac"
+    sf.write(flac, tone(300, 16000, 1.0), 16000)
+    tar = _tar_of(tmp_path, {"k1.wav": wav.read_bytes(), "dir/k2.flac": flac.read_bytes()})
+    a, b = member_path(tar, "k1.wav"), member_path(tar, "dir/k2.flac")
+    assert a == f"{os.path.realpath(tar)}#k1.wav" and split_member(b) == (os.path.realpath(tar), "dir/k2.flac")
+    np.testing.assert_array_equal(load_audio(a, SR), load_audio(wav, SR))
+    np.testing.assert_array_equal(load_audio(b, 8000), load_audio(flac, 8000))
+    assert audio_duration_s(a) == pytest.approx(2.0)
+    np.testing.assert_allclose(np.concatenate(list(stream_audio(a, SR, block_s=0.5))), load_audio(wav, SR), atol=1e-3)
+    assert read_source(b) == flac.read_bytes()
+
+
+def test_a_file_named_with_a_hash_is_a_file_not_a_member(tmp_path, write_wav):
+    from audioclf.audio import split_member
+
+    tar = _tar_of(tmp_path, {"x.wav": b"not audio"}, name="a.tar")
+    plain = write_wav(tone(440, 16000, 0.5), 16000, name="a.tar#x.wav")  # the very path a member would have
+    assert split_member(plain) is None
+    assert load_audio(plain, 16000).shape == (8000,)
+    # a tar whose own name holds '#': the split is at the '#' after an existing .tar
+    odd = _tar_of(tmp_path, {"y.wav": plain.read_bytes()}, name="odd#1.tar")
+    assert split_member(f"{odd}#y.wav") == (str(odd), "y.wav")
+    assert split_member(f"{tmp_path}/nothing.tar#y.wav") is None  # no such tar: not a member path
+    assert split_member(f"{tar}") is None and split_member(tmp_path / "a.tar") is None
+
+
+def test_tar_member_errors_name_the_member(tmp_path, write_wav):
+    wav = write_wav(tone(440, 16000, 0.5), 16000)
+    tar = _tar_of(tmp_path, {"k.wav": wav.read_bytes(), "empty.wav": b""})
+    with pytest.raises(AudioclfError, match=r"set\.tar#gone\.wav: the tar has no member 'gone\.wav'"):
+        load_audio(f"{tar}#gone.wav", 16000)
+    with pytest.raises(AudioclfError, match=r"set\.tar#empty\.wav: the tar member is empty"):
+        load_audio(f"{tar}#empty.wav", 16000)
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(tar.read_bytes()[:700])  # the first header and part of its data
+    with pytest.raises(AudioclfError, match=r"cut\.tar"):
+        load_audio(f"{cut}#k.wav", 16000)
+    gz = tmp_path / "set.tar.gz"
+    import gzip
+    gz.write_bytes(gzip.compress(tar.read_bytes()))
+    bad = tmp_path / "zipped.tar"
+    bad.write_bytes(gz.read_bytes())
+    with pytest.raises(AudioclfError, match=r"zipped\.tar: not an uncompressed tar"):
+        load_audio(f"{bad}#k.wav", 16000)
+
+
+def test_source_stat_follows_a_rewritten_tar(tmp_path, write_wav):
+    from audioclf.audio import source_stat
+
+    wav = write_wav(tone(440, 16000, 0.5), 16000)
+    tar = _tar_of(tmp_path, {"k.wav": wav.read_bytes()})
+    first = source_stat(f"{tar}#k.wav")
+    assert first.st_size == wav.stat().st_size and first.st_mtime_ns == tar.stat().st_mtime_ns
+    assert source_stat(wav) == (wav.stat().st_size, wav.stat().st_mtime_ns)
+    longer = write_wav(tone(440, 16000, 1.0), 16000, name="longer.wav")
+    _tar_of(tmp_path, {"k.wav": longer.read_bytes()})
+    os.utime(tar, ns=(first.st_mtime_ns + 10**9, first.st_mtime_ns + 10**9))  # a coarse clock could hide the rewrite
+    second = source_stat(f"{tar}#k.wav")
+    assert second != first and second.st_size == longer.stat().st_size
+    assert load_audio(f"{tar}#k.wav", 16000).shape == (16000,)  # the new member, not the indexed old one
+    with pytest.raises(FileNotFoundError):
+        source_stat(f"{tar}#other.wav")
+    with pytest.raises(FileNotFoundError):
+        source_stat(tmp_path / "missing.wav")

@@ -1,14 +1,20 @@
 """Audio I/O: decode with soundfile, mix to mono, resample with soxr, pad or crop to a fixed length.
 
 Everything here works on 1-D ``float32`` numpy arrays in [-1, 1] at a known sample rate (Hz).
+
+An audio source is a file path, or a member of an uncompressed tar (a WebDataset shard) written as
+``/abs/shard-000003.tar#key.flac`` (:func:`member_path`); every reader here takes both.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
+import io
 import os
+import tarfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 import soundfile as sf
@@ -37,6 +43,12 @@ def link_problem(path) -> Optional[str]:
 
 
 def _open(path) -> sf.SoundFile:
+    member = split_member(path)
+    if member is not None:
+        data = read_member(*member)
+        if not data:
+            raise AudioclfError(f"{path}: the tar member is empty (0 bytes)")
+        return _decoder(io.BytesIO(data), path)
     path = Path(path)
     if not path.is_file():
         raise AudioclfError(f"{path}: {link_problem(path) or 'no such audio file'}")
@@ -44,13 +56,151 @@ def _open(path) -> sf.SoundFile:
         raise AudioclfError(f"{path}: permission denied (this user may not read the file)")
     if path.stat().st_size == 0:
         raise AudioclfError(f"{path}: the file is empty (0 bytes)")
+    # Bytes, not str: soundfile encodes a str name strictly, so a name that is not valid UTF-8
+    # (surrogate-escaped by Python) would fail with UnicodeEncodeError.
+    return _decoder(os.fsencode(path), path)
+
+
+def _decoder(source: Union[bytes, io.BytesIO], name) -> sf.SoundFile:
     try:
-        # Bytes, not str: soundfile encodes a str name strictly, so a name that is not valid UTF-8
-        # (surrogate-escaped by Python) would fail with UnicodeEncodeError.
-        return sf.SoundFile(os.fsencode(path))
+        return sf.SoundFile(source)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioclfError(f"{path}: soundfile cannot decode it ({getattr(e, 'error_string', e)}); "
+        raise AudioclfError(f"{name}: soundfile cannot decode it ({getattr(e, 'error_string', e)}); "
                             f"readable formats: {', '.join(sorted(sf.available_formats()))}") from None
+
+
+# ---------------------------------------------------------------------------------------------- tar members
+
+MEMBER_SEP = "#"  # between a tar's path and a member's name in a source path
+
+
+class TarMember(NamedTuple):
+    offset: int  # bytes from the start of the tar to the member's data
+    size: int  # bytes
+
+
+class SourceStat(NamedTuple):
+    """What identifies the content of an audio source, for cache keys (``os.stat``'s field names)."""
+
+    st_size: int  # bytes of the file or member
+    st_mtime_ns: int  # of the file, or of the tar holding the member
+
+
+def member_path(tar, name: str) -> str:
+    """The source path of member ``name`` of ``tar``: the tar's absolute real path, ``#``, the name."""
+    return f"{os.path.realpath(tar)}{MEMBER_SEP}{name}"
+
+
+def split_member(path) -> Optional[tuple[str, str]]:
+    """(tar, member name) when ``path`` names a tar member (:func:`member_path`), else None.
+
+    A plain file always wins: a path that exists as it is, ``#`` in its name or not, is a file. Otherwise
+    the first ``#`` whose left side is an existing ``.tar`` file splits it, so a tar's own path may hold
+    ``#`` too (a member name may as well: it is everything after the split).
+    """
+    path = os.fspath(path)
+    if not isinstance(path, str) or MEMBER_SEP not in path or os.path.lexists(path):
+        return None
+    at = path.find(MEMBER_SEP)
+    while at != -1:
+        tar = path[:at]
+        if tar.lower().endswith(".tar") and os.path.isfile(tar):
+            return tar, path[at + 1:]
+        at = path.find(MEMBER_SEP, at + 1)
+    return None
+
+
+def tar_index(tar) -> dict[str, TarMember]:
+    """Name -> :class:`TarMember` of every regular file in the uncompressed tar ``tar``, in tar order.
+
+    Read from the headers alone (the data is skipped, not read) and kept per process, keyed by the tar's
+    size and mtime: decoding workers look members up without rescanning, and a rewritten tar is read
+    again. Forked DataLoader workers inherit the index their parent built.
+
+    Raises:
+        AudioclfError: naming ``tar``, when it cannot be read or is not an uncompressed tar.
+    """
+    try:
+        st = os.stat(tar)
+    except OSError as e:
+        raise AudioclfError(f"{tar}: cannot read the tar ({e.strerror})") from None
+    return _cached_tar_index(os.path.realpath(tar), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_tar_index(tar: str, size: int, mtime_ns: int) -> dict[str, TarMember]:
+    try:
+        # "r:" reads uncompressed tars only: a member of a compressed one cannot be reached without
+        # decompressing everything before it, for every clip.
+        with tarfile.open(tar, "r:") as t:
+            return {m.name: TarMember(m.offset_data, m.size) for m in t if m.isreg()}
+    except tarfile.ReadError as e:
+        raise AudioclfError(f"{tar}: not an uncompressed tar archive ({e}); shards must be plain .tar files "
+                            f"(decompress .tar.gz shards first)") from None
+    except OSError as e:
+        raise AudioclfError(f"{tar}: cannot read the tar ({e.strerror or e})") from None
+
+
+def read_member(tar, name: str) -> bytes:
+    """The bytes of member ``name`` of ``tar``, read at its offset (no scan: see :func:`tar_index`).
+
+    Raises:
+        AudioclfError: naming the member, when the tar has no such member or ends inside it.
+    """
+    entry = tar_index(tar).get(name)
+    if entry is None:
+        raise AudioclfError(f"{member_path(tar, name)}: the tar has no member {name!r}")
+    try:
+        with open(tar, "rb") as f:
+            f.seek(entry.offset)
+            data = f.read(entry.size)
+    except OSError as e:
+        raise AudioclfError(f"{member_path(tar, name)}: cannot read the tar ({e.strerror or e})") from None
+    if len(data) != entry.size:
+        raise AudioclfError(f"{member_path(tar, name)}: the tar ends inside the member (truncated shard)")
+    return data
+
+
+def source_stat(path) -> SourceStat:
+    """Size and mtime of the audio source ``path``: a file's own, or a tar member's size with its tar's
+    mtime (rewriting the tar changes it).
+
+    Raises:
+        OSError: as ``os.stat`` does, when the file, the tar or the member is not there or not readable.
+    """
+    member = split_member(path)
+    if member is None:
+        st = os.stat(path)
+        return SourceStat(st.st_size, st.st_mtime_ns)
+    tar, name = member
+    st = os.stat(tar)
+    try:
+        entry = tar_index(tar).get(name)
+    except AudioclfError as e:
+        raise OSError(errno.EIO, str(e), path) from None
+    if entry is None:
+        raise FileNotFoundError(errno.ENOENT, "no such member in the tar", path)
+    return SourceStat(entry.size, st.st_mtime_ns)
+
+
+def source_exists(path) -> bool:
+    """Whether ``path`` is a file, or a member of a readable tar that holds it."""
+    if split_member(path) is None:
+        return os.path.isfile(path)
+    try:
+        source_stat(path)
+    except OSError:
+        return False
+    return True
+
+
+def read_source(path) -> bytes:
+    """The encoded bytes of the audio source ``path`` (a file or a tar member), as stored."""
+    member = split_member(path)
+    if member is not None:
+        return read_member(*member)
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def to_mono(wave: np.ndarray) -> np.ndarray:
@@ -88,6 +238,12 @@ def audio_duration_s(path) -> float:
     """Length of the file in seconds, read from its header."""
     with _open(path) as f:
         return f.frames / f.samplerate
+
+
+def audio_format(path) -> str:
+    """soundfile's name for the format of ``path`` found in its header ("WAV", "FLAC", "OGG", "MP3", ...)."""
+    with _open(path) as f:
+        return f.format
 
 
 def stream_audio(path, sample_rate: int, block_s: float = 30.0) -> Iterator[np.ndarray]:

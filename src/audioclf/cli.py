@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -18,7 +19,8 @@ from .config import PRESETS, SECTIONS, AudioclfError, Setting, load_yaml, resolv
 log = logging.getLogger("audioclf")
 
 
-_DATA_HELP = "dataset: a folder per class, a CSV manifest, or an ESC-50/UrbanSound8K root"
+_DATA_HELP = ("dataset: a folder per class, a CSV manifest, an ESC-50/UrbanSound8K root, or WebDataset shards (a "
+              "folder, a .tar or a pattern such as shards-{000..009}.tar)")
 
 # settings whose flags exclude each other: a weights file is loaded, so it cannot go with another choice
 _EXCLUSIVE = ("pretrained", "weights_path")
@@ -69,7 +71,8 @@ def _add_run_args(p: argparse.ArgumentParser, skip: tuple = ()) -> None:
 
 
 def _guess_format(data: str) -> str:
-    return "csv" if data.lower().endswith(".csv") else "folder"
+    name = data.lower()
+    return "csv" if name.endswith(".csv") else "webdataset" if name.endswith(".tar") else "folder"
 
 
 def _resumed_run_config(args: argparse.Namespace):
@@ -133,6 +136,21 @@ def cmd_evaluate(args) -> int:
     metrics = evaluate(args.model, data, fold=args.fold, out_dir=args.out, device=args.device,
                        batch_size=args.batch_size, quiet=args.quiet)
     print(metrics["report"])
+    return 0
+
+
+def cmd_shard(args) -> int:
+    from .config import DataConfig
+    from .data import load_clips
+    from .webdata import write_shards
+
+    data = DataConfig(root=args.data, format=args.format or _guess_format(args.data), esc10=bool(args.esc10))
+    if args.max_shard_mb is not None and not (math.isfinite(args.max_shard_mb) and args.max_shard_mb > 0):
+        raise AudioclfError(f"--max-shard-mb {args.max_shard_mb}: must be a number > 0 (MiB)")
+    limits = {"samples_per_shard": args.samples_per_shard,
+              "max_shard_bytes": None if args.max_shard_mb is None else round(args.max_shard_mb * 2**20)}
+    r = write_shards(load_clips(data), args.out, quiet=args.quiet, **{k: v for k, v in limits.items() if v is not None})
+    print(f"{len(r['shards'])} shard(s), {r['samples']} samples, {len(r['skipped'])} skipped: {r['out']}")
     return 0
 
 
@@ -230,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("shard", help="write a dataset as WebDataset tar shards (audio, label, fold, group)")
+    p.add_argument("data", help=_DATA_HELP)
+    p.add_argument("--out", required=True, help="folder for the shards and their dataset.json")
+    _add_setting_args(p, only=("format", "esc10"))
+    p.add_argument("--samples-per-shard", type=int, help="most samples in one shard (default 500)")
+    p.add_argument("--max-shard-mb", type=float, help="about the largest shard, in MiB (default 256)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_shard)
 
     p = sub.add_parser("predict", help="classify audio files, folders or lists of paths")
     p.add_argument("model", help="run directory, .pt checkpoint or exported safetensors folder")

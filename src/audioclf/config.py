@@ -236,8 +236,9 @@ class ModelConfig:
 class DataConfig:
     root: str = setting("", yaml_only="the DATA argument of train and cv sets it",
                         help="folder, CSV manifest, or dataset root")
-    format: Literal["folder", "csv", "esc50", "urbansound8k"] = setting(
-        "folder", help="dataset layout (the CLI's default: csv when DATA is a .csv file, else folder)")
+    format: Literal["folder", "csv", "esc50", "urbansound8k", "webdataset"] = setting(
+        "folder", help="dataset layout (the CLI's default: csv when DATA is a .csv file, webdataset when it is a "
+                       ".tar or a pattern of them, else folder)")
     esc10: bool = setting(False, help="ESC-50 only: keep the ESC-10 subset")
     val_fold: Optional[int] = setting(None, help="hold out this fold for validation")
     test_fold: Optional[int] = setting(None, help="hold out this fold for the final test (never seen in training)")

@@ -1,8 +1,8 @@
 """Datasets: where clips come from and how they are split.
 
-Flow: ``load_clips`` (folder / csv / esc50 / urbansound8k) -> ``store.FeatureBank.build`` (the features,
-on disk once per dataset and feature config) -> ``split_clips`` (folds, or a stratified split that keeps
-every group on one side) -> ``store.FeatureBank.batch`` (crop, collate).
+Flow: ``load_clips`` (folder / csv / esc50 / urbansound8k / webdataset shards, ``webdata.py``) ->
+``store.FeatureBank.build`` (the features, on disk once per dataset and feature config) -> ``split_clips``
+(folds, or a stratified split that keeps every group on one side) -> ``store.FeatureBank.batch`` (crop, collate).
 """
 
 from __future__ import annotations
@@ -11,37 +11,18 @@ import csv
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from .audio import AUDIO_EXTENSIONS, link_problem
+from .audio import AUDIO_EXTENSIONS, link_problem, source_exists
+from .clips import Clip, ClipSet
 from .config import AudioclfError, DataConfig
 from .fileio import atomic_path
+from .webdata import read_webdataset
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Clip:
-    path: str  # absolute path of the audio file
-    label: int  # index into the dataset's class names
-    fold: Optional[int] = None  # official fold, where the dataset has them
-    group: Optional[str] = None  # source recording; clips of one group never straddle a split
-
-
-@dataclass
-class ClipSet:
-    clips: list[Clip]
-    classes: list[str]  # label index -> class name
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) left out
-
-    def describe(self, clips: Optional[Sequence[Clip]] = None) -> str:
-        clips = self.clips if clips is None else clips
-        groups = {c.group if c.group is not None else c.path for c in clips}
-        return f"{len(clips)} clips, {len({c.label for c in clips})} classes, {len(groups)} groups"
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -150,7 +131,7 @@ def _from_rows(rows: list[Row], source, classes: Optional[list[str]] = None) -> 
     index = {name: i for i, name in enumerate(classes)}
     clips, skipped = [], []
     for path, name, fold, group, _ in rows:
-        if path.is_file():
+        if source_exists(path):  # a file, or a tar member (cv's folds.csv of a shard set lists those)
             clips.append(Clip(os.path.realpath(path), index[name], fold, group))
         else:
             skipped.append((os.path.abspath(path), link_problem(path) or "file listed in the metadata is missing"))
@@ -206,7 +187,7 @@ def load_clips(config: DataConfig) -> ClipSet:
     if not config.root:
         raise AudioclfError("no dataset given: pass the data folder or CSV (DataConfig.root)")
     readers = {"folder": read_folder, "csv": read_csv, "urbansound8k": read_urbansound8k,
-               "esc50": lambda root: read_esc50(root, config.esc10)}
+               "esc50": lambda root: read_esc50(root, config.esc10), "webdataset": read_webdataset}
     clipset = readers[config.format](config.root)
     if config.esc10 and config.format != "esc50":
         raise AudioclfError(f"--esc10 applies to format 'esc50' only, not {config.format!r}")

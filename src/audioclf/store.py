@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .audio import default_hop, fix_length, inference_windows, load_audio
+from .audio import default_hop, fix_length, inference_windows, load_audio, source_stat
 from .config import AudioclfError, FeatureConfig
-from .data import Clip, ClipSet
+from .clips import Clip, ClipSet
 from .features import LogMel
 from .fileio import atomic_path
 from .runtime import auto_workers
@@ -66,7 +66,7 @@ def cache_key(clips: Sequence[Clip], features: FeatureConfig, shard_clips: int =
     for c in clips:
         h.update(os.fsencode(c.path))  # bytes: a file name need not be valid UTF-8
         try:
-            st = os.stat(c.path)
+            st = source_stat(c.path)  # a tar member: its size and its tar's mtime
             h.update(f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(b"\0missing\n")

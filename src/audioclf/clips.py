@@ -1,0 +1,30 @@
+"""What a dataset reader returns: the clips (audio source, label, fold, group) and the class names.
+
+A leaf module, so the readers in data.py and webdata.py, the feature cache and training share one
+definition without importing each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+
+@dataclass(frozen=True)
+class Clip:
+    path: str  # absolute path of the audio file, or of a tar member (audio.member_path)
+    label: int  # index into the dataset's class names
+    fold: Optional[int] = None  # official fold, where the dataset has them
+    group: Optional[str] = None  # source recording; clips of one group never straddle a split
+
+
+@dataclass
+class ClipSet:
+    clips: list[Clip]
+    classes: list[str]  # label index -> class name
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) left out
+
+    def describe(self, clips: Optional[Sequence[Clip]] = None) -> str:
+        clips = self.clips if clips is None else clips
+        groups = {c.group if c.group is not None else c.path for c in clips}
+        return f"{len(clips)} clips, {len({c.label for c in clips})} classes, {len(groups)} groups"
