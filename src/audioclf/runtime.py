@@ -61,6 +61,19 @@ def auto_workers(main_process_busy: bool = True) -> int:
     return cores - 1 if main_process_busy else cores
 
 
+@contextlib.contextmanager
+def cpu_threads_beside(workers: int, device: torch.device) -> Iterator[None]:
+    """For the block, torch's CPU threads in this process leave ``workers`` cores to worker processes (at
+    least one thread stays); nothing on a GPU or without workers."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and workers > 0:
+        torch.set_num_threads(max(1, min(threads, cpu_cores() - workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def dist_info() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) outside torchrun."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

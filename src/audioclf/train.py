@@ -42,7 +42,7 @@ from .evaluate import classification_metrics, macro_f1, write_predictions
 from .fileio import atomic_path
 from .model import AudioResNet, build_model
 from .rundir import claim, resumed_config
-from .runtime import amp_dtype, resolve_device
+from .runtime import amp_dtype, broadcast, dist_info, process_group, resolve_device
 from .store import FeatureBank
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = Fals
     differ from its ``last.pt``) or ``overwrite`` (remove its outputs first).
     """
     out = Path(out_dir)
-    with claim(out, resume, overwrite) if _dist_info()[0] == 0 else nullcontext():  # rank 0 owns the run directory
+    with claim(out, resume, overwrite) if dist_info()[0] == 0 else nullcontext():  # rank 0 owns the run directory
         # --- resume: last.pt's config wins, so the run continues as it started
         ckpt = _last_checkpoint(out) if resume else None
         if ckpt is not None:
@@ -359,12 +359,6 @@ class Progress:
         return improved
 
 
-def _dist_info() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) without it."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
-
-
 def _last_checkpoint(out: Path) -> dict:
     if not (out / "last.pt").is_file():
         raise AudioclfError(f"--resume: {out / 'last.pt'} does not exist; start a new run without --resume")
@@ -375,32 +369,22 @@ def _last_checkpoint(out: Path) -> dict:
 def _session(t: TrainConfig, out: Path) -> Iterator[Session]:
     """Join the other processes, pick the device, seed, copy the log to train.log and switch kernels as
     ``t`` says; leave the process as it was when the run ends, however it ends."""
-    rank, local_rank, world = _dist_info()
-    device = resolve_device(t.device)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    torch.manual_seed(t.seed)
-    s = Session(rank, world, device, amp_dtype(device) if t.amp else None, t.quiet or rank != 0)
-    handler = None
-    if s.master:
-        out.mkdir(parents=True, exist_ok=True)
-        handler = _log_to_file(out / "train.log")
-    restore_kernels = _deterministic_kernels(t.deterministic)
-    try:
-        yield s
-    except KeyboardInterrupt:
-        log.warning("interrupted: %s holds the last completed epoch; continue with --resume", out / "last.pt")
-        raise
-    finally:
-        restore_kernels()
-        if handler is not None:
-            logging.getLogger("audioclf").removeHandler(handler)
-            handler.close()
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    rank, _, world = dist_info()
+    with process_group(resolve_device(t.device)) as device:
+        torch.manual_seed(t.seed)
+        s = Session(rank, world, device, amp_dtype(device) if t.amp else None, t.quiet or rank != 0)
+        handler = _log_to_file(out / "train.log") if s.master else None
+        restore_kernels = _deterministic_kernels(t.deterministic)
+        try:
+            yield s
+        except KeyboardInterrupt:
+            log.warning("interrupted: %s holds the last completed epoch; continue with --resume", out / "last.pt")
+            raise
+        finally:
+            restore_kernels()
+            if handler is not None:
+                logging.getLogger("audioclf").removeHandler(handler)
+                handler.close()
 
 
 def _load_clips(config: RunConfig, ckpt: Optional[dict], out: Path) -> ClipSet:
@@ -505,10 +489,7 @@ def _test_fold(model: nn.Module, bank: FeatureBank, clips: list, out: Path, s: S
     """Score best.pt on the test fold's clips as ``audioclf evaluate`` does (:func:`classification_metrics`);
     rank 0 writes test_metrics.json and test_predictions.csv. Returns ``test_acc``, ``test_f1``, ``test_n``."""
     best = load_checkpoint(out / "best.pt") if s.master or s.world == 1 else None
-    if s.world > 1:
-        holder = [best]
-        dist.broadcast_object_list(holder, src=0)
-        best = holder[0]
+    best = broadcast(best, s.device)
     model.load_state_dict(best["model"])
     idx = bank.indices(clips)
     logits, labels = predict_bank(model, bank, idx, s, config.train.batch_size * 2)
@@ -590,6 +571,7 @@ def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
 def _log_to_file(path: Path) -> logging.Handler:
     """Copy the library's log to the run directory (removed again when the run ends)."""
     root = logging.getLogger("audioclf")
+    path.parent.mkdir(parents=True, exist_ok=True)
     h = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")  # file names need not be UTF-8
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(h)
