@@ -1,7 +1,7 @@
 """audioclf: train, evaluate and serve audio classifiers (log-mel spectrograms + ResNet-18)."""
 
 from ._version import __version__
-from .config import AudioclfError
+from .errors import AudioclfError
 
 __all__ = ["AudioclfError", "__version__", "load"]
 

@@ -36,7 +36,7 @@ import torch
 
 from ._version import __version__
 from .config import AudioclfError, RunConfig
-from .fileio import atomic_path, sha256
+from .fileio import atomic_path, read_parsed, sha256
 from .model import build_network
 
 FORMAT = 1  # of a checkpoint; bump when a checkpoint written by this version can no longer be read by older code
@@ -170,12 +170,7 @@ def read_export_config(folder) -> dict:
     """``config.json`` of an export folder, checked to be one this version of audioclf understands, with
     ``format_version`` always set."""
     path = Path(folder) / CONFIG_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except OSError as e:
-        raise AudioclfError(f"{path}: cannot read the export's config ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise AudioclfError(f"{path}: not valid JSON ({e})") from None
+    meta = read_parsed(path, json.loads, json.JSONDecodeError, "the export's config", "JSON")
     if not isinstance(meta, dict) or not {"format", "config", "labels"} <= set(meta):
         raise AudioclfError(f"{path}: not an audioclf export config (it must hold format, config and labels)")
     meta["format_version"] = check_format(path, "export", meta)  # filled in for exports older than the key

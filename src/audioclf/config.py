@@ -24,10 +24,8 @@ import yaml
 
 from ._version import __version__
 from .backbones import BACKBONE_NAMES, BACKBONES, DEFAULT_BACKBONE
-
-
-class AudioclfError(ValueError):
-    """The one error type of audioclf: its message says what was wrong and what is allowed."""
+from .errors import AudioclfError
+from .fileio import read_parsed
 
 
 def _check_range(name: str, value, low=None, high=None, *, low_open=False):
@@ -427,12 +425,7 @@ def merge(base: dict, override: dict) -> dict:
 
 def load_yaml(path) -> dict:
     path = Path(path)
-    try:
-        d = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise AudioclfError(f"cannot read config file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise AudioclfError(f"config file {path} is not valid YAML: {e}") from None
+    d = read_parsed(path, yaml.safe_load, yaml.YAMLError, "config file", "YAML")
     if d is not None and not isinstance(d, dict):
         raise AudioclfError(f"config file {path} must hold a mapping of sections (data:, train:, ...), "
                             f"not a {type(d).__name__}")

@@ -7,9 +7,9 @@ import hashlib
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
-from .config import AudioclfError
+from .errors import AudioclfError
 
 PARQUET_INSTALL = 'pip install "audioclf[parquet]"'
 
@@ -64,3 +64,15 @@ def write_parquet(path, columns: dict[str, list], types: Optional[dict[str, type
     with atomic_path(path) as tmp:
         pa.parquet.write_table(table, tmp)
     return Path(path)
+
+
+def read_parsed(path, parse: Callable[[str], Any], parse_error: type[Exception] | tuple, what: str, language: str) -> Any:
+    """``parse`` of the text of ``path``; a file that cannot be read, or that ``parse`` refuses with
+    ``parse_error``, is an AudioclfError naming ``what`` (e.g. "config file"), the path and the reason."""
+    path = Path(path)
+    try:
+        return parse(path.read_text())
+    except OSError as e:
+        raise AudioclfError(f"cannot read {what} {path}: {e.strerror}") from None
+    except parse_error as e:
+        raise AudioclfError(f"{what} {path} is not valid {language}: {e}") from None
