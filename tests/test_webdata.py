@@ -411,6 +411,9 @@ def test_two_gloo_processes_train_on_shards_in_step(synth_dir, tmp_path):
     n_train = int(re.search(r"train: (\d+) clips", log).group(1))
     steps = [int((tmp_path / f"rank{k}").read_text()) for k in (0, 1)]
     assert steps == [2 * math.ceil(math.ceil(n_train / 2) / 4)] * 2, (n_train, steps)  # 2 epochs, 2 ranks, batch 4
+    # rank 0 speaks for the job: one summary line and one log line per epoch, not one per process
+    assert r.stdout.count("best validation loss") == 1, r.stdout
+    assert r.stderr.count("INFO audioclf.train: epoch   2") == 1, r.stderr[-3000:]
 
 
 def test_a_manifest_may_list_tar_members(synth_shards, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import math
 import sys
 from pathlib import Path
@@ -104,8 +105,9 @@ def cmd_train(args) -> int:
     from .train import fit
 
     summary = fit(config_from_args(args), args.out, resume=args.resume, overwrite=args.overwrite)
-    print(f"best validation loss {summary['best_val_loss']:.4f} at epoch {summary['best_epoch']}; "
-          f"run directory: {args.out}")
+    if _first_process():
+        print(f"best validation loss {summary['best_val_loss']:.4f} at epoch {summary['best_epoch']}; "
+              f"run directory: {args.out}")
     return 0
 
 
@@ -113,7 +115,8 @@ def cmd_cv(args) -> int:
     from .cv import cross_validate
 
     summary = cross_validate(config_from_args(args), args.out, folds=args.folds)
-    print(summary["table"])
+    if _first_process():
+        print(summary["table"])
     return 0
 
 
@@ -313,9 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _first_process() -> bool:
+    """Rank 0 under torchrun (which sets RANK), or no torchrun; read from the environment so that ``--help``
+    does not import torch (runtime.dist_info does)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    first = _first_process()  # under torchrun, rank 0 speaks for the job; the others only warn
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO if first else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
