@@ -77,7 +77,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = Fals
             clipset = _load_clips(config, ckpt, out)
             model, pretrained, config = _build_model(config, len(clipset.classes))
             t = config.train
-            # --- data: cached features (rank 0 builds the cache, the others read it) -> train/val/test split
+            # --- data: the feature store (each rank builds its share of the shards) -> train/val/test split
             bank = _feature_bank(clipset, config, s, out)
             splits = _split(bank, clipset, config)
             train_idx, val_idx = bank.indices(splits["train"]), bank.indices(splits["val"])
