@@ -312,7 +312,8 @@ def test_two_gloo_processes_give_the_rows_of_one_process(tiny_run, inputs, tmp_p
 
     r = torchrun(tiny_run, inputs, "--out", out, "--timeline")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "rank 0 of 2: classifying 7 of 13 file(s)" in r.stderr and "rank 1 of 2: classifying 6 of 13" in r.stderr
+    assert "rank 0 of 2: classifying 7 of 13 file(s)" in r.stderr
+    assert "rank 1 of 2" not in r.stderr  # rank 0 speaks for the job; the parts below show rank 1's share
     assert summary(r.stderr) == (13, 0, 1)
     assert_close_rows(read_rows(out / "predictions.csv"), want)
     names = [[rec[0][0] for rec in read_part(path, TIMELINE_FIELDS)] for _, path in list_parts(out)]
@@ -322,6 +323,6 @@ def test_two_gloo_processes_give_the_rows_of_one_process(tiny_run, inputs, tmp_p
     # the failed file again: the first process takes it, the second has none and must still reach the barrier
     r = torchrun(tiny_run, inputs, "--out", out, "--timeline", "--retry-errors")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "rank 1 of 2: classifying 0 of 13 file(s); 12 done before" in r.stderr
+    assert "rank 0 of 2: classifying 1 of 13 file(s); 12 done before" in r.stderr  # rank 1: none, and no hang
     assert summary(r.stderr) == (1, 12, 1)
     assert_close_rows(read_rows(out / "predictions.csv"), want)
