@@ -77,8 +77,9 @@ ESC10_RECIPES = {name: (preset, {**o, "model": {"backbone": "resnet18", **o.get(
                  for name, (preset, o) in _ESC10_RECIPES.items()}
 
 
-# ESC-50 recipes for the MobileNets, on top of their recipe (backbones.py): "e30" trains twice as long
-MN_RECIPES = {"default": {}, "e30": {"train": {"epochs": 30}}}
+# ESC-50 recipes for the MobileNets, on top of their recipe (backbones.py): "e30" trains twice as long,
+# "peak" turns peak normalisation on (off in their recipe)
+MN_RECIPES = {"default": {}, "e30": {"train": {"epochs": 30}}, "peak": {"features": {"peak_normalize": True}}}
 
 
 # FSDD recipes on top of the backbone's recipe + 1-s windows: "e10" is an earlier benchmark's 10 epochs,
