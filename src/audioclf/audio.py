@@ -312,6 +312,15 @@ def window_starts(n_samples: int, window: int, hop: int) -> list[int]:
     return starts
 
 
+def settled_windows(n_samples: int, window: int, hop: int) -> int:
+    """How many of :func:`window_starts`' starts for ``n_samples`` samples stay where they are whatever
+    audio follows: all but the last, which is centred or end-aligned. They are the first ones on the hop
+    grid, so a stream can settle windows without listing the starts again for every block."""
+    if n_samples <= window * (1 + CROP_SLACK):
+        return 0
+    return -(-(n_samples - window) // hop)
+
+
 def inference_windows(wave: torch.Tensor, window: int, hop: int) -> torch.Tensor:
     """The windows a model classifies in one recording, ``(k, window)``, at :func:`window_starts`
     (``predict.sliding_windows`` streams the same ones).

@@ -201,7 +201,6 @@ def load_safetensors(path) -> tuple[torch.nn.Module, RunConfig, list[str]]:
     weights = Path(path) if Path(path).is_file() else Path(path) / SAFETENSORS_FILE
     try:
         from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
     except ImportError:
         raise AudioclfError(f"{weights}: reading a safetensors export needs the safetensors package: "
                             f"pip install 'audioclf[export]'") from None
@@ -210,9 +209,9 @@ def load_safetensors(path) -> tuple[torch.nn.Module, RunConfig, list[str]]:
     if meta["format"] != "safetensors":
         raise AudioclfError(f"{folder / CONFIG_FILE}: format={meta['format']!r}, expected 'safetensors'")
     try:
-        state = load_file(weights)
-        with safe_open(weights, "pt") as f:
+        with safe_open(weights, "pt") as f:  # one read for the tensors and the binding
             stored = (f.metadata() or {}).get(BOUND_KEY)
+            state = {name: f.get_tensor(name) for name in f.keys()}
     except (OSError, SafetensorError) as e:
         raise AudioclfError(f"{weights}: not a readable safetensors file ({e})") from None
     if meta["format_version"] >= 2:  # exports before version 2 carry no binding

@@ -17,6 +17,11 @@ class Clip:
     fold: Optional[int] = None  # official fold, where the dataset has them
     group: Optional[str] = None  # source recording; clips of one group never straddle a split
 
+    @property
+    def group_key(self) -> str:
+        """The group the splits keep whole: ``group``, or the clip alone when it has none."""
+        return self.group if self.group is not None else self.path
+
 
 @dataclass
 class ClipSet:
@@ -26,5 +31,5 @@ class ClipSet:
 
     def describe(self, clips: Optional[Sequence[Clip]] = None) -> str:
         clips = self.clips if clips is None else clips
-        groups = {c.group if c.group is not None else c.path for c in clips}
+        groups = {c.group_key for c in clips}
         return f"{len(clips)} clips, {len({c.label for c in clips})} classes, {len(groups)} groups"

@@ -22,7 +22,7 @@ import numpy as np
 from .config import AudioclfError, RunConfig
 from .data import load_clips, write_folds
 from .evaluate import plot_confusion_matrix
-from .fileio import atomic_path
+from .fileio import write_text_atomic
 from .rundir import RUN_ONLY, check_out_dir, config_diff
 from .train import fit
 
@@ -57,8 +57,8 @@ def cross_validate(config: RunConfig, out_dir, folds: Optional[list[int]] = None
         log.info("=== fold %d/%d: test fold %d ===", i, len(folds), k)
         results.append(_run_fold(config, out / f"fold{k}", k, classes))
     summary = _summarise(results, classes, config)
-    _write_text(out / "cv_summary.json", json.dumps(summary, indent=1))
-    _write_text(out / "cv_summary.md", summary["table"] + "\n")
+    write_text_atomic(out / "cv_summary.json", json.dumps(summary, indent=1))
+    write_text_atomic(out / "cv_summary.md", summary["table"] + "\n")
     plot_confusion_matrix(np.array(summary["confusion_matrix"]), classes, out / "confusion_matrix.png")
     log.info("cross-validation: accuracy %.4f ± %.4f, macro-F1 %.4f ± %.4f over %d folds", summary["accuracy_mean"],
              summary["accuracy_std"], summary["macro_f1_mean"], summary["macro_f1_std"], len(results))
@@ -88,7 +88,7 @@ def _run_fold(config: RunConfig, run: Path, k: int, classes: list[str]) -> dict:
         s = fit(fold_config, run, overwrite=True)  # an unfinished fold starts again, as it always has
         s["train_s"] = time.perf_counter() - t0
         s["requested_config"] = fold_config.to_dict()
-        _write_text(run / "summary.json", json.dumps(s, indent=1))
+        write_text_atomic(run / "summary.json", json.dumps(s, indent=1))
     s["fold"] = k
     s["confusion_matrix"] = _full_confusion_matrix(json.loads((run / "test_metrics.json").read_text()), classes)
     return s
@@ -133,8 +133,3 @@ def _check_same_recipe(saved: Optional[dict], config: RunConfig, run: Path) -> N
     if diff:
         raise AudioclfError(f"{run} is a finished fold of a different recipe ({'; '.join(diff[:4])}); "
                             f"use another --out, or delete {run} to retrain it")
-
-
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)

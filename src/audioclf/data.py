@@ -246,7 +246,7 @@ def group_split(clips: Sequence[Clip], val_split: float, seed: int) -> tuple[lis
     from sklearn.model_selection import StratifiedGroupKFold
 
     n_splits = max(2, int(round(1 / val_split)))
-    groups = [c.group if c.group is not None else c.path for c in clips]
+    groups = [c.group_key for c in clips]
     groups_of: dict[int, set] = {}
     for c, g in zip(clips, groups):
         groups_of.setdefault(c.label, set()).add(g)
@@ -267,7 +267,7 @@ def assign_folds(clips: Sequence[Clip], n_folds: int, seed: int) -> list[int]:
     group) in one fold, so cross-validation never tests on a recording it trained on."""
     from sklearn.model_selection import StratifiedGroupKFold
 
-    groups = [c.group if c.group is not None else c.path for c in clips]
+    groups = [c.group_key for c in clips]
     if n_folds < 2 or len(set(groups)) < n_folds:
         raise AudioclfError(f"n_folds={n_folds}: need at least 2 folds and no more folds than the "
                             f"{len(set(groups))} group(s) in the data")
@@ -286,7 +286,7 @@ def write_folds(clipset: ClipSet, path, n_folds: int, seed: int) -> Path:
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:  # as read_csv reads it
         w = csv.writer(f)
         w.writerow(["path", "label", "fold", "group"])
-        w.writerows([c.path, clipset.classes[c.label], k, c.group if c.group is not None else c.path]
+        w.writerows([c.path, clipset.classes[c.label], k, c.group_key]
                     for c, k in zip(clipset.clips, folds))
     log.info("no folds in the dataset: %d stratified group folds written to %s", n_folds, path)
     return path

@@ -66,6 +66,12 @@ def write_parquet(path, columns: dict[str, list], types: Optional[dict[str, type
     return Path(path)
 
 
+
+def write_text_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
 def read_parsed(path, parse: Callable[[str], Any], parse_error: type[Exception] | tuple, what: str, language: str) -> Any:
     """``parse`` of the text of ``path``; a file that cannot be read, or that ``parse`` refuses with
     ``parse_error``, is an AudioclfError naming ``what`` (e.g. "config file"), the path and the reason."""

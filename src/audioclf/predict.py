@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .audio import audio_duration_s, default_hop, fix_length, load_audio, resample, stream_audio, window_starts
+from .audio import (audio_duration_s, default_hop, fix_length, load_audio, resample, settled_windows, stream_audio,
+                    window_starts)
 from .checkpoint import load_model
 from .config import AudioclfError, FeatureConfig, RunConfig
 from .model import WaveformClassifier
@@ -51,10 +52,10 @@ def sliding_windows(blocks: Iterable[np.ndarray], window: int, hop: int) -> Iter
         end = buf_start + len(buf)
         # every start but the last is settled: the last may be a centred or end-aligned window that
         # more audio would move
-        settled = window_starts(end, window, hop)[:-1]
-        for start in settled[done:]:
+        settled = settled_windows(end, window, hop)
+        for start in range(done * hop, settled * hop, hop):
             yield start, buf[start - buf_start:start - buf_start + window]
-        done = len(settled)
+        done = settled
         # keep what the next window on the hop grid, or a final end-aligned one, can still need
         keep_from = max(buf_start, min(done * hop, end - window))
         buf, buf_start = buf[keep_from - buf_start:], keep_from
@@ -64,7 +65,7 @@ def sliding_windows(blocks: Iterable[np.ndarray], window: int, hop: int) -> Iter
 
 def count_windows(n_samples: int, window: int, hop: int) -> int:
     """How many windows :func:`prepare` gives a recording of ``n_samples`` samples, without decoding it."""
-    return len(window_starts(n_samples, window, hop))
+    return settled_windows(n_samples, window, hop) + 1
 
 
 def _limited(windows: Iterable[tuple[int, np.ndarray]], name: str, window: int, sample_rate: int,

@@ -115,7 +115,8 @@ def _clear_earlier_run(out: Path, resume: bool, overwrite: bool) -> None:
     if not overwrite:
         raise AudioclfError(f"{out} holds an earlier run ({', '.join(earlier)}); continue it with --resume, "
                             f"replace it with --overwrite, or choose another --out")
-    from .export import CONFIG_FILE, ONNX_FILE, SAFETENSORS_FILE
+    from .checkpoint import CONFIG_FILE, SAFETENSORS_FILE
+    from .export import ONNX_FILE
 
     old = [out / name for name in RUN_FILES] + [out / "eval" / name for name in EVAL_FILES]
     if (out / SAFETENSORS_FILE).exists() or (out / ONNX_FILE).exists():  # an export of the old model

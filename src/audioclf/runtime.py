@@ -113,7 +113,8 @@ def barrier(device: torch.device) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+        dist.barrier(device_ids=[torch.cuda.current_device() if device.index is None else device.index]
+                     if device.type == "cuda" else None)
 
 
 def broadcast(value, device: torch.device):

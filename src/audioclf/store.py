@@ -39,7 +39,7 @@ from .config import AudioclfError, FeatureConfig
 from .clips import Clip, ClipSet
 from .features import LogMel
 from .fileio import atomic_path
-from .runtime import auto_workers
+from .runtime import auto_workers, barrier
 
 log = logging.getLogger(__name__)
 
@@ -468,11 +468,11 @@ class FeatureBank:
                          len(indexes), n_shards, len(todo))
         # The barriers are unconditional, so that ranks match them even if they saw the store differently.
         if world > 1:
-            torch.distributed.barrier()  # no rank writes before the orphans are gone
+            barrier(torch.device(device))  # no rank writes before the orphans are gone
         builder = _Builder(folder, clipset, features, device, num_workers, strict, quiet, batch_size, shard_clips, source)
         indexes.update(builder.run([k for k in todo if k % world == rank]))
         if world > 1:
-            torch.distributed.barrier()
+            barrier(torch.device(device))
             indexes.update(_check_shards(folder, [k for k in todo if k not in indexes], features.n_mels))
             indexes.update(builder.run([k for k in todo if k not in indexes]))  # those a failed rank left
         if todo:

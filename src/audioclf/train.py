@@ -39,7 +39,7 @@ from .checkpoint import inference_state, load_checkpoint, save_checkpoint
 from .config import AudioclfError, RunConfig, TrainConfig
 from .data import ClipSet, load_clips, split_clips
 from .evaluate import classification_metrics, macro_f1, write_predictions
-from .fileio import atomic_path
+from .fileio import atomic_path, write_text_atomic
 from .model import AudioResNet, build_model
 from .rundir import claim, resumed_config
 from .runtime import amp_dtype, broadcast, dist_info, process_group, resolve_device
@@ -137,7 +137,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = Fals
             # --- curves and summary
             if s.master:
                 plot_curves(out / "metrics.csv", out / "curves.png")
-                _write_text(out / "summary.json", json.dumps(summary, indent=1))
+                write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
             return summary
 
 
@@ -499,7 +499,7 @@ def _test_fold(model: nn.Module, bank: FeatureBank, clips: list, out: Path, s: S
         pred = probs.argmax(1)
         write_predictions(out / "test_predictions.csv", [(bank.clips[i].path, classes[y], classes[k], p[k]) for i, y, k, p
                                                          in zip(idx.tolist(), labels.tolist(), pred.tolist(), probs)])
-        _write_text(out / "test_metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_text_atomic(out / "test_metrics.json", json.dumps(metrics, indent=2) + "\n")
     log.info("test fold %s: accuracy %.4f, macro-F1 %.4f (%d clips)", config.data.test_fold, metrics["accuracy"],
              metrics["macro_f1"], metrics["n_clips"])
     return {"test_acc": metrics["accuracy"], "test_f1": metrics["macro_f1"], "test_n": metrics["n_clips"]}
@@ -507,14 +507,9 @@ def _test_fold(model: nn.Module, bank: FeatureBank, clips: list, out: Path, s: S
 
 # ------------------------------------------------------------------------------------------- run outputs
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def _write_run_config(out: Path, config: RunConfig, classes: list[str]) -> None:
     config.save_yaml(out / "config.yaml")
-    _write_text(out / "labels.json", json.dumps(classes, indent=1))
+    write_text_atomic(out / "labels.json", json.dumps(classes, indent=1))
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:

@@ -29,7 +29,6 @@ def write_embeddings(out, paths: Sequence[str], emb: np.ndarray) -> Path:
     """``.npy``: the array, plus ``<stem>.paths.txt`` with one path per row; ``.parquet``: a ``path`` column
     and one ``embedding`` list column (needs pyarrow: the ``parquet`` extra)."""
     out = Path(out)
-    _check_out(out)
     if out.suffix == ".parquet":
         return write_parquet(out, {"path": list(paths), "embedding": list(emb.astype(np.float32))}, {"path": str})
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
