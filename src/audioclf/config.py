@@ -256,6 +256,9 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    # multilabel: one sigmoid per class (tags; several or none per clip); multiclass: one softmax, one class
+    task: Literal["multiclass", "multilabel"] = setting("multiclass", help="multiclass (one class per clip, "
+                                                        "softmax) or multilabel (any number of tags, sigmoids)")
     epochs: int = setting(30, help="training epochs", low=1, high=100000)
     batch_size: int = setting(16, help="examples per optimiser step", low=1, high=65536)
     lr: Optional[float] = setting(None, low=0.0, high=10.0, low_open=True, help="peak learning rate (default: "

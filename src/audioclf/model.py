@@ -12,6 +12,7 @@ convolutional trunk, before any classifier layer.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -204,19 +205,29 @@ def build_model(config: ModelConfig, n_classes: int, n_mels: int) -> tuple[nn.Mo
     return model, True
 
 
+def activation(task: str):
+    """The function from logits to probabilities of a ``train.task``: softmax over classes for
+    ``multiclass``, an independent sigmoid per class for ``multilabel``."""
+    if task == "multilabel":
+        return torch.sigmoid
+    return functools.partial(torch.softmax, dim=-1)
+
+
 class WaveformClassifier(nn.Module):
-    """Waveform in, class probabilities out: LogMel -> the network -> softmax.
+    """Waveform in, class probabilities out: LogMel -> the network -> softmax (or sigmoids).
 
     Args:
         features (FeatureConfig): the feature settings the model was trained with.
         model (nn.Module): a trained network (:func:`build_network`).
+        task (str, optional): ``multiclass`` (softmax) or ``multilabel`` (sigmoids). (Default: ``"multiclass"``)
     """
 
-    def __init__(self, features: FeatureConfig, model: nn.Module):
+    def __init__(self, features: FeatureConfig, model: nn.Module, task: str = "multiclass"):
         super().__init__()
         self.logmel = LogMel(features)
         self.model = model
+        self.task = task
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """(batch, samples) at ``features.sample_rate`` -> (batch, n_classes) probabilities."""
-        return torch.softmax(self.model(self.logmel(wave)), dim=-1)
+        return activation(self.task)(self.model(self.logmel(wave)))

@@ -220,7 +220,7 @@ class Classifier:
         self.device = resolve_device(str(device))
         self.batch_size = batch_size
         # channels_last: oneDNN and cuDNN convolve it fastest (1.3x on a 2-core CPU, same fp32 arithmetic)
-        self._net = WaveformClassifier(config.features, model).to(self.device, memory_format=torch.channels_last).eval()
+        self._net = WaveformClassifier(config.features, model, config.train.task).to(self.device, memory_format=torch.channels_last).eval()
         self.model = self._net.model
 
     def __repr__(self):
