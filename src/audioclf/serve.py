@@ -31,8 +31,8 @@ from typing import Optional
 
 from ._version import __version__
 from .audio import AUDIO_EXTENSIONS, audio_duration_s, default_hop
-from .config import _check_range
 from .errors import AudioclfError
+from .options import PredictOptions, ServeLimits
 
 try:
     import uvicorn
@@ -66,10 +66,9 @@ STEP_WINDOWS = 2
 CLIENT_CLOSED = 499
 # Seconds a client may stay silent: before its request's headers are complete, between parts of its
 # body, and idle between requests
-TIMEOUT_S = 10.0
-# Open connections (requests included) before new requests get 503: each request may hold an upload,
-# twice over on disk (the upload spool and its decodable copy)
-MAX_CONNECTIONS = 64
+TIMEOUT_S = ServeLimits.timeout_s
+# Open connections (requests included) before new requests get 503
+MAX_CONNECTIONS = ServeLimits.max_connections
 # What the page may load: itself, its inline style and script, and the blob: URL of the chosen file.
 PAGE_CSP = ("default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
             "media-src blob:; img-src data:; object-src 'none'; base-uri 'none'")
@@ -209,16 +208,9 @@ def _add_offline_docs(app: "FastAPI") -> None:
         return get_swagger_ui_html(openapi_url=app.openapi_url, title="audioclf API", **assets)
 
 
-def _check_number(name: str, value, low, high, *, low_open: bool = False) -> None:
-    """``_check_range``, and NaN or infinity refused (they pass every comparison)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise AudioclfError(f"{name}={value!r} must be a finite number, {'>' if low_open else '>='} {low:g} "
-                            f"and <= {high:g}")
-    _check_range(name, value, low, high, low_open=low_open)
-
-
-def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_audio_s: float = 600.0,
-               max_windows: int = 2000, timeout_s: float = TIMEOUT_S, cors_origin: Optional[str] = None) -> FastAPI:
+def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: str = PredictOptions.device, *,
+               max_audio_s: float = ServeLimits.max_audio_s, max_windows: int = ServeLimits.max_windows,
+               timeout_s: float = TIMEOUT_S, cors_origin: Optional[str] = ServeLimits.cors_origin) -> FastAPI:
     """The serving app for ``model``: a :class:`~audioclf.predict.Classifier`, or anything
     :func:`audioclf.load` reads (run directory, ``.pt``, safetensors export), loaded here, once.
 
@@ -234,10 +226,8 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
     """
     from .predict import Classifier, LimitError, count_windows, load
 
-    _check_number("max_upload_mb", max_upload_mb, 0.0, 1e6, low_open=True)
-    _check_number("max_audio_s", max_audio_s, 0.0, 1e6, low_open=True)
-    _check_number("max_windows", max_windows, 1, 10**6)
-    _check_number("timeout_s", timeout_s, 0.0, 3600.0, low_open=True)
+    ServeLimits(max_upload_mb=max_upload_mb, max_audio_s=max_audio_s, max_windows=max_windows, timeout_s=timeout_s,
+                cors_origin=cors_origin)  # refuses a value out of its declared range, NaN and infinity included
     clf = model if isinstance(model, Classifier) else load(model, device)
     labels, features = list(clf.labels), clf.config.features
     sr, max_window_s = features.sample_rate, max(MAX_WINDOW_S, features.duration_s)
@@ -349,14 +339,13 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
     return app
 
 
-def serve(model_path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+def serve(model_path, host: str = ServeLimits.host, port: int = ServeLimits.port, device: str = PredictOptions.device,
           max_connections: int = MAX_CONNECTIONS, **limits) -> None:
     """Load the model and serve it with uvicorn on ``host:port`` until interrupted; ``limits`` are
     :func:`create_app`'s keyword arguments. ``timeout_s`` also bounds how long a connection may wait
     for a request's headers and stay idle between requests; past ``max_connections`` open connections,
     requests get 503."""
-    _check_number("port", port, 0, 65535)
-    _check_number("max_connections", max_connections, 1, 10**5)
+    ServeLimits(host=host, port=port, max_connections=max_connections, **limits)
     app = create_app(model_path, device=device, **limits)
     log.info("serving %s on http://%s:%d (web page at /, API docs at /docs)", model_path, host, port)
     uvicorn.run(app, host=host, port=port, log_level="info",
