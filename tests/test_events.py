@@ -40,7 +40,8 @@ class ToneDetector(nn.Module):
         silence = float(logmel(torch.zeros(1, SR)).mean())
         loud = torch.stack([m.max() for m in mels])
         # logit -10 in silence, +10 at each tone's level: a half-covered window averages to 0.5
-        self.level, self.scale = (silence + loud) / 2, 20.0 / (loud - silence)
+        self.level = nn.Parameter((silence + loud) / 2, requires_grad=False)  # a parameter: serve asks its device
+        self.scale = 20.0 / (loud - silence)
 
     def frame_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, n_mels, frames) -> (batch, frames, 2)."""
@@ -168,3 +169,24 @@ def test_detect_tune_and_evaluate_events_end_to_end(tmp_path, tiny_run, capsys):
 def test_detect_needs_out_with_inputs(tmp_path, capsys):
     assert main(["detect", "mn04_as", str(tmp_path)]) == 2
     assert "--out is required" in capsys.readouterr().err
+
+
+def test_serve_detect_returns_the_events_of_an_upload(tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from audioclf.serve import create_app
+
+    scene(tmp_path / "s.wav", KNOWN[:3], 10.0)
+    with TestClient(create_app(tone_classifier())) as client:
+        r = client.post("/detect", files={"file": ("s.wav", (tmp_path / "s.wav").read_bytes())})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["duration_s"] == pytest.approx(10.0)
+        assert [e["label"] for e in body["events"]] == [label for label, *_ in KNOWN[:3]]
+        assert [e["onset"] for e in body["events"]] == pytest.approx([onset for _, onset, _ in KNOWN[:3]], abs=0.1 + 1e-9)
+        r = client.post("/detect?ignore=low", files={"file": ("s.wav", (tmp_path / "s.wav").read_bytes())})
+        assert [e["label"] for e in r.json()["events"]] == ["high"]
+        r = client.post("/detect?ignore=rain", files={"file": ("s.wav", (tmp_path / "s.wav").read_bytes())})
+        assert r.status_code == 422 and "rain" in r.json()["detail"]
+        assert 'fetch("detect"' in client.get("/").text
