@@ -1,7 +1,7 @@
 """AudioSet tags without training: an AudioSet-pretrained backbone with its own 527-class head kept.
 
 ``audioclf.load("mn04_as")``, ``audioclf tag``, ``audioclf serve mn04_as`` and ``audioclf detect mn04_as``
-all come through :func:`pretrained_classifier`: the official weights (``--weights PATH``, the torch hub
+all come through :func:`pretrained_model`: the official weights (``--weights PATH``, the torch hub
 cache or the official URL, as training fetches them), the backbone's front end, 10-s windows (AudioSet's
 clip length) and one sigmoid per class. The class names ship with the package
 (``labels/audioset_class_labels_indices.csv``, CC BY 4.0; see ``labels/README.md``).
@@ -42,23 +42,21 @@ def is_backbone_name(model) -> bool:
     return isinstance(model, str) and model in tagging_backbones() and not Path(model).exists()
 
 
-def pretrained_classifier(name: str, weights_path: Optional[str] = None, device: str = "auto", *,
-                          batch_size: int = 32):
-    """A :class:`~audioclf.predict.Classifier` over AudioSet's 527 classes, untrained by us.
+def pretrained_model(name: str, weights_path: Optional[str] = None):
+    """``(network, config, labels)`` of AudioSet backbone ``name`` with its 527-class head, untrained by us,
+    as :func:`audioclf.checkpoint.load_model` gives a saved one (:func:`audioclf.predict.load` makes the
+    Classifier).
 
     Args:
         name (str): an AudioSet backbone (``mn04_as`` ... ``mn40_as``).
         weights_path (str, optional): a local copy of its official weights file. (Default: the torch hub
             cache, downloaded there on first use)
-        device (str, optional): ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. (Default: ``"auto"``)
-        batch_size (int, optional): windows per forward pass. (Default: ``32``)
 
     Raises:
         AudioclfError: ``name`` is not an AudioSet backbone, or its weights cannot be had (offline: the
             message names the file, its URL and where to put it).
     """
     from .model import AudioMobileNet
-    from .predict import Classifier
     from .weights import load_state_dict
 
     if name not in tagging_backbones():
@@ -68,4 +66,4 @@ def pretrained_classifier(name: str, weights_path: Optional[str] = None, device:
                                            "features": {"duration_s": CLIP_S}, "train": {"task": "multilabel"}})
     net = AudioMobileNet(N_CLASSES, BACKBONES[name].width, config.model.dropout)
     net.load_pretrained(load_state_dict(name, weights_path), name, keep_head=True)
-    return Classifier(net.eval(), config, audioset_labels(), device=device, batch_size=batch_size)
+    return net.eval(), config, audioset_labels()

@@ -289,9 +289,9 @@ def save_config(config: DetectConfig, model=None, path=None) -> list[Path]:
 TUNE_GRID = {
     "onset_threshold": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
     "offset_ratio": (0.5, 0.75, 1.0),  # offset_threshold = ratio * onset_threshold
-    "median_s": (0.0, 0.3, 0.7),
+    "median_s": (0.0, 0.3, 0.7, 1.5),
     "min_duration_s": (0.1, 0.3, 0.6),
-    "merge_gap_s": (0.0, 0.3, 1.0),
+    "merge_gap_s": (0.0, 0.3, 1.0, 2.0),
 }
 
 

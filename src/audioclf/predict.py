@@ -461,12 +461,17 @@ class Classifier:
         return out
 
 
-def load(model, device: str = "auto", *, batch_size: int = 32) -> Classifier:
+def load(model, device: str = "auto", *, batch_size: int = 32, weights_path: Optional[str] = None) -> Classifier:
     """A :class:`Classifier` from a run directory, ``.pt`` checkpoint or exported safetensors folder, or an
-    AudioSet backbone's name (``mn04_as``): its pretrained 527-class tagger (:mod:`audioclf.audioset`)."""
-    from .audioset import is_backbone_name, pretrained_classifier
+    AudioSet backbone's name (``mn04_as``): its pretrained 527-class tagger (:mod:`audioclf.audioset`), with
+    its official weights from ``weights_path`` or the torch hub cache."""
+    from .audioset import is_backbone_name, pretrained_model
 
     if is_backbone_name(model):
-        return pretrained_classifier(model, device=device, batch_size=batch_size)
-    net, config, labels = load_model(model)
+        net, config, labels = pretrained_model(model, weights_path)
+    elif weights_path:
+        raise AudioclfError(f"weights_path is for an AudioSet backbone's name (mn04_as, ...), not a trained model "
+                            f"({model})")
+    else:
+        net, config, labels = load_model(model)
     return Classifier(net, config, labels, device=device, batch_size=batch_size)

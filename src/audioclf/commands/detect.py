@@ -30,24 +30,24 @@ PLOT_COLUMNS = 3000  # most spectrogram columns in a plot, whatever the recordin
 
 def load_detector(model, *, weights: Optional[str] = None, device: str = "auto", batch_size: int = 32):
     """A Classifier from a saved model or an AudioSet backbone's name (``weights``: its local file)."""
-    from ..audioset import is_backbone_name, pretrained_classifier
     from ..predict import load
 
-    if is_backbone_name(model):
-        return pretrained_classifier(model, weights, device, batch_size=batch_size)
-    if weights:
-        raise AudioclfError(f"--weights is for an AudioSet backbone's name (mn04_as, ...), not a trained model ({model})")
-    return load(model, device, batch_size=batch_size)
+    try:
+        return load(model, device, batch_size=batch_size, weights_path=weights)
+    except AudioclfError as e:
+        raise AudioclfError(str(e).replace("weights_path is", "--weights is")) from None
 
 
 def run_tag(paths: Sequence, *, backbone: str, weights: Optional[str], top_k: int, out: Optional[str],
             device: str, batch_size: int, quiet: bool) -> int:
     """Print (and with ``out``, write as ``path,rank,label,prob`` CSV) the top AudioSet tags of each file."""
-    from ..audioset import pretrained_classifier
+    from ..audioset import tagging_backbones
 
     if out is not None and Path(out).suffix.lower() != ".csv":
         raise AudioclfError(f"--out {out}: tags are written as CSV; name a .csv file")
-    clf = pretrained_classifier(backbone, weights, device, batch_size=batch_size)
+    if backbone not in tagging_backbones() or Path(backbone).exists():
+        raise AudioclfError(f"--backbone {backbone}: choose one of {', '.join(tagging_backbones())}")
+    clf = load_detector(backbone, weights=weights, device=device, batch_size=batch_size)
     rows, failed = [], 0
     for r in clf.classify_files(collect_paths(paths), top_k=top_k, quiet=quiet):
         if r["error"]:
