@@ -1,7 +1,7 @@
 """The backbones audioclf can train: each owns its front end, its pretrained weights and its recipe.
 
 A backbone's ``front_end`` is the :class:`~audioclf.config.FeatureConfig` its pretrained weights expect;
-``recipe`` holds the fine-tuning settings chosen by cross-validation (README, "Results"). Both are
+``recipe`` holds the fine-tuning settings chosen by cross-validation (docs/results.md). Both are
 applied on top of the config defaults and below a preset, a YAML file and flags (``config.resolve``);
 a flag that contradicts a pretrained front end is refused there.
 
@@ -42,7 +42,7 @@ _AUDIOSET_FRONT_END = {
 
 # Fine-tuning recipe for the AudioSet MobileNets: EfficientAT's ESC-50 recipe (mixup 0.3, +-12 dB gain,
 # time roll) at batch 32 with AdamW, lr 5e-4 and a cosine schedule, cut to 15 epochs to fit 2 CPU cores
-# (README, "Results": measured by 4-fold CV, not tuned further).
+# (docs/results.md: measured by 4-fold CV, not tuned further).
 # Peak normalisation stays off: the weights were trained on AudioSet's own levels, which the fixed
 # (x + 4.5) / 5 assumes. bf16 autocast stays off: on a 2-core CPU with native bf16 the depthwise
 # convolutions ran no faster than fp32 alone, and 2.4x slower beside another job (benchmarks/speed.py).
@@ -82,5 +82,5 @@ BACKBONES: dict[str, Backbone] = {
 }
 BACKBONE_NAMES = tuple(BACKBONES)
 # What `audioclf train` uses (the "default" preset): the best by cross-validation whose weights anyone can
-# download (README, "Results"). ModelConfig's own default stays the seed's network.
+# download (docs/results.md). ModelConfig's own default stays the seed's network.
 DEFAULT_BACKBONE = "mn04_as"
