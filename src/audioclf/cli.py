@@ -251,7 +251,7 @@ def _add_event_parsers(sub) -> None:
     p.add_argument("--backbone", default="mn04_as", choices=tagging_backbones(), help="AudioSet tagger (default mn04_as)")
     p.add_argument("--weights", help="local copy of the backbone's official weights (default: torch hub cache or "
                                      "download)")
-    p.add_argument("--top-k", type=int, default=5, help="tags per file (default 5)")
+    p.add_argument("--top-k", type=int, default=3, help="tags per file (default 3)")
     p.add_argument("--out", help="also write the tags to this .csv (path, rank, label, prob)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
