@@ -37,11 +37,14 @@ def test_every_option_of_every_command_has_help():
     assert not missing, f"options without help: {missing}"
 
 
-def test_options_that_take_a_value_show_their_default():
+def test_options_show_their_default():
+    from audioclf.config import SECTIONS
+
+    declared = {(s.flag, s.name) for cls in (*SECTIONS.values(), PredictOptions, ServeLimits) for s in settings(cls)}
     silent = [f"{name} {action.option_strings[0]}" for name, p in subparsers().items() for action in p._actions
-              if action.option_strings and not action.required and action.nargs != 0 and action.dest != "help"
-              and not isinstance(action, cli._RefuseFold)
-              and not ("default" in action.help or "deprecated" in action.help)]
+              if action.option_strings and ((action.option_strings[0], action.dest) in declared
+                                            or action.default not in (None, False, argparse.SUPPRESS))
+              and action.help != argparse.SUPPRESS and "default" not in action.help and "deprecated" not in action.help]
     assert not silent, f"options whose help does not say their default: {silent}"
     train = subparsers()["train"]._option_string_actions
     assert "default: from the backbone's recipe (15 for mn04_as)" in train["--epochs"].help

@@ -7,22 +7,21 @@ user sees and the exit code.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import math
 import os
 import sys
-from typing import Optional
 
 import yaml
 
 from ._version import __version__
-from .backbones import BACKBONES, DEFAULT_BACKBONE
+from .backbones import DEFAULT_BACKBONE
 from .config import PRESET_ALIASES, PRESETS, SECTIONS, load_yaml, resolve
 from .errors import AudioclfError
+from .flags import Deprecated, add_option_args, add_setting_args, common_flags, given_options, is_quiet
 from .options import PredictOptions, ServeLimits
 from .rundir import RunDir
-from .settings import Setting, settings
+from .settings import settings
 
 # the output kinds of predict --out DIR and of export (commands.predict and export hold the same lists: a
 # test checks that they agree, so that --help does not import torch to read them)
@@ -52,111 +51,6 @@ examples:
 _DATA_HELP = ("dataset: a folder per class, a CSV manifest, an ESC-50/UrbanSound8K root, or WebDataset shards (a "
               "folder, a .tar or a pattern such as shards-{000..009}.tar)")
 
-# settings whose flags exclude each other: a weights file is loaded, so it cannot go with another choice
-_EXCLUSIVE = ("pretrained", "weights_path")
-# settings whose flag every command has (-q/--quiet, from _common_flags), not generated per section
-_GLOBAL = ("quiet",)
-
-
-def _common_flags() -> argparse.ArgumentParser:
-    """-v and -q, accepted before the command and after it. A flag not given leaves no attribute (SUPPRESS),
-    so a sub-command's parse does not undo one given before the command."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                   help="debug logging")
-    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                   help="no progress bars")
-    return p
-
-
-def _show(value) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-@functools.cache
-def _run_defaults() -> tuple[dict, set]:
-    """(the values `audioclf train` uses when no flag, preset or YAML file says otherwise, by setting name;
-    the names that a backbone's front end or recipe sets)."""
-    defaults = {k: v for section in resolve("default").to_dict().values() if isinstance(section, dict)
-                for k, v in section.items()}
-    from_recipe = {k for b in BACKBONES.values() for d in (b.front_end, *b.recipe.values()) for k in d}
-    return defaults, from_recipe
-
-
-def _help(s: Setting, default, from_recipe: bool = False) -> str:
-    """``s``'s help with its default, for argparse (which formats help with %)."""
-    if from_recipe:
-        note = "the backbone's recipe may set it" if "default" in s.help else "default: from the backbone's recipe"
-        text = f"{s.help}; {note} ({_show(default)} for {DEFAULT_BACKBONE})"
-    else:
-        text = s.help if "default" in s.help else f"{s.help} (default: {_show(default)})"
-    return text.replace("%", "%%")
-
-
-def _setting_kwargs(s: Setting, help: str) -> dict:
-    """``add_argument`` keywords for setting ``s``: its type and choices as declared."""
-    if s.kind is bool:
-        return {"action": argparse.BooleanOptionalAction, "help": help}
-    return {"type": s.kind, "choices": s.choices, "help": help}
-
-
-def _add_setting_args(p: argparse.ArgumentParser, only: Optional[tuple] = None, skip: tuple = ()) -> None:
-    """A flag for each config setting that has one (``only`` those, or all but ``skip``), generated from its
-    declaration in config.py; a flag not given is None and leaves the config as it is."""
-    defaults, from_recipe = _run_defaults()
-    for section, cls in SECTIONS.items():
-        chosen = [s for s in settings(cls) if s.flag and (only is None or s.name in only)
-                  and s.name not in skip + _GLOBAL]
-        if not chosen:
-            continue
-        group = p.add_argument_group(f"{section} settings") if only is None else p
-        exclusive = group.add_mutually_exclusive_group() if any(s.name in _EXCLUSIVE for s in chosen) else None
-        for s in chosen:
-            kwargs = _setting_kwargs(s, _help(s, defaults[s.name], s.name in from_recipe))
-            (exclusive if s.name in _EXCLUSIVE else group).add_argument(s.flag, dest=s.name, **kwargs)
-        if any(s.name == "pretrained" for s in chosen):
-            exclusive.add_argument("--no-pretrained", action="store_const", const="none", dest="pretrained",
-                                   help="the same as --pretrained none: random initialisation, the from-scratch "
-                                        "recipe")
-
-
-def _add_option_args(p: argparse.ArgumentParser, cls: type, only: Optional[tuple] = None) -> None:
-    """A flag for each option of ``cls`` (:class:`PredictOptions` or :class:`ServeLimits`), ``only`` those
-    if given, generated from its declaration in options.py; a flag not given is None: the default applies."""
-    for s in settings(cls):
-        if only is None or s.name in only:
-            p.add_argument(s.flag, dest=s.name, **_setting_kwargs(s, _help(s, s.default)))
-
-
-def _options(args: argparse.Namespace, cls: type) -> dict:
-    """The options of ``cls`` given as flags, checked against their declarations (a bad value is an
-    AudioclfError naming it); those not given are left out, so the library's defaults (the same) apply."""
-    given = {s.name: getattr(args, s.name) for s in settings(cls) if getattr(args, s.name, None) is not None}
-    cls(**given)
-    return given
-
-
-def _quiet(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "quiet", False))
-
-
-class _Deprecated(argparse.Action):
-    """An old spelling that still works: it sets the new option's value and says on stderr what to use."""
-
-    def __init__(self, option_strings, dest, new: str, **kwargs):
-        self.new = new
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"{parser.prog}: warning: {option_string} is deprecated here, use {self.new} (it will be removed)",
-              file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
 class _RefuseFold(argparse.Action):
     """``cv`` picks each fold's test and validation folds itself: a fold flag is an error that says so."""
 
@@ -178,7 +72,7 @@ def _add_run_args(p: argparse.ArgumentParser, skip: tuple = ()) -> None:
     p.add_argument("--print-config", action="store_true",
                    help="print the configuration the run would use (preset, the backbone's front end and recipe, "
                         "YAML file and flags applied) as YAML, and exit without training")
-    _add_setting_args(p, skip=skip)
+    add_setting_args(p, skip=skip)
 
 
 def _guess_format(data: str) -> str:
@@ -244,7 +138,7 @@ def cmd_cv(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    r = run_demo(args.out, quiet=_quiet(args))
+    r = run_demo(args.out, quiet=is_quiet(args))
     print(r["eval"]["report"])
     print(f"\nrun directory: {r['run_dir']} (config.yaml, metrics.csv, curves.png, best.pt)\n"
           f"evaluation:    {r['eval_dir']} (metrics.json, predictions.csv, confusion_matrix.png)\n"
@@ -257,8 +151,8 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate
 
     data = DataConfig(root=args.data, format=args.format or _guess_format(args.data), esc10=bool(args.esc10))
-    metrics = evaluate(args.model, data, fold=args.fold, out_dir=args.out, quiet=_quiet(args),
-                       **_options(args, PredictOptions))
+    metrics = evaluate(args.model, data, fold=args.fold, out_dir=args.out, quiet=is_quiet(args),
+                       **given_options(args, PredictOptions))
     print(metrics["report"])
     return 0
 
@@ -273,7 +167,7 @@ def cmd_shard(args) -> int:
         raise AudioclfError(f"--max-shard-mb {args.max_shard_mb}: must be a number > 0 (MiB)")
     limits = {"samples_per_shard": args.samples_per_shard,
               "max_shard_bytes": None if args.max_shard_mb is None else round(args.max_shard_mb * 2**20)}
-    r = write_shards(load_clips(data), args.out, quiet=_quiet(args), **{k: v for k, v in limits.items() if v is not None})
+    r = write_shards(load_clips(data), args.out, quiet=is_quiet(args), **{k: v for k, v in limits.items() if v is not None})
     print(f"{len(r['shards'])} shard(s), {r['samples']} samples, {len(r['skipped'])} skipped: {r['out']}")
     return 0
 
@@ -282,14 +176,14 @@ def cmd_predict(args) -> int:
     from .commands.predict import run_predict
 
     return run_predict(args.model, args.paths, out=args.out, timeline=args.timeline, submission=args.submission,
-                       out_format=args.out_format, retry_errors=args.retry_errors, quiet=_quiet(args),
-                       **_options(args, PredictOptions))
+                       out_format=args.out_format, retry_errors=args.retry_errors, quiet=is_quiet(args),
+                       **given_options(args, PredictOptions))
 
 
 def cmd_serve(args) -> int:
     from .serve import serve
 
-    serve(args.model, **_options(args, PredictOptions), **_options(args, ServeLimits))
+    serve(args.model, **given_options(args, PredictOptions), **given_options(args, ServeLimits))
     return 0
 
 
@@ -326,13 +220,72 @@ def cmd_backbones(args) -> int:
 def cmd_embed(args) -> int:
     from .commands.embed import run_embed
 
-    r = run_embed(args.model, args.paths, out=args.out, quiet=_quiet(args), **_options(args, PredictOptions))
+    r = run_embed(args.model, args.paths, out=args.out, quiet=is_quiet(args), **given_options(args, PredictOptions))
     print(f"{r['n_files']} embeddings of dimension {r['dim']}: {r['out']}")
     return 0
 
 
+def cmd_tag(args) -> int:
+    from .commands.detect import run_tag
+
+    return run_tag(args.paths, backbone=args.backbone, weights=args.weights, out=args.out, quiet=is_quiet(args),
+                   **given_options(args, PredictOptions))
+
+
+def cmd_detect(args) -> int:
+    from .commands.detect import run_detect
+    from .events import DetectConfig
+
+    overrides = {s.name: getattr(args, s.name) for s in settings(DetectConfig) if getattr(args, s.name) is not None}
+    ignore = [x.strip() for x in (args.ignore or "").split(",") if x.strip()]
+    return run_detect(args.model, args.inputs, out=args.out, tune_on=args.tune, ignore=ignore, plot_dir=args.plot,
+                      params=args.params, overrides=overrides, weights=args.weights, quiet=is_quiet(args),
+                      **given_options(args, PredictOptions))
+
+
+def cmd_evaluate_events(args) -> int:
+    from .commands.detect import run_evaluate_events
+
+    return run_evaluate_events(args.reference, args.estimated, out=args.out)
+
+
+def _add_event_parsers(command) -> None:
+    """tag, detect and evaluate-events (``command(name, help, func)`` makes a sub-command's parser)."""
+    from .audioset import tagging_backbones
+    from .events import DetectConfig
+
+    p = command("tag", "AudioSet tags (527 classes) of audio files, without training", cmd_tag)
+    p.add_argument("paths", nargs="+", help="audio files, folders (recursive) or .txt files listing paths")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=tagging_backbones(),
+                   help=f"AudioSet tagger (default: {DEFAULT_BACKBONE})")
+    p.add_argument("--weights", help="local copy of the backbone's official weights (default: torch hub cache or "
+                                     "download)")
+    p.add_argument("--out", help="also write the tags to this .csv (path, rank, label, prob) (default: none)")
+    add_option_args(p, PredictOptions, only=("top_k", "batch_size", "device"))
+
+    p = command("detect", "sound events with onsets and offsets (DCASE TSV)", cmd_detect)
+    p.add_argument("model", help="run directory, .pt checkpoint, safetensors export, or an AudioSet backbone's name "
+                                 "(mn04_as: AudioSet's 527 classes, no training)")
+    p.add_argument("inputs", nargs="*", help="audio files, folders (recursive) or .txt files listing paths")
+    p.add_argument("--out", help="event list to write: filename onset offset event_label score, tab-separated")
+    p.add_argument("--tune", nargs=2, metavar=("VAL_AUDIO", "VAL_EVENTS"),
+                   help="first choose the post-processing on validation recordings (a folder) and their events "
+                        "(DCASE TSV), and save it with the model (RUN_DIR/detect.json, the checkpoint's 'detect')")
+    p.add_argument("--ignore", help="classes never reported, comma-separated (background: rain,wind)")
+    p.add_argument("--plot", metavar="DIR", help="a PNG per file: probability tracks and events over the spectrogram")
+    p.add_argument("--params", help="detect settings JSON to read (instead of the model's), or to write with --tune")
+    p.add_argument("--weights", help="with an AudioSet backbone's name: a local copy of its official weights")
+    add_option_args(p, PredictOptions, only=("batch_size", "device"))
+    add_setting_args(p, sections={"detect": DetectConfig})
+
+    p = command("evaluate-events", "event- and segment-based F1, error rate and PSDS (sed_eval)", cmd_evaluate_events)
+    p.add_argument("reference", help="true events, DCASE TSV (filename onset offset event_label)")
+    p.add_argument("estimated", help="detected events, DCASE TSV (with a score column for PSDS)")
+    p.add_argument("--out", help="write the metrics to this JSON file (default: none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = _common_flags()
+    common = common_flags()
     parser = argparse.ArgumentParser(prog="audioclf", description=DESCRIPTION, epilog=EPILOG, parents=[common],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"audioclf {__version__}")
@@ -362,15 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("evaluate", "metrics, per-clip predictions and a confusion matrix", cmd_evaluate)
     p.add_argument("model", help="run directory or .pt checkpoint")
     p.add_argument("data", help=_DATA_HELP)
-    _add_setting_args(p, only=("format", "esc10"))
+    add_setting_args(p, only=("format", "esc10"))
     p.add_argument("--fold", type=int, help="evaluate this fold only (default: every clip)")
     p.add_argument("--out", help="output folder (default: MODEL_DIR/eval)")
-    _add_option_args(p, PredictOptions, only=("batch_size", "device"))
+    add_option_args(p, PredictOptions, only=("batch_size", "device"))
 
     p = command("shard", "write a dataset as WebDataset tar shards (audio, label, fold, group)", cmd_shard)
     p.add_argument("data", help=_DATA_HELP)
     p.add_argument("--out", required=True, help="folder for the shards and their dataset.json")
-    _add_setting_args(p, only=("format", "esc10"))
+    add_setting_args(p, only=("format", "esc10"))
     p.add_argument("--samples-per-shard", type=int, help="most samples in one shard (default: 500)")
     p.add_argument("--max-shard-mb", type=float, help="about the largest shard, in MiB (default: 256)")
 
@@ -383,19 +336,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "DIR/parts as they come and are merged into DIR/predictions.csv")
     p.add_argument("--out-format", choices=PREDICT_OUT_FORMATS,
                    help="with --out DIR: predictions.csv (default), predictions.parquet or both")
-    p.add_argument("--format", choices=PREDICT_OUT_FORMATS, dest="out_format", action=_Deprecated, new="--out-format",
+    p.add_argument("--format", choices=PREDICT_OUT_FORMATS, dest="out_format", action=Deprecated, new="--out-format",
                    help="deprecated spelling of --out-format (--format names the dataset layout elsewhere)")
     p.add_argument("--retry-errors", action="store_true",
                    help="with --out DIR: classify again the files done with an error (a rerun otherwise skips every "
                         "file with a row in DIR/parts, failed ones included)")
-    _add_option_args(p, PredictOptions)
+    add_option_args(p, PredictOptions)
     p.add_argument("--timeline", action="store_true", help="add per-window rows (start, end, label, confidence)")
     p.add_argument("--submission", action="store_true", help="write an ID,Class CSV")
 
     p = command("serve", "HTTP API and web page for a trained model", cmd_serve)
     p.add_argument("model", help="run directory, .pt checkpoint or exported safetensors folder")
-    _add_option_args(p, PredictOptions, only=("device",))
-    _add_option_args(p.add_argument_group("server and limits"), ServeLimits)
+    add_option_args(p, PredictOptions, only=("device",))
+    add_option_args(p.add_argument_group("server and limits"), ServeLimits)
 
     p = command("backbones", "list the backbones, their front ends and weight status", cmd_backbones)
 
@@ -403,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run directory, .pt checkpoint or exported safetensors folder")
     p.add_argument("paths", nargs="+", help="audio files, folders (recursive) or .txt files listing paths")
     p.add_argument("--out", required=True, help="emb.npy (an .npy array plus emb.paths.txt) or emb.parquet")
-    _add_option_args(p, PredictOptions, only=("batch_size", "device"))
+    add_option_args(p, PredictOptions, only=("batch_size", "device"))
+
+    _add_event_parsers(command)
 
     p = command("export", "export to ONNX or safetensors", cmd_export)
     p.add_argument("model", help="run directory, .pt checkpoint or exported safetensors folder")
@@ -411,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--out-format", choices=EXPORT_FORMATS,
                       help="onnx: the whole graph, waveform to probabilities; safetensors: the weights and config "
                            "(no default: give one)")
-    kind.add_argument("--format", choices=EXPORT_FORMATS, dest="out_format", action=_Deprecated, new="--out-format",
+    kind.add_argument("--format", choices=EXPORT_FORMATS, dest="out_format", action=Deprecated, new="--out-format",
                       help="deprecated spelling of --out-format (--format names the dataset layout elsewhere)")
     p.add_argument("--out", required=True, help="output folder")
     return parser

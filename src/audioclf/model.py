@@ -79,11 +79,14 @@ class ResNet18(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, in_channels, H, W) -> (batch, 512, H / 32, W / 32): the last block's output."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, in_channels, H, W) -> (batch, 512) pooled features, before ``head``."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+        return torch.flatten(self.avgpool(self.feature_map(x)), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.trunk(x))
@@ -140,6 +143,12 @@ class AudioResNet(nn.Module):
         """(batch, n_mels, frames) log-mel -> (batch, n_classes) logits."""
         return self.backbone(self.norm(x).unsqueeze(1))
 
+    def frame_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, frames) log-mel -> (batch, frames / 32, n_classes): the head on each time step of
+        the last block's map (averaged over mel); their mean over time is ``forward``'s logits."""
+        h = self.backbone.feature_map(self.norm(x).unsqueeze(1)).mean(2).transpose(1, 2)  # (batch, steps, 512)
+        return self.backbone.fc(h)
+
 
 class AudioMobileNet(nn.Module):
     """An EfficientAT MobileNet (``mn04_as`` ... ``mn40_as``) with a new last layer for our classes.
@@ -165,11 +174,12 @@ class AudioMobileNet(nn.Module):
         width is the front end's, fixed by the backbone, so ``n_mels`` is not needed."""
         return cls(n_classes, BACKBONES[config.backbone].width, config.dropout)
 
-    def load_pretrained(self, state_dict: dict, name: str) -> "AudioMobileNet":
+    def load_pretrained(self, state_dict: dict, name: str, *, keep_head: bool = False) -> "AudioMobileNet":
         """Load the official AudioSet weights of backbone ``name``: every tensor but the 527-class last
-        layer, which our classes replace. Any other missing, extra or misshapen tensor is an error."""
+        layer, which our classes replace (with ``keep_head``, that layer too: AudioSet tagging). Any other
+        missing, extra or misshapen tensor is an error."""
         ours = self.net.state_dict()
-        head = {k for k in ours if k.startswith("classifier.5.")}
+        head = set() if keep_head else {k for k in ours if k.startswith("classifier.5.")}
         missing = sorted(set(ours) - set(state_dict) - head)
         unexpected = sorted(set(state_dict) - set(ours))
         shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(ours[k].shape)}" for k in set(ours) & set(state_dict) - head
@@ -187,6 +197,10 @@ class AudioMobileNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, n_mels, frames) features -> (batch, n_classes) logits."""
         return self.net(x.unsqueeze(1))
+
+    def frame_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, frames) features -> (batch, frames / 32, n_classes) frame-level logits."""
+        return self.net.frame_logits(x.unsqueeze(1))
 
 
 @dataclass(frozen=True)
@@ -281,3 +295,8 @@ class WaveformClassifier(nn.Module):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """(batch, samples) at ``features.sample_rate`` -> (batch, n_classes) probabilities."""
         return activation(self.task)(self.model(self.logmel(wave)))
+
+    def frames(self, wave: torch.Tensor) -> torch.Tensor:
+        """(batch, samples) -> (batch, steps, n_classes) probabilities of each time step of the network's
+        last feature map (its ``frame_logits``; a step is 32 spectrogram frames)."""
+        return activation(self.task)(self.model.frame_logits(self.logmel(wave)))

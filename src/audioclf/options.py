@@ -19,6 +19,8 @@ from .settings import DEVICES, _check_settings, check_device, setting
 class PredictOptions:
     """How a trained model classifies audio: shared by predict, evaluate, embed, serve and the Python API."""
 
+    SECTION = "predict"
+
     top_k: int = setting(3, help="how many of the best classes to list per file", low=1, high=10**6)
     batch_size: int = setting(32, help="windows per forward pass", low=1, high=65536)
     device: str = setting("auto", help=DEVICES)
@@ -35,6 +37,8 @@ class PredictOptions:
 class ServeLimits:
     """Where ``audioclf serve`` listens, and the bounds of every request: a request's work and memory are
     bounded by these, never by the client's parameters."""
+
+    SECTION = "serve"
 
     host: str = setting("127.0.0.1", help="address to listen on (0.0.0.0: every network interface)")
     port: int = setting(8000, help="TCP port to listen on", low=0, high=65535)

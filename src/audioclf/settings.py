@@ -83,7 +83,9 @@ class Setting:
 def settings(cls: type) -> tuple[Setting, ...]:
     """The settings of config section ``cls`` (:class:`FeatureConfig`, ...), in declaration order."""
     hints = typing.get_type_hints(cls)
-    section = _SECTION_NAMES.get(cls, cls.__name__)
+    # a RunConfig section by its name there; another group of settings names itself (events.DetectConfig,
+    # options.PredictOptions: SECTION = "detect", "predict")
+    section = _SECTION_NAMES.get(cls) or cls.SECTION
     out = []
     for f in dataclasses.fields(cls):
         tp, optional = hints[f.name], False
