@@ -14,7 +14,7 @@ from audioclf.backbones import BACKBONES
 from audioclf.config import AudioclfError, FeatureConfig, ModelConfig
 from audioclf.features import LogMel
 from audioclf.fileio import sha256
-from audioclf.model import AudioResNet, WaveformClassifier, build_model
+from audioclf.model import FAMILIES, AudioMobileNet, AudioResNet, WaveformClassifier, build_model, place_model
 
 RESNET18 = BACKBONES["resnet18"]
 
@@ -272,3 +272,36 @@ def test_amp_dtype_uses_bf16_on_cpu_only_where_it_is_native(monkeypatch):
 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", gone)
     assert amp_dtype(cpu) is None  # a torch without the private probe: fp32, not a crash
+
+
+@pytest.mark.parametrize("name, cls", [("resnet18", AudioResNet), ("mn04_as", AudioMobileNet)])
+def test_the_family_table_builds_and_places_each_backbone(name, cls):
+    config = ModelConfig(backbone=name, pretrained="none")
+    assert BACKBONES[name].family in FAMILIES
+    model, pretrained = build_model(config, n_classes=3, n_mels=32 if name == "resnet18" else 128)
+    assert isinstance(model, cls) and not pretrained
+    read = []
+
+    def frames():  # the training clips' features: read only where the family fits something to them
+        for k in range(3):
+            read.append(k)
+            yield torch.randn(32, 20) * 3 + k
+
+    place_model(model, config, frames(), torch.device("cpu"))
+    assert next(model.parameters()).device.type == "cpu"
+    if name == "resnet18":
+        assert read == [0, 1, 2] and model.norm.mean.abs().sum() > 0  # its input standardisation was fitted
+    else:
+        assert read == []  # the MobileNets' front end normalises with fixed numbers
+
+
+def test_each_family_loads_its_own_pretrained_weights():
+    sd = AudioResNet(1000, 80, 0.0).backbone.state_dict()  # the shape of torchvision's file, 1-channel stem
+    sd["conv1.weight"] = sd["conv1.weight"].repeat(1, 3, 1, 1)
+    model = FAMILIES["resnet"].load_pretrained(AudioResNet(5, 80, 0.0), sd, "resnet18")
+    assert torch.equal(model.backbone.layer1[0].conv1.weight, sd["layer1.0.conv1.weight"])
+    mn = AudioMobileNet(5, 0.4, 0.0)
+    official = AudioMobileNet(527, 0.4, 0.0).net.state_dict()
+    FAMILIES["mobilenet"].load_pretrained(mn, official, "mn04_as")
+    first = next(iter(official))
+    assert torch.equal(mn.net.state_dict()[first], official[first])
