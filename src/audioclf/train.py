@@ -49,14 +49,10 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------- fit
 
 def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = False) -> dict:
-    """Train a classifier as ``config`` says; write everything to ``out_dir``; return a summary dict
-    (best_val_loss, best_epoch, epochs_run, stopped_early, pretrained, lr, and with a test fold test_acc,
-    test_f1, test_n).
-
-    ``out_dir`` is locked while the run lasts: a second training into it is refused. A directory that
-    holds an earlier run is refused unless ``resume`` (continue it: only ``rundir.RESUMABLE`` settings may
-    differ from its ``last.pt``) or ``overwrite`` (remove its outputs first).
-    """
+    """Train a classifier as ``config`` says into the run directory ``out_dir``, locked while the run lasts;
+    return a summary dict (best_val_loss, best_epoch, epochs_run, stopped_early, pretrained, lr; with a test
+    fold test_acc, test_f1, test_n). An earlier run there is refused unless ``resume`` (continue it: only
+    ``rundir.RESUMABLE`` settings may differ from its last.pt) or ``overwrite`` (remove its outputs first)."""
     run = RunDir(out_dir)
     with claim(run.path, resume, overwrite) if dist_info()[0] == 0 else nullcontext():  # rank 0 owns the run directory
         # --- resume: last.pt's config wins, so the run continues as it started
