@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 from ._version import __version__
-from .config import PRESETS, SECTIONS, AudioclfError, Setting, load_yaml, resolve, settings
+from .config import PRESETS, SECTIONS, Setting, load_yaml, resolve, settings
+from .errors import AudioclfError
 
 log = logging.getLogger("audioclf")
 
@@ -200,7 +201,7 @@ def cmd_backbones(args) -> int:
         inp = (f"{fe['n_mels']} {fe['mel_scale'].capitalize()} mels, {fe['sample_rate'] / 1000:g} kHz, "
                f"hop {fe['hop_length']}")
         # with the published head (527 AudioSet classes; ImageNet's 1000): the count the weights hold
-        net = build_network(ModelConfig(backbone=name), 527 if b.front_end else 1000, fe["n_mels"])
+        net = build_network(ModelConfig(backbone=name), b.head_classes, fe["n_mels"])
         params = f"{sum(p.numel() for p in net.parameters()):,}"
         default = " (default)" if name == DEFAULT_BACKBONE else ""
         print(f"{name:<10} {params:>11}  {inp:<36} {status(name):<13} {b.description}{default}")

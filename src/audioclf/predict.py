@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from .audio import (audio_duration_s, default_hop, fix_length, load_audio, resample, settled_windows, stream_audio,
                     window_starts)
 from .checkpoint import load_model
-from .config import AudioclfError, FeatureConfig, RunConfig
+from .config import FeatureConfig, RunConfig
+from .errors import AudioclfError
 from .model import WaveformClassifier
 from .runtime import auto_workers, cpu_threads_beside, resolve_device
 

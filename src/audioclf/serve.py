@@ -32,7 +32,8 @@ from typing import Optional
 
 from ._version import __version__
 from .audio import AUDIO_EXTENSIONS, audio_duration_s, default_hop
-from .config import AudioclfError, _check_range
+from .config import _check_range
+from .errors import AudioclfError
 
 try:
     import uvicorn
