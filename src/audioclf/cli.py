@@ -211,8 +211,9 @@ def cmd_embed(args) -> int:
 
     r = run_embed(args.model, args.paths, out=args.out, batch_size=args.batch_size, device=args.device,
                   quiet=args.quiet)
-    print(f"{r['n_files']} embeddings of dimension {r['dim']}: {r['out']}")
-    return 0
+    failed = f"; {r['failed']} file(s) failed, left out (see the warnings)" if r["failed"] else ""
+    print(f"{r['n_files']} embeddings of dimension {r['dim']}: {r['out']}{failed}")
+    return 1 if r["failed"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import AudioclfError, DataConfig
 from .data import load_clips
-from .fileio import atomic_path
+from .fileio import atomic_path, check_output, csv_cell
 from .predict import load
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,8 @@ def write_predictions(path, rows: Iterable[tuple[str, str, str, float]]) -> None
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["path", "true", "predicted", "confidence", "correct"])
-        w.writerows([clip, true, pred, f"{conf:.4f}", int(pred == true)] for clip, true, pred, conf in rows)
+        w.writerows([csv_cell(clip), csv_cell(true), csv_cell(pred), f"{conf:.4f}", int(pred == true)]
+                    for clip, true, pred, conf in rows)
 
 
 def plot_confusion_matrix(cm, labels: Sequence[str], path) -> None:
@@ -144,6 +145,7 @@ def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=N
         AudioclfError: when the dataset has a class the model does not know, the fold has no clips,
             or no clip can be read.
     """
+    out_dir = check_output(out_dir if out_dir else _default_out_dir(model_path), folder=True)
     clf = load(model_path, device, batch_size=batch_size)
     clipset = load_clips(data)
     unknown = [name for name in clipset.classes if name not in clf.labels]
@@ -173,7 +175,6 @@ def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=N
         raise AudioclfError(f"none of the {len(clips)} clips could be read; see the warnings above for each file's reason")
 
     metrics = classification_metrics(y_true, np.array(probs), clf.labels)
-    out_dir = Path(out_dir) if out_dir else _default_out_dir(model_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics.update(skipped=skipped, out_dir=str(out_dir))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

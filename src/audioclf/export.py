@@ -31,7 +31,7 @@ from torch import nn
 from ._version import __version__
 from .checkpoint import BOUND_KEY, CONFIG_FILE, EXPORT_FORMAT, RUN_CHECKPOINT, SAFETENSORS_FILE, load_model
 from .config import AudioclfError, FeatureConfig, _check_choice
-from .fileio import atomic_path, sha256
+from .fileio import atomic_path, check_output, sha256
 from .features import LogMel
 from .model import WaveformClassifier
 
@@ -65,7 +65,8 @@ def export(model_path, format: str = "safetensors", out_dir="export") -> Path:
         The written model file (``model.safetensors`` or ``model.onnx``).
     """
     _check_choice("format", format, FORMATS)
-    out = Path(out_dir)
+    source = Path(model_path)  # an export exported into its own folder would be written over as it is read
+    out = check_output(out_dir, folder=True, inputs=[source if source.is_dir() else source.parent])
     if (out / RUN_CHECKPOINT).is_file():
         raise AudioclfError(f"{out} holds {RUN_CHECKPOINT}, a training run: export into a folder of its own "
                             f"(a model path must mean one model)")

@@ -1,13 +1,14 @@
 """Files: the one atomic write (a crash, a full disk or Ctrl-C never leaves a half-written file in place),
-the one file hash and the one Parquet writer."""
+the one check that an output can be written, the one file hash and the one Parquet writer."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from .errors import AudioclfError
 
@@ -29,6 +30,68 @@ def atomic_path(path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_output(path, *, folder: bool = False, inputs: Iterable = (), what: str = "--out") -> Path:
+    """Refuse, before any work, an output that cannot be written or that would overwrite an input.
+
+    Every command that writes calls this first, so that hours of work never end in "cannot write".
+
+    Args:
+        path: the output: a file in an existing folder (written by :func:`atomic_path` beside itself) or,
+            with ``folder``, a folder (made when missing).
+        folder (bool, optional): whether ``path`` is a folder. (Default: ``False``)
+        inputs (iterable of paths, optional): the command's inputs; none may be the output. (Default: none)
+        what (str, optional): how messages name the output. (Default: ``"--out"``)
+
+    Raises:
+        AudioclfError: naming the output and the reason: a folder where a file is wanted or the other way
+            round, a path under a file, a folder this process may not write in (read-only, ``/proc``, ...),
+            or an output that is one of ``inputs``.
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise AudioclfError(f"{what} {path} is a file; give a folder (new or existing)")
+    if not folder and path.is_dir():
+        raise AudioclfError(f"{what} {path} is a folder; name a file")
+    if not folder and not path.parent.is_dir():  # a typo in a folder name is more likely than a wish for it
+        raise AudioclfError(f"{what} {path}: the folder {path.parent} does not exist"
+                            + (" (it is a file)" if path.parent.exists() else ""))
+    # the nearest folder that exists: a new output folder, and any folder above it, are made in it
+    existing = path if folder else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AudioclfError(f"{what} {path}: {existing} is a file, so nothing can be written under it")
+    try:  # a real write: os.access says yes to root in a read-only mount and in /proc
+        fd, probe = tempfile.mkstemp(prefix=".audioclf-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise AudioclfError(f"{what} {path}: cannot write in the folder {existing} ({e.strerror}); choose "
+                            f"another place") from None
+    target = path.resolve()
+    for p in map(Path, inputs):
+        if p.resolve() == target or (path.exists() and p.exists() and os.path.samefile(p, path)):
+            raise AudioclfError(f"{what} {path} is also an input ({p}): writing it would destroy that input; "
+                                f"choose another name")
+    return path
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet takes a cell starting so for a formula
+
+
+def csv_cell(value):
+    """``value`` made safe for a spreadsheet: text that starts like a formula (``=``, ``+``, ``-``, ``@``) gets a
+    leading ``'``, so that a class or file name such as ``=HYPERLINK(...)`` is shown, never run. Numbers, and
+    text that reads as one (``-0.5``), are kept."""
+    if not isinstance(value, str) or not value.startswith(_FORMULA_START):
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
 
 
 def sha256(path) -> str:

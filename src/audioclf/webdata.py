@@ -35,7 +35,7 @@ from .audio import (AUDIO_EXTENSIONS, audio_duration_s, audio_format, member_pat
                     source_stat, split_member, tar_index)
 from .clips import Clip, ClipSet
 from .config import AudioclfError
-from .fileio import atomic_path
+from .fileio import atomic_path, check_output
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,7 @@ def write_shards(clipset: ClipSet, out_dir, *, samples_per_shard: int = 500, max
 
 def _prepare_out_dir(out: Path) -> None:
     """Refuse a file or another shard set; clear what an interrupted ``write_shards`` left in ``out``."""
-    if out.exists() and not out.is_dir():
-        raise AudioclfError(f"--out {out}: is a file; give a folder for the shards")
+    check_output(out, folder=True)
     if not out.is_dir():
         return
     index = out / INDEX_NAME
