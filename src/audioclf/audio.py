@@ -246,7 +246,17 @@ def audio_format(path) -> str:
         return f.format
 
 
-def stream_audio(path, sample_rate: int, block_s: float = 30.0) -> Iterator[np.ndarray]:
+BLOCK_S = 30.0  # seconds of audio stream_audio decodes at once
+
+
+def decoding_bytes(path, block_s: float = BLOCK_S) -> int:
+    """Bytes of float32 samples that decoding ``path`` holds at once (:func:`stream_audio`'s block, at the
+    file's own rate and channels; a short file whole), read from its header."""
+    with _open(path) as f:
+        return 4 * f.channels * min(f.frames, int(block_s * f.samplerate))
+
+
+def stream_audio(path, sample_rate: int, block_s: float = BLOCK_S) -> Iterator[np.ndarray]:
     """Yield consecutive mono float32 blocks of ``path`` at ``sample_rate``; memory stays at one block.
 
     Concatenating the blocks gives (to within resampler edge effects) ``load_audio(path, sample_rate)``.

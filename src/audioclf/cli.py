@@ -170,7 +170,7 @@ def cmd_serve(args) -> int:
     from .serve import serve
 
     limits = {k: getattr(args, k) for k in ("max_upload_mb", "max_audio_s", "max_windows", "timeout_s", "cors_origin",
-                                            "max_connections")}
+                                            "max_connections", "max_client_connections", "max_decoding_mb")}
     serve(args.model, host=args.host, port=args.port, device=args.device,
           **{k: v for k, v in limits.items() if v is not None})
     return 0
@@ -294,7 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, help="most sliding windows per request, else 422 (default 2000)")
     p.add_argument("--timeout-s", type=float, help="seconds a client may stall: headers, body, idle (default 10)")
     p.add_argument("--max-connections", type=int, help="open connections before requests get 503 (default 64)")
-    p.add_argument("--cors-origin", help="let pages from this one origin call the API (default: none)")
+    p.add_argument("--max-client-connections", type=int,
+                   help="open connections from one client address; more are closed at once (default 16)")
+    p.add_argument("--max-decoding-mb", type=float,
+                   help="decoded audio in flight across all requests, in MiB; past it requests wait, then 503 "
+                        "(default 256)")
+    p.add_argument("--cors-origin", help="let pages from this one origin (scheme://host[:port]) call the API "
+                                         "(default: none)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("backbones", help="list the backbones, their front ends and weight status")
