@@ -84,8 +84,8 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet takes a cell 
 def csv_cell(value):
     """``value`` made safe for a spreadsheet: text that starts like a formula (``=``, ``+``, ``-``, ``@``) gets a
     leading ``'``, so that a class or file name such as ``=HYPERLINK(...)`` is shown, never run. Numbers, and
-    text that reads as one (``-0.5``), are kept."""
-    if not isinstance(value, str) or not value.startswith(_FORMULA_START):
+    text that reads as one (``-0.5``), and a lone sign (``-`` is stdin) are kept."""
+    if not isinstance(value, str) or len(value) < 2 or not value.startswith(_FORMULA_START):
         return value
     try:
         float(value)
@@ -140,8 +140,73 @@ def read_parsed(path, parse: Callable[[str], Any], parse_error: type[Exception] 
     ``parse_error``, is an AudioclfError naming ``what`` (e.g. "config file"), the path and the reason."""
     path = Path(path)
     try:
-        return parse(path.read_text())
+        return parse(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise AudioclfError(f"cannot read {what} {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise AudioclfError(f"{what} {path} is not UTF-8 text: byte 0x{e.object[e.start]:02x} at offset {e.start}") from None
     except parse_error as e:
         raise AudioclfError(f"{what} {path} is not valid {language}: {e}") from None
+
+
+# Bounds on a YAML document, checked as it is read, before anything is built from it
+YAML_MAX_DEPTH = 64  # nested mappings and lists
+YAML_MAX_NODES = 100_000  # values, counting each alias as the whole of what it names (an alias bomb is huge)
+
+
+def _strict_loader():
+    """yaml.SafeLoader that refuses a duplicate key (else the last one wins, silently), nesting deeper than
+    YAML_MAX_DEPTH (PyYAML recurses: a RecursionError) and more than YAML_MAX_NODES values once aliases are
+    expanded (a few hundred bytes of nested aliases name billions), with the line of each problem."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def __init__(self, stream):
+            super().__init__(stream)
+            self._depth, self._sizes, self._total = 0, {}, 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                node = super().compose_node(parent, index)
+                self._count(self._sizes.get(id(node), 1), node)
+                return node
+            self._depth += 1
+            if self._depth > YAML_MAX_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise yaml.YAMLError(f"nested more than {YAML_MAX_DEPTH} deep (line {line})")
+            before = self._total
+            node = super().compose_node(parent, index)
+            self._depth -= 1
+            self._sizes[id(node)] = self._total - before + 1
+            self._count(1, node)
+            return node
+
+        def _count(self, n: int, node) -> None:
+            self._total += n
+            if self._total > YAML_MAX_NODES:
+                raise yaml.YAMLError(f"more than {YAML_MAX_NODES} values once its aliases are expanded (line "
+                                     f"{node.start_mark.line + 1}): an alias bomb?")
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool)) or key is None:
+                    continue  # an unhashable key: SafeLoader refuses it itself
+                if key in seen:
+                    raise yaml.YAMLError(f"the key {key!r} appears twice (line {key_node.start_mark.line + 1}); "
+                                         f"keep one")
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
+
+
+def read_yaml(path, what: str = "config file") -> Any:
+    """The YAML document in ``path``, read with the bounds above; any problem is an AudioclfError naming
+    ``what`` and the path."""
+    import yaml
+
+    loader = _strict_loader()
+    return read_parsed(path, lambda text: yaml.load(text, Loader=loader), (yaml.YAMLError, RecursionError), what,
+                       "YAML")
