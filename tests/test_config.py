@@ -163,3 +163,11 @@ def test_configs_saved_before_a_setting_existed_keep_the_old_behaviour():
     assert c.features.n_mels == 80 and c.train.epochs == RunConfig().train.epochs
     assert RunConfig.from_saved(RunConfig().to_dict()).features.peak_normalize is True
     assert RunConfig.from_dict(old).features.peak_normalize is True  # a user's file gets today's default
+
+
+def test_yaml_anchors_and_aliases_within_the_bounds_work(tmp_path):
+    from audioclf.config import load_yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text("common: &lr 0.01\ntrain:\n  lr: *lr\n  epochs: 3\n")
+    assert load_yaml(config)["train"] == {"lr": 0.01, "epochs": 3}

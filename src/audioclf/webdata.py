@@ -19,7 +19,6 @@ shards of uneven size cannot leave one rank waiting for another.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -334,18 +333,38 @@ def _expand(pattern: str) -> list[str]:
     as the pattern expands: ``{0..999999999}`` names a billion."""
     from braceexpand import braceexpand
 
+    if _pattern_size(pattern) > MAX_SHARDS:  # braceexpand lists a zero-padded range whole before yielding
+        raise AudioclfError(f"{pattern}: names more than {MAX_SHARDS} shards; narrow the pattern's ranges")
     try:
-        paths = list(itertools.islice(braceexpand(pattern), MAX_SHARDS + 1))
+        paths = list(braceexpand(pattern))
     except ValueError as e:  # unbalanced braces
         raise AudioclfError(f"{pattern}: not a valid brace pattern ({e})") from None
-    if len(paths) > MAX_SHARDS:
-        raise AudioclfError(f"{pattern}: names more than {MAX_SHARDS} shards; narrow the pattern's ranges")
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         where = f" (from the pattern {pattern}, {len(paths)} paths)" if len(paths) > 1 else ""
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise AudioclfError(f"{missing[0]}{more}: no such shard file{where}")
     return paths
+
+
+_INNERMOST = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(-?\d+|[A-Za-z])\.\.(-?\d+|[A-Za-z])(?:\.\.(-?\d+))?$")
+
+
+def _pattern_size(pattern: str) -> int:
+    """How many names a brace pattern expands to, from its text alone (nested groups count as the product of
+    their sizes, an upper bound): each innermost ``{a..b[..step]}`` or ``{x,y,...}``, then those around it."""
+    size = 1
+    while (m := _INNERMOST.search(pattern)) is not None:
+        body, count = m.group(1), 1
+        if r := _RANGE.match(body):
+            first, last = (int(x) if x.lstrip("-").isdigit() else ord(x) for x in r.group(1, 2))
+            count = abs(last - first) // max(1, abs(int(r.group(3) or 1))) + 1
+        elif "," in body:
+            count = body.count(",") + 1
+        size *= count
+        pattern = pattern[:m.start()] + "_" + pattern[m.end():]
+    return size
 
 
 def _load_index(path: Path, allow_incomplete: bool = False) -> Optional[dict]:
