@@ -18,7 +18,7 @@ from audioclf.cli import main
 from audioclf.commands import embed as embed_command
 from audioclf.commands import predict as predict_command
 from audioclf.config import AudioclfError
-from audioclf.evaluate import write_predictions
+from audioclf.rundir import write_predictions
 
 
 def one_line_error(capsys, *fragments):
