@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -210,3 +211,37 @@ def read_yaml(path, what: str = "config file") -> Any:
     loader = _strict_loader()
     return read_parsed(path, lambda text: yaml.load(text, Loader=loader), (yaml.YAMLError, RecursionError), what,
                        "YAML")
+
+
+def torch_load(path, what: str, map_location="cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` onto ``map_location``, with any failure an AudioclfError that names
+    ``path``, says what is wrong (truncated, not a PyTorch file, objects a safe load refuses) and what to do.
+    Never the loader's advice to load unsafely: a file the safe loader refuses may run code."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        raise AudioclfError(f"{path}: a folder; give the {what} file itself")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as e:
+        raise AudioclfError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) (\S+)", str(e))
+        if found is None:  # random bytes fail unpickling too
+            raise AudioclfError(f"{path}: not a readable {what} (not a PyTorch file)") from None
+        raise AudioclfError(f"{path}: holds Python objects ({found[1]}) beyond tensors and plain values, which could "
+                            f"run code when loaded, so it is refused; use a file written by audioclf, or the official "
+                            f"one") from None
+    except Exception as e:  # torch.load fails on a damaged or foreign file with many error types
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            zipped = f.read(2) == b"PK"
+        if zipped and not zipfile.is_zipfile(path):
+            raise AudioclfError(f"{path}: not a readable {what}: truncated or damaged ({size} bytes; its end is "
+                                f"missing), as when the process writing it was stopped; use another copy") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0]  # an empty file raises a bare EOFError
+        raise AudioclfError(f"{path}: not a readable {what} ({reason})") from None
