@@ -27,7 +27,7 @@ from .checkpoint import load_model
 from .config import FeatureConfig, RunConfig
 from .errors import AudioclfError
 from .model import WaveformClassifier, activation
-from .runtime import auto_workers, cpu_threads_beside, resolve_device
+from .runtime import auto_workers, cpu_threads_beside, dying_with_parent, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -377,7 +377,8 @@ class Classifier:
         workers = (auto_workers() if len(paths) > 2 else 0) if num_workers is None else num_workers
         return torch.utils.data.DataLoader(
             _PrepareFiles(paths, self.config.features, window, hop), batch_size=None, num_workers=workers,
-            prefetch_factor=self.batch_size if workers else None)  # a batch of short clips stays queued
+            prefetch_factor=self.batch_size if workers else None,  # a batch of short clips stays queued
+            worker_init_fn=dying_with_parent())
 
     def _run_loaded(self, loader: torch.utils.data.DataLoader, head=None) -> Iterator[_Source]:
         """:meth:`_run` over a file loader, with the model's CPU threads leaving the decoding workers their

@@ -40,7 +40,7 @@ from .clips import Clip, ClipSet
 from .errors import AudioclfError
 from .features import LogMel
 from .fileio import atomic_path
-from .runtime import auto_workers, barrier
+from .runtime import auto_workers, barrier, dying_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -531,7 +531,7 @@ class _Builder:
         loader = torch.utils.data.DataLoader(
             self.source(self.clipset.clips, self.features), batch_sampler=[b for k in shards for b in batches[k]],
             num_workers=self.workers, collate_fn=_Featurize(logmel if in_workers else None, paths, self.batch_size),
-            generator=torch.Generator())
+            generator=torch.Generator(), worker_init_fn=dying_with_parent())
         done = {}
         total = sum(len(b) for k in shards for b in batches[k])
         with tqdm(total=total, desc="features", unit="clip", disable=True if self.quiet else None) as bar:
