@@ -123,6 +123,10 @@ def model_from_checkpoint(ckpt: dict, source="the checkpoint") -> tuple[torch.nn
     labels = ckpt["labels"]
     if not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels) or len(set(labels)) < 2:
         raise AudioclfError(f"{source}: labels must be a list of at least 2 distinct class names, got {labels!r:.80}")
+    bad = [x for x in labels if any("\ud800" <= ch <= "\udfff" for ch in x)]  # bytes of a name that is not UTF-8
+    if bad:
+        raise AudioclfError(f"{source}: the class name {bad[0]!r} is not valid UTF-8 text; audioclf writes class "
+                            f"names to CSV, JSON and HTTP answers: train again with the class renamed")
     model = build_network(config.model, len(labels), config.features.n_mels)
     _check_weights(model, ckpt["model"], source, f"{config.model.backbone}, {len(labels)} labels, "
                                                  f"n_mels={config.features.n_mels}")

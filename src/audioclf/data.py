@@ -29,6 +29,15 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------- sources
 
+def _is_utf8(name: str) -> bool:
+    """Whether a file name decoded by Python (bytes that are not UTF-8 become surrogates) is valid UTF-8."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def read_folder(root) -> ClipSet:
     """``ROOT/<class name>/**/<clip>``: one sub-folder per class, class names sorted. Symlinks that lead
     to no file are listed in ``skipped`` with the reason."""
@@ -36,6 +45,11 @@ def read_folder(root) -> ClipSet:
     if not root.is_dir():
         raise AudioclfError(f"{root}: not a folder (format 'folder' wants ROOT/<class>/<clips>)")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    undecodable = [d.name for d in class_dirs if not _is_utf8(d.name)]
+    if undecodable:  # decided once, here: a class name is written to CSV, JSON and HTTP answers, all UTF-8
+        shown = undecodable[0].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise AudioclfError(f"{root}: the class folder name {shown!r} is not valid UTF-8 (\\xNN: bytes that are "
+                            f"not); class names go into CSV, JSON and the API, so rename the folder")
     hidden = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(".")
                     and any(f.suffix.lower() in AUDIO_EXTENSIONS for f in p.iterdir()))
     if hidden:
