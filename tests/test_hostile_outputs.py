@@ -9,6 +9,7 @@ import io
 import pytest
 import torch
 from _models import tiny_run  # noqa: F401 (a fixture)
+from test_hostile_predict import one_line_error
 
 import audioclf.evaluate as evaluate_module
 import audioclf.export as export_module
@@ -19,14 +20,6 @@ from audioclf.commands import embed as embed_command
 from audioclf.commands import predict as predict_command
 from audioclf.config import AudioclfError
 from audioclf.rundir import write_predictions
-
-
-def one_line_error(capsys, *fragments):
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 @pytest.fixture
