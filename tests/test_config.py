@@ -172,3 +172,11 @@ def test_the_old_preset_name_still_works_and_says_so(caplog):
     assert "'seed' is deprecated: it is called 'tutorial' now" in caplog.text
     saved = {**resolve("tutorial").to_dict(), "preset": "seed"}  # a run started under the old name
     assert RunConfig.from_saved(saved).preset == "tutorial"
+
+
+def test_yaml_anchors_and_aliases_within_the_bounds_work(tmp_path):
+    from audioclf.config import load_yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text("common: &lr 0.01\ntrain:\n  lr: *lr\n  epochs: 3\n")
+    assert load_yaml(config)["train"] == {"lr": 0.01, "epochs": 3}

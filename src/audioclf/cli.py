@@ -221,8 +221,9 @@ def cmd_embed(args) -> int:
     from .commands.embed import run_embed
 
     r = run_embed(args.model, args.paths, out=args.out, quiet=is_quiet(args), **given_options(args, PredictOptions))
-    print(f"{r['n_files']} embeddings of dimension {r['dim']}: {r['out']}")
-    return 0
+    failed = f"; {r['failed']} file(s) failed, left out (see the warnings)" if r["failed"] else ""
+    print(f"{r['n_files']} embeddings of dimension {r['dim']}: {r['out']}{failed}")
+    return 1 if r["failed"] else 0
 
 
 def cmd_tag(args) -> int:

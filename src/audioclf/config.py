@@ -24,7 +24,7 @@ import yaml
 from ._version import __version__
 from .backbones import BACKBONE_NAMES, BACKBONES, DEFAULT_BACKBONE
 from .errors import AudioclfError
-from .fileio import read_parsed
+from .fileio import read_yaml
 from .settings import (DEVICES, _check_choice, _check_range, _check_settings, check_device, name_sections,  # noqa: F401
                        setting, settings)  # settings: read from here too
 
@@ -349,7 +349,7 @@ def merge(base: dict, override: dict) -> dict:
 
 def load_yaml(path) -> dict:
     path = Path(path)
-    d = read_parsed(path, yaml.safe_load, yaml.YAMLError, "config file", "YAML")
+    d = read_yaml(path)
     if d is not None and not isinstance(d, dict):
         raise AudioclfError(f"config file {path} must hold a mapping of sections (data:, train:, ...), "
                             f"not a {type(d).__name__}")

@@ -10,6 +10,8 @@ The ``predict`` and ``embed`` commands around this live in :mod:`audioclf.comman
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,9 +26,9 @@ from .audio import (audio_duration_s, default_hop, fix_length, load_audio, resam
 from .checkpoint import load_model
 from .config import FeatureConfig, RunConfig
 from .errors import AudioclfError
-from .model import WaveformClassifier
+from .model import WaveformClassifier, activation
 from .options import PredictOptions
-from .runtime import auto_workers, cpu_threads_beside, resolve_device
+from .runtime import auto_workers, cpu_threads_beside, dying_with_parent, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -346,11 +348,14 @@ class Classifier:
 
     # -- the one inference path
 
-    def _embed(self, wave: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(self._net.logmel(wave))
+    def _embed(self, logmel: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(logmel)
+
+    def _probs(self, logmel: torch.Tensor) -> torch.Tensor:
+        return activation(self._net.task)(self.model(logmel))
 
     def _window_means(self, audio, sample_rate: Optional[int], head=None, width: int = 0) -> np.ndarray:
-        """``head`` (a batch of windows to one row each; default: class probabilities) on every window of
+        """``head`` (a batch of log-mels to one row each; default: class probabilities) on every window of
         every input, averaged over each input's windows: ``(d,)`` for one input, ``(n, d)`` for a list of
         them, ``(0, width)`` for an empty list. Raises the error of the first input that cannot be read."""
         one = not isinstance(audio, (list, tuple))
@@ -373,7 +378,8 @@ class Classifier:
         workers = (auto_workers() if len(paths) > 2 else 0) if num_workers is None else num_workers
         return torch.utils.data.DataLoader(
             _PrepareFiles(paths, self.config.features, window, hop), batch_size=None, num_workers=workers,
-            prefetch_factor=self.batch_size if workers else None)  # a batch of short clips stays queued
+            prefetch_factor=self.batch_size if workers else None,  # a batch of short clips stays queued
+            worker_init_fn=dying_with_parent())
 
     def _run_loaded(self, loader: torch.utils.data.DataLoader, head=None) -> Iterator[_Source]:
         """:meth:`_run` over a file loader, with the model's CPU threads leaving the decoding workers their
@@ -387,7 +393,7 @@ class Classifier:
         whatever source they come from; yield each source, in input order, once all its windows are done,
         and with ``steps`` also ``None`` after each forward pass.
 
-        ``head`` maps a batch of windows to one row each (default: class probabilities); its rows are
+        ``head`` maps a batch of log-mels to one row each (default: class probabilities); its rows are
         collected in each source's ``rows``."""
         batch_size = batch_size or self.batch_size
         pending: deque[_Source] = deque()
@@ -424,8 +430,15 @@ class Classifier:
             return
         x = torch.from_numpy(np.stack([w for _, _, w in batch])).to(self.device)  # (batch, window samples)
         with torch.inference_mode():
-            rows = (head or self._net)(x).float().cpu().numpy()  # (batch, n_classes or embedding size)
-        for (source, start, _), row in zip(batch, rows):
+            logmel = self._net.logmel(x)  # (batch, n_mels, frames)
+            finite = torch.isfinite(logmel).flatten(1).all(1).cpu().numpy()
+            rows = (head or self._probs)(logmel).float().cpu().numpy()  # (batch, n_classes or embedding size)
+        for (source, start, _), row, ok in zip(batch, rows, finite):
+            if not (ok and np.isfinite(row).all()) and source.error is None:
+                # samples far outside [-1, 1] (a float file of 1e30) overflow the features: no answer, not NaN
+                at = start / self.config.features.sample_rate
+                source.error = AudioclfError(f"{source.name}: its features are not finite (window at {at:.2f} s): "
+                                             f"samples far outside [-1, 1] overflow them; check the file")
             source.starts.append(start)
             source.rows.append(row)
         batch.clear()
@@ -436,10 +449,12 @@ class Classifier:
         """Window and hop in samples; defaults: the training duration and half of it."""
         f = self.config.features
         window_s = f.duration_s if window_s is None else window_s
-        if not 0 < window_s <= 3600:
-            raise AudioclfError(f"window_s={window_s!r} is out of range: it must be in (0, 3600] seconds")
-        if hop_s is not None and not 0 < hop_s:
-            raise AudioclfError(f"hop_s={hop_s!r} is out of range: it must be > 0 seconds")
+        for name, value in (("window_s", window_s), ("hop_s", 1.0 if hop_s is None else hop_s)):
+            # NaN fails every comparison and inf overflows the sample count: name them before the range
+            if not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise AudioclfError(f"{name}={value!r} must be a finite number of seconds in (0, 3600]")
+            if not 0 < value <= 3600:
+                raise AudioclfError(f"{name}={value!r} is out of range: it must be in (0, 3600] seconds")
         window = f.window_samples(window_s)
         # the default hop is the one the training cache used: the same windows in both
         return window, default_hop(window) if hop_s is None else max(1, int(round(hop_s * f.sample_rate)))

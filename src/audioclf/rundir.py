@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, Optional
 
 from .config import RunConfig
 from .errors import AudioclfError
-from .fileio import atomic_path, write_text_atomic
+from .fileio import atomic_path, csv_cell, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,8 @@ def write_predictions(path, rows: Iterable[tuple[str, str, str, float]]) -> None
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["path", "true", "predicted", "confidence", "correct"])
-        w.writerows([clip, true, pred, f"{conf:.4f}", int(pred == true)] for clip, true, pred, conf in rows)
+        w.writerows([csv_cell(clip), csv_cell(true), csv_cell(pred), f"{conf:.4f}", int(pred == true)]
+                    for clip, true, pred, conf in rows)
 
 
 def plot_curves(metrics_csv: Path, out_png: Path) -> None:

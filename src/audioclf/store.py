@@ -33,7 +33,7 @@ from .clips import Clip, ClipSet
 from .config import FeatureConfig
 from .errors import AudioclfError
 from .features import LogMel
-from .runtime import auto_workers, barrier
+from .runtime import auto_workers, barrier, dying_with_parent
 from .shards import (SHARD_CLIPS, ShardWriter, check_cache_dir, read_shard_index, remove_orphans, shard_path,
                      store_folder, write_manifest, write_shard)
 from .shards import cache_key, default_cache_dir  # noqa: F401 (the store's API: where a store of clips lives)
@@ -350,7 +350,7 @@ class _Builder:
         loader = torch.utils.data.DataLoader(
             self.source(self.clipset.clips, self.features), batch_sampler=[b for k in shards for b in batches[k]],
             num_workers=self.workers, collate_fn=_Featurize(logmel if in_workers else None, paths, self.batch_size),
-            generator=torch.Generator())
+            generator=torch.Generator(), worker_init_fn=dying_with_parent())
         done = {}
         total = sum(len(b) for k in shards for b in batches[k])
         with tqdm(total=total, desc="features", unit="clip", disable=True if self.quiet else None) as bar:

@@ -114,6 +114,11 @@ def run_detect(model, inputs: Sequence, *, out: Optional[str], tune_on: Optional
 
 
 def _tune(clf, model, config: DetectConfig, tune_on: Sequence[str], ignore, params, quiet) -> DetectConfig:
+    from ..audioset import is_backbone_name
+
+    if params is None and is_backbone_name(model):
+        raise AudioclfError(f"{model} is a pretrained backbone, not a run: name a file for the tuned settings with "
+                            f"--params detect.json (and pass it again when detecting)")
     audio, events_tsv = tune_on
     paths = collect_paths([audio])
     names = [Path(p).name for p in paths]
@@ -126,11 +131,6 @@ def _tune(clf, model, config: DetectConfig, tune_on: Sequence[str], ignore, para
     tracks = {name: probability_track(clf, str(p), config)
               for name, p in tqdm(list(zip(names, paths)), desc="tracks", unit="file", disable=True if quiet else None)}
     best, metrics = tune(tracks, clf.labels, reference, config, ignore=ignore, quiet=quiet)
-    from ..audioset import is_backbone_name
-
-    if params is None and is_backbone_name(model):
-        raise AudioclfError(f"{model} is a pretrained backbone, not a run: name a file for the tuned settings with "
-                            f"--params detect.json (and pass it again when detecting)")
     written = save_config(best, None if params else model, params)
     print(f"tuned on {len(paths)} files: event F1 {metrics['event_f1']:.3f}, segment F1 {metrics['segment_f1']:.3f} "
           f"with {json.dumps(asdict(best))}; saved in {', '.join(map(str, written))}")
