@@ -249,3 +249,40 @@ def test_embed_of_a_missing_file_is_an_error_not_a_nan_row(tiny_run, tmp_path, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "1 of 2 input(s) are not files, e.g." in err and "missing.wav" in err, err
     assert not out.exists()
+
+
+def test_undecodable_names_differing_only_in_their_bytes_stay_distinct(tiny_run, tmp_path, capsys, caplog):
+    import logging
+    import shutil
+
+    caplog.set_level(logging.INFO, logger="audioclf")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = [b"a\xff.wav", b"a\xfe.wav", b"a\\xff.wav", b"a\\\xff.wav"]  # the last two print alike unless escaped
+    for name in names:
+        shutil.copy(tiny_run.data_dir / "tone" / "tone_000.wav", os.fsencode(folder) + b"/" + name)
+    out = tmp_path / "out"
+    assert main(["predict", str(tiny_run.run_dir), str(folder), "--out", str(out), "--quiet"]) == 0
+    rows = rows_of((out / "predictions.csv").read_text())
+    assert len({r["path"] for r in rows}) == len(rows) == 4, rows
+    assert "4 classified now" in caplog.text
+    assert main(["predict", str(tiny_run.run_dir), str(folder), "--quiet"]) == 0
+    assert len({r["path"] for r in rows_of(capsys.readouterr().out)}) == 4
+
+
+def test_silently_wrong_parts_carry_their_options_and_are_checked_on_merge(tiny_run, tmp_path, capsys):
+    wav = tiny_run.data_dir / "tone" / "tone_000.wav"
+    out = tmp_path / "out"
+    assert main(["predict", str(tiny_run.run_dir), str(wav), "--out", str(out), "--quiet"]) == 0
+    (out / "options.json").unlink()  # the folder's record is gone: each part still knows its options
+    assert main(["predict", str(tiny_run.run_dir), str(wav), "--out", str(out), "--quiet", "--top-k", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "made with other options: top_k=2 (the part has 3)" in err, err
+    part = next((out / "parts").glob("part-*.csv"))
+    part.write_text(part.read_text().replace(",tone,", ",=evil,"))  # a row whose label is not a model class
+    assert main(["predict", str(tiny_run.run_dir), str(wav), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "has the label '=evil', not one of the model's classes" in err, err
+    part.write_text("".join(part.read_text().splitlines(keepends=True)[1:]))  # a part with no options at all
+    assert main(["predict", str(tiny_run.run_dir), str(wav), "--out", str(out), "--quiet"]) == 2
+    assert "holds no record of the options it was made with" in capsys.readouterr().err
