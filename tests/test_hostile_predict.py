@@ -279,7 +279,7 @@ def test_silently_wrong_parts_carry_their_options_and_are_checked_on_merge(tiny_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "made with other options: top_k=2 (the part has 3)" in err, err
     part = next((out / "parts").glob("part-*.csv"))
-    part.write_text(part.read_text().replace(",tone,", ",=evil,"))  # a row whose label is not a model class
+    part.write_text(part.read_text().replace(',"tone",', ',"=evil",'))  # a label that is not a model class
     assert main(["predict", str(tiny_run.run_dir), str(wav), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "has the label '=evil', not one of the model's classes" in err, err
