@@ -15,6 +15,7 @@ import soundfile as sf
 import torch
 
 import audioclf.audio as audio_module
+import audioclf.shards as shards_module
 import audioclf.store as store_module
 from audioclf.audio import load_audio
 from audioclf.config import AudioclfError, FeatureConfig
@@ -155,7 +156,7 @@ def test_a_cache_with_non_finite_features_is_rebuilt(tmp_path, caplog):
     frames[3] = np.inf
     np.save(shard, frames)
     index = json.loads(shard.with_suffix(".json").read_text())
-    index["sha256"] = store_module._digest(hashlib.sha256(frames.tobytes()).hexdigest(), index)  # a consistent shard
+    index["sha256"] = shards_module._digest(hashlib.sha256(frames.tobytes()).hexdigest(), index)  # a consistent shard
     shard.with_suffix(".json").write_text(json.dumps(index))
     with caplog.at_level(logging.WARNING, logger="audioclf"):
         again = build(cs, tmp_path / "cache")
@@ -200,7 +201,7 @@ def test_a_cache_dir_refusing_writes_is_named_where_tests_run_as_root(tmp_path, 
     def refuse(**kw):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(store_module.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr("tempfile.TemporaryFile", refuse)  # how check_cache_dir tries the folder
     with pytest.raises(AudioclfError, match=r"cache_dir .*cache: cannot write the feature cache there \(Permission denied\)"):
         build(read_folder(two_class_folder(tmp_path / "data")), tmp_path / "cache")
     assert count_decodes == []

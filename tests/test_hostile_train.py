@@ -102,7 +102,7 @@ def test_resume_takes_only_the_safe_flags_and_refuses_other_data(synth_dir, tmp_
 
     for extra, text in [(["--lr", "0.5"], "train.lr: 0.001 there, 0.5 now"),
                         (["--mixup", "0.2"], "augment.mixup_alpha: 0.0 there, 0.2 now"),
-                        (["--preset", "seed"], "preset: 'default' there, 'seed' now"),
+                        (["--preset", "tutorial"], "preset: 'default' there, 'tutorial' now"),
                         (["--overwrite"], "give one of them")]:
         assert main([*base, "--resume", *extra]) == 2, extra
         err = capsys.readouterr().err

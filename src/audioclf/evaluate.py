@@ -19,6 +19,7 @@ from .data import load_clips
 from .errors import AudioclfError
 from .fileio import check_output
 from .metrics import classification_metrics
+from .options import PredictOptions
 from .predict import load
 from .rundir import EVAL_FILES, write_predictions
 
@@ -57,8 +58,8 @@ def _default_out_dir(model_path) -> Path:
     return p / "eval" if p.is_dir() else p.with_name(f"{p.stem}-eval")
 
 
-def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=None, device: str = "auto",
-             batch_size: int = 32, quiet: bool = False) -> dict:
+def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=None,
+             device: str = PredictOptions.device, batch_size: int = PredictOptions.batch_size, quiet: bool = False) -> dict:
     """Evaluate a trained model on a labelled dataset.
 
     Args:

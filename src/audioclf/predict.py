@@ -27,6 +27,7 @@ from .checkpoint import load_model
 from .config import FeatureConfig, RunConfig
 from .errors import AudioclfError
 from .model import WaveformClassifier, activation
+from .options import PredictOptions
 from .runtime import auto_workers, cpu_threads_beside, dying_with_parent, resolve_device
 
 log = logging.getLogger(__name__)
@@ -214,8 +215,8 @@ class Classifier:
     in [-1, 1]; an array's ``sample_rate`` (Hz) defaults to the training sample rate.
     """
 
-    def __init__(self, model: torch.nn.Module, config: RunConfig, labels: Sequence[str], *, device="auto",
-                 batch_size: int = 32):
+    def __init__(self, model: torch.nn.Module, config: RunConfig, labels: Sequence[str], *,
+                 device: str = PredictOptions.device, batch_size: int = PredictOptions.batch_size):
         if batch_size < 1:
             raise AudioclfError(f"batch_size={batch_size} must be >= 1")
         self.labels = list(labels)
@@ -244,7 +245,7 @@ class Classifier:
         return self.labels[best] if best.ndim == 0 else [self.labels[i] for i in best]
 
     def classify(self, audio, sample_rate: Optional[int] = None, *, window_s: Optional[float] = None,
-                 hop_s: Optional[float] = None, timeline: bool = False, top_k: int = 3) -> dict:
+                 hop_s: Optional[float] = None, timeline: bool = False, top_k: int = PredictOptions.top_k) -> dict:
         """Classify one input (file path or waveform).
 
         Args:
@@ -266,7 +267,7 @@ class Classifier:
         return result
 
     def classify_steps(self, audio, sample_rate: Optional[int] = None, *, window_s: Optional[float] = None,
-                       hop_s: Optional[float] = None, timeline: bool = False, top_k: int = 3,
+                       hop_s: Optional[float] = None, timeline: bool = False, top_k: int = PredictOptions.top_k,
                        batch_size: Optional[int] = None, max_duration_s: Optional[float] = None,
                        max_windows: Optional[int] = None) -> Iterator[Optional[dict]]:
         """:meth:`classify`, one forward pass at a time: yields ``None`` after each batch of windows, then
@@ -308,7 +309,7 @@ class Classifier:
         yield source
 
     def classify_files(self, paths: Sequence, *, window_s: Optional[float] = None, hop_s: Optional[float] = None,
-                       timeline: bool = False, top_k: int = 3, num_workers: Optional[int] = None,
+                       timeline: bool = False, top_k: int = PredictOptions.top_k, num_workers: Optional[int] = None,
                        quiet: bool = False) -> Iterator[dict]:
         """:meth:`classify` for many files, decoded by background DataLoader workers while the model runs.
 
@@ -477,7 +478,8 @@ class Classifier:
         return out
 
 
-def load(model, device: str = "auto", *, batch_size: int = 32, weights_path: Optional[str] = None) -> Classifier:
+def load(model, device: str = PredictOptions.device, *, batch_size: int = PredictOptions.batch_size,
+         weights_path: Optional[str] = None) -> Classifier:
     """A :class:`Classifier` from a run directory, ``.pt`` checkpoint or exported safetensors folder, or an
     AudioSet backbone's name (``mn04_as``): its pretrained 527-class tagger (:mod:`audioclf.audioset`), with
     its official weights from ``weights_path`` or the torch hub cache."""

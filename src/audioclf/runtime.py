@@ -157,3 +157,24 @@ def broadcast(value, device: torch.device):
     holder = [value]
     dist.broadcast_object_list(holder, src=0, device=device if device.type == "cuda" else None)
     return holder[0]
+
+
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool) -> Iterator[None]:
+    """Deterministic kernels while the block runs, when ``enabled``; the previous settings afterwards, so a
+    library caller's process is left as it was."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    # cuBLAS sums reproducibly only with a fixed workspace; read when CUDA first runs a matmul
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # warn_only: an op without a deterministic kernel (CUDA's adaptive pooling backward) warns, not stops
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]

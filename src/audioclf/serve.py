@@ -27,15 +27,14 @@ import math
 import shutil
 import tempfile
 import threading
-from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Optional
 
 from ._version import __version__
 from .audio import AUDIO_EXTENSIONS, audio_duration_s, decoding_bytes, default_hop
-from .config import _check_range
+from .inflight import DecodingBudget
 from .errors import AudioclfError
+from .options import PredictOptions, ServeLimits
 
 try:
     import uvicorn
@@ -69,17 +68,16 @@ STEP_WINDOWS = 2
 CLIENT_CLOSED = 499
 # Seconds a client may stay silent: before its request's headers are complete, between parts of its
 # body, and idle between requests
-TIMEOUT_S = 10.0
-# Open connections (requests included) before new requests get 503: each request may hold an upload,
-# twice over on disk (the upload spool and its decodable copy)
-MAX_CONNECTIONS = 64
+TIMEOUT_S = ServeLimits.timeout_s
+# Open connections (requests included) before new requests get 503
+MAX_CONNECTIONS = ServeLimits.max_connections
 # Connections one client address may hold open: past it, its new connections are closed at once, so
 # one client cannot take every slot with half-open connections
-MAX_CLIENT_CONNECTIONS = 16
+MAX_CLIENT_CONNECTIONS = ServeLimits.max_client_connections
 # Decoded audio the whole server may hold in flight, in MiB of float32 samples (a request holds one
 # decoding block of its file, at the file's own rate and channels: 30 s of 384 kHz is 44 MiB): past it a
 # request waits for others to finish (up to --timeout-s, then 503); a request alone is always served
-MAX_DECODING_MB = 256.0
+MAX_DECODING_MB = ServeLimits.max_decoding_mb
 # seconds a client may ask for as hop_s at most (past the end of any audio the server accepts)
 MAX_HOP_S = 3600.0
 # What the page may load: itself, its inline style and script, and the blob: URL of the chosen file.
@@ -233,36 +231,6 @@ class HeaderDeadlineProtocol(H11Protocol):
             self.transport.close()
 
 
-class DecodingBudget:
-    """Decoded audio in flight across all requests, in bytes: a request takes its share before decoding
-    and gives it back when answered; one that does not fit waits until others finish, for ``timeout_s`` at
-    most (then 503). A request alone is always let through, however large: the per-request limits bound it.
-    """
-
-    def __init__(self, limit_bytes: int, timeout_s: float):
-        self.limit, self.timeout_s, self.used = limit_bytes, timeout_s, 0
-        self._changed: Optional[asyncio.Condition] = None  # made in the server's event loop
-
-    @asynccontextmanager
-    async def hold(self, n_bytes: int, shown: str):
-        self._changed = self._changed or asyncio.Condition()
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: self.used == 0 or self.used + n_bytes <= self.limit),
-                                       self.timeout_s)
-            except asyncio.TimeoutError:
-                raise HTTPException(503, f"{shown}: the server is decoding {self.used / MIB:.0f} MiB of audio for other "
-                                         f"requests (audioclf serve --max-decoding-mb); retry later",
-                                    headers={"Retry-After": "1"}) from None
-            self.used += n_bytes
-        try:
-            yield
-        finally:
-            async with self._changed:
-                self.used -= n_bytes
-                self._changed.notify_all()
-
-
 def _upload_suffix(filename: Optional[str]) -> str:
     """The client's extension when it is a known audio one (a hint for the decoder), else none."""
     suffix = Path(filename or "").suffix.lower()
@@ -288,32 +256,9 @@ def _add_offline_docs(app: "FastAPI") -> None:
         return get_swagger_ui_html(openapi_url=app.openapi_url, title="audioclf API", **assets)
 
 
-def _check_number(name: str, value, low, high, *, low_open: bool = False) -> None:
-    """``_check_range``, and NaN or infinity refused (they pass every comparison)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise AudioclfError(f"{name}={value!r} must be a finite number, {'>' if low_open else '>='} {low:g} "
-                            f"and <= {high:g}")
-    _check_range(name, value, low, high, low_open=low_open)
-
-
-def check_origin(origin: str) -> str:
-    """``origin`` as a browser sends it (``scheme://host[:port]``, http or https, no path), else AudioclfError:
-    a CORS origin that no browser can send lets no page in, silently."""
-    try:
-        parts = urlsplit(origin)
-        port = parts.port
-    except ValueError:
-        parts, port = None, None
-    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query
-            or parts.fragment or parts.username or parts.password or origin != f"{parts.scheme}://{parts.netloc}"):
-        raise AudioclfError(f"--cors-origin {origin!r} is not an origin: give scheme://host[:port] with http or "
-                            f"https and nothing after it, e.g. https://example.org or http://localhost:3000")
-    del port  # read only so that a bad port is refused above
-    return origin
-
-
-def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_audio_s: float = 600.0,
-               max_windows: int = 2000, timeout_s: float = TIMEOUT_S, cors_origin: Optional[str] = None,
+def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: str = PredictOptions.device, *,
+               max_audio_s: float = ServeLimits.max_audio_s, max_windows: int = ServeLimits.max_windows,
+               timeout_s: float = TIMEOUT_S, cors_origin: Optional[str] = ServeLimits.cors_origin,
                max_decoding_mb: float = MAX_DECODING_MB) -> FastAPI:
     """The serving app for ``model``: a :class:`~audioclf.predict.Classifier`, or anything
     :func:`audioclf.load` reads (run directory, ``.pt``, safetensors export), loaded here, once.
@@ -332,14 +277,11 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
     """
     from .predict import Classifier, LimitError, count_windows, load
 
-    _check_number("max_upload_mb", max_upload_mb, 0.0, 1e6, low_open=True)
-    _check_number("max_audio_s", max_audio_s, 0.0, 1e6, low_open=True)
-    _check_number("max_windows", max_windows, 1, 10**6)
-    _check_number("timeout_s", timeout_s, 0.0, 3600.0, low_open=True)
-    _check_number("max_decoding_mb", max_decoding_mb, 0.0, 1e6, low_open=True)
-    if cors_origin is not None:
-        check_origin(cors_origin)
-    budget = DecodingBudget(int(max_decoding_mb * MIB), timeout_s)
+    ServeLimits(max_upload_mb=max_upload_mb, max_audio_s=max_audio_s, max_windows=max_windows, timeout_s=timeout_s,
+                cors_origin=cors_origin, max_decoding_mb=max_decoding_mb)  # refuses a value out of its range, NaN too
+    budget = DecodingBudget(int(max_decoding_mb * MIB), timeout_s, lambda shown, used: HTTPException(
+        503, f"{shown}: the server is decoding {used / MIB:.0f} MiB of audio for other requests (audioclf serve "
+             f"--max-decoding-mb); retry later", headers={"Retry-After": "1"}))
     clf = model if isinstance(model, Classifier) else load(model, device)
     labels, features = list(clf.labels), clf.config.features
     sr, max_window_s = features.sample_rate, max(MAX_WINDOW_S, features.duration_s)
@@ -513,7 +455,7 @@ def _detect_config(model):
     return DetectConfig.from_dict(saved or {})
 
 
-def serve(model_path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+def serve(model_path, host: str = ServeLimits.host, port: int = ServeLimits.port, device: str = PredictOptions.device,
           max_connections: int = MAX_CONNECTIONS, max_client_connections: int = MAX_CLIENT_CONNECTIONS,
           **limits) -> None:
     """Load the model and serve it with uvicorn on ``host:port`` until interrupted; ``limits`` are
@@ -521,9 +463,8 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8000, device: str = "
     for a request's headers and stay idle between requests; past ``max_connections`` open connections,
     a new one displaces the one idle longest (requests get 503 only when none is idle); one client address
     may hold ``max_client_connections``."""
-    _check_number("port", port, 0, 65535)
-    _check_number("max_connections", max_connections, 1, 10**5)
-    _check_number("max_client_connections", max_client_connections, 1, 10**5)
+    ServeLimits(host=host, port=port, max_connections=max_connections, max_client_connections=max_client_connections,
+                **limits)
     app = create_app(model_path, device=device, **limits)
     log.info("serving %s on http://%s:%d (web page at /, API docs at /docs)", model_path, host, port)
     uvicorn.run(app, host=host, port=port, log_level="info",

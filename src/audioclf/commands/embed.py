@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import AudioclfError
 from ..fileio import atomic_path, check_output, require_pyarrow, write_parquet
+from ..options import PredictOptions
 from ..predict import load
 from .predict import collect_paths
 
@@ -44,8 +45,8 @@ def write_embeddings(out, paths: Sequence[str], emb: np.ndarray) -> Path:
     return out
 
 
-def run_embed(model, paths: Sequence[str], *, out, batch_size: int = 32, device: str = "auto",
-              quiet: bool = False) -> dict:
+def run_embed(model, paths: Sequence[str], *, out, batch_size: int = PredictOptions.batch_size,
+              device: str = PredictOptions.device, quiet: bool = False) -> dict:
     """``audioclf embed``: the embedding of every path, written to ``out``.
 
     Args:

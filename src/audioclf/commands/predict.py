@@ -20,6 +20,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 from ..audio import AUDIO_EXTENSIONS, find_audio_files
 from ..errors import AudioclfError
 from ..fileio import atomic_path, check_output, csv_cell, require_pyarrow, write_parquet
+from ..options import PredictOptions
 from ..predict import load
 from ..runtime import barrier, broadcast, dist_info, process_group, resolve_device
 from .parts import PARTS, PartWriter, new_run_id, part_path, read_parts
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 STDIN = ("-", "/dev/stdin")
 FILE_KINDS = (".csv", ".json", ".parquet")  # --out suffixes that name one file; other names are folders
-FORMATS = {"csv": ("csv",), "parquet": ("parquet",), "both": ("csv", "parquet")}  # --format, for --out DIR
+FORMATS = {"csv": ("csv",), "parquet": ("parquet",), "both": ("csv", "parquet")}  # --out-format, for --out DIR
 NUMBERS = ("confidence", "start_s", "end_s")  # CSV columns that hold numbers: floats in Parquet
 OPTIONS = "options.json"  # in --out DIR: the options its parts were made with
 
@@ -152,10 +153,11 @@ def _write_json(f, results: Iterable[dict], labels: list[str]) -> None:
     f.write("\n")
 
 
-def run_predict(model, paths: Sequence[str], *, out: Optional[str] = None, top_k: int = 3, batch_size: int = 32,
-                device: str = "auto", window_s: Optional[float] = None, hop_s: Optional[float] = None,
-                timeline: bool = False, submission: bool = False, out_format: Optional[str] = None,
-                retry_errors: bool = False, quiet: bool = False) -> int:
+def run_predict(model, paths: Sequence[str], *, out: Optional[str] = None, top_k: int = PredictOptions.top_k,
+                batch_size: int = PredictOptions.batch_size, device: str = PredictOptions.device,
+                window_s: Optional[float] = None, hop_s: Optional[float] = None, timeline: bool = False,
+                submission: bool = False, out_format: Optional[str] = None, retry_errors: bool = False,
+                quiet: bool = False) -> int:
     """``audioclf predict``: classify every path and write CSV (default, to stdout without ``out``), JSON or
     Parquet (``out`` ending in ``.json`` or ``.parquet``), an ``ID,Class`` submission, or, with ``out`` a
     folder, resumable parts merged into ``out/predictions.csv`` (:func:`predict_to_folder`).
@@ -191,7 +193,7 @@ def run_predict(model, paths: Sequence[str], *, out: Optional[str] = None, top_k
                             f"{out_path or 'stdout'}: give --out DIR, a folder, where each process writes its own "
                             f"part and rank 0 merges them into DIR/predictions.csv")
     if out_format is not None or retry_errors:
-        raise AudioclfError(f"--format and --retry-errors are for --out DIR (a folder); --out {out_path or '(stdout)'} "
+        raise AudioclfError(f"--out-format and --retry-errors are for --out DIR (a folder); --out {out_path or '(stdout)'} "
                             f"is one file, whose suffix chooses its format")
     kind = out_path.suffix.lower() if out_path else ".csv"
     if kind not in FILE_KINDS:
@@ -373,7 +375,8 @@ def _merge(folder: Path, names: list[str], fields: list[str], formats: tuple, ru
 
 
 def predict_to_folder(model, paths: Sequence[str], folder: Path, *, out_format: Optional[str] = None,
-                      retry_errors: bool = False, top_k: int = 3, batch_size: int = 32, device: str = "auto",
+                      retry_errors: bool = False, top_k: int = PredictOptions.top_k,
+                      batch_size: int = PredictOptions.batch_size, device: str = PredictOptions.device,
                       window_s: Optional[float] = None, hop_s: Optional[float] = None, timeline: bool = False,
                       quiet: bool = False) -> int:
     """``audioclf predict --out DIR``: resumable prediction, shared among torchrun's processes.
@@ -400,7 +403,7 @@ def predict_to_folder(model, paths: Sequence[str], folder: Path, *, out_format: 
             that differ from those the folder's parts were made with.
     """
     if out_format not in (None, *FORMATS):
-        raise AudioclfError(f"Unsupported --format {out_format}; choose {', '.join(FORMATS)}")
+        raise AudioclfError(f"Unsupported --out-format {out_format}; choose {', '.join(FORMATS)}")
     formats = FORMATS[out_format or "csv"]
     if any(a in STDIN for a in paths):
         raise AudioclfError("stdin ('-') cannot be classified into --out DIR: a rerun could not tell whether it was "
