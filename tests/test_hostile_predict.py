@@ -233,12 +233,12 @@ def test_non_finite_features_are_an_error_for_that_file_cli_and_api(tiny_run, tm
     assert main(["predict", str(model), str(path), str(tone_wav), "--quiet"]) == 0
     cap = capsys.readouterr()
     bad, good = rows_of(cap.out)
-    assert "its features are not finite" in bad["error"] and not bad["confidence"]
+    assert "its features or the model's output are not finite" in bad["error"] and not bad["confidence"]
     assert good["label"] == "tone" and not good["error"]
     clf = audioclf.load(model, device="cpu")
-    with pytest.raises(AudioclfError, match="its features are not finite"):
+    with pytest.raises(AudioclfError, match="its features or the model's output are not finite"):
         clf.classify(path)
-    with pytest.raises(AudioclfError, match="its features are not finite"):
+    with pytest.raises(AudioclfError, match="its features or the model's output are not finite"):
         clf.predict_proba(huge, 16000)
 
 
