@@ -35,21 +35,6 @@ class PredictOptions:
         check_device(self.device)
 
 
-def check_origin(origin: str) -> str:
-    """``origin`` as a browser sends it (``scheme://host[:port]``, http or https, no path), else AudioclfError:
-    a CORS origin that no browser can send lets no page in, silently."""
-    try:
-        parts = urlsplit(origin)
-        parts.port  # noqa: B018 (read for its check: a port out of range raises ValueError)
-    except ValueError:
-        parts = None
-    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query
-            or parts.fragment or parts.username or parts.password or origin != f"{parts.scheme}://{parts.netloc}"):
-        raise AudioclfError(f"cors_origin={origin!r} is not an origin: give scheme://host[:port] with http or "
-                            f"https and nothing after it, e.g. https://example.org or http://localhost:3000")
-    return origin
-
-
 @dataclass(frozen=True)
 class ServeLimits:
     """Where ``audioclf serve`` listens, and the bounds of every request: a request's work and memory are
@@ -68,10 +53,11 @@ class ServeLimits:
     # each open connection may hold an upload, twice over on disk (the upload spool and its decodable copy)
     max_connections: int = setting(64, help="open connections; past it a new one closes the one idle longest, and "
                                             "requests get 503 only when every one holds a request", low=1, high=10**5)
-    max_client_connections: int = setting(16, help="open connections from one client address; more are closed at "
-                                                   "once", low=1, high=10**5)
+    # so one client cannot take every slot with half-open connections
+    max_client_connections: int = setting(16, help="open connections from one client address; more are closed "
+                                                   "at once", low=1, high=10**5)
     max_decoding_mb: float = setting(256.0, help="decoded audio in flight across all requests, in MiB; past it "
-                                                 "requests wait, then get 503", low=0.0, high=1e6, low_open=True)
+                                                 "requests wait, then 503", low=0.0, high=1e6, low_open=True)
     cors_origin: Optional[str] = setting(None, help="let pages from this one origin (scheme://host[:port]) call the "
                                                     "API (default: none)")
 
@@ -79,3 +65,19 @@ class ServeLimits:
         _check_settings(self)
         if self.cors_origin is not None:
             check_origin(self.cors_origin)
+
+
+def check_origin(origin: str) -> str:
+    """``origin`` as a browser sends it (``scheme://host[:port]``, http or https, no path), else AudioclfError:
+    a CORS origin that no browser can send lets no page in, silently."""
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query
+            or parts.fragment or parts.username or parts.password or origin != f"{parts.scheme}://{parts.netloc}"):
+        raise AudioclfError(f"--cors-origin {origin!r} is not an origin: give scheme://host[:port] with http or "
+                            f"https and nothing after it, e.g. https://example.org or http://localhost:3000")
+    del port  # read only so that a bad port is refused above
+    return origin
