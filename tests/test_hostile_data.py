@@ -364,7 +364,7 @@ def test_training_lists_odd_names_and_dead_links_in_skipped_csv(tmp_path, capfd)
 
     root = two_class_folder(tmp_path / "data", per_class=4)
     for k in range(4):
-        wav(root / BAD / f"{BAD}{k}.wav", 800.0, seed=k)
+        wav(root / "odd" / f"{BAD}{k}.wav", 800.0, seed=k)  # file names that are not UTF-8 (class names must be)
     broken = root / "low" / f"{BAD}broken.wav"
     broken.write_bytes(b"RIFF not audio")
     (root / "high" / "dangling.wav").symlink_to(tmp_path / "gone.wav")
@@ -377,7 +377,7 @@ def test_training_lists_odd_names_and_dead_links_in_skipped_csv(tmp_path, capfd)
         rows = {r["path"]: r["reason"] for r in csv.DictReader(f)}
     assert rows.keys() == {str(broken), str(root / "high" / "dangling.wav")}  # the names as on disk
     assert "cannot decode" in rows[str(broken)] and rows[str(root / "high" / "dangling.wav")].startswith("broken symlink")
-    assert BAD in json.loads((tmp_path / "run" / "labels.json").read_text())
+    assert "odd" in json.loads((tmp_path / "run" / "labels.json").read_text())
     assert "Logging error" not in capfd.readouterr().err
 
 

@@ -158,7 +158,7 @@ def test_corrupt_cached_weights(torch_home, offline, unpinned, caplog):
     path = torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     path.parent.mkdir(parents=True)
     path.write_bytes(b"\xc3" + bytes(range(256)) * 8)
-    with pytest.raises(AudioclfError, match="resnet18-f37072fd.pth: cannot load resnet18 weights"):
+    with pytest.raises(AudioclfError, match="resnet18-f37072fd.pth: not a readable resnet18 weights file"):
         build_model(ModelConfig(pretrained="imagenet"), n_classes=3, n_mels=80)
     _, pretrained = build_model(ModelConfig(pretrained="auto"), n_classes=3, n_mels=80)
     assert pretrained is False and "from scratch instead" in caplog.text
@@ -168,7 +168,7 @@ def test_corrupt_cached_weights(torch_home, offline, unpinned, caplog):
 def test_unreadable_weights_path_names_the_file(tmp_path, unpinned, content):
     path = tmp_path / "weights.pth"
     path.write_bytes(content)
-    with pytest.raises(AudioclfError, match="weights.pth: cannot load resnet18 weights") as e:
+    with pytest.raises(AudioclfError, match="weights.pth: not a readable resnet18 weights file") as e:
         weights.load_state_dict("resnet18", str(path))
     assert "\n" not in str(e.value)
     # An explicit file is never silently replaced by scratch training, even with "auto".

@@ -12,6 +12,7 @@ import errno
 import functools
 import io
 import os
+import re
 import tarfile
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional, Union
@@ -61,12 +62,23 @@ def _open(path) -> sf.SoundFile:
     return _decoder(os.fsencode(path), path)
 
 
+# libsndfile's report of a chunk whose declared size passes the end of the file: "data : 32000 (should be 2956)"
+_SHORT_CHUNK = re.compile(r"^\s*(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
+
+
 def _decoder(source: Union[bytes, io.BytesIO], name) -> sf.SoundFile:
     try:
-        return sf.SoundFile(source)
+        f = sf.SoundFile(source)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise AudioclfError(f"{name}: soundfile cannot decode it ({getattr(e, 'error_string', e)}); "
                             f"readable formats: {', '.join(sorted(sf.available_formats()))}") from None
+    short = _SHORT_CHUNK.search(f.extra_info)
+    if short and int(short[1]) > int(short[2]):
+        # libsndfile reads what is there without a word: a truncated WAV would be classified as its start
+        f.close()
+        raise AudioclfError(f"{name}: truncated: its header declares {int(short[1])} bytes of audio, the file holds "
+                            f"{int(short[2])}; copy or export it again")
+    return f
 
 
 # ---------------------------------------------------------------------------------------------- tar members

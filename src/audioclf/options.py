@@ -51,7 +51,8 @@ class ServeLimits:
     timeout_s: float = setting(10.0, help="seconds a client may stall: headers, body, idle", low=0.0, high=3600.0,
                                low_open=True)
     # each open connection may hold an upload, twice over on disk (the upload spool and its decodable copy)
-    max_connections: int = setting(64, help="open connections before requests get 503", low=1, high=10**5)
+    max_connections: int = setting(64, help="open connections; past it a new one closes the one idle longest, and "
+                                            "requests get 503 only when every one holds a request", low=1, high=10**5)
     # so one client cannot take every slot with half-open connections
     max_client_connections: int = setting(16, help="open connections from one client address; more are closed "
                                                    "at once", low=1, high=10**5)

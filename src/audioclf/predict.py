@@ -26,7 +26,7 @@ from .audio import (audio_duration_s, default_hop, fix_length, load_audio, resam
 from .checkpoint import load_model
 from .config import FeatureConfig, RunConfig
 from .errors import AudioclfError
-from .model import WaveformClassifier, activation
+from .model import WaveformClassifier
 from .options import PredictOptions
 from .runtime import auto_workers, cpu_threads_beside, dying_with_parent, resolve_device
 
@@ -348,14 +348,11 @@ class Classifier:
 
     # -- the one inference path
 
-    def _embed(self, logmel: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(logmel)
-
-    def _probs(self, logmel: torch.Tensor) -> torch.Tensor:
-        return activation(self._net.task)(self.model(logmel))
+    def _embed(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(self._net.logmel(wave))
 
     def _window_means(self, audio, sample_rate: Optional[int], head=None, width: int = 0) -> np.ndarray:
-        """``head`` (a batch of log-mels to one row each; default: class probabilities) on every window of
+        """``head`` (a batch of windows to one row each; default: class probabilities) on every window of
         every input, averaged over each input's windows: ``(d,)`` for one input, ``(n, d)`` for a list of
         them, ``(0, width)`` for an empty list. Raises the error of the first input that cannot be read."""
         one = not isinstance(audio, (list, tuple))
@@ -393,7 +390,7 @@ class Classifier:
         whatever source they come from; yield each source, in input order, once all its windows are done,
         and with ``steps`` also ``None`` after each forward pass.
 
-        ``head`` maps a batch of log-mels to one row each (default: class probabilities); its rows are
+        ``head`` maps a batch of windows to one row each (default: class probabilities); its rows are
         collected in each source's ``rows``."""
         batch_size = batch_size or self.batch_size
         pending: deque[_Source] = deque()
@@ -430,15 +427,13 @@ class Classifier:
             return
         x = torch.from_numpy(np.stack([w for _, _, w in batch])).to(self.device)  # (batch, window samples)
         with torch.inference_mode():
-            logmel = self._net.logmel(x)  # (batch, n_mels, frames)
-            finite = torch.isfinite(logmel).flatten(1).all(1).cpu().numpy()
-            rows = (head or self._probs)(logmel).float().cpu().numpy()  # (batch, n_classes or embedding size)
-        for (source, start, _), row, ok in zip(batch, rows, finite):
-            if not (ok and np.isfinite(row).all()) and source.error is None:
+            rows = (head or self._net)(x).float().cpu().numpy()  # (batch, n_classes or embedding size)
+        for (source, start, _), row in zip(batch, rows):
+            if not np.isfinite(row).all() and source.error is None:
                 # samples far outside [-1, 1] (a float file of 1e30) overflow the features: no answer, not NaN
                 at = start / self.config.features.sample_rate
-                source.error = AudioclfError(f"{source.name}: its features are not finite (window at {at:.2f} s): "
-                                             f"samples far outside [-1, 1] overflow them; check the file")
+                source.error = AudioclfError(f"{source.name}: its features or the model's output are not finite (window "
+                                             f"at {at:.2f} s): samples far outside [-1, 1] overflow them; check the file")
             source.starts.append(start)
             source.rows.append(row)
         batch.clear()

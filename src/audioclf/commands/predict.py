@@ -91,9 +91,15 @@ def _read_stdin(folder: Path) -> Path:
     return path
 
 
+# a backslash that an escape could be mistaken for: before a backslash, an undecodable byte, or "xNN"
+_AMBIGUOUS_BACKSLASH = re.compile(r"\\(?=[\\\udc80-\udcff]|x[0-9A-Fa-f]{2})")
+
+
 def _printable(text: str) -> str:
     """``text`` as valid UTF-8: the bytes of a file name that is not UTF-8 (surrogate-escaped by Python)
-    become ``\\xNN``."""
+    become ``\\xNN``, and a backslash that could be read as part of such an escape is doubled, so that two
+    names never print alike (``a<byte ff>`` is ``a\\xff``, a name spelt ``a\\xff`` is ``a\\\\xff``)."""
+    text = _AMBIGUOUS_BACKSLASH.sub(r"\\\\", text)
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
@@ -314,26 +320,28 @@ def _record_options(folder: Path, options: dict) -> None:
             tmp.write_text(json.dumps(options, indent=1) + "\n", encoding="utf-8")
 
 
-def _done(folder: Path, fields: list[str], skip_run: str, retry_errors: bool) -> set[str]:
-    """The files whose latest row in ``folder``'s parts is complete (and, with ``retry_errors``, not an error)."""
+def _done(folder: Path, fields: list[str], skip_run: str, retry_errors: bool, options: dict) -> set[str]:
+    """The files whose latest row in ``folder``'s parts is complete (and, with ``retry_errors``, not an error);
+    every part must have been made with ``options``."""
     error = fields.index("error")
     latest = {}
-    for _, (row, *_) in read_parts(folder, fields, skip_run=skip_run):
+    for _, (row, *_) in read_parts(folder, fields, skip_run=skip_run, expected=options):
         latest[row[0]] = not (retry_errors and row[error])
     return {name for name, done in latest.items() if done}
 
 
-def _write_part(results: Iterable[dict], part: Path, fields: list[str]) -> None:
-    """Append the rows of ``results`` to the part file ``part`` as they come."""
+def _write_part(results: Iterable[dict], part: Path, fields: list[str], meta: dict) -> None:
+    """Append the rows of ``results`` to the part file ``part`` as they come, ``meta`` (the options and labels)
+    first."""
     tally = _Tally()
-    with PartWriter(part, fields) as writer:
+    with PartWriter(part, fields, meta=meta) as writer:
         for r in tally.shown(results, {}):
             rows = _csv_rows(r)
             writer.write(rows[1:] + rows[:1])  # the file's own row last: it marks the file complete
     tally.warn_escaped()
 
 
-def _merge(folder: Path, names: list[str], fields: list[str], formats: tuple, run_id: str) -> dict:
+def _merge(folder: Path, names: list[str], fields: list[str], formats: tuple, run_id: str, options: dict) -> dict:
     """Every part merged into ``folder/predictions.csv`` and/or ``.parquet`` (atomically): one file's rows
     per name in ``names``, in that order, each file's latest rows (parts of a later run win).
 
@@ -345,7 +353,7 @@ def _merge(folder: Path, names: list[str], fields: list[str], formats: tuple, ru
         AudioclfError: when a name has no complete row in any part (its process stopped early).
     """
     wanted, latest = set(names), {}
-    for run, record in read_parts(folder, fields):
+    for run, record in read_parts(folder, fields, expected=options):
         if record[0][0] in wanted:
             latest[record[0][0]] = (run == run_id, record)
     missing = [name for name in wanted if name not in latest]
@@ -417,7 +425,7 @@ def predict_to_folder(model, paths: Sequence[str], folder: Path, *, out_format: 
     t0 = time.perf_counter()
     with process_group(resolve_device(device)) as dev:
         run_id = broadcast(new_run_id() if rank == 0 else None, dev)
-        done = _done(folder, fields, run_id, retry_errors)
+        done = _done(folder, fields, run_id, retry_errors, options)
         todo = [p for name, p in by_name.items() if name not in done]
         mine = todo[rank::world]
         log.info("%sclassifying %d of %d file(s); %d done before", who, len(mine), len(by_name), len(by_name) - len(todo))
@@ -427,7 +435,7 @@ def predict_to_folder(model, paths: Sequence[str], folder: Path, *, out_format: 
                                          quiet=quiet or rank != 0)  # checks its options now, before any part
             _record_options(folder, options)
             try:
-                _write_part(results, part_path(folder, run_id, rank), fields)
+                _write_part(results, part_path(folder, run_id, rank), fields, {**options, "labels": clf.labels})
             except KeyboardInterrupt:
                 log.warning("interrupted: the rows so far are in %s; run the same command again to continue",
                             folder / PARTS)
@@ -435,7 +443,7 @@ def predict_to_folder(model, paths: Sequence[str], folder: Path, *, out_format: 
         barrier(dev)  # every rank, with files or without: rank 0 merges only once all parts are complete
     if rank != 0:
         return 0
-    counts = _merge(folder, [_printable(str(p)) for p in files], fields, formats, run_id)
+    counts = _merge(folder, [_printable(str(p)) for p in files], fields, formats, run_id, options)
     elapsed = time.perf_counter() - t0
     log.info("%d classified now, %d skipped as done, %d failed; wrote %s (%.1f s%s)", counts["now"], counts["before"],
              counts["failed"], " and ".join(str(folder / f"predictions.{f}") for f in formats), elapsed,
