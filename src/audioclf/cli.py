@@ -215,6 +215,18 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from .commands.audit import run_audit
+    from .config import DataConfig
+
+    data = DataConfig(root=args.data, format=args.format or _guess_format(args.data), esc10=bool(args.esc10))
+    options = {k: getattr(args, k) for k in ("backbone", "weights_path", "near_threshold", "batch_size")
+               if getattr(args, k) is not None}
+    r = run_audit(data, out=args.out, probs=args.probs, device=args.device, quiet=args.quiet, **options)
+    print("\n".join(r["summary"]) + f"\nreport: {r['out'] / 'audit.md'} (and audit.json, PNGs)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="audioclf", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"audioclf {__version__}")
@@ -307,6 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("audit", help="check a dataset: counts, unreadable, silent and clipped clips, duplicates "
+                                     "and leakage, likely label errors")
+    p.add_argument("data", help=_DATA_HELP)
+    p.add_argument("--out", required=True, help="folder for audit.md, audit.json and the PNGs")
+    _add_setting_args(p, only=("format", "esc10", "weights_path"))
+    p.add_argument("--backbone", help="pretrained network for the embeddings (default mn04_as)")
+    p.add_argument("--near-threshold", type=float, help="cosine similarity of centred embeddings from which two "
+                   "clips are near-duplicates (default: the threshold measured in docs/audit.md)")
+    p.add_argument("--probs", help="out-of-fold probabilities for the label-error search: an audioclf cv folder, or "
+                   "a CSV (path and one column per class, as the audit's own oof_probs.csv); default: a linear probe "
+                   "on the embeddings, cross-validated over the folds")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("export", help="export to ONNX or safetensors")
     p.add_argument("model")

@@ -1,0 +1,223 @@
+"""Audit: does ``audioclf audit`` find planted duplicates and flipped labels?
+
+    python benchmarks/audit.py ESC-50/ --esc10 --weights mn04_as_mAP_432.pt      # about 2 min on 2 CPU cores
+    python benchmarks/audit.py ESC-50/ --esc10 --seeds 0 1 2 --cv               # + audioclf cv's probabilities
+
+The dataset (an ESC-50 root; ``--esc10`` keeps its ESC-10 subset) is copied to a temporary folder, never
+changed in place. Into the copy go
+
+- 20 exact duplicates of 20 clips, each in another fold than its source (half byte-for-byte copies, half
+  re-encoded losslessly to 16-bit WAV: the same decoded samples in another container);
+- 20 near-duplicates of 20 other clips, each in another fold: 5 resampled to 16 kHz, 5 re-encoded lossily
+  (Ogg Vorbis and MP3 in turn), 5 with their gain changed (-3 to -12 dB), 5 trimmed by 0.5 s (at the start or
+  the end). Each gets a ``src_file`` of its own, so the dataset's groups do not mark them;
+- 5 % of the other clips get another class, at random.
+
+Then ``audit_dataset`` runs on the copy, and the table says how many planted pairs it found (recall), how many
+pairs it reported that were not planted (false positives, split into pairs of two original clips, which may be
+real duplicates in the dataset, and wrong partners of a planted clip), the margin (lowest cosine of a planted
+near pair, highest of any other pair), and how many flipped labels are among the audit's top-k label issues
+(k = the number flipped) and among all it reports. ``--probe-c`` compares the probe's regularisation;
+``--cv`` also trains ``audioclf cv`` (mn04_as, the default recipe) on the copy and uses its out-of-fold
+probabilities (tens of minutes on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from audioclf.audio import decode, resample
+from audioclf.audit import NEAR_THRESHOLD, PROBE_C, audit_dataset, centred_unit, label_issues, probe_folds, \
+    probe_probabilities
+from audioclf.config import DataConfig
+
+log = logging.getLogger("bench-audit")
+N_EXACT, N_NEAR, FLIP_SHARE = 20, 20, 0.05
+NEAR_KINDS = ("resampled", "re-encoded", "gain", "trimmed")
+
+
+# ---------------------------------------------------------------------------------------------- the copy
+
+def read_meta(root: Path, esc10: bool) -> tuple[list[str], list[dict]]:
+    with open(root / "meta" / "esc50.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [r for r in reader if not esc10 or r["esc10"].strip().lower() in ("true", "1")]
+        return list(reader.fieldnames), rows
+
+
+def plant(root: Path, copy: Path, esc10: bool, seed: int) -> dict:
+    """Copy the dataset to ``copy``, plant the duplicates and flip the labels; what was planted."""
+    rng = np.random.default_rng(seed)
+    fields, rows = read_meta(root, esc10)
+    (copy / "audio").mkdir(parents=True)
+    for r in rows:
+        shutil.copy(root / "audio" / r["filename"], copy / "audio" / r["filename"])
+    folds = sorted({r["fold"] for r in rows})
+    sources = rng.permutation(len(rows))
+    exact_src, near_src, rest = sources[:N_EXACT], sources[N_EXACT:N_EXACT + N_NEAR], sources[N_EXACT + N_NEAR:]
+    planted, new_rows = [], []
+    for k, i in enumerate([*exact_src, *near_src]):
+        src = rows[i]
+        kind = "exact" if k < N_EXACT else NEAR_KINDS[(k - N_EXACT) % len(NEAR_KINDS)]
+        fold = str(rng.choice([f for f in folds if f != src["fold"]]))
+        wave, sr = decode(root / "audio" / src["filename"])
+        suffix, fmt = ".flac", {}
+        if kind == "exact" and k % 2:
+            suffix, fmt = ".wav", {"subtype": "PCM_16"}
+        elif kind == "resampled":
+            wave, sr = resample(wave.mean(axis=1), sr, 16000)[:, None], 16000
+        elif kind == "re-encoded":
+            suffix = ".ogg" if k % 2 else ".mp3"
+        elif kind == "gain":
+            wave = wave * 10 ** (-rng.uniform(3, 12) / 20)
+        elif kind == "trimmed":
+            cut = int(0.5 * sr)
+            wave = wave[cut:] if rng.random() < 0.5 else wave[:-cut]
+        name = f"{fold}-{900000 + k}-A-{src['target']}{suffix}"
+        if kind == "exact" and not k % 2:
+            shutil.copy(root / "audio" / src["filename"], copy / "audio" / name)
+        else:
+            sf.write(copy / "audio" / name, wave, sr, **fmt)
+        new_rows.append({**src, "filename": name, "fold": fold, "src_file": str(900000 + k), "take": "A"})
+        planted.append({"a": src["filename"], "b": name, "kind": kind})
+    classes = sorted({(r["target"], r["category"]) for r in rows})
+    flipped = {}
+    for i in rng.choice(rest, size=int(round(FLIP_SHARE * len(rows))), replace=False):
+        target, category = classes[rng.choice([j for j, c in enumerate(classes) if c[1] != rows[i]["category"]])]
+        flipped[rows[i]["filename"]] = {"given": category, "true": rows[i]["category"]}
+        rows[i] = {**rows[i], "target": target, "category": category}
+    (copy / "meta").mkdir()
+    with open(copy / "meta" / "esc50.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fields)
+        w.writeheader()
+        w.writerows(rows + new_rows)
+    return {"pairs": planted, "flipped": flipped}
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+def score(result: dict, planted: dict) -> dict:
+    paths = result["paths"]
+    name = [Path(p).name for p in paths]
+    is_planted = {name.index(p["b"]) for p in planted["pairs"]}
+    want = {frozenset((name.index(p["a"]), name.index(p["b"]))): p["kind"] for p in planted["pairs"]}
+    found = {frozenset(p[:2]): "exact" for p in result["exact"]} | {frozenset(p[:2]): "near" for p in result["near"]}
+    out = {"exact_planted": N_EXACT, "near_planted": N_NEAR}
+    out["exact_found"] = sum(1 for pair, kind in want.items() if kind == "exact" and found.get(pair) == "exact")
+    out["near_found"] = sum(1 for pair, kind in want.items() if kind != "exact" and pair in found)
+    for kind in NEAR_KINDS:
+        out[f"near_found_{kind}"] = sum(1 for pair, k in want.items() if k == kind and pair in found)
+    extra = [pair for pair in found if pair not in want]
+    out["fp_originals"] = sum(1 for pair in extra if not pair & is_planted)
+    out["fp_planted"] = len(extra) - out["fp_originals"]
+    out["fp_pairs"] = [sorted(paths[i] for i in pair) + [found[pair]] for pair in extra]
+    clips = result["clipset"].clips
+    out["cross_fold_flagged"] = sum(1 for pair in want if pair in found and len({clips[i].fold for i in pair}) == 2)
+    # the margin: planted near pairs against every other pair of two different clips
+    emb = result["embeddings"]
+    ok = np.flatnonzero(np.isfinite(emb).all(axis=1))
+    unit = np.zeros_like(emb)
+    unit[ok] = centred_unit(emb[ok])
+    sims = unit @ unit.T
+    near_pairs = [tuple(pair) for pair, kind in want.items() if kind != "exact"]
+    exact_pairs = {frozenset(p[:2]) for p in result["exact"]}
+    out["near_min_planted"] = float(min(sims[a, b] for a, b in near_pairs))
+    mask = np.triu(np.ones_like(sims, dtype=bool), 1)
+    for pair in [*want, *exact_pairs]:
+        a, b = sorted(pair)
+        mask[a, b] = False
+    out["max_other"] = float(sims[mask].max())
+    return out
+
+
+def score_labels(issues: list, paths: list[str], flipped: dict) -> dict:
+    names = [Path(paths[i]).name for i, _, _ in issues]
+    k = len(flipped)
+    hits = sum(1 for n in names if n in flipped)
+    return {"flipped": k, "top_k_hits": sum(1 for n in names[:k] if n in flipped), "reported": len(names),
+            "reported_hits": hits, "precision": hits / len(names) if names else 0.0, "recall": hits / k}
+
+
+def run_cv(copy: Path, out: Path, weights: str, device: str) -> Path:
+    from audioclf.config import resolve
+    from audioclf.cv import cross_validate
+
+    config = resolve("default", overrides={"data": {"root": str(copy), "format": "esc50"},
+                                           "model": {"weights_path": weights},
+                                           "train": {"quiet": True, "device": device}})
+    cross_validate(config, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("root", help="an ESC-50 root (audio/, meta/esc50.csv)")
+    p.add_argument("--esc10", action="store_true", help="keep the ESC-10 subset")
+    p.add_argument("--weights", help="mn04_as weights file (default: the torch hub cache, or a download)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one planted copy per seed")
+    p.add_argument("--probe-c", type=float, nargs="+", default=[PROBE_C], help="the probe's C values to compare")
+    p.add_argument("--cv", action="store_true", help="also audioclf cv's out-of-fold probabilities (slow)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    rows = []
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory(prefix="audioclf-audit-") as tmp:
+            copy = Path(tmp) / "data"
+            planted = plant(Path(args.root), copy, args.esc10, seed)
+            data = DataConfig(root=str(copy), format="esc50")
+            result = audit_dataset(data, weights_path=args.weights, device=args.device, quiet=True)
+            row = {"seed": seed, "clips": len(result["clipset"].clips), **score(result, planted)}
+            clips = result["clipset"].clips
+            labels = np.array([c.label for c in clips])
+            ok = np.flatnonzero(np.isfinite(result["embeddings"]).all(axis=1))
+            for c in args.probe_c:
+                probs = probe_probabilities(result["embeddings"][ok], labels[ok], probe_folds([clips[i] for i in ok]),
+                                            len(result["clipset"].classes), c=c)
+                issues = [(int(ok[r]), s, q) for r, s, q in label_issues(labels[ok], probs)]
+                row[f"labels_probe_C{c:g}"] = score_labels(issues, result["paths"], planted["flipped"])
+            if args.cv:
+                cv_dir = run_cv(copy, Path(tmp) / "cv", args.weights, args.device)
+                cv = audit_dataset(data, weights_path=args.weights, probs=cv_dir, device=args.device, quiet=True)
+                row["labels_cv"] = score_labels(cv["issues"], cv["paths"], planted["flipped"])
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"\nnear_threshold {NEAR_THRESHOLD}; {N_EXACT} exact and {N_NEAR} near duplicates planted across folds, "
+          f"{FLIP_SHARE:.0%} of labels flipped\n")
+    print("| seed | clips | exact found | near found (resampled/re-encoded/gain/trimmed) | false positives (originals"
+          " + wrong partner) | lowest planted cosine | highest other cosine |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        kinds = "/".join(str(r[f"near_found_{k}"]) for k in NEAR_KINDS)
+        print(f"| {r['seed']} | {r['clips']} | {r['exact_found']}/{r['exact_planted']} | {r['near_found']}/"
+              f"{r['near_planted']} ({kinds}) | {r['fp_originals']} + {r['fp_planted']} | {r['near_min_planted']:.3f} | "
+              f"{r['max_other']:.3f} |")
+    print("\n| seed | probabilities | flipped | in top-k | reported | of them flipped | precision | recall |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        for key in [k for k in r if k.startswith("labels_")]:
+            m = r[key]
+            print(f"| {r['seed']} | {key[7:]} | {m['flipped']} | {m['top_k_hits']} | {m['reported']} | "
+                  f"{m['reported_hits']} | {m['precision']:.2f} | {m['recall']:.2f} |")
+    for r in rows:
+        for a, b, kind in r["fp_pairs"]:
+            print(f"seed {r['seed']}: not planted ({kind}): {a} ~ {b}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

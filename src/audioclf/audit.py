@@ -1,0 +1,373 @@
+"""Dataset audit: what a dataset holds, and what would make numbers measured on it wrong.
+
+``audit_dataset(data)`` reads any layout :func:`audioclf.data.load_clips` reads and finds
+
+- **counts**: clips per class and fold; durations, sample rates, channels and formats;
+- **unreadable, silent and clipped clips**, from each clip decoded as stored;
+- **exact duplicates**: the same decoded samples at the same sample rate (a hash of them), whatever the
+  container (a WAV and its FLAC copy are one clip);
+- **near-duplicates**: pairs whose embeddings (the pooled trunk of an AudioSet-pretrained MobileNet, centred on
+  the dataset's mean) have a cosine similarity of at least ``near_threshold``. A pair in two folds is leakage:
+  a model is tested on what it trained on. Without folds, a pair in two groups is, since a split keeps only
+  groups whole;
+- **likely label errors**: cleanlab's ``find_label_issues`` on out-of-fold class probabilities, from a
+  logistic regression on the same embeddings cross-validated over the folds (group-aware folds where the
+  dataset has none), or from ``probs`` (:func:`load_probabilities`: a CSV, or an ``audioclf cv`` folder).
+
+The report (``audit.md``, PNGs, ``audit.json``) is :mod:`audioclf.audit_report`'s.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .audio import decode
+from .backbones import BACKBONES
+from .clips import Clip, ClipSet
+from .config import AudioclfError, DataConfig, resolve
+from .data import assign_folds, load_clips
+from .runtime import auto_workers
+
+log = logging.getLogger(__name__)
+
+AUDIT_BACKBONES = tuple(name for name, b in BACKBONES.items() if b.front_end)  # pretrained on audio
+# Cosine similarity of centred mn04_as embeddings above which two clips are near-duplicates: on ESC-10 every
+# planted copy (resampled, re-encoded, gain-changed, trimmed by 0.5 s) scored above it and no two distinct
+# clips did (docs/audit.md, benchmarks/audit.py).
+NEAR_THRESHOLD = 0.90
+SILENCE_DB = -60.0  # dBFS: a clip whose peak stays below this is silent
+FULL_SCALE = 0.999  # |sample| at or above this is at digital full scale
+CLIP_RUN = 3  # consecutive samples at full scale: a flat top, which a peak-normalised clip does not have
+CLIPPED_SHARE = 0.001  # share of samples in flat tops above which a clip is clipped
+LABEL_FOLDS = 5  # folds of the linear probe when the dataset has none
+# the probe's inverse regularisation strength, by measurement on ESC-10 (benchmarks/audit.py): a few
+# hundred clips of 384 features want more regularisation than scikit-learn's default of 1
+PROBE_C = 0.1
+CLEANLAB_INSTALL = 'pip install "audioclf[audit]"'
+
+
+def relative_path(path: str, data: DataConfig) -> str:
+    """``path`` (a clip's absolute path) as the dataset's manifest names it: relative to the CSV's folder, the
+    class folders' root, ESC-50's ``audio/`` or UrbanSound8K's ``audio/foldN/``; absolute when outside them."""
+    root = Path(os.path.realpath(data.root))
+    base = {"csv": root.parent, "esc50": root / "audio"}.get(data.format, root)
+    if data.format == "urbansound8k":
+        base = Path(path).parent
+    rel = os.path.relpath(path, base)
+    return path if rel.startswith("..") else rel
+
+
+# ---------------------------------------------------------------------------------------------- scan
+
+def clip_facts(path: str) -> dict:
+    """What one clip holds, decoded as stored: ``sample_rate`` (Hz), ``channels``, ``duration_s``, ``peak_db``
+    (dBFS), ``clipped`` (share of samples in flat tops at full scale) and ``hash`` (of the samples and rate);
+    or ``error``, why it cannot be read."""
+    try:
+        wave, sr = decode(path)
+    except AudioclfError as e:
+        return {"error": str(e)}
+    except Exception as e:  # one corrupt file must not end the audit
+        return {"error": f"{path}: {type(e).__name__}: {e}"}
+    peak = float(np.abs(wave).max())
+    at_full = np.abs(wave) >= FULL_SCALE  # (time, channels)
+    in_runs = 0
+    for column in at_full.T:
+        # lengths of the runs of True: differences of the edges of the padded column
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], column.view(np.int8), [0]])))
+        runs = edges[1::2] - edges[::2]
+        in_runs += int(runs[runs >= CLIP_RUN].sum())
+    digest = hashlib.sha256(np.int64(sr).tobytes() + np.ascontiguousarray(wave).tobytes()).hexdigest()
+    return {"error": None, "sample_rate": int(sr), "channels": int(wave.shape[1]), "duration_s": wave.shape[0] / sr,
+            "peak_db": float(20 * np.log10(max(peak, 1e-10))), "clipped": in_runs / wave.size, "hash": digest}
+
+
+class _Facts(torch.utils.data.Dataset):
+    def __init__(self, paths: Sequence[str]):
+        self.paths = list(paths)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return clip_facts(self.paths[i])
+
+
+def scan_clips(clips: Sequence[Clip], quiet: bool = False) -> list[dict]:
+    """:func:`clip_facts` of every clip, decoded in background workers, in order."""
+    loader = torch.utils.data.DataLoader(_Facts([c.path for c in clips]), batch_size=None,
+                                         num_workers=auto_workers(main_process_busy=False) if len(clips) > 8 else 0)
+    return list(tqdm(loader, total=len(clips), desc="scan", unit="clip", disable=True if quiet else None))
+
+
+# ---------------------------------------------------------------------------------------------- embeddings
+
+def pretrained_embedder(backbone: str = "mn04_as", weights_path: Optional[str] = None, *, duration_s: float = 5.0,
+                        device: str = "auto", batch_size: int = 32):
+    """A :class:`audioclf.predict.Classifier` whose ``embed_files`` gives ``backbone``'s pretrained embeddings
+    (its classifier layer is untrained and unused), on windows of ``duration_s`` seconds.
+
+    Raises:
+        AudioclfError: for a backbone not pretrained on audio, or weights that cannot be had (the message
+            says where to get them).
+    """
+    from .model import build_model
+    from .predict import Classifier
+
+    if backbone not in AUDIT_BACKBONES:
+        raise AudioclfError(f"Unsupported backbone={backbone!r} for embeddings; choose one pretrained on audio: "
+                            f"{', '.join(AUDIT_BACKBONES)}")
+    config = resolve("default", overrides={
+        "model": {"backbone": backbone, "pretrained": BACKBONES[backbone].pretrained_on, "weights_path": weights_path},
+        "features": {"duration_s": duration_s}})
+    net, _ = build_model(config.model, 2, config.features.n_mels)
+    return Classifier(net.eval(), config, ["unused", "head"], device=device, batch_size=batch_size)
+
+
+def embedding_window_s(durations: Sequence[float]) -> float:
+    """The embedding window: the median clip's length, within [0.5, 10] s, so short clips are not mostly
+    padding and long ones are averaged over a few windows."""
+    return float(np.clip(np.median(durations), 0.5, 10.0)) if len(durations) else 5.0
+
+
+def centred_unit(emb: np.ndarray) -> np.ndarray:
+    """Rows minus their mean, scaled to unit length: the trunk's features are all positive, so raw cosines
+    of unrelated clips crowd near 1; centred, they spread around 0."""
+    x = emb - emb.mean(axis=0, keepdims=True)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- duplicates
+
+def exact_pairs(hashes: Sequence[Optional[str]]) -> list[tuple[int, int]]:
+    """Every pair ``(i, j)``, ``i < j``, of equal hashes (``None`` matches nothing)."""
+    by_hash = defaultdict(list)
+    for i, h in enumerate(hashes):
+        if h is not None:
+            by_hash[h].append(i)
+    return [(a, b) for same in by_hash.values() for k, a in enumerate(same) for b in same[k + 1:]]
+
+
+def near_pairs(unit: np.ndarray, threshold: float, block: int = 1024) -> list[tuple[int, int, float]]:
+    """Every pair ``(i, j, cosine)``, ``i < j``, of rows of ``unit`` (unit length) with a cosine of at least
+    ``threshold``, most similar first; computed a block of rows at a time, so memory stays ``block x n``."""
+    found = []
+    for start in range(0, len(unit), block):
+        sims = unit[start:start + block] @ unit.T  # (block, n)
+        rows, cols = np.nonzero(sims >= threshold)
+        keep = cols > rows + start
+        found += [(int(i + start), int(j), float(sims[i, j])) for i, j in zip(rows[keep], cols[keep])]
+    return sorted(found, key=lambda p: -p[2])
+
+
+def crosses(a: Clip, b: Clip) -> bool:
+    """Whether a split can put ``a`` and ``b`` on two sides: two folds, or without folds two groups."""
+    if a.fold is not None and b.fold is not None:
+        return a.fold != b.fold
+    return a.group_key != b.group_key
+
+
+# ---------------------------------------------------------------------------------------------- label errors
+
+def probe_folds(clips: Sequence[Clip], seed: int = 0) -> np.ndarray:
+    """Each clip's fold for out-of-fold probabilities: the dataset's, or :data:`LABEL_FOLDS` stratified group
+    folds where it has none (fewer when there are fewer groups)."""
+    if all(c.fold is not None for c in clips) and len({c.fold for c in clips}) >= 2:
+        return np.array([c.fold for c in clips])
+    n_groups = len({c.group_key for c in clips})
+    if n_groups < 2:
+        raise AudioclfError(f"{len(clips)} clips in {n_groups} group: out-of-fold probabilities need at least 2")
+    smallest = min(Counter(c.label for c in clips).values())  # a class in every fold, where it can be
+    return np.array(assign_folds(clips, max(2, min(LABEL_FOLDS, n_groups, smallest)), seed))
+
+
+def probe_probabilities(emb: np.ndarray, labels: np.ndarray, folds: np.ndarray, n_classes: int, *,
+                        c: float = PROBE_C) -> np.ndarray:
+    """Out-of-fold class probabilities ``(clips, n_classes)``: a logistic regression (inverse regularisation
+    strength ``c``) on the standardised embeddings, trained on all folds but one and applied to that one, for
+    each fold. A class missing from a fold's training clips gets probability 0 there."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probs = np.zeros((len(labels), n_classes))
+    for k in tqdm(np.unique(folds), desc="probe", unit="fold", disable=True if len(folds) < 1000 else None):
+        test = folds == k
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+        probe.fit(emb[~test], labels[~test])
+        probs[np.ix_(test, probe.classes_)] = probe.predict_proba(emb[test])
+    return probs
+
+
+def label_issues(labels: np.ndarray, probs: np.ndarray) -> list[tuple[int, int, float]]:
+    """cleanlab's ``find_label_issues``: ``(row, suggested label, score)`` of each clip whose given label is
+    likely wrong, most likely first; the score is cleanlab's label quality (the out-of-fold probability of
+    the given label: lower is more likely wrong)."""
+    try:
+        from cleanlab.filter import find_label_issues
+        from cleanlab.rank import get_label_quality_scores
+    except ImportError:
+        raise AudioclfError(f"finding label errors needs cleanlab, an optional dependency: {CLEANLAB_INSTALL}") from None
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    ranked = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
+    quality = get_label_quality_scores(labels, probs, method="self_confidence")
+    return [(int(i), int(probs[i].argmax()), float(quality[i])) for i in ranked]
+
+
+def load_probabilities(source, clips: Sequence[Clip], classes: Sequence[str], data: DataConfig, *,
+                       device: str = "auto", batch_size: int = 32, quiet: bool = False) -> np.ndarray:
+    """Out-of-fold probabilities ``(clips, classes)`` from ``source``; a clip it has none for gets a row of NaN.
+
+    ``source`` is a CSV with a ``path`` column (as :func:`relative_path` or the manifest gives it, or absolute)
+    and a column per class name (``oof_probs.csv``, which every audit writes, is one), or an ``audioclf cv``
+    folder: each ``fold<k>/`` model classifies the clips of its test fold ``k`` (the folds of ``folds.csv``
+    there when the dataset has none).
+    """
+    source = Path(source)
+    if source.is_dir():
+        return _cv_probabilities(source, clips, classes, device, batch_size, quiet)
+    probs = np.full((len(clips), len(classes)), np.nan)
+    row_of = {c.path: i for i, c in enumerate(clips)} | {relative_path(c.path, data): i for i, c in enumerate(clips)}
+    try:
+        with open(source, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            missing = [name for name in ["path", *classes] if name not in (reader.fieldnames or [])]
+            if missing:
+                raise AudioclfError(f"--probs {source}: missing column(s) {', '.join(missing)}; it needs path and one "
+                                    f"column per class")
+            for line in reader:
+                i = row_of.get(line["path"], row_of.get(os.path.realpath(source.parent / line["path"])))
+                if i is not None:
+                    probs[i] = [float(line[name]) for name in classes]
+    except OSError as e:
+        raise AudioclfError(f"--probs {source}: cannot read it ({e.strerror})") from None
+    except ValueError as e:
+        raise AudioclfError(f"--probs {source}: a probability is not a number ({e})") from None
+    return probs
+
+
+def _cv_probabilities(cv_dir: Path, clips: Sequence[Clip], classes: Sequence[str], device: str, batch_size: int,
+                      quiet: bool) -> np.ndarray:
+    from .predict import load
+
+    runs = sorted(p for p in cv_dir.glob("fold*") if p.name[4:].isdigit() and (p / "best.pt").is_file())
+    if not runs:
+        raise AudioclfError(f"--probs {cv_dir}: no fold<k>/best.pt in it; give an audioclf cv folder or a CSV")
+    folds = [c.fold for c in clips]
+    if (cv_dir / "folds.csv").is_file():  # cv made the folds itself
+        by_path = {c.path: c.fold for c in load_clips(DataConfig(root=str(cv_dir / "folds.csv"), format="csv")).clips}
+        folds = [by_path.get(c.path) for c in clips]
+    probs = np.full((len(clips), len(classes)), np.nan)
+    for run in runs:
+        rows = [i for i, k in enumerate(folds) if k == int(run.name[4:])]
+        clf = load(run, device, batch_size=batch_size)
+        unknown = [name for name in classes if name not in clf.labels]
+        if unknown:
+            raise AudioclfError(f"--probs {run}: the model has no class {', '.join(unknown)}")
+        columns = [clf.labels.index(name) for name in classes]
+        for i, r in zip(rows, clf.classify_files([clips[i].path for i in rows], quiet=quiet)):
+            if not r["error"]:
+                probs[i] = np.asarray(r["probs"])[columns]
+    return probs
+
+
+def write_probabilities(path, paths: Sequence[str], classes: Sequence[str], probs: np.ndarray) -> None:
+    """The CSV :func:`load_probabilities` reads: ``path`` and one column per class; rows of NaN left out."""
+    from .fileio import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["path", *classes])
+        w.writerows([p, *(f"{v:.6f}" for v in row)] for p, row in zip(paths, probs) if np.isfinite(row).all())
+
+
+# ---------------------------------------------------------------------------------------------- the audit
+
+def audit_dataset(data: DataConfig, *, backbone: str = "mn04_as", weights_path: Optional[str] = None,
+                  near_threshold: float = NEAR_THRESHOLD, probs=None, embedder=None, device: str = "auto",
+                  batch_size: int = 32, seed: int = 0, quiet: bool = False) -> dict:
+    """Audit the dataset ``data`` describes.
+
+    Args:
+        data (DataConfig): the dataset (root, format, esc10).
+        backbone (str, optional): the pretrained network whose embeddings find near-duplicates and feed the
+            linear probe; one of :data:`AUDIT_BACKBONES`. (Default: ``"mn04_as"``)
+        weights_path (str, optional): a local copy of its official weights. (Default: the torch hub cache, or
+            a download)
+        near_threshold (float, optional): cosine similarity of centred embeddings, in (0, 1], from which two
+            clips are near-duplicates. (Default: :data:`NEAR_THRESHOLD`)
+        probs (str or Path, optional): out-of-fold probabilities for the label-error search
+            (:func:`load_probabilities`). (Default: the linear probe's)
+        embedder (Classifier, optional): a model whose ``embed_files`` gives the embeddings, in place of
+            ``backbone``'s pretrained ones (a model of your own, or a small one in tests). (Default: ``None``)
+        device (str, optional): ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. (Default: ``"auto"``)
+        batch_size (int, optional): windows per forward pass. (Default: ``32``)
+        seed (int, optional): seed of the probe's folds where the dataset has none. (Default: ``0``)
+        quiet (bool, optional): no progress bars. (Default: ``False``)
+
+    Returns:
+        dict: ``clipset``, ``facts`` (:func:`clip_facts` per clip), ``paths`` (as the manifest gives them),
+        ``exact`` and ``near`` (pairs of clip indices; ``near`` with the cosine), ``issues``
+        (:func:`label_issues`, clip indices), ``embeddings`` (NaN rows for clips not embedded), ``probs`` (the out-of-fold probabilities, or None),
+        ``probs_source`` and ``settings``.
+    """
+    if not 0 < near_threshold <= 1:
+        raise AudioclfError(f"near_threshold={near_threshold!r} is out of range: it must be in (0, 1]")
+    clipset: ClipSet = load_clips(data)
+    clips = clipset.clips
+    log.info("auditing %s: %s", data.root, clipset.describe())
+    facts = scan_clips(clips, quiet)
+    readable = [i for i, f in enumerate(facts) if not f["error"]]
+    audible = [i for i in readable if facts[i]["peak_db"] >= SILENCE_DB]  # silence embeds as one point
+
+    window_s = embedding_window_s([facts[i]["duration_s"] for i in audible])
+    emb = np.full((len(clips), 0), np.nan)
+    if audible:
+        embedder = embedder or pretrained_embedder(backbone, weights_path, duration_s=window_s, device=device,
+                                                   batch_size=batch_size)
+        got = embedder.embed_files([clips[i].path for i in audible], quiet=quiet)
+        emb = np.full((len(clips), got.shape[1]), np.nan, np.float32)
+        emb[audible] = got
+    usable = [i for i in audible if np.isfinite(emb[i]).all()]
+
+    exact = exact_pairs([f.get("hash") if not f["error"] else None for f in facts])
+    exact_set = set(exact)
+    near = []
+    if len(usable) > 1:
+        unit = centred_unit(emb[usable])
+        near = [(usable[a], usable[b], s) for a, b, s in near_pairs(unit, near_threshold)
+                if (usable[a], usable[b]) not in exact_set]
+
+    labels = np.array([c.label for c in clips])
+    if probs is not None:
+        oof = load_probabilities(probs, clips, clipset.classes, data, device=device, batch_size=batch_size, quiet=quiet)
+        source = str(probs)
+    elif len(usable) > 1:
+        oof = np.full((len(clips), len(clipset.classes)), np.nan)
+        sub = [clips[i] for i in usable]
+        oof[usable] = probe_probabilities(emb[usable], labels[usable], probe_folds(sub, seed), len(clipset.classes))
+        source = f"linear probe on {backbone} embeddings"
+    else:
+        oof, source = None, "none (no readable clips)"
+    issues = []
+    if oof is not None:
+        rows = np.flatnonzero(np.isfinite(oof).all(axis=1))
+        if len(rows) < len(clips):
+            log.warning("%d of %d clips have no out-of-fold probabilities: the label-error search leaves them out",
+                        len(clips) - len(rows), len(clips))
+        if len({int(labels[i]) for i in rows}) > 1:
+            issues = [(int(rows[r]), k, s) for r, k, s in label_issues(labels[rows], oof[rows])]
+    return {"clipset": clipset, "facts": facts, "paths": [relative_path(c.path, data) for c in clips],
+            "exact": exact, "near": near, "issues": issues, "embeddings": emb, "probs": oof, "probs_source": source,
+            "settings": {"backbone": backbone, "near_threshold": near_threshold, "embedding_window_s": window_s,
+                         "silence_db": SILENCE_DB, "clipped_share": CLIPPED_SHARE, "probs": source}}
