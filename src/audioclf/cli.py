@@ -227,6 +227,15 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from .commands.explain import run_explain
+
+    r = run_explain(args.model, args.file, out=args.out, label=args.label, device=args.device,
+                    batch_size=args.batch_size)
+    print(f"{r['label']} {r['score']:.4f} ({r['start_s']:.2f}-{r['start_s'] + r['window_s']:.2f} s): {r['out']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="audioclf", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"audioclf {__version__}")
@@ -335,6 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("explain", help="draw where in time and frequency the model's evidence for a class lies")
+    p.add_argument("model", help="run directory, .pt checkpoint or exported safetensors folder")
+    p.add_argument("file", help="audio file")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--label", help="class to explain (default: the predicted one)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("export", help="export to ONNX or safetensors")
     p.add_argument("model")
