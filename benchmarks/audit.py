@@ -36,8 +36,8 @@ import numpy as np
 import soundfile as sf
 
 from audioclf.audio import decode, resample
-from audioclf.audit import NEAR_THRESHOLD, PROBE_C, audit_dataset, centred_unit, label_issues, probe_folds, \
-    probe_probabilities
+from audioclf.audit import MATCH_THRESHOLD, NEAR_THRESHOLD, PROBE_C, audit_dataset, centred_unit, label_issues, \
+    probe_folds, probe_probabilities
 from audioclf.config import DataConfig
 
 log = logging.getLogger("bench-audit")
@@ -122,20 +122,24 @@ def score(result: dict, planted: dict) -> dict:
     out["fp_pairs"] = [sorted(paths[i] for i in pair) + [found[pair]] for pair in extra]
     clips = result["clipset"].clips
     out["cross_fold_flagged"] = sum(1 for pair in want if pair in found and len({clips[i].fold for i in pair}) == 2)
-    # the margin: planted near pairs against every other pair of two different clips
+    # the margins: planted near pairs against the other pairs, by embedding cosine and by aligned match
     emb = result["embeddings"]
     ok = np.flatnonzero(np.isfinite(emb).all(axis=1))
     unit = np.zeros_like(emb)
     unit[ok] = centred_unit(emb[ok])
     sims = unit @ unit.T
-    near_pairs = [tuple(pair) for pair, kind in want.items() if kind != "exact"]
+    near_pairs = [tuple(sorted(pair)) for pair, kind in want.items() if kind != "exact"]
     exact_pairs = {frozenset(p[:2]) for p in result["exact"]}
-    out["near_min_planted"] = float(min(sims[a, b] for a, b in near_pairs))
+    out["near_min_cosine"] = float(min(sims[a, b] for a, b in near_pairs))
     mask = np.triu(np.ones_like(sims, dtype=bool), 1)
     for pair in [*want, *exact_pairs]:
         a, b = sorted(pair)
         mask[a, b] = False
-    out["max_other"] = float(sims[mask].max())
+    out["max_other_cosine"] = float(sims[mask].max())
+    match = {frozenset(p[:2]): p[3] for p in result["candidates"]}
+    out["candidates"] = len(match)
+    out["near_min_match"] = min(match.get(frozenset(p), 0.0) for p in near_pairs)
+    out["max_other_match"] = max([m for pair, m in match.items() if pair not in want] or [0.0])
     return out
 
 
@@ -167,6 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--weights", help="mn04_as weights file (default: the torch hub cache, or a download)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one planted copy per seed")
     p.add_argument("--probe-c", type=float, nargs="+", default=[PROBE_C], help="the probe's C values to compare")
+    p.add_argument("--near-threshold", type=float, default=NEAR_THRESHOLD, help="candidates' cosine (default: the "
+                   "audit's)")
     p.add_argument("--cv", action="store_true", help="also audioclf cv's out-of-fold probabilities (slow)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
@@ -178,7 +184,8 @@ def main(argv=None) -> int:
             copy = Path(tmp) / "data"
             planted = plant(Path(args.root), copy, args.esc10, seed)
             data = DataConfig(root=str(copy), format="esc50")
-            result = audit_dataset(data, weights_path=args.weights, device=args.device, quiet=True)
+            result = audit_dataset(data, weights_path=args.weights, near_threshold=args.near_threshold,
+                                   device=args.device, quiet=True)
             row = {"seed": seed, "clips": len(result["clipset"].clips), **score(result, planted)}
             clips = result["clipset"].clips
             labels = np.array([c.label for c in clips])
@@ -196,16 +203,17 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"\nnear_threshold {NEAR_THRESHOLD}; {N_EXACT} exact and {N_NEAR} near duplicates planted across folds, "
+    print(f"\nnear_threshold {args.near_threshold}, match_threshold {MATCH_THRESHOLD}; {N_EXACT} exact and {N_NEAR} near duplicates planted across folds, "
           f"{FLIP_SHARE:.0%} of labels flipped\n")
     print("| seed | clips | exact found | near found (resampled/re-encoded/gain/trimmed) | false positives (originals"
-          " + wrong partner) | lowest planted cosine | highest other cosine |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+          " + wrong partner) | cosine: lowest planted / highest other | candidates | match: lowest planted / "
+          "highest other |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         kinds = "/".join(str(r[f"near_found_{k}"]) for k in NEAR_KINDS)
         print(f"| {r['seed']} | {r['clips']} | {r['exact_found']}/{r['exact_planted']} | {r['near_found']}/"
-              f"{r['near_planted']} ({kinds}) | {r['fp_originals']} + {r['fp_planted']} | {r['near_min_planted']:.3f} | "
-              f"{r['max_other']:.3f} |")
+              f"{r['near_planted']} ({kinds}) | {r['fp_originals']} + {r['fp_planted']} | {r['near_min_cosine']:.3f} / "
+              f"{r['max_other_cosine']:.3f} | {r['candidates']} | {r['near_min_match']:.3f} / {r['max_other_match']:.3f} |")
     print("\n| seed | probabilities | flipped | in top-k | reported | of them flipped | precision | recall |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -12,7 +12,7 @@ import soundfile as sf
 from _models import tiny_run  # noqa: F401 (a fixture)
 from conftest import tone
 
-from audioclf.audit import (NEAR_THRESHOLD, audit_dataset, centred_unit, clip_facts, crosses, exact_pairs,
+from audioclf.audit import (MATCH_THRESHOLD, NEAR_THRESHOLD, audit_dataset, centred_unit, clip_facts, crosses, exact_pairs,
                             load_probabilities, near_pairs, pretrained_embedder, probe_folds)
 from audioclf.cli import main
 from audioclf.clips import Clip
@@ -114,7 +114,7 @@ def test_audit_finds_what_was_planted_and_reports_manifest_paths(planted, tmp_pa
     assert [(d["a"], d["b"], d["cross_fold"]) for d in exact] == [(planted["source"], "copy.wav", True)]
     near = {frozenset((d["a"], d["b"])) for d in report["duplicates"] if d["kind"] == "near"}
     assert frozenset((planted["quieter"], "quieter.wav")) in near  # peak normalisation: the same features
-    assert all(d["similarity"] >= NEAR_THRESHOLD for d in report["duplicates"])
+    assert all(d["similarity"] >= NEAR_THRESHOLD and d["match"] >= MATCH_THRESHOLD for d in report["duplicates"])
     issues = report["label_issues"]
     assert issues and issues[0] == {**issues[0], "path": planted["flipped"][0], "given": "noise",
                                     "suggested": planted["flipped"][1]}

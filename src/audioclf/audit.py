@@ -7,9 +7,10 @@
 - **exact duplicates**: the same decoded samples at the same sample rate (a hash of them), whatever the
   container (a WAV and its FLAC copy are one clip);
 - **near-duplicates**: pairs whose embeddings (the pooled trunk of an AudioSet-pretrained MobileNet, centred on
-  the dataset's mean) have a cosine similarity of at least ``near_threshold``. A pair in two folds is leakage:
-  a model is tested on what it trained on. Without folds, a pair in two groups is, since a split keeps only
-  groups whole;
+  the dataset's mean) have a cosine similarity of at least ``near_threshold`` are candidates, confirmed when
+  their aligned log-mel fingerprints (:mod:`audioclf.fingerprint`) correlate at least ``match_threshold``.
+  A pair in two folds is leakage: a model is tested on what it trained on. Without folds, a pair in two
+  groups is, since a split keeps only groups whole;
 - **likely label errors**: cleanlab's ``find_label_issues`` on out-of-fold class probabilities, from a
   logistic regression on the same embeddings cross-validated over the folds (group-aware folds where the
   dataset has none), or from ``probs`` (:func:`load_probabilities`: a CSV, or an ``audioclf cv`` folder).
@@ -41,10 +42,13 @@ from .runtime import auto_workers
 log = logging.getLogger(__name__)
 
 AUDIT_BACKBONES = tuple(name for name, b in BACKBONES.items() if b.front_end)  # pretrained on audio
-# Cosine similarity of centred mn04_as embeddings above which two clips are near-duplicates: on ESC-10 every
-# planted copy (resampled, re-encoded, gain-changed, trimmed by 0.5 s) scored above it and no two distinct
-# clips did (docs/audit.md, benchmarks/audit.py).
-NEAR_THRESHOLD = 0.90
+# Near-duplicates, by measurement on ESC-10 with planted copies (docs/audit.md, benchmarks/audit.py): pairs whose
+# centred mn04_as embeddings have at least this cosine are candidates (every planted copy did; so do many
+# distinct clips of one kind of sound) ...
+NEAR_THRESHOLD = 0.5
+# ... and a candidate is a near-duplicate when its aligned fingerprints (fingerprint.py) correlate at least this
+# much (every planted copy did, no pair of distinct clips did)
+MATCH_THRESHOLD = 0.6
 SILENCE_DB = -60.0  # dBFS: a clip whose peak stays below this is silent
 FULL_SCALE = 0.999  # |sample| at or above this is at digital full scale
 CLIP_RUN = 3  # consecutive samples at full scale: a flat top, which a peak-normalised clip does not have
@@ -177,6 +181,30 @@ def crosses(a: Clip, b: Clip) -> bool:
     return a.group_key != b.group_key
 
 
+def confirm(pairs: Sequence[tuple[int, int, float]], clips: Sequence[Clip],
+            quiet: bool = False) -> list[tuple[int, int, float, float, float]]:
+    """``(i, j, cosine, match, offset_s)`` of each candidate pair: :func:`audioclf.fingerprint.aligned_match` of
+    the two clips' fingerprints (each computed once); a clip that cannot be read matches nothing."""
+    from .fingerprint import aligned_match, fingerprint
+
+    prints: dict[int, Optional[np.ndarray]] = {}
+
+    def of(i: int) -> Optional[np.ndarray]:
+        if i not in prints:
+            try:
+                prints[i] = fingerprint(clips[i].path)
+            except AudioclfError:
+                prints[i] = None
+        return prints[i]
+
+    out = []
+    for a, b, cosine in tqdm(pairs, desc="confirm", unit="pair", disable=True if quiet or len(pairs) < 100 else None):
+        fa, fb = of(a), of(b)
+        match, offset = aligned_match(fa, fb) if fa is not None and fb is not None else (0.0, 0.0)
+        out.append((a, b, cosine, match, offset))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- label errors
 
 def probe_folds(clips: Sequence[Clip], seed: int = 0) -> np.ndarray:
@@ -294,7 +322,8 @@ def write_probabilities(path, paths: Sequence[str], classes: Sequence[str], prob
 # ---------------------------------------------------------------------------------------------- the audit
 
 def audit_dataset(data: DataConfig, *, backbone: str = "mn04_as", weights_path: Optional[str] = None,
-                  near_threshold: float = NEAR_THRESHOLD, probs=None, embedder=None, device: str = "auto",
+                  near_threshold: float = NEAR_THRESHOLD, match_threshold: float = MATCH_THRESHOLD, probs=None,
+                  embedder=None, device: str = "auto",
                   batch_size: int = 32, seed: int = 0, quiet: bool = False) -> dict:
     """Audit the dataset ``data`` describes.
 
@@ -305,7 +334,9 @@ def audit_dataset(data: DataConfig, *, backbone: str = "mn04_as", weights_path: 
         weights_path (str, optional): a local copy of its official weights. (Default: the torch hub cache, or
             a download)
         near_threshold (float, optional): cosine similarity of centred embeddings, in (0, 1], from which two
-            clips are near-duplicates. (Default: :data:`NEAR_THRESHOLD`)
+            clips are near-duplicate candidates. (Default: :data:`NEAR_THRESHOLD`)
+        match_threshold (float, optional): correlation of aligned fingerprints, in (0, 1], from which a
+            candidate is a near-duplicate (:mod:`audioclf.fingerprint`). (Default: :data:`MATCH_THRESHOLD`)
         probs (str or Path, optional): out-of-fold probabilities for the label-error search
             (:func:`load_probabilities`). (Default: the linear probe's)
         embedder (Classifier, optional): a model whose ``embed_files`` gives the embeddings, in place of
@@ -317,12 +348,14 @@ def audit_dataset(data: DataConfig, *, backbone: str = "mn04_as", weights_path: 
 
     Returns:
         dict: ``clipset``, ``facts`` (:func:`clip_facts` per clip), ``paths`` (as the manifest gives them),
-        ``exact`` and ``near`` (pairs of clip indices; ``near`` with the cosine), ``issues``
+        ``exact`` (pairs of clip indices), ``candidates`` (:func:`confirm`'s tuples) and ``near`` (those that
+        matched), ``issues``
         (:func:`label_issues`, clip indices), ``embeddings`` (NaN rows for clips not embedded), ``probs`` (the out-of-fold probabilities, or None),
         ``probs_source`` and ``settings``.
     """
-    if not 0 < near_threshold <= 1:
-        raise AudioclfError(f"near_threshold={near_threshold!r} is out of range: it must be in (0, 1]")
+    for name, value in (("near_threshold", near_threshold), ("match_threshold", match_threshold)):
+        if not 0 < value <= 1:
+            raise AudioclfError(f"{name}={value!r} is out of range: it must be in (0, 1]")
     clipset: ClipSet = load_clips(data)
     clips = clipset.clips
     log.info("auditing %s: %s", data.root, clipset.describe())
@@ -342,11 +375,12 @@ def audit_dataset(data: DataConfig, *, backbone: str = "mn04_as", weights_path: 
 
     exact = exact_pairs([f.get("hash") if not f["error"] else None for f in facts])
     exact_set = set(exact)
-    near = []
+    candidates = []
     if len(usable) > 1:
         unit = centred_unit(emb[usable])
-        near = [(usable[a], usable[b], s) for a, b, s in near_pairs(unit, near_threshold)
-                if (usable[a], usable[b]) not in exact_set]
+        candidates = confirm([(usable[a], usable[b], s) for a, b, s in near_pairs(unit, near_threshold)
+                              if (usable[a], usable[b]) not in exact_set], clips, quiet)
+    near = [p for p in candidates if p[3] >= match_threshold]
 
     labels = np.array([c.label for c in clips])
     if probs is not None:
@@ -368,6 +402,7 @@ def audit_dataset(data: DataConfig, *, backbone: str = "mn04_as", weights_path: 
         if len({int(labels[i]) for i in rows}) > 1:
             issues = [(int(rows[r]), k, s) for r, k, s in label_issues(labels[rows], oof[rows])]
     return {"clipset": clipset, "facts": facts, "paths": [relative_path(c.path, data) for c in clips],
-            "exact": exact, "near": near, "issues": issues, "embeddings": emb, "probs": oof, "probs_source": source,
-            "settings": {"backbone": backbone, "near_threshold": near_threshold, "embedding_window_s": window_s,
+            "exact": exact, "candidates": candidates, "near": near, "issues": issues, "embeddings": emb, "probs": oof, "probs_source": source,
+            "settings": {"backbone": backbone, "near_threshold": near_threshold, "match_threshold": match_threshold,
+                         "embedding_window_s": window_s,
                          "silence_db": SILENCE_DB, "clipped_share": CLIPPED_SHARE, "probs": source}}

@@ -31,8 +31,8 @@ def report_dict(result: dict, data) -> dict:
               if not f["error"] and f["peak_db"] < SILENCE_DB]
     clipped = [{"path": p, "clipped_share": round(f["clipped"], 5)} for p, f in zip(paths, facts)
                if not f["error"] and f["clipped"] >= CLIPPED_SHARE]
-    duplicates = [_pair(clips, paths, a, b, "exact", 1.0) for a, b in result["exact"]]
-    duplicates += [_pair(clips, paths, a, b, "near", s) for a, b, s in result["near"]]
+    duplicates = [_pair(clips, paths, a, b, "exact", 1.0, 1.0, 0.0) for a, b in result["exact"]]
+    duplicates += [_pair(clips, paths, *pair[:2], "near", *pair[2:]) for pair in result["near"]]
     issues = [{"path": paths[i], "given": classes[clips[i].label], "suggested": classes[k], "score": round(s, 4)}
               for i, k, s in result["issues"]]
     per_class_fold: dict[str, dict[str, int]] = {name: {} for name in classes}
@@ -59,8 +59,9 @@ def report_dict(result: dict, data) -> dict:
             "duplicates": duplicates, "label_issues": issues, "settings": result["settings"]}
 
 
-def _pair(clips, paths, a: int, b: int, kind: str, similarity: float) -> dict:
+def _pair(clips, paths, a: int, b: int, kind: str, similarity: float, match: float, offset_s: float) -> dict:
     return {"a": paths[a], "b": paths[b], "kind": kind, "similarity": round(float(similarity), 4),
+            "match": round(float(match), 4), "offset_s": round(float(offset_s), 2),
             "cross_fold": crosses(clips[a], clips[b]), "same_group": clips[a].group_key == clips[b].group_key}
 
 
@@ -123,7 +124,8 @@ def summary_lines(report: dict) -> list[str]:
         f"{c['clips']} clips, {c['classes']} classes, folds: "
         + (", ".join(f"{k} ({v})" for k, v in c["per_fold"].items())),
         f"unreadable: {c['unreadable']}, silent (peak < {s['silence_db']:g} dBFS): {c['silent']}, clipped: {c['clipped']}",
-        f"duplicates: {c['exact_duplicates']} exact, {c['near_duplicates']} near (cosine >= {s['near_threshold']:g}); "
+        f"duplicates: {c['exact_duplicates']} exact, {c['near_duplicates']} near (cosine >= {s['near_threshold']:g}, "
+        f"aligned match >= {s['match_threshold']:g}); "
         f"{c['cross_fold_duplicates']} cross folds or groups (leakage)",
         f"likely label errors: {c['label_issues']} (probabilities: {s['probs']})",
     ]
@@ -157,9 +159,12 @@ def markdown(report: dict) -> str:
               "## Silent clips", "", *_table(report["silent"], ["path", "peak_db"]),
               "## Clipped clips", "", *_table(report["clipped"], ["path", "clipped_share"]),
               "## Duplicates", "",
-              "`cross_fold`: the two clips are in different folds (without folds: different groups), so a model "
-              "can be tested on what it trained on. `same_group`: the dataset itself marks them as one recording.",
-              "", *_table(report["duplicates"], ["a", "b", "kind", "similarity", "cross_fold", "same_group"]),
+              "`similarity`: cosine of the two clips' embeddings; `match`: correlation of their aligned log-mel "
+              "fingerprints, at `offset_s` (where `b` starts in `a`). `cross_fold`: the two clips are in different "
+              "folds (without folds: different groups), so a model can be tested on what it trained on. "
+              "`same_group`: the dataset itself marks them as one recording.", "",
+              *_table(report["duplicates"], ["a", "b", "kind", "similarity", "match", "offset_s", "cross_fold",
+                                             "same_group"]),
               "## Likely label errors", "",
               "Most likely first; `score` is the out-of-fold probability of the given label.", "",
               *_table(report["label_issues"], ["path", "given", "suggested", "score"])]

@@ -220,7 +220,8 @@ def cmd_audit(args) -> int:
     from .config import DataConfig
 
     data = DataConfig(root=args.data, format=args.format or _guess_format(args.data), esc10=bool(args.esc10))
-    options = {k: getattr(args, k) for k in ("backbone", "weights_path", "near_threshold", "batch_size")
+    options = {k: getattr(args, k) for k in ("backbone", "weights_path", "near_threshold", "match_threshold",
+                                             "batch_size")
                if getattr(args, k) is not None}
     r = run_audit(data, out=args.out, probs=args.probs, device=args.device, quiet=args.quiet, **options)
     print("\n".join(r["summary"]) + f"\nreport: {r['out'] / 'audit.md'} (and audit.json, PNGs)")
@@ -336,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_args(p, only=("format", "esc10", "weights_path"))
     p.add_argument("--backbone", help="pretrained network for the embeddings (default mn04_as)")
     p.add_argument("--near-threshold", type=float, help="cosine similarity of centred embeddings from which two "
-                   "clips are near-duplicates (default: the threshold measured in docs/audit.md)")
+                   "clips are near-duplicate candidates (default: measured, docs/audit.md)")
+    p.add_argument("--match-threshold", type=float, help="correlation of aligned log-mel fingerprints from which a "
+                   "candidate is a near-duplicate (default: measured, docs/audit.md)")
     p.add_argument("--probs", help="out-of-fold probabilities for the label-error search: an audioclf cv folder, or "
                    "a CSV (path and one column per class, as the audit's own oof_probs.csv); default: a linear probe "
                    "on the embeddings, cross-validated over the folds")

@@ -1,0 +1,70 @@
+"""Aligned log-mel fingerprints: do two clips hold the same recording, whatever was done to one of them?
+
+A pretrained network's embedding says what a clip sounds like, so two recordings of rain, or of two
+roosters, can be closer than a clip and its own resampled copy (docs/audit.md). The audit therefore takes
+the pairs whose embeddings are close as candidates only, and confirms each here: the two clips' log-mels
+below 7.6 kHz (so a copy resampled to 16 kHz still matches), each band minus its mean over the clip (so a
+gain change or a fixed filter changes nothing), are correlated at every time offset where they overlap by
+at least :data:`MIN_OVERLAP_S` (so a trimmed copy matches at its offset). A copy keeps the fine
+fluctuations of the original, frame for frame; another recording of the same kind of sound does not.
+Frames of digital silence (padding) are left out, so two clips padded alike do not match by their padding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from .audio import load_audio
+from .config import FeatureConfig
+from .features import LogMel
+
+FINGERPRINT = FeatureConfig(sample_rate=16000, n_mels=64, n_fft=512, hop_length=160, win_length=400, f_min=50.0,
+                            f_max=7600.0, peak_normalize=False, compression="log")
+SILENT = -9.0  # a frame whose loudest band stays below this log-mel value is digital silence (floor -11.5)
+MIN_OVERLAP_S = 1.0  # shortest overlap that counts (or half the shorter clip, when that is less)
+
+
+@functools.cache
+def _logmel() -> LogMel:
+    return LogMel(FINGERPRINT)
+
+
+def fingerprint(path) -> np.ndarray:
+    """``(n_mels, frames)`` float32: the log-mel of ``path`` at 16 kHz, each band minus its mean over the
+    audible frames; silent frames are 0."""
+    with torch.inference_mode():
+        x = _logmel()(torch.from_numpy(load_audio(path, FINGERPRINT.sample_rate))).numpy()
+    audible = x.max(axis=0) > SILENT
+    if not audible.any():
+        return np.zeros_like(x)
+    x = x - x[:, audible].mean(axis=1, keepdims=True)
+    x[:, ~audible] = 0
+    return x
+
+
+def aligned_match(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """``(correlation, offset_s)``: the highest normalised correlation of fingerprints ``a`` and ``b`` over the
+    time offsets where they overlap enough, and that offset (the time in ``a`` where ``b`` starts, in s;
+    negative when ``b`` starts before ``a``). ``(0.0, 0.0)`` when no offset overlaps enough."""
+    from scipy.signal import fftconvolve
+
+    ta, tb = a.shape[1], b.shape[1]
+    # num[k] = sum over bands and frames of a[:, t] * b[:, t - lag], lag = k - (tb - 1)
+    num = fftconvolve(a, b[:, ::-1], mode="full", axes=1).sum(axis=0)
+    lags = np.arange(-(tb - 1), ta)
+    ca = np.concatenate([[0.0], np.cumsum((a.astype(np.float64) ** 2).sum(axis=0))])
+    cb = np.concatenate([[0.0], np.cumsum((b.astype(np.float64) ** 2).sum(axis=0))])
+    a0, a1 = np.maximum(lags, 0), np.minimum(ta, tb + lags)  # the overlap in a's frames
+    b0, b1 = a0 - lags, a1 - lags  # and in b's
+    energy = (ca[a1] - ca[a0]) * (cb[b1] - cb[b0])
+    frames_per_s = FINGERPRINT.sample_rate / FINGERPRINT.hop_length
+    enough = (a1 - a0) >= min(MIN_OVERLAP_S * frames_per_s, min(ta, tb) / 2)
+    valid = enough & (energy > 0)
+    if not valid.any():
+        return 0.0, 0.0
+    corr = np.where(valid, num / np.sqrt(np.where(valid, energy, 1.0)), -np.inf)
+    best = int(corr.argmax())
+    return float(corr[best]), float(lags[best] / frames_per_s)
