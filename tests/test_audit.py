@@ -170,3 +170,14 @@ def test_embeddings_need_a_backbone_pretrained_on_audio_and_its_weights():
         pretrained_embedder("resnet18")
     with pytest.raises(AudioclfError, match="mn04_as_mAP_432.pt"):  # offline, nothing cached: says what to get
         pretrained_embedder("mn04_as")
+
+
+def test_without_cleanlab_the_error_names_the_extra(monkeypatch):
+    import sys
+
+    from audioclf.audit import label_issues
+
+    monkeypatch.setitem(sys.modules, "cleanlab", None)  # import cleanlab.filter now fails
+    monkeypatch.setitem(sys.modules, "cleanlab.filter", None)
+    with pytest.raises(AudioclfError, match=r'pip install "audioclf\[audit\]"'):
+        label_issues(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]))

@@ -102,3 +102,25 @@ def test_log_mel_features_match_what_the_map_is_drawn_over(tone_model):
     r = explain(model, probe, device="cpu")
     wave = torch.from_numpy(sf.read(probe, dtype="float32")[0])
     assert np.allclose(r["features"], LogMel(FEATURES)(wave).numpy(), atol=1e-5)
+
+
+def test_the_server_draws_it_on_request(tone_model):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from audioclf.predict import load
+    from audioclf.serve import create_app
+
+    model, probe = tone_model
+    with TestClient(create_app(load(model, "cpu"))) as client:
+        sent = {"file": ("probe.wav", probe.read_bytes(), "audio/wav")}
+        r = client.post("/explain", files=sent)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert r.content[:8] == b"\x89PNG\r\n\x1a\n"
+        assert client.post("/explain", params={"label": "other"}, files=sent).status_code == 200
+        r = client.post("/explain", params={"label": "cat"}, files=sent)
+        assert r.status_code == 422 and "not one of the model's classes" in r.json()["detail"]
+        assert client.post("/explain").status_code == 400
+        assert client.post("/explain", files={"file": ("x.wav", b"junk", "audio/wav")}).status_code == 415
+        assert 'id="explain-button"' in client.get("/").text

@@ -3,8 +3,9 @@
 A pretrained network's embedding says what a clip sounds like, so two recordings of rain, or of two
 roosters, can be closer than a clip and its own resampled copy (docs/audit.md). The audit therefore takes
 the pairs whose embeddings are close as candidates only, and confirms each here: the two clips' log-mels
-below 7.6 kHz (so a copy resampled to 16 kHz still matches), each band minus its mean over the clip (so a
-gain change or a fixed filter changes nothing), are correlated at every time offset where they overlap by
+below 7.6 kHz (so a copy resampled to 16 kHz still matches), of the clip scaled to a peak of 1, each band
+minus its mean over the clip (so a gain change or a fixed filter changes nothing) and each frame minus its
+mean over the bands (so that the loudness envelope, which any two clips of events share, does not count), are correlated at every time offset where they overlap by
 at least :data:`MIN_OVERLAP_S` (so a trimmed copy matches at its offset). A copy keeps the fine
 fluctuations of the original, frame for frame; another recording of the same kind of sound does not.
 Frames of digital silence (padding) are left out, so two clips padded alike do not match by their padding.
@@ -22,8 +23,11 @@ from .config import FeatureConfig
 from .features import LogMel
 
 FINGERPRINT = FeatureConfig(sample_rate=16000, n_mels=64, n_fft=512, hop_length=160, win_length=400, f_min=50.0,
-                            f_max=7600.0, peak_normalize=False, compression="log")
+                            f_max=7600.0, peak_normalize=True, compression="log")
 SILENT = -9.0  # a frame whose loudest band stays below this log-mel value is digital silence (floor -11.5)
+# what lies more than 40 dB below the clip's loudest band is set to that level: lossy codecs drop it (the
+# match of an Ogg Vorbis copy went from 0.92 to 0.96 on a test clip, another clip's stayed at 0.18)
+RANGE_DB = 40.0
 MIN_OVERLAP_S = 1.0  # shortest overlap that counts (or half the shorter clip, when that is less)
 
 
@@ -33,14 +37,21 @@ def _logmel() -> LogMel:
 
 
 def fingerprint(path) -> np.ndarray:
-    """``(n_mels, frames)`` float32: the log-mel of ``path`` at 16 kHz, each band minus its mean over the
-    audible frames; silent frames are 0."""
+    """``(n_mels, frames)`` float32: the log-mel of ``path`` at 16 kHz within :data:`RANGE_DB` of its loudest
+    band, each band minus its mean over the audible frames, then each frame minus its mean over the bands;
+    silent frames are 0.
+
+    Without the frames' means, the loudness envelope, which every band shares, would dominate: two clips of
+    sparse events would match wherever their events line up (0.52 for two test clips, 0.18 without it).
+    """
     with torch.inference_mode():
         x = _logmel()(torch.from_numpy(load_audio(path, FINGERPRINT.sample_rate))).numpy()
     audible = x.max(axis=0) > SILENT
     if not audible.any():
         return np.zeros_like(x)
+    x = np.maximum(x, x.max() - RANGE_DB / 10 * np.log(10))  # log of power: 10 dB is a factor of 10
     x = x - x[:, audible].mean(axis=1, keepdims=True)
+    x = x - x.mean(axis=0, keepdims=True)
     x[:, ~audible] = 0
     return x
 
