@@ -233,7 +233,8 @@ def cmd_explain(args) -> int:
 
     r = run_explain(args.model, args.file, out=args.out, label=args.label, device=args.device,
                     batch_size=args.batch_size)
-    print(f"{r['label']} {r['score']:.4f} ({r['start_s']:.2f}-{r['start_s'] + r['window_s']:.2f} s): {r['out']}")
+    window = f"{r['start_s']:.2f}-{r['start_s'] + r['window_s']:.2f} s"  # the window explained
+    print(f"{r['label']} {r['score']:.4f} ({window}): {r['out']}")
     return 0
 
 
