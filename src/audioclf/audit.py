@@ -349,9 +349,8 @@ def audit_dataset(data: DataConfig, *, backbone: str = "mn04_as", weights_path: 
     Returns:
         dict: ``clipset``, ``facts`` (:func:`clip_facts` per clip), ``paths`` (as the manifest gives them),
         ``exact`` (pairs of clip indices), ``candidates`` (:func:`confirm`'s tuples) and ``near`` (those that
-        matched), ``issues``
-        (:func:`label_issues`, clip indices), ``embeddings`` (NaN rows for clips not embedded), ``probs`` (the out-of-fold probabilities, or None),
-        ``probs_source`` and ``settings``.
+        matched), ``issues`` (:func:`label_issues`, clip indices), ``embeddings`` (NaN rows for clips not
+        embedded), ``probs`` (the out-of-fold probabilities, or None) and ``settings``.
     """
     for name, value in (("near_threshold", near_threshold), ("match_threshold", match_threshold)):
         if not 0 < value <= 1:
@@ -360,49 +359,57 @@ def audit_dataset(data: DataConfig, *, backbone: str = "mn04_as", weights_path: 
     clips = clipset.clips
     log.info("auditing %s: %s", data.root, clipset.describe())
     facts = scan_clips(clips, quiet)
-    readable = [i for i, f in enumerate(facts) if not f["error"]]
-    audible = [i for i in readable if facts[i]["peak_db"] >= SILENCE_DB]  # silence embeds as one point
-
+    # silence embeds as one point, and a silent clip carries no evidence of its label
+    audible = [i for i, f in enumerate(facts) if not f["error"] and f["peak_db"] >= SILENCE_DB]
     window_s = embedding_window_s([facts[i]["duration_s"] for i in audible])
-    emb = np.full((len(clips), 0), np.nan)
-    if audible:
-        embedder = embedder or pretrained_embedder(backbone, weights_path, duration_s=window_s, device=device,
-                                                   batch_size=batch_size)
-        got = embedder.embed_files([clips[i].path for i in audible], quiet=quiet)
-        emb = np.full((len(clips), got.shape[1]), np.nan, np.float32)
-        emb[audible] = got
+    embedded_by = f"{backbone}'s" if embedder is None else "the given model's"
+    if embedder is None and audible:
+        embedder = pretrained_embedder(backbone, weights_path, duration_s=window_s, device=device,
+                                       batch_size=batch_size)
+    emb = _embeddings(embedder, clips, audible, quiet)
     usable = [i for i in audible if np.isfinite(emb[i]).all()]
 
-    exact = exact_pairs([f.get("hash") if not f["error"] else None for f in facts])
-    exact_set = set(exact)
+    exact = exact_pairs([None if f["error"] else f["hash"] for f in facts])
     candidates = []
     if len(usable) > 1:
-        unit = centred_unit(emb[usable])
-        candidates = confirm([(usable[a], usable[b], s) for a, b, s in near_pairs(unit, near_threshold)
-                              if (usable[a], usable[b]) not in exact_set], clips, quiet)
-    near = [p for p in candidates if p[3] >= match_threshold]
+        found, same = near_pairs(centred_unit(emb[usable]), near_threshold), set(exact)
+        candidates = confirm([(usable[a], usable[b], s) for a, b, s in found if (usable[a], usable[b]) not in same],
+                             clips, quiet)
 
     labels = np.array([c.label for c in clips])
+    oof, source = None, "none (no audible clips)"
     if probs is not None:
-        oof = load_probabilities(probs, clips, clipset.classes, data, device=device, batch_size=batch_size, quiet=quiet)
-        source = str(probs)
+        oof, source = load_probabilities(probs, clips, clipset.classes, data, device=device, batch_size=batch_size,
+                                         quiet=quiet), str(probs)
     elif len(usable) > 1:
         oof = np.full((len(clips), len(clipset.classes)), np.nan)
-        sub = [clips[i] for i in usable]
-        oof[usable] = probe_probabilities(emb[usable], labels[usable], probe_folds(sub, seed), len(clipset.classes))
-        source = f"linear probe on {backbone} embeddings"
-    else:
-        oof, source = None, "none (no readable clips)"
-    issues = []
-    if oof is not None:
-        rows = np.flatnonzero(np.isfinite(oof).all(axis=1))
-        if len(rows) < len(clips):
-            log.warning("%d of %d clips have no out-of-fold probabilities: the label-error search leaves them out",
-                        len(clips) - len(rows), len(clips))
-        if len({int(labels[i]) for i in rows}) > 1:
-            issues = [(int(rows[r]), k, s) for r, k, s in label_issues(labels[rows], oof[rows])]
+        oof[usable] = probe_probabilities(emb[usable], labels[usable], probe_folds([clips[i] for i in usable], seed),
+                                          len(clipset.classes))
+        source = f"linear probe on {embedded_by} embeddings"
     return {"clipset": clipset, "facts": facts, "paths": [relative_path(c.path, data) for c in clips],
-            "exact": exact, "candidates": candidates, "near": near, "issues": issues, "embeddings": emb, "probs": oof, "probs_source": source,
+            "exact": exact, "candidates": candidates, "near": [p for p in candidates if p[3] >= match_threshold],
+            "issues": [] if oof is None else _issues(labels, oof), "embeddings": emb, "probs": oof,
             "settings": {"backbone": backbone, "near_threshold": near_threshold, "match_threshold": match_threshold,
-                         "embedding_window_s": window_s,
-                         "silence_db": SILENCE_DB, "clipped_share": CLIPPED_SHARE, "probs": source}}
+                         "embedding_window_s": window_s, "silence_db": SILENCE_DB, "clipped_share": CLIPPED_SHARE,
+                         "probs": source}}
+
+
+def _embeddings(embedder, clips: Sequence[Clip], rows: list[int], quiet: bool) -> np.ndarray:
+    """``(clips, d)`` embeddings of the clips at ``rows``; the other rows (and unreadable clips) are NaN."""
+    if not rows:
+        return np.full((len(clips), 0), np.nan, np.float32)
+    got = embedder.embed_files([clips[i].path for i in rows], quiet=quiet)
+    emb = np.full((len(clips), got.shape[1]), np.nan, np.float32)
+    emb[rows] = got
+    return emb
+
+
+def _issues(labels: np.ndarray, oof: np.ndarray) -> list[tuple[int, int, float]]:
+    """:func:`label_issues` over the clips that have out-of-fold probabilities, as clip indices."""
+    rows = np.flatnonzero(np.isfinite(oof).all(axis=1))
+    if len(rows) < len(labels):
+        log.warning("%d of %d clips have no out-of-fold probabilities: the label-error search leaves them out",
+                    len(labels) - len(rows), len(labels))
+    if len(set(labels[rows].tolist())) < 2:
+        return []
+    return [(int(rows[r]), k, s) for r, k, s in label_issues(labels[rows], oof[rows])]
