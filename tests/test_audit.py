@@ -166,7 +166,7 @@ def test_the_out_folder_is_checked_before_any_work(tmp_path, capsys):
 
 
 def test_embeddings_need_a_backbone_pretrained_on_audio_and_its_weights():
-    with pytest.raises(AudioclfError, match="Unsupported backbone='resnet18'"):
+    with pytest.raises(AudioclfError, match="backbone=.resnet18. has no AudioSet head"):
         pretrained_embedder("resnet18")
     with pytest.raises(AudioclfError, match="mn04_as_mAP_432.pt"):  # offline, nothing cached: says what to get
         pretrained_embedder("mn04_as")

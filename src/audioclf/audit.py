@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -33,15 +34,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .audio import decode
-from .backbones import BACKBONES
 from .clips import Clip, ClipSet
-from .config import AudioclfError, DataConfig, resolve
+from .config import DataConfig
+from .errors import AudioclfError
 from .data import assign_folds, load_clips
 from .runtime import auto_workers
 
 log = logging.getLogger(__name__)
 
-AUDIT_BACKBONES = tuple(name for name, b in BACKBONES.items() if b.front_end)  # pretrained on audio
 # Near-duplicates, by measurement on ESC-10 with planted copies (docs/audit.md, benchmarks/audit.py): pairs whose
 # centred mn04_as embeddings have at least this cosine are candidates (every planted copy did; so do many
 # distinct clips of one kind of sound) ...
@@ -118,24 +118,19 @@ def scan_clips(clips: Sequence[Clip], quiet: bool = False) -> list[dict]:
 
 def pretrained_embedder(backbone: str = "mn04_as", weights_path: Optional[str] = None, *, duration_s: float = 5.0,
                         device: str = "auto", batch_size: int = 32):
-    """A :class:`audioclf.predict.Classifier` whose ``embed_files`` gives ``backbone``'s pretrained embeddings
-    (its classifier layer is untrained and unused), on windows of ``duration_s`` seconds.
+    """A :class:`audioclf.predict.Classifier` whose ``embed_files`` gives ``backbone``'s AudioSet-pretrained
+    embeddings (:func:`audioclf.audioset.pretrained_model`), on windows of ``duration_s`` seconds.
 
     Raises:
-        AudioclfError: for a backbone not pretrained on audio, or weights that cannot be had (the message
+        AudioclfError: for a backbone without AudioSet weights, or weights that cannot be had (the message
             says where to get them).
     """
-    from .model import build_model
+    from .audioset import pretrained_model
     from .predict import Classifier
 
-    if backbone not in AUDIT_BACKBONES:
-        raise AudioclfError(f"Unsupported backbone={backbone!r} for embeddings; choose one pretrained on audio: "
-                            f"{', '.join(AUDIT_BACKBONES)}")
-    config = resolve("default", overrides={
-        "model": {"backbone": backbone, "pretrained": BACKBONES[backbone].pretrained_on, "weights_path": weights_path},
-        "features": {"duration_s": duration_s}})
-    net, _ = build_model(config.model, 2, config.features.n_mels)
-    return Classifier(net.eval(), config, ["unused", "head"], device=device, batch_size=batch_size)
+    net, config, labels = pretrained_model(backbone, weights_path)
+    config = replace(config, features=replace(config.features, duration_s=duration_s))
+    return Classifier(net, config, labels, device=device, batch_size=batch_size)
 
 
 def embedding_window_s(durations: Sequence[float]) -> float:
@@ -330,7 +325,7 @@ def audit_dataset(data: DataConfig, *, backbone: str = "mn04_as", weights_path: 
     Args:
         data (DataConfig): the dataset (root, format, esc10).
         backbone (str, optional): the pretrained network whose embeddings find near-duplicates and feed the
-            linear probe; one of :data:`AUDIT_BACKBONES`. (Default: ``"mn04_as"``)
+            linear probe; an AudioSet MobileNet (``mn04_as`` ... ``mn40_as``). (Default: ``"mn04_as"``)
         weights_path (str, optional): a local copy of its official weights. (Default: the torch hub cache, or
             a download)
         near_threshold (float, optional): cosine similarity of centred embeddings, in (0, 1], from which two

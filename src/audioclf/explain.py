@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .audio import default_hop, fix_length, load_audio, window_starts
-from .config import AudioclfError
+from .errors import AudioclfError
 from .features import LogMel
 from .model import activation
 

@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 
 from ..audit_report import summary_lines, write_report
-from ..config import AudioclfError, DataConfig
+from ..config import DataConfig
+from ..errors import AudioclfError
 
 
 def check_out_folder(out: Path) -> None:

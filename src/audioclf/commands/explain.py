@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from ..config import AudioclfError
+from ..errors import AudioclfError
 
 
 def check_png_out(out: Path) -> None:
