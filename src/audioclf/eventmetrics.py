@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .config import AudioclfError
+from .errors import AudioclfError
 
 T_COLLAR = 0.2  # s, onset collar (and the offset collar's floor)
 PERCENTAGE_OF_LENGTH = 0.2  # the offset collar, as a fraction of the reference event's length

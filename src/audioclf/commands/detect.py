@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..config import AudioclfError
+from ..errors import AudioclfError
 from ..events import (DetectConfig, check_ignore, find_events, probability_track, read_config_file, read_events,
                       save_config, saved_config, tune, write_events)
 from ..fileio import write_text_atomic
