@@ -1,7 +1,7 @@
 """Explanations: where in time and frequency a model's evidence for a class lies, drawn over the log-mel.
 
 The map is **occlusion** over the model's own input features: a patch of the log-mel (a few mel bands by a
-few frames) is replaced by each band's median over the clip, the patched input goes through the model, and
+few frames) is lowered to each band's median over the clip, the patched input goes through the model, and
 the drop in the log-probability of the class is that patch's evidence; a pixel gets the mean over the
 patches that cover it. Chosen over Grad-CAM on the last convolutional block because
 
@@ -14,8 +14,10 @@ patches that cover it. Chosen over Grad-CAM on the last convolutional block beca
   model is sure (a score of 0.999 has almost no gradient left);
 - the price, one forward pass per patch position (a few hundred, batched), is seconds on a CPU per clip.
 
-Replacing a patch by the band's median (not by silence) removes what stands out of the clip's background
+Lowering a patch to the band's median (not to silence) removes what stands out of the clip's background
 without adding an edge the model never saw: a steady background scores zero, and the map shows the events.
+It never raises a patch: a quiet stretch in a loud clip would otherwise be filled with sound, and the model's
+reaction to that added sound would be drawn as evidence where there was none.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def occlusion_map(model: torch.nn.Module, features: torch.Tensor, target: int, *
     ph, pw = min(ph, n_mels), min(pw, frames)
     rows = sorted({*range(0, n_mels - ph + 1, max(1, ph // 2)), n_mels - ph})  # the last patch reaches the edge
     cols = sorted({*range(0, frames - pw + 1, max(1, pw // 2)), frames - pw})
-    fill = features.median(dim=1, keepdim=True).values.expand(-1, frames)  # (n_mels, frames)
+    fill = features.median(dim=1, keepdim=True).values.expand(-1, frames)  # (n_mels, frames): the background
     score = activation(task)
 
     def log_prob(x: torch.Tensor) -> torch.Tensor:  # (batch, n_mels, frames) -> (batch,)
@@ -87,7 +89,7 @@ def occlusion_map(model: torch.nn.Module, features: torch.Tensor, target: int, *
             chunk = positions[i:i + batch_size]
             x = features.repeat(len(chunk), 1, 1)
             for k, (r, c) in enumerate(chunk):
-                x[k, r:r + ph, c:c + pw] = fill[r:r + ph, c:c + pw]
+                x[k, r:r + ph, c:c + pw] = torch.minimum(x[k, r:r + ph, c:c + pw], fill[r:r + ph, c:c + pw])
             drops = base - log_prob(x)
             for (r, c), d in zip(chunk, drops):
                 total[r:r + ph, c:c + pw] += d
