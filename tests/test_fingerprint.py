@@ -61,3 +61,10 @@ def test_silence_and_too_short_overlaps_match_nothing(prints):
     silent = fp(np.zeros(SR, np.float32), name="s.wav")
     assert not silent.any() and aligned_match(silent, fp(y, name="a.wav")) == (0.0, 0.0)
     assert aligned_match(np.ones((4, 10)), np.ones((4, 0))) == (0.0, 0.0)
+
+
+def test_two_steady_tones_do_not_match_by_their_edges(prints):
+    _, fp = prints
+    t = np.arange(2 * SR) / SR
+    a, b = (0.5 * np.sin(2 * np.pi * f * t).astype(np.float32) for f in (440.0, 620.0))
+    assert aligned_match(fp(a, name="a.wav"), fp(b, name="b.wav"))[0] < 0.3
