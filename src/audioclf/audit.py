@@ -43,12 +43,12 @@ from .runtime import auto_workers
 log = logging.getLogger(__name__)
 
 # Near-duplicates, by measurement on ESC-10 with planted copies (docs/audit.md, benchmarks/audit.py): pairs whose
-# centred mn04_as embeddings have at least this cosine are candidates (every planted copy did; so do many
-# distinct clips of one kind of sound) ...
+# centred mn04_as embeddings have at least this cosine are candidates (planted copies: 0.67 and up; but distinct
+# clips of one kind of sound reach 0.98, so the cosine cannot decide) ...
 NEAR_THRESHOLD = 0.5
 # ... and a candidate is a near-duplicate when its aligned fingerprints (fingerprint.py) correlate at least this
-# much (every planted copy did, no pair of distinct clips did)
-MATCH_THRESHOLD = 0.6
+# much (planted copies: 0.95 and up; distinct recordings: 0.66 at most)
+MATCH_THRESHOLD = 0.8
 SILENCE_DB = -60.0  # dBFS: a clip whose peak stays below this is silent
 FULL_SCALE = 0.999  # |sample| at or above this is at digital full scale
 CLIP_RUN = 3  # consecutive samples at full scale: a flat top, which a peak-normalised clip does not have
