@@ -13,7 +13,7 @@ from _models import tiny_run  # noqa: F401 (a fixture)
 from conftest import tone
 
 from audioclf.audit import (MATCH_THRESHOLD, NEAR_THRESHOLD, audit_dataset, centred_unit, clip_facts, crosses, exact_pairs,
-                            load_probabilities, near_pairs, pretrained_embedder, probe_folds)
+                            load_probabilities, near_pairs, probe_folds)
 from audioclf.cli import main
 from audioclf.clips import Clip
 from audioclf.commands.audit import check_out_folder, run_audit
@@ -165,11 +165,15 @@ def test_the_out_folder_is_checked_before_any_work(tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err
 
 
-def test_embeddings_need_a_backbone_pretrained_on_audio_and_its_weights():
+def test_without_the_backbones_weights_the_audit_says_what_it_did_not_check(planted, tmp_path):
     with pytest.raises(AudioclfError, match="backbone=.resnet18. has no AudioSet head"):
-        pretrained_embedder("resnet18")
-    with pytest.raises(AudioclfError, match="mn04_as_mAP_432.pt"):  # offline, nothing cached: says what to get
-        pretrained_embedder("mn04_as")
+        audit_dataset(planted["data"], backbone="resnet18")
+    # offline, nothing cached: the rest of the audit, and the reason the rest is missing
+    r = run_audit(planted["data"], out=tmp_path / "r", quiet=True)
+    c, settings = r["report"]["counts"], r["report"]["settings"]
+    assert (c["exact_duplicates"], c["silent"], c["near_duplicates"], c["label_issues"]) == (1, 1, 0, 0)
+    assert "mn04_as_mAP_432.pt" in settings["embeddings"] and "mn04_as_mAP_432.pt" in settings["probs"]
+    assert "near ones NOT CHECKED" in r["summary"][2]
 
 
 def test_without_cleanlab_the_error_names_the_extra(monkeypatch):

@@ -350,6 +350,7 @@ def audit_dataset(data: DataConfig, *, backbone: str = "mn04_as", weights_path: 
     for name, value in (("near_threshold", near_threshold), ("match_threshold", match_threshold)):
         if not 0 < value <= 1:
             raise AudioclfError(f"{name}={value!r} is out of range: it must be in (0, 1]")
+    unavailable = None if embedder is not None else _weights_problem(backbone, weights_path)
     clipset: ClipSet = load_clips(data)
     clips = clipset.clips
     log.info("auditing %s: %s", data.root, clipset.describe())
@@ -358,11 +359,11 @@ def audit_dataset(data: DataConfig, *, backbone: str = "mn04_as", weights_path: 
     audible = [i for i, f in enumerate(facts) if not f["error"] and f["peak_db"] >= SILENCE_DB]
     window_s = embedding_window_s([facts[i]["duration_s"] for i in audible])
     embedded_by = f"{backbone}'s" if embedder is None else "the given model's"
-    if embedder is None and audible:
+    if embedder is None and audible and not unavailable:
         embedder = pretrained_embedder(backbone, weights_path, duration_s=window_s, device=device,
                                        batch_size=batch_size)
-    emb = _embeddings(embedder, clips, audible, quiet)
-    usable = [i for i in audible if np.isfinite(emb[i]).all()]
+    emb = _embeddings(embedder, clips, [] if unavailable else audible, quiet)
+    usable = [i for i in audible if emb.shape[1] and np.isfinite(emb[i]).all()]
 
     exact = exact_pairs([None if f["error"] else f["hash"] for f in facts])
     candidates = []
@@ -372,7 +373,7 @@ def audit_dataset(data: DataConfig, *, backbone: str = "mn04_as", weights_path: 
                              clips, quiet)
 
     labels = np.array([c.label for c in clips])
-    oof, source = None, "none (no audible clips)"
+    oof, source = None, f"none ({unavailable or 'no audible clips'})"
     if probs is not None:
         oof, source = load_probabilities(probs, clips, clipset.classes, data, device=device, batch_size=batch_size,
                                          quiet=quiet), str(probs)
@@ -386,7 +387,24 @@ def audit_dataset(data: DataConfig, *, backbone: str = "mn04_as", weights_path: 
             "issues": [] if oof is None else _issues(labels, oof), "embeddings": emb, "probs": oof,
             "settings": {"backbone": backbone, "near_threshold": near_threshold, "match_threshold": match_threshold,
                          "embedding_window_s": window_s, "silence_db": SILENCE_DB, "clipped_share": CLIPPED_SHARE,
-                         "probs": source}}
+                         "probs": source, "embeddings": unavailable or f"{embedded_by} embeddings"}}
+
+
+def _weights_problem(backbone: str, weights_path: Optional[str]) -> Optional[str]:
+    """Why ``backbone``'s weights cannot be had (then the audit goes on without embeddings: no near-duplicates,
+    no linear probe, and the report says so), or None. A backbone that has no AudioSet weights is an error."""
+    from .audioset import tagging_backbones
+    from .weights import weights_file
+
+    if backbone not in tagging_backbones():
+        raise AudioclfError(f"backbone={backbone!r} has no AudioSet head; choose one of {', '.join(tagging_backbones())}")
+    try:
+        weights_file(backbone, weights_path)
+    except AudioclfError as e:
+        log.warning("%s -- auditing without embeddings: no near-duplicates, and no label errors unless --probs "
+                    "gives probabilities", e)
+        return f"no embeddings: {e}"
+    return None
 
 
 def _embeddings(embedder, clips: Sequence[Clip], rows: list[int], quiet: bool) -> np.ndarray:

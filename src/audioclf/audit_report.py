@@ -124,9 +124,10 @@ def summary_lines(report: dict) -> list[str]:
         f"{c['clips']} clips, {c['classes']} classes, folds: "
         + (", ".join(f"{k} ({v})" for k, v in c["per_fold"].items())),
         f"unreadable: {c['unreadable']}, silent (peak < {s['silence_db']:g} dBFS): {c['silent']}, clipped: {c['clipped']}",
-        f"duplicates: {c['exact_duplicates']} exact, {c['near_duplicates']} near (cosine >= {s['near_threshold']:g}, "
-        f"aligned match >= {s['match_threshold']:g}); "
-        f"{c['cross_fold_duplicates']} cross folds or groups (leakage)",
+        f"duplicates: {c['exact_duplicates']} exact, "
+        + (f"{c['near_duplicates']} near (cosine >= {s['near_threshold']:g}, aligned match >= {s['match_threshold']:g})"
+           if s["embeddings"].endswith(" embeddings") else "near ones NOT CHECKED (no embeddings)")
+        + f"; {c['cross_fold_duplicates']} cross folds or groups (leakage)",
         f"likely label errors: {c['label_issues']} (probabilities: {s['probs']})",
     ]
 
