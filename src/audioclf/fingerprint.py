@@ -6,9 +6,10 @@ the pairs whose embeddings are close as candidates only, and confirms each here:
 below 7.6 kHz (so a copy resampled to 16 kHz still matches), of the clip scaled to a peak of 1, each band
 minus its mean over the clip (so a gain change or a fixed filter changes nothing) and each frame minus its
 mean over the bands (so that the loudness envelope, which any two clips of events share, does not count), are correlated at every time offset where they overlap by
-at least :data:`MIN_OVERLAP_S` (so a trimmed copy matches at its offset). A copy keeps the fine
+at least half the shorter clip (so a trimmed copy matches at its offset). A copy keeps the fine
 fluctuations of the original, frame for frame; another recording of the same kind of sound does not.
-Frames of digital silence (padding) are left out, so two clips padded alike do not match by their padding.
+Frames of digital silence (padding), and frames more than :data:`AUDIBLE_DB` below the clip's loudest, are left
+out, so two clips padded or fading alike do not match by their quiet parts.
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ SILENT = -9.0  # a frame whose loudest band stays below this log-mel value is di
 # what lies more than 40 dB below the clip's loudest band is set to that level: lossy codecs drop it (the
 # match of an Ogg Vorbis copy went from 0.92 to 0.96 on a test clip, another clip's stayed at 0.18)
 RANGE_DB = 40.0
-MIN_OVERLAP_S = 1.0  # shortest overlap that counts (or half the shorter clip, when that is less)
+# shortest overlap that counts: half the shorter clip. ESC-50's thunderstorms matched each other over the last
+# second of one and the first of another (their quiet tails), never over half a clip
+MIN_OVERLAP = 0.5
+# a frame counts when its loudest band is within this of the clip's loudest: quieter ones hold little but the
+# floor, and the floor's frames, once the bands' means are gone, are only the clip's mean spectrum upside down
+AUDIBLE_DB = 30.0
 
 
 @functools.cache
@@ -46,7 +52,8 @@ def fingerprint(path) -> np.ndarray:
     """
     with torch.inference_mode():
         x = _logmel()(torch.from_numpy(load_audio(path, FINGERPRINT.sample_rate))).numpy()
-    audible = x.max(axis=0) > SILENT
+    loudest = x.max(axis=0)  # (frames,)
+    audible = (loudest > SILENT) & (loudest > loudest.max() - AUDIBLE_DB / 10 * np.log(10))
     # the frames the STFT pads with zeros: every clip has them, at its ends, and in a steady clip they would be
     # all that is left once the bands' means are gone
     edge = -(-FINGERPRINT.n_fft // 2 // FINGERPRINT.hop_length)
@@ -76,7 +83,7 @@ def aligned_match(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     b0, b1 = a0 - lags, a1 - lags  # and in b's
     energy = (ca[a1] - ca[a0]) * (cb[b1] - cb[b0])
     frames_per_s = FINGERPRINT.sample_rate / FINGERPRINT.hop_length
-    enough = (a1 - a0) >= min(MIN_OVERLAP_S * frames_per_s, min(ta, tb) / 2)
+    enough = (a1 - a0) >= MIN_OVERLAP * min(ta, tb)
     valid = enough & (energy > 0)
     if not valid.any():
         return 0.0, 0.0
