@@ -131,7 +131,7 @@ def score(result: dict, planted: dict) -> dict:
                               if pair not in real and pair not in via]
 
     # the margins: planted near pairs against the other pairs, by embedding cosine and by aligned match
-    emb = result["embeddings"]
+    emb = result["embeddings"][:, :result["n_trunk"]]
     ok = np.flatnonzero(np.isfinite(emb).all(axis=1))
     unit = np.zeros_like(emb)
     unit[ok] = centred_unit(emb[ok])

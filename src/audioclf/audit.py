@@ -54,9 +54,9 @@ FULL_SCALE = 0.999  # |sample| at or above this is at digital full scale
 CLIP_RUN = 3  # consecutive samples at full scale: a flat top, which a peak-normalised clip does not have
 CLIPPED_SHARE = 0.001  # share of samples in flat tops above which a clip is clipped
 LABEL_FOLDS = 5  # folds of the linear probe when the dataset has none
-# the probe's inverse regularisation strength, by measurement on ESC-10 (benchmarks/audit.py): a few
-# hundred clips of 384 features want more regularisation than scikit-learn's default of 1
-PROBE_C = 0.1
+# the probe's inverse regularisation strength, by measurement on ESC-10 (benchmarks/audit.py): of 0.1, 0.3, 1 and
+# 3, 3 found the most flipped labels
+PROBE_C = 3.0
 CLEANLAB_INSTALL = 'pip install "audioclf[audit]"'
 
 
@@ -116,10 +116,30 @@ def scan_clips(clips: Sequence[Clip], quiet: bool = False) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- embeddings
 
+class EmbedAndTag(torch.nn.Module):
+    """An AudioSet MobileNet whose ``embed`` gives its pooled trunk (the first ``n_trunk`` columns: what
+    near-duplicates are found with) followed by its 527 AudioSet logits (which the linear probe also reads:
+    on ESC-10 the two together found more flipped labels than either, benchmarks/audit.py), in one pass."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net.net  # the MobileNet inside AudioMobileNet
+        self.n_trunk = self.net.n_features
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, frames) features -> (batch, n_trunk + 527)."""
+        trunk = self.net.features(x.unsqueeze(1))
+        return torch.cat([trunk.mean((2, 3)), self.net.classifier(trunk)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.unsqueeze(1))
+
+
 def pretrained_embedder(backbone: str = "mn04_as", weights_path: Optional[str] = None, *, duration_s: float = 5.0,
                         device: str = "auto", batch_size: int = 32):
     """A :class:`audioclf.predict.Classifier` whose ``embed_files`` gives ``backbone``'s AudioSet-pretrained
-    embeddings (:func:`audioclf.audioset.pretrained_model`), on windows of ``duration_s`` seconds.
+    embedding and AudioSet logits (:class:`EmbedAndTag`, :func:`audioclf.audioset.pretrained_model`), on
+    windows of ``duration_s`` seconds.
 
     Raises:
         AudioclfError: for a backbone without AudioSet weights, or weights that cannot be had (the message
@@ -130,7 +150,7 @@ def pretrained_embedder(backbone: str = "mn04_as", weights_path: Optional[str] =
 
     net, config, labels = pretrained_model(backbone, weights_path)
     config = replace(config, features=replace(config.features, duration_s=duration_s))
-    return Classifier(net, config, labels, device=device, batch_size=batch_size)
+    return Classifier(EmbedAndTag(net).eval(), config, labels, device=device, batch_size=batch_size)
 
 
 def embedding_window_s(durations: Sequence[float]) -> float:
@@ -358,17 +378,18 @@ def audit_dataset(data: DataConfig, *, backbone: str = "mn04_as", weights_path: 
     # silence embeds as one point, and a silent clip carries no evidence of its label
     audible = [i for i, f in enumerate(facts) if not f["error"] and f["peak_db"] >= SILENCE_DB]
     window_s = embedding_window_s([facts[i]["duration_s"] for i in audible])
-    embedded_by = f"{backbone}'s" if embedder is None else "the given model's"
+    embedded_by = f"{backbone}'s AudioSet" if embedder is None else "the given model's"
     if embedder is None and audible and not unavailable:
         embedder = pretrained_embedder(backbone, weights_path, duration_s=window_s, device=device,
                                        batch_size=batch_size)
     emb = _embeddings(embedder, clips, [] if unavailable else audible, quiet)
     usable = [i for i in audible if emb.shape[1] and np.isfinite(emb[i]).all()]
+    trunk = getattr(getattr(embedder, "model", None), "n_trunk", emb.shape[1])  # the embedding, without the tags
 
     exact = exact_pairs([None if f["error"] else f["hash"] for f in facts])
     candidates = []
     if len(usable) > 1:
-        found, same = near_pairs(centred_unit(emb[usable]), near_threshold), set(exact)
+        found, same = near_pairs(centred_unit(emb[usable, :trunk]), near_threshold), set(exact)
         candidates = confirm([(usable[a], usable[b], s) for a, b, s in found if (usable[a], usable[b]) not in same],
                              clips, quiet)
 
@@ -384,7 +405,7 @@ def audit_dataset(data: DataConfig, *, backbone: str = "mn04_as", weights_path: 
         source = f"linear probe on {embedded_by} embeddings"
     return {"clipset": clipset, "facts": facts, "paths": [relative_path(c.path, data) for c in clips],
             "exact": exact, "candidates": candidates, "near": [p for p in candidates if p[3] >= match_threshold],
-            "issues": [] if oof is None else _issues(labels, oof), "embeddings": emb, "probs": oof,
+            "issues": [] if oof is None else _issues(labels, oof), "embeddings": emb, "n_trunk": trunk, "probs": oof,
             "settings": {"backbone": backbone, "near_threshold": near_threshold, "match_threshold": match_threshold,
                          "embedding_window_s": window_s, "silence_db": SILENCE_DB, "clipped_share": CLIPPED_SHARE,
                          "probs": source, "embeddings": unavailable or f"{embedded_by} embeddings"}}
