@@ -38,17 +38,12 @@ from .clips import Clip, ClipSet
 from .config import DataConfig
 from .errors import AudioclfError
 from .data import assign_folds, load_clips
+from .options import AuditOptions, PredictOptions
 from .runtime import auto_workers
 
 log = logging.getLogger(__name__)
 
-# Near-duplicates, by measurement on ESC-10 with planted copies (docs/audit.md, benchmarks/audit.py): pairs whose
-# centred mn04_as embeddings have at least this cosine are candidates (planted copies: 0.67 and up; but distinct
-# clips of one kind of sound reach 0.98, so the cosine cannot decide) ...
-NEAR_THRESHOLD = 0.5
-# ... and a candidate is a near-duplicate when its aligned fingerprints (fingerprint.py) correlate at least this
-# much (planted copies: 0.95 and up; distinct recordings: 0.66 at most)
-MATCH_THRESHOLD = 0.8
+NEAR_THRESHOLD, MATCH_THRESHOLD = AuditOptions.near_threshold, AuditOptions.match_threshold  # measured there
 SILENCE_DB = -60.0  # dBFS: a clip whose peak stays below this is silent
 FULL_SCALE = 0.999  # |sample| at or above this is at digital full scale
 CLIP_RUN = 3  # consecutive samples at full scale: a flat top, which a peak-normalised clip does not have
@@ -336,10 +331,10 @@ def write_probabilities(path, paths: Sequence[str], classes: Sequence[str], prob
 
 # ---------------------------------------------------------------------------------------------- the audit
 
-def audit_dataset(data: DataConfig, *, backbone: str = "mn04_as", weights_path: Optional[str] = None,
+def audit_dataset(data: DataConfig, *, backbone: str = AuditOptions.backbone, weights_path: Optional[str] = None,
                   near_threshold: float = NEAR_THRESHOLD, match_threshold: float = MATCH_THRESHOLD, probs=None,
-                  embedder=None, device: str = "auto",
-                  batch_size: int = 32, seed: int = 0, quiet: bool = False) -> dict:
+                  embedder=None, device: str = PredictOptions.device, batch_size: int = PredictOptions.batch_size,
+                  seed: int = 0, quiet: bool = False) -> dict:
     """Audit the dataset ``data`` describes.
 
     Args:
@@ -367,9 +362,7 @@ def audit_dataset(data: DataConfig, *, backbone: str = "mn04_as", weights_path: 
         matched), ``issues`` (:func:`label_issues`, clip indices), ``embeddings`` (NaN rows for clips not
         embedded), ``probs`` (the out-of-fold probabilities, or None) and ``settings``.
     """
-    for name, value in (("near_threshold", near_threshold), ("match_threshold", match_threshold)):
-        if not 0 < value <= 1:
-            raise AudioclfError(f"{name}={value!r} is out of range: it must be in (0, 1]")
+    AuditOptions(backbone, near_threshold, match_threshold)  # refuses a value out of its range, naming it
     unavailable = None if embedder is not None else _weights_problem(backbone, weights_path)
     clipset: ClipSet = load_clips(data)
     clips = clipset.clips

@@ -32,6 +32,7 @@ from .audio import default_hop, fix_length, load_audio, window_starts
 from .errors import AudioclfError
 from .features import LogMel
 from .model import activation
+from .options import PredictOptions
 
 MIN_PROB = 1e-12  # log of a probability: a zero would give -inf
 
@@ -97,7 +98,8 @@ def occlusion_map(model: torch.nn.Module, features: torch.Tensor, target: int, *
     return (total / count.clamp_min(1)).cpu().numpy(), float(base.exp())
 
 
-def explain(model, path, *, label: Optional[str] = None, device: str = "auto", batch_size: int = 32) -> dict:
+def explain(model, path, *, label: Optional[str] = None, device: str = PredictOptions.device,
+            batch_size: int = PredictOptions.batch_size) -> dict:
     """Explain a model's answer for one audio file.
 
     Args:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import AudioclfError
+from ..options import PredictOptions
 
 
 def check_png_out(out: Path) -> None:
@@ -23,7 +24,8 @@ def check_png_out(out: Path) -> None:
         raise AudioclfError(f"--out {out}: the folder {out.parent} is not writable")
 
 
-def run_explain(model, path, *, out, label: Optional[str] = None, device: str = "auto", batch_size: int = 32) -> dict:
+def run_explain(model, path, *, out, label: Optional[str] = None, device: str = PredictOptions.device,
+                batch_size: int = PredictOptions.batch_size) -> dict:
     """``audioclf explain``: the PNG in ``out``; returns :func:`audioclf.explain.explain`'s dict with ``out``."""
     from ..explain import explain, plot_explanation
 
