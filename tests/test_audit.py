@@ -168,7 +168,7 @@ def test_the_out_folder_is_checked_before_any_work(tmp_path, capsys):
 
 
 def test_without_the_backbones_weights_the_audit_says_what_it_did_not_check(planted, tmp_path):
-    with pytest.raises(AudioclfError, match="backbone=.resnet18. has no AudioSet head"):
+    with pytest.raises(AudioclfError, match="backbone='resnet18'; choose one of 'mn04_as'"):
         audit_dataset(planted["data"], backbone="resnet18")
     # offline, nothing cached: the rest of the audit, and the reason the rest is missing
     r = run_audit(planted["data"], out=tmp_path / "r", quiet=True)

@@ -310,9 +310,10 @@ def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: 
         shown = Path(file.filename or "upload").name
         _, window, hop = check_window(None, None)
         with tempfile.TemporaryDirectory(prefix="audioclf-upload-") as tmp:
-            path = await run_in_threadpool(open_upload, file, shown, Path(tmp), window, hop)
+            path, decoded = await run_in_threadpool(open_upload, file, shown, Path(tmp), window, hop)
             try:
-                png = await run_in_threadpool(draw_explanation, path, shown, label)
+                async with budget.hold(decoded, shown):  # explain decodes the whole file
+                    png = await run_in_threadpool(draw_explanation, path, shown, label)
             except AudioclfError as e:
                 raise HTTPException(422, str(e).replace(str(path), shown)) from None
         return Response(png, media_type="image/png")
