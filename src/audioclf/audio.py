@@ -246,8 +246,8 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return soxr.resample(wave, orig_sr, target_sr, quality="HQ").astype(np.float32, copy=False)
 
 
-def load_audio(path, sample_rate: int) -> np.ndarray:
-    """Decode ``path`` to mono float32 at ``sample_rate`` Hz.
+def decode(path) -> tuple[np.ndarray, int]:
+    """Decode ``path`` as stored: ``(time, channels)`` float32 samples and the file's sample rate (Hz).
 
     Raises:
         AudioclfError: naming the file, when it is missing, empty, undecodable, has no samples,
@@ -263,6 +263,12 @@ def load_audio(path, sample_rate: int) -> np.ndarray:
         raise AudioclfError(f"{path}: the file holds zero samples of audio")
     if not np.isfinite(wave).all():
         raise AudioclfError(f"{path}: the audio holds NaN or infinite samples")
+    return wave, orig_sr
+
+
+def load_audio(path, sample_rate: int) -> np.ndarray:
+    """Decode ``path`` to mono float32 at ``sample_rate`` Hz (the errors of :func:`decode`)."""
+    wave, orig_sr = decode(path)
     return resample(to_mono(wave), orig_sr, sample_rate)
 
 
