@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 from .backbones import BACKBONES
-from .config import AudioclfError, resolve
+from .config import resolve
+from .errors import AudioclfError
 
 LABELS_FILE = "labels/audioset_class_labels_indices.csv"
 N_CLASSES = 527

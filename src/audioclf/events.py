@@ -31,7 +31,8 @@ from typing import Iterator, Literal, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from .config import AudioclfError, _check_settings, setting
+from .config import _check_settings, setting
+from .errors import AudioclfError
 from .fileio import write_text_atomic
 
 log = logging.getLogger(__name__)

@@ -10,6 +10,8 @@ The ``predict`` and ``embed`` commands around this live in :mod:`audioclf.comman
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,8 +26,9 @@ from .audio import (audio_duration_s, default_hop, fix_length, load_audio, resam
 from .checkpoint import load_model
 from .config import FeatureConfig, RunConfig
 from .errors import AudioclfError
-from .model import WaveformClassifier
-from .runtime import auto_workers, cpu_threads_beside, resolve_device
+from .model import WaveformClassifier, activation
+from .options import PredictOptions
+from .runtime import auto_workers, cpu_threads_beside, dying_with_parent, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +215,8 @@ class Classifier:
     in [-1, 1]; an array's ``sample_rate`` (Hz) defaults to the training sample rate.
     """
 
-    def __init__(self, model: torch.nn.Module, config: RunConfig, labels: Sequence[str], *, device="auto",
-                 batch_size: int = 32):
+    def __init__(self, model: torch.nn.Module, config: RunConfig, labels: Sequence[str], *,
+                 device: str = PredictOptions.device, batch_size: int = PredictOptions.batch_size):
         if batch_size < 1:
             raise AudioclfError(f"batch_size={batch_size} must be >= 1")
         self.labels = list(labels)
@@ -242,7 +245,7 @@ class Classifier:
         return self.labels[best] if best.ndim == 0 else [self.labels[i] for i in best]
 
     def classify(self, audio, sample_rate: Optional[int] = None, *, window_s: Optional[float] = None,
-                 hop_s: Optional[float] = None, timeline: bool = False, top_k: int = 3) -> dict:
+                 hop_s: Optional[float] = None, timeline: bool = False, top_k: int = PredictOptions.top_k) -> dict:
         """Classify one input (file path or waveform).
 
         Args:
@@ -264,7 +267,7 @@ class Classifier:
         return result
 
     def classify_steps(self, audio, sample_rate: Optional[int] = None, *, window_s: Optional[float] = None,
-                       hop_s: Optional[float] = None, timeline: bool = False, top_k: int = 3,
+                       hop_s: Optional[float] = None, timeline: bool = False, top_k: int = PredictOptions.top_k,
                        batch_size: Optional[int] = None, max_duration_s: Optional[float] = None,
                        max_windows: Optional[int] = None) -> Iterator[Optional[dict]]:
         """:meth:`classify`, one forward pass at a time: yields ``None`` after each batch of windows, then
@@ -306,7 +309,7 @@ class Classifier:
         yield source
 
     def classify_files(self, paths: Sequence, *, window_s: Optional[float] = None, hop_s: Optional[float] = None,
-                       timeline: bool = False, top_k: int = 3, num_workers: Optional[int] = None,
+                       timeline: bool = False, top_k: int = PredictOptions.top_k, num_workers: Optional[int] = None,
                        quiet: bool = False) -> Iterator[dict]:
         """:meth:`classify` for many files, decoded by background DataLoader workers while the model runs.
 
@@ -345,11 +348,14 @@ class Classifier:
 
     # -- the one inference path
 
-    def _embed(self, wave: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(self._net.logmel(wave))
+    def _embed(self, logmel: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(logmel)
+
+    def _probs(self, logmel: torch.Tensor) -> torch.Tensor:
+        return activation(self._net.task)(self.model(logmel))
 
     def _window_means(self, audio, sample_rate: Optional[int], head=None, width: int = 0) -> np.ndarray:
-        """``head`` (a batch of windows to one row each; default: class probabilities) on every window of
+        """``head`` (a batch of log-mels to one row each; default: class probabilities) on every window of
         every input, averaged over each input's windows: ``(d,)`` for one input, ``(n, d)`` for a list of
         them, ``(0, width)`` for an empty list. Raises the error of the first input that cannot be read."""
         one = not isinstance(audio, (list, tuple))
@@ -372,7 +378,8 @@ class Classifier:
         workers = (auto_workers() if len(paths) > 2 else 0) if num_workers is None else num_workers
         return torch.utils.data.DataLoader(
             _PrepareFiles(paths, self.config.features, window, hop), batch_size=None, num_workers=workers,
-            prefetch_factor=self.batch_size if workers else None)  # a batch of short clips stays queued
+            prefetch_factor=self.batch_size if workers else None,  # a batch of short clips stays queued
+            worker_init_fn=dying_with_parent())
 
     def _run_loaded(self, loader: torch.utils.data.DataLoader, head=None) -> Iterator[_Source]:
         """:meth:`_run` over a file loader, with the model's CPU threads leaving the decoding workers their
@@ -386,7 +393,7 @@ class Classifier:
         whatever source they come from; yield each source, in input order, once all its windows are done,
         and with ``steps`` also ``None`` after each forward pass.
 
-        ``head`` maps a batch of windows to one row each (default: class probabilities); its rows are
+        ``head`` maps a batch of log-mels to one row each (default: class probabilities); its rows are
         collected in each source's ``rows``."""
         batch_size = batch_size or self.batch_size
         pending: deque[_Source] = deque()
@@ -423,8 +430,15 @@ class Classifier:
             return
         x = torch.from_numpy(np.stack([w for _, _, w in batch])).to(self.device)  # (batch, window samples)
         with torch.inference_mode():
-            rows = (head or self._net)(x).float().cpu().numpy()  # (batch, n_classes or embedding size)
-        for (source, start, _), row in zip(batch, rows):
+            logmel = self._net.logmel(x)  # (batch, n_mels, frames)
+            finite = torch.isfinite(logmel).flatten(1).all(1).cpu().numpy()
+            rows = (head or self._probs)(logmel).float().cpu().numpy()  # (batch, n_classes or embedding size)
+        for (source, start, _), row, ok in zip(batch, rows, finite):
+            if not (ok and np.isfinite(row).all()) and source.error is None:
+                # samples far outside [-1, 1] (a float file of 1e30) overflow the features: no answer, not NaN
+                at = start / self.config.features.sample_rate
+                source.error = AudioclfError(f"{source.name}: its features are not finite (window at {at:.2f} s): "
+                                             f"samples far outside [-1, 1] overflow them; check the file")
             source.starts.append(start)
             source.rows.append(row)
         batch.clear()
@@ -435,10 +449,12 @@ class Classifier:
         """Window and hop in samples; defaults: the training duration and half of it."""
         f = self.config.features
         window_s = f.duration_s if window_s is None else window_s
-        if not 0 < window_s <= 3600:
-            raise AudioclfError(f"window_s={window_s!r} is out of range: it must be in (0, 3600] seconds")
-        if hop_s is not None and not 0 < hop_s:
-            raise AudioclfError(f"hop_s={hop_s!r} is out of range: it must be > 0 seconds")
+        for name, value in (("window_s", window_s), ("hop_s", 1.0 if hop_s is None else hop_s)):
+            # NaN fails every comparison and inf overflows the sample count: name them before the range
+            if not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise AudioclfError(f"{name}={value!r} must be a finite number of seconds in (0, 3600]")
+            if not 0 < value <= 3600:
+                raise AudioclfError(f"{name}={value!r} is out of range: it must be in (0, 3600] seconds")
         window = f.window_samples(window_s)
         # the default hop is the one the training cache used: the same windows in both
         return window, default_hop(window) if hop_s is None else max(1, int(round(hop_s * f.sample_rate)))
@@ -462,7 +478,8 @@ class Classifier:
         return out
 
 
-def load(model, device: str = "auto", *, batch_size: int = 32, weights_path: Optional[str] = None) -> Classifier:
+def load(model, device: str = PredictOptions.device, *, batch_size: int = PredictOptions.batch_size,
+         weights_path: Optional[str] = None) -> Classifier:
     """A :class:`Classifier` from a run directory, ``.pt`` checkpoint or exported safetensors folder, or an
     AudioSet backbone's name (``mn04_as``): its pretrained 527-class tagger (:mod:`audioclf.audioset`), with
     its official weights from ``weights_path`` or the torch hub cache."""

@@ -27,13 +27,14 @@ import math
 import shutil
 import tempfile
 import threading
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Optional
 
 from ._version import __version__
-from .audio import AUDIO_EXTENSIONS, audio_duration_s, default_hop
-from .config import _check_range
+from .audio import AUDIO_EXTENSIONS, audio_duration_s, decoding_bytes, default_hop
 from .errors import AudioclfError
+from .options import PredictOptions, ServeLimits, check_origin  # noqa: F401 (check_origin: serve's API)
 
 try:
     import uvicorn
@@ -67,10 +68,16 @@ STEP_WINDOWS = 2
 CLIENT_CLOSED = 499
 # Seconds a client may stay silent: before its request's headers are complete, between parts of its
 # body, and idle between requests
-TIMEOUT_S = 10.0
-# Open connections (requests included) before new requests get 503: each request may hold an upload,
-# twice over on disk (the upload spool and its decodable copy)
-MAX_CONNECTIONS = 64
+TIMEOUT_S = ServeLimits.timeout_s
+# Open connections (requests included) before new requests get 503
+MAX_CONNECTIONS = ServeLimits.max_connections
+MAX_CLIENT_CONNECTIONS = ServeLimits.max_client_connections
+# Decoded audio the whole server may hold in flight, in MiB of float32 samples (a request holds one
+# decoding block of its file, at the file's own rate and channels: 30 s of 384 kHz is 44 MiB): past it a
+# request waits for others to finish (up to --timeout-s, then 503); a request alone is always served
+MAX_DECODING_MB = ServeLimits.max_decoding_mb
+# seconds a client may ask for as hop_s at most (past the end of any audio the server accepts)
+MAX_HOP_S = 3600.0
 # What the page may load: itself, its inline style and script, and the blob: URL of the chosen file.
 PAGE_CSP = ("default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
             "media-src blob:; img-src data:; object-src 'none'; base-uri 'none'")
@@ -172,10 +179,34 @@ class HeaderDeadlineProtocol(H11Protocol):
     """
 
     deadline: Optional[asyncio.TimerHandle] = None
+    waiting_since: float = 0.0  # loop time since the connection waits for a request's headers
+    max_per_client: int = MAX_CLIENT_CONNECTIONS
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._arm()
+        if self.client is not None:
+            same = sum(getattr(c, "client", None) is not None and c.client[0] == self.client[0]
+                       for c in self.connections)
+            if same > self.max_per_client:
+                log.warning("%s: more than %d connections from this address; closing the newest", self.client[0],
+                            self.max_per_client)
+                self.transport.close()
+                return
+        if self.limit_concurrency is not None and len(self.connections) >= self.limit_concurrency:
+            self._evict_oldest_waiting()
+
+    def _evict_oldest_waiting(self) -> None:
+        """Make room for this connection by closing the one that has waited longest for its request's
+        headers: a complete request then gets the model, never a 503 behind half-open connections."""
+        waiting = [c for c in self.connections
+                   if c is not self and isinstance(c, HeaderDeadlineProtocol) and c.waiting()]
+        if waiting:
+            min(waiting, key=lambda c: c.waiting_since).transport.close()
+
+    def waiting(self) -> bool:
+        """Whether the connection holds no request: before its first one's headers, or idle after an answer."""
+        return self.cycle is self._waiting_after and not self.transport.is_closing()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -190,11 +221,42 @@ class HeaderDeadlineProtocol(H11Protocol):
         if self.deadline is not None:
             self.deadline.cancel()
         waiting_after = self.cycle  # a new cycle starts when the next request's headers are complete
+        self._waiting_after, self.waiting_since = waiting_after, self.loop.time()
         self.deadline = self.loop.call_later(self.timeout_keep_alive, self._expire, waiting_after)
 
     def _expire(self, waiting_after) -> None:
         if self.cycle is waiting_after and not self.transport.is_closing():
             self.transport.close()
+
+
+class DecodingBudget:
+    """Decoded audio in flight across all requests, in bytes: a request takes its share before decoding
+    and gives it back when answered; one that does not fit waits until others finish, for ``timeout_s`` at
+    most (then 503). A request alone is always let through, however large: the per-request limits bound it.
+    """
+
+    def __init__(self, limit_bytes: int, timeout_s: float):
+        self.limit, self.timeout_s, self.used = limit_bytes, timeout_s, 0
+        self._changed: Optional[asyncio.Condition] = None  # made in the server's event loop
+
+    @asynccontextmanager
+    async def hold(self, n_bytes: int, shown: str):
+        self._changed = self._changed or asyncio.Condition()
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.used == 0 or self.used + n_bytes <= self.limit),
+                                       self.timeout_s)
+            except asyncio.TimeoutError:
+                raise HTTPException(503, f"{shown}: the server is decoding {self.used / MIB:.0f} MiB of audio for other "
+                                         f"requests (audioclf serve --max-decoding-mb); retry later",
+                                    headers={"Retry-After": "1"}) from None
+            self.used += n_bytes
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= n_bytes
+                self._changed.notify_all()
 
 
 def _upload_suffix(filename: Optional[str]) -> str:
@@ -222,16 +284,10 @@ def _add_offline_docs(app: "FastAPI") -> None:
         return get_swagger_ui_html(openapi_url=app.openapi_url, title="audioclf API", **assets)
 
 
-def _check_number(name: str, value, low, high, *, low_open: bool = False) -> None:
-    """``_check_range``, and NaN or infinity refused (they pass every comparison)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise AudioclfError(f"{name}={value!r} must be a finite number, {'>' if low_open else '>='} {low:g} "
-                            f"and <= {high:g}")
-    _check_range(name, value, low, high, low_open=low_open)
-
-
-def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_audio_s: float = 600.0,
-               max_windows: int = 2000, timeout_s: float = TIMEOUT_S, cors_origin: Optional[str] = None) -> FastAPI:
+def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: str = PredictOptions.device, *,
+               max_audio_s: float = ServeLimits.max_audio_s, max_windows: int = ServeLimits.max_windows,
+               timeout_s: float = TIMEOUT_S, cors_origin: Optional[str] = ServeLimits.cors_origin,
+               max_decoding_mb: float = MAX_DECODING_MB) -> FastAPI:
     """The serving app for ``model``: a :class:`~audioclf.predict.Classifier`, or anything
     :func:`audioclf.load` reads (run directory, ``.pt``, safetensors export), loaded here, once.
 
@@ -244,13 +300,14 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
         timeout_s (float): seconds a request body may stall before it gets 408. (Default: ``TIMEOUT_S``, 10)
         cors_origin (str, optional): the one origin whose pages may call the API from a browser.
             (Default: none, same-origin only)
+        max_decoding_mb (float): decoded audio in flight across all requests, in MiB; past it requests
+            wait (503 after ``timeout_s``). (Default: ``MAX_DECODING_MB``, 256)
     """
     from .predict import Classifier, LimitError, count_windows, load
 
-    _check_number("max_upload_mb", max_upload_mb, 0.0, 1e6, low_open=True)
-    _check_number("max_audio_s", max_audio_s, 0.0, 1e6, low_open=True)
-    _check_number("max_windows", max_windows, 1, 10**6)
-    _check_number("timeout_s", timeout_s, 0.0, 3600.0, low_open=True)
+    ServeLimits(max_upload_mb=max_upload_mb, max_audio_s=max_audio_s, max_windows=max_windows, timeout_s=timeout_s,
+                cors_origin=cors_origin, max_decoding_mb=max_decoding_mb)  # refuses a value out of its range
+    budget = DecodingBudget(int(max_decoding_mb * MIB), timeout_s)
     clf = model if isinstance(model, Classifier) else load(model, device)
     labels, features = list(clf.labels), clf.config.features
     sr, max_window_s = features.sample_rate, max(MAX_WINDOW_S, features.duration_s)
@@ -265,6 +322,11 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
         """The client's window and hop checked against the server's ranges: (window_s, window, hop), in
         seconds and samples; a hop left out is the Classifier's default."""
         window_s = features.duration_s if window_s is None else window_s
+        for name, value in (("window_s", window_s), ("hop_s", hop_s)):
+            if value is not None and not math.isfinite(value):
+                raise HTTPException(422, f"{name}={value} must be a finite number of seconds")
+        if hop_s is not None and hop_s > MAX_HOP_S:
+            raise HTTPException(422, f"hop_s={hop_s:g} is out of range: this server allows at most {MAX_HOP_S:g} s")
         if not MIN_WINDOW_S <= window_s <= max_window_s:
             raise HTTPException(422, f"window_s={window_s:g} is out of range: this server allows "
                                      f"{MIN_WINDOW_S:g} to {max_window_s:g} s")
@@ -274,9 +336,10 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
         window = round(window_s * sr)
         return window_s, window, default_hop(window) if hop_s is None else max(1, round(hop_s * sr))
 
-    def open_upload(upload: UploadFile, shown: str, tmp: Path, window: int, hop: int) -> Path:
+    def open_upload(upload: UploadFile, shown: str, tmp: Path, window: int, hop: int) -> tuple[Path, int]:
         """In a worker thread: copy the upload to ``tmp``, check from its header that it opens and fits the
-        limits, before the model's turn. ``shown`` names it in messages."""
+        limits, before the model's turn; returns it and the bytes its decoding holds. ``shown`` names it in
+        messages."""
         path = tmp / f"upload{_upload_suffix(upload.filename)}"
         with open(path, "wb") as f:
             shutil.copyfileobj(upload.file, f)
@@ -294,7 +357,7 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
             raise HTTPException(422, f"{shown}: window_s={window / sr:g} and hop_s={hop / sr:g} give {n} windows over "
                                      f"{duration_s:.1f} s; the limit is {max_windows} (audioclf serve "
                                      f"--max-windows): use a longer hop_s")
-        return path
+        return path, decoding_bytes(path)
 
     def step(steps) -> Optional[dict]:
         """In a worker thread: one model step of a request, holding the model for that step only."""
@@ -319,9 +382,11 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
                       file: Optional[UploadFile] = File(None, description="audio file: WAV, FLAC, OGG, MP3, ..."),
                       timeline: bool = Query(False, description="add per-window predictions (sliding window)"),
                       top_k: int = Query(3, ge=1, description="classes to return, most probable first"),
-                      window_s: Optional[float] = Query(None, gt=0, description="sliding-window length in s "
+                      window_s: Optional[float] = Query(None, gt=0, allow_inf_nan=False,
+                                                        description="sliding-window length in s "
                                                         "for long files (default: the training duration)"),
-                      hop_s: Optional[float] = Query(None, gt=0, description="seconds between window starts "
+                      hop_s: Optional[float] = Query(None, gt=0, allow_inf_nan=False,
+                                                     description="seconds between window starts "
                                                      "(default: half the window)")):
         """Classify one uploaded audio file."""
         if file is None:
@@ -329,15 +394,16 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
         window_s, window, hop = check_window(window_s, hop_s)
         shown = Path(file.filename or "upload").name  # for messages only, never a path
         with tempfile.TemporaryDirectory(prefix="audioclf-upload-") as tmp:
-            path = await run_in_threadpool(open_upload, file, shown, Path(tmp), window, hop)
+            path, decoded = await run_in_threadpool(open_upload, file, shown, Path(tmp), window, hop)
             steps = clf.classify_steps(path, timeline=timeline, top_k=min(top_k, len(labels)), window_s=window_s,
                                        hop_s=hop_s, batch_size=max(1, step_samples // window),
                                        max_duration_s=max_audio_s, max_windows=max_windows)
             try:
-                while (result := await run_in_threadpool(step, steps)) is None:
-                    if await request.is_disconnected():
-                        log.info("%s: the client disconnected; classification cancelled", shown)
-                        return Response(status_code=CLIENT_CLOSED)
+                async with budget.hold(decoded, shown):
+                    while (result := await run_in_threadpool(step, steps)) is None:
+                        if await request.is_disconnected():
+                            log.info("%s: the client disconnected; classification cancelled", shown)
+                            return Response(status_code=CLIENT_CLOSED)
                 return result
             except LimitError as e:
                 raise HTTPException(413, str(e).replace(str(path), shown)) from None
@@ -371,13 +437,14 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
         hop = round((window_s / 2 if frames else detect_config.hop_s) * sr)
         shown = Path(file.filename or "upload").name
         with tempfile.TemporaryDirectory(prefix="audioclf-upload-") as tmp:
-            path = await run_in_threadpool(open_upload, file, shown, Path(tmp), window, hop)
+            path, decoded = await run_in_threadpool(open_upload, file, shown, Path(tmp), window, hop)
             steps = track_steps(clf, path, detect_config, batch_size=max(1, step_samples // window),
                                 max_duration_s=max_audio_s, max_windows=max_windows)
             try:
-                while (result := await run_in_threadpool(step, steps)) is None:
-                    if await request.is_disconnected():
-                        return Response(status_code=CLIENT_CLOSED)
+                async with budget.hold(decoded, shown):
+                    while (result := await run_in_threadpool(step, steps)) is None:
+                        if await request.is_disconnected():
+                            return Response(status_code=CLIENT_CLOSED)
             except LimitError as e:
                 raise HTTPException(413, str(e).replace(str(path), shown)) from None
             except AudioclfError as e:
@@ -414,22 +481,26 @@ def _detect_config(model):
     return DetectConfig.from_dict(saved or {})
 
 
-def serve(model_path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          max_connections: int = MAX_CONNECTIONS, **limits) -> None:
+def serve(model_path, host: str = ServeLimits.host, port: int = ServeLimits.port, device: str = PredictOptions.device,
+          max_connections: int = MAX_CONNECTIONS, max_client_connections: int = MAX_CLIENT_CONNECTIONS,
+          **limits) -> None:
     """Load the model and serve it with uvicorn on ``host:port`` until interrupted; ``limits`` are
     :func:`create_app`'s keyword arguments. ``timeout_s`` also bounds how long a connection may wait
     for a request's headers and stay idle between requests; past ``max_connections`` open connections,
-    requests get 503."""
-    _check_number("port", port, 0, 65535)
-    _check_number("max_connections", max_connections, 1, 10**5)
+    a new one displaces the one idle longest (requests get 503 only when none is idle); one client address
+    may hold ``max_client_connections``."""
+    ServeLimits(host=host, port=port, max_connections=max_connections, max_client_connections=max_client_connections,
+                **limits)
     app = create_app(model_path, device=device, **limits)
     log.info("serving %s on http://%s:%d (web page at /, API docs at /docs)", model_path, host, port)
     uvicorn.run(app, host=host, port=port, log_level="info",
-                **uvicorn_options(limits.get("timeout_s", TIMEOUT_S), max_connections))
+                **uvicorn_options(limits.get("timeout_s", TIMEOUT_S), max_connections, max_client_connections))
 
 
-def uvicorn_options(timeout_s: float, max_connections: int = MAX_CONNECTIONS) -> dict:
+def uvicorn_options(timeout_s: float, max_connections: int = MAX_CONNECTIONS,
+                    max_client_connections: int = MAX_CLIENT_CONNECTIONS) -> dict:
     """uvicorn settings that bound what clients can hold: ``max_connections`` open connections (requests
     beyond get 503), each silent for at most ``timeout_s`` before its request's headers are complete, and
-    as long idle between requests."""
-    return {"http": HeaderDeadlineProtocol, "timeout_keep_alive": timeout_s, "limit_concurrency": max_connections}
+    as long idle between requests; ``max_client_connections`` from one address."""
+    protocol = type("HeaderDeadlineProtocol", (HeaderDeadlineProtocol,), {"max_per_client": max_client_connections})
+    return {"http": protocol, "timeout_keep_alive": timeout_s, "limit_concurrency": max_connections}
