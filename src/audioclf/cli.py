@@ -140,7 +140,8 @@ def cmd_demo(args) -> int:
 
     r = run_demo(args.out, quiet=is_quiet(args))
     print(r["eval"]["report"])
-    print(f"\nrun directory: {r['run_dir']} (config.yaml, metrics.csv, curves.png, best.pt)\n"
+    print(f"\nmodel:         {r['model']}" + (f"\n               {r['fallback']}" if r["fallback"] else ""))
+    print(f"run directory: {r['run_dir']} (config.yaml, metrics.csv, curves.png, best.pt)\n"
           f"evaluation:    {r['eval_dir']} (metrics.json, predictions.csv, confusion_matrix.png)\n"
           f"next: audioclf predict {r['run_dir']} {r['test_dir'] / 'tone'} | audioclf serve {r['run_dir']}")
     return 0
@@ -330,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--val-fold", "--test-fold"):
         p.add_argument(flag, nargs="?", action=_RefuseFold, help=argparse.SUPPRESS)
 
-    p = command("demo", "make a synthetic dataset, train on it, evaluate", cmd_demo)
+    p = command("demo", "make a synthetic dataset, fine-tune the default backbone on it, evaluate", cmd_demo)
     p.add_argument("--out", default="runs/demo", help="where the data and the run go (default: runs/demo)")
 
     p = command("evaluate", "metrics, per-clip predictions and a confusion matrix", cmd_evaluate)
