@@ -16,60 +16,15 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from .config import AudioclfError, DataConfig
-from .data import load_clips
+from .data import LABEL_SEPARATOR, load_clips
 from .fileio import atomic_path
+from .metrics import DEFAULT_THRESHOLD, classification_metrics, macro_f1
 from .predict import load
 
 log = logging.getLogger(__name__)
 
 # what evaluate writes into its output folder (MODEL_DIR/eval by default)
 EVAL_FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "report.txt")
-
-
-def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
-    """Macro-averaged F1 over the classes that occur among the true labels or the predictions.
-
-    audioclf's one macro-F1: training's validation and test figures and ``audioclf evaluate`` all use it.
-    A class that is neither in the data nor predicted is left out (it would count 0 and say nothing about
-    the model); a class predicted but absent from the data scores 0. scikit-learn's convention, with
-    ``zero_division=0``.
-    """
-    from sklearn.metrics import f1_score
-
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    present = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
-    return float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
-
-
-def classification_metrics(y_true: Sequence[int], probs: np.ndarray, labels: Sequence[str]) -> dict:
-    """Accuracy, macro-F1, top-3 accuracy, per-class precision/recall/F1/support and the confusion matrix.
-
-    Args:
-        y_true (sequence of int): true class index of each clip, into ``labels``.
-        probs (np.ndarray): ``(clips, len(labels))`` predicted probabilities.
-        labels (sequence of str): the model's class names.
-
-    Per-class figures, the confusion matrix and macro-F1 (:func:`macro_f1`) cover the classes that occur
-    in ``y_true`` or among the predictions (scikit-learn's convention), listed under ``labels`` in matrix order.
-    """
-    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
-
-    y_true, probs = np.asarray(y_true), np.asarray(probs)
-    y_pred = probs.argmax(axis=1)
-    present = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
-    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=present, zero_division=0)
-    # sklearn's top_k_accuracy_score refuses 2-D scores for two classes and warns when k >= classes
-    top3 = (np.argsort(-probs, axis=1)[:, :3] == y_true[:, None]).any(axis=1).mean()
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": macro_f1(y_true, y_pred),
-        "top3_accuracy": float(top3),
-        "n_clips": int(len(y_true)),
-        "per_class": {labels[c]: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                      for c, p, r, f, s in zip(present, precision, recall, f1, support)},
-        "labels": [labels[c] for c in present],
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=present).tolist(),
-    }
 
 
 def write_predictions(path, rows: Iterable[tuple[str, str, str, float]]) -> None:
@@ -84,6 +39,31 @@ def write_predictions(path, rows: Iterable[tuple[str, str, str, float]]) -> None
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["path", "true", "predicted", "confidence", "correct"])
         w.writerows([clip, true, pred, f"{conf:.4f}", int(pred == true)] for clip, true, pred, conf in rows)
+
+
+def write_tag_predictions(path, paths: Sequence[str], y_true: Optional[np.ndarray], probs: np.ndarray,
+                          labels: Sequence[str], thresholds: Optional[Sequence[float]] = None) -> None:
+    """Write multilabel predictions as CSV, atomically: ``path,true,predicted`` (class names joined by ``;``:
+    the clip's classes, and those whose probability reaches their threshold), then one probability column
+    per class, named by the class.
+
+    Args:
+        path: the CSV file.
+        paths (sequence of str): the clips.
+        y_true (np.ndarray, optional): ``(clips, classes)`` 0/1 targets; ``None`` leaves ``true`` empty.
+        probs (np.ndarray): ``(clips, classes)`` probabilities.
+        labels (sequence of str): the class names, in column order.
+        thresholds (sequence of float, optional): per class. (Default: ``metrics.DEFAULT_THRESHOLD``)
+    """
+    probs = np.asarray(probs)
+    on = probs >= (DEFAULT_THRESHOLD if thresholds is None else np.asarray(thresholds))
+    names = np.asarray(labels, dtype=object)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["path", "true", "predicted", *labels])
+        for k, clip in enumerate(paths):
+            true = "" if y_true is None else LABEL_SEPARATOR.join(names[np.asarray(y_true[k]) > 0])
+            w.writerow([clip, true, LABEL_SEPARATOR.join(names[on[k]]), *(f"{p:.4f}" for p in probs[k])])
 
 
 def plot_confusion_matrix(cm, labels: Sequence[str], path) -> None:

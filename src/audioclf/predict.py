@@ -2,7 +2,8 @@
 ``audioclf evaluate`` and the HTTP server.
 
 A clip up to the training duration is padded exactly as in training (``audio.fix_length``); a longer one
-is cut into sliding windows and gets the mean of the window probabilities. Long files are streamed block
+is cut into sliding windows and gets the mean of the window probabilities (a multilabel model: their
+maximum, as a tag is present when any window holds it). Long files are streamed block
 by block, so memory stays bounded whatever their length. Windows of many inputs share model batches.
 The ``predict`` and ``embed`` commands around this live in :mod:`audioclf.commands`.
 """
@@ -23,6 +24,7 @@ from .audio import (audio_duration_s, default_hop, fix_length, load_audio, resam
                     window_starts)
 from .checkpoint import load_model
 from .config import AudioclfError, FeatureConfig, RunConfig
+from .metrics import DEFAULT_THRESHOLD
 from .model import WaveformClassifier
 from .runtime import auto_workers, cpu_threads_beside, resolve_device
 
@@ -206,17 +208,24 @@ class Classifier:
         labels (list of str): class names, the order of probability columns.
         device (str, optional): ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. (Default: ``"auto"``)
         batch_size (int, optional): windows per forward pass. (Default: ``32``)
+        thresholds (sequence of float, optional): a multilabel model's per-class decision thresholds, labels
+            order. (Default: the checkpoint's, via :func:`load`; else ``metrics.DEFAULT_THRESHOLD``)
 
     Inputs are file paths, or numpy arrays / torch tensors of shape ``(time,)`` or ``(channels, time)``
     in [-1, 1]; an array's ``sample_rate`` (Hz) defaults to the training sample rate.
     """
 
     def __init__(self, model: torch.nn.Module, config: RunConfig, labels: Sequence[str], *, device="auto",
-                 batch_size: int = 32):
+                 batch_size: int = 32, thresholds: Optional[Sequence[float]] = None):
         if batch_size < 1:
             raise AudioclfError(f"batch_size={batch_size} must be >= 1")
         self.labels = list(labels)
         self.config = config
+        self.multilabel = config.train.task == "multilabel"
+        if self.multilabel and thresholds is None:
+            log.warning("the model holds no decision thresholds (its training did not finish): each tag is "
+                        "called at probability %g", DEFAULT_THRESHOLD)
+        self.thresholds = np.asarray(thresholds if thresholds is not None else [DEFAULT_THRESHOLD] * len(self.labels))
         self.device = resolve_device(str(device))
         self.batch_size = batch_size
         # channels_last: oneDNN and cuDNN convolve it fastest (1.3x on a 2-core CPU, same fp32 arithmetic)
@@ -232,7 +241,7 @@ class Classifier:
 
     def predict_proba(self, audio, sample_rate: Optional[int] = None) -> np.ndarray:
         """Class probabilities, columns in ``labels`` order: ``(n_classes,)`` for one input, ``(n, n_classes)``
-        for a list of inputs."""
+        for a list of inputs. A multilabel model's columns are independent: each class's own probability."""
         return self._window_means(audio, sample_rate, width=len(self.labels))
 
     def predict(self, audio, sample_rate: Optional[int] = None):
@@ -253,7 +262,9 @@ class Classifier:
         Returns:
             dict: ``label``, ``confidence``, ``probs`` (list, ``labels`` order), ``top_k`` (list of
             ``{"label", "prob"}``), ``duration_s``, and with ``timeline`` ``windows`` (list of
-            ``{"start_s", "end_s", "label", "confidence"}``).
+            ``{"start_s", "end_s", "label", "confidence"}``). A multilabel model adds ``tags``: every class
+            whose probability reaches its threshold, as ``{"label", "prob"}``, most probable first (maybe
+            none); with ``timeline`` each window has its ``tags`` too.
 
         Raises:
             AudioclfError: naming the file, when it cannot be read.
@@ -345,7 +356,7 @@ class Classifier:
         for s in self._run(sources, head):
             if s.error is not None:
                 raise s.error
-            rows.append(s.mean())
+            rows.append(s.mean() if head is not None else self._pooled(s))
         if one:
             return rows[0]
         return np.stack(rows) if rows else np.zeros((0, width), np.float32)
@@ -433,22 +444,36 @@ class Classifier:
         if not isinstance(top_k, int) or top_k < 1:
             raise AudioclfError(f"top_k={top_k!r} must be an integer >= 1")
 
+    def _pooled(self, source: _Source) -> np.ndarray:
+        """A source's class probabilities over its windows: their mean, or for tags their maximum."""
+        return np.max(source.rows, axis=0) if self.multilabel else source.mean()
+
+    def tags(self, probs: np.ndarray) -> list[dict]:
+        """The classes whose probability in ``probs`` (``labels`` order) reaches their threshold, as
+        ``{"label", "prob"}``, most probable first."""
+        on = [i for i in np.argsort(-probs, kind="stable") if probs[i] >= self.thresholds[i]]
+        return [{"label": self.labels[i], "prob": float(probs[i])} for i in on]
+
     def _summarise(self, source: _Source, window: int, timeline: bool, top_k: int) -> dict:
         sr = self.config.features.sample_rate
-        probs = source.mean()
+        probs = self._pooled(source)
         best = np.argsort(-probs)[:top_k]
         out = {"label": self.labels[best[0]], "confidence": float(probs[best[0]]),
                "probs": [float(p) for p in probs],
                "top_k": [{"label": self.labels[i], "prob": float(probs[i])} for i in best],
                "duration_s": source.duration_s}
+        if self.multilabel:
+            out["tags"] = self.tags(probs)
         if timeline:
             out["windows"] = [{"start_s": start / sr, "end_s": min((start + window) / sr, source.duration_s),
-                               "label": self.labels[int(p.argmax())], "confidence": float(p.max())}
+                               "label": self.labels[int(p.argmax())], "confidence": float(p.max()),
+                               **({"tags": self.tags(p)} if self.multilabel else {})}
                               for start, p in zip(source.starts, source.rows)]
         return out
 
 
 def load(model, device: str = "auto", *, batch_size: int = 32) -> Classifier:
     """A :class:`Classifier` from a run directory, ``.pt`` checkpoint or exported safetensors folder."""
-    net, config, labels = load_model(model)
-    return Classifier(net, config, labels, device=device, batch_size=batch_size)
+    saved = load_model(model)
+    return Classifier(saved.model, saved.config, saved.labels, device=device, batch_size=batch_size,
+                      thresholds=saved.thresholds)

@@ -23,31 +23,33 @@ import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
-from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .augment import SpecAugment, mixup
+from .augment import SpecAugment, mix, mixup
 from .backbones import BACKBONES
 from .checkpoint import inference_state, load_checkpoint, save_checkpoint
 from .config import AudioclfError, RunConfig, TrainConfig
 from .data import ClipSet, load_clips, split_clips
-from .evaluate import classification_metrics, macro_f1, write_predictions
+from .evaluate import write_predictions, write_tag_predictions
+from .metrics import best_thresholds, classification_metrics, multilabel_metrics
 from .fileio import atomic_path, write_text_atomic
 from .model import AudioResNet, build_model
 from .rundir import claim, resumed_config
 from .runtime import amp_dtype, broadcast, dist_info, process_group, resolve_device
 from .store import FeatureBank
+from .tasks import class_balance, loss_function, multilabel, n_correct, split_scores
 
 log = logging.getLogger(__name__)
 
-METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "epoch_s", "clips_per_s"]
+METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "val_map", "epoch_s",
+                 "clips_per_s"]
 LR_PRETRAINED, LR_SCRATCH = 1e-4, 1e-3
 # layers whose weights scale and shift normalised activations: weight decay would only pull them towards 0
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm,
@@ -89,8 +91,8 @@ def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = Fals
             # --- optimiser, loss, schedule
             decay_all = ckpt is not None and len(ckpt["optimizer"]["param_groups"]) == 1  # started before groups
             opt = make_optimizer(model, t, s.device, decay_all=decay_all)
-            class_weights, sample_weights = class_balance(bank.labels[train_idx], len(clipset.classes), config.data.balance, s.device)
-            loss_fn = partial(F.cross_entropy, weight=class_weights, label_smoothing=t.label_smoothing)
+            class_weights, sample_weights = class_balance(bank.targets[train_idx], config.data.balance, s.device)
+            loss_fn = loss_function(t, class_weights)
             scheduler, per_batch = make_scheduler(opt, config, math.ceil(math.ceil(len(train_idx) / s.world) / t.batch_size))
             scaler = torch.amp.GradScaler(enabled=s.amp == torch.float16)
             specaug = SpecAugment(config.augment, features=config.features)
@@ -109,7 +111,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = Fals
                 train = train_one_epoch(ddp, bank, order, opt, loss_fn, s, config=config, epoch=epoch,
                                         n_classes=len(clipset.classes), specaug=specaug, scaler=scaler,
                                         generator=generator, scheduler=scheduler if per_batch else None)
-                val = evaluate_split(ddp, bank, val_idx, s, t.batch_size * 2)
+                val = evaluate_split(ddp, bank, val_idx, s, t.batch_size * 2, multi_hot=multilabel(t))
                 _check_finite(val["val_loss"], f"validation loss is {val['val_loss']} at epoch {epoch}", t.lr)
                 lr = opt.param_groups[0]["lr"]
                 if not per_batch:
@@ -131,6 +133,9 @@ def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = Fals
 
             summary = {"best_val_loss": progress.best_val_loss, "best_epoch": progress.best_epoch,
                        "epochs_run": progress.epoch, "stopped_early": stopped_early, "pretrained": pretrained, "lr": t.lr}
+            # --- decision thresholds (multilabel): each class's, chosen on the validation clips, into best.pt
+            if multilabel(t):
+                _choose_thresholds(model, bank, val_idx, out, s, config)
             # --- test fold: the best model on clips it never saw, from the same cache
             if splits["test"]:
                 summary.update(_test_fold(model, bank, splits["test"], out, s, config, clipset.classes))
@@ -166,8 +171,8 @@ def train_one_epoch(model: nn.Module, bank: FeatureBank, order: torch.Tensor, op
         scheduler (optional): stepped after every batch. (Default: ``None``, for a per-epoch schedule)
 
     Returns:
-        dict: ``train_loss`` (mean over this rank's clips), ``train_acc`` (argmax against the unmixed labels)
-        and ``clips_per_s`` (all ranks together).
+        dict: ``train_loss`` (mean over this rank's clips), ``train_acc`` (:func:`tasks.n_correct` against the
+        labels before mixup) and ``clips_per_s`` (all ranks together).
 
     Raises:
         AudioclfError: when the loss is not finite: the model diverged.
@@ -180,8 +185,10 @@ def train_one_epoch(model: nn.Module, bank: FeatureBank, order: torch.Tensor, op
     bar = tqdm(range(0, len(order), t.batch_size), desc=f"epoch {epoch}/{t.epochs}", unit="batch", leave=False,
                disable=True if s.quiet else None)
     for i in bar:
-        x, y = bank.batch(order[i:i + t.batch_size], random_crop=True, generator=generator)
+        x, y = bank.batch(order[i:i + t.batch_size], random_crop=True, generator=generator, multi_hot=multilabel(t))
         x, y = x.to(s.device, non_blocking=True), y.to(s.device, non_blocking=True)
+        if multilabel(t):  # two clips summed, labels united: polyphony from single-label clips
+            x, y = mix(x, y, config.mix, config.augment.mix_db, config.features, generator)
         x, target = mixup(specaug(x), y, n_classes, config.augment.mixup_alpha, generator)
         with s.autocast():
             logits = model(x)
@@ -198,7 +205,7 @@ def train_one_epoch(model: nn.Module, bank: FeatureBank, order: torch.Tensor, op
         loss_value = loss.item()
         _check_finite(loss_value, f"training loss is {loss_value} at epoch {epoch}, batch {i // t.batch_size + 1}", t.lr)
         loss_sum += loss_value * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        correct += n_correct(logits, y)
         seen += len(y)
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
     bar.close()
@@ -207,30 +214,30 @@ def train_one_epoch(model: nn.Module, bank: FeatureBank, order: torch.Tensor, op
 
 
 def evaluate_split(model: nn.Module, bank: FeatureBank, idx: torch.Tensor, s: Session, batch_size: int,
-                   name: str = "val") -> dict:
-    """Loss, accuracy and macro-F1 (:func:`audioclf.evaluate.macro_f1`) of ``model`` on clips ``idx``.
+                   name: str = "val", multi_hot: bool = False) -> dict:
+    """Loss, accuracy, macro-F1 and mAP (:func:`audioclf.tasks.split_scores`) of ``model`` on clips ``idx``,
+    against their labels or (``multi_hot``) their multi-hot targets.
 
     The clips are sharded across ranks and the predictions gathered, so every rank returns the same
-    ``{name}_loss``, ``{name}_acc`` and ``{name}_f1`` (plain floats).
+    ``{name}_loss``, ``{name}_acc``, ``{name}_f1`` and ``{name}_map`` (plain floats).
     """
-    logits, labels = predict_bank(model, bank, idx[s.rank::s.world], s, batch_size)
+    logits, labels = predict_bank(model, bank, idx[s.rank::s.world], s, batch_size, multi_hot)
     if s.world > 1:
         gathered = [None] * s.world
         dist.all_gather_object(gathered, (logits, labels))
         logits, labels = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
-    pred = logits.argmax(1)
-    return {f"{name}_loss": F.cross_entropy(logits, labels).item(), f"{name}_acc": (pred == labels).float().mean().item(),
-            f"{name}_f1": macro_f1(labels.numpy(), pred.numpy())}
+    return split_scores(logits, labels, name)
 
 
 @torch.no_grad()
-def predict_bank(model: nn.Module, bank: FeatureBank, idx: torch.Tensor, s: Session,
-                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits (clips, classes), labels (clips,))`` of clips ``idx`` of ``bank``, centre-cropped, eval mode, on CPU."""
+def predict_bank(model: nn.Module, bank: FeatureBank, idx: torch.Tensor, s: Session, batch_size: int,
+                 multi_hot: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits (clips, classes), labels (clips,) or multi-hot targets (clips, classes))`` of clips ``idx``
+    of ``bank``, centre-cropped, eval mode, on CPU."""
     model.eval()
     logits, labels = [], []
     for i in range(0, len(idx), batch_size):
-        x, y = bank.batch(idx[i:i + batch_size])
+        x, y = bank.batch(idx[i:i + batch_size], multi_hot=multi_hot)
         with s.autocast():
             logits.append(model(x.to(s.device, non_blocking=True)).float().cpu())
         labels.append(y)
@@ -287,19 +294,6 @@ def make_scheduler(opt: torch.optim.Optimizer, config: RunConfig, steps_per_epoc
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, cosine), True
-
-
-def class_balance(labels: torch.Tensor, n_classes: int, balance: str,
-                  device: torch.device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``(class weights for the loss, on device; per-clip sampling weights)`` of training ``labels`` as
-    ``balance`` (``data.balance``) says: ``weights`` weighs each class's loss by the inverse of its
-    frequency, ``sampler`` draws each clip with the inverse of its class's count; ``None`` where unused."""
-    counts = torch.bincount(labels, minlength=n_classes).float()
-    if balance == "weights":
-        return (counts.sum() / (n_classes * counts)).to(device), None
-    if balance == "sampler":
-        return None, (1.0 / counts)[labels]
-    return None, None
 
 
 def epoch_order(n: int, epoch: int, seed: int, rank: int = 0, world: int = 1,
@@ -427,7 +421,7 @@ def _split(bank: FeatureBank, clipset: ClipSet, config: RunConfig) -> dict:
     for name, clips in splits.items():
         if clips:
             log.info("%-5s: %s", name, clipset.describe(clips))
-    missing = set(clipset.classes) - {clipset.classes[c.label] for c in splits["train"]}
+    missing = set(clipset.classes) - {clipset.classes[k] for c in splits["train"] for k in c.targets}
     if missing:
         raise AudioclfError(f"class(es) {', '.join(sorted(missing))} have no training clips after the split; "
                             f"change val_fold/test_fold/val_split or add clips")
@@ -469,9 +463,9 @@ def _restore(ckpt: Optional[dict], model: nn.Module, opt, scheduler, out: Path) 
 
 
 def _log_epoch(row: dict, improved: bool) -> None:
-    log.info("epoch %3d  lr %.2e  train loss %.4f acc %.3f  val loss %.4f acc %.3f f1 %.3f  %5.1fs %6.1f clips/s%s",
-             row["epoch"], row["lr"], row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"], row["val_f1"],
-             row["epoch_s"], row["clips_per_s"], "  *" if improved else "")
+    log.info("epoch %3d  lr %.2e  train loss %.4f acc %.3f  val loss %.4f acc %.3f f1 %.3f mAP %.3f  %5.1fs %6.1f "
+             "clips/s%s", row["epoch"], row["lr"], row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"],
+             row["val_f1"], row["val_map"], row["epoch_s"], row["clips_per_s"], "  *" if improved else "")
 
 
 def _save_checkpoints(out: Path, model: nn.Module, config: RunConfig, classes: list[str], opt, scheduler,
@@ -484,14 +478,38 @@ def _save_checkpoints(out: Path, model: nn.Module, config: RunConfig, classes: l
     save_checkpoint(state, out / "last.pt")
 
 
-def _test_fold(model: nn.Module, bank: FeatureBank, clips: list, out: Path, s: Session, config: RunConfig,
-               classes: list[str]) -> dict:
-    """Score best.pt on the test fold's clips as ``audioclf evaluate`` does (:func:`classification_metrics`);
-    rank 0 writes test_metrics.json and test_predictions.csv. Returns ``test_acc``, ``test_f1``, ``test_n``."""
+def _load_best(model: nn.Module, out: Path, s: Session) -> dict:
+    """best.pt, read by rank 0 and sent to the others, its weights loaded into ``model``."""
     best = load_checkpoint(out / "best.pt") if s.master or s.world == 1 else None
     best = broadcast(best, s.device)
     model.load_state_dict(best["model"])
+    return best
+
+
+def _choose_thresholds(model: nn.Module, bank: FeatureBank, val_idx: torch.Tensor, out: Path, s: Session,
+                       config: RunConfig) -> None:
+    """Each class's decision threshold, the one that maximises its F1 on the validation clips
+    (:func:`audioclf.metrics.best_thresholds`) with best.pt's weights; rank 0 adds them to best.pt as
+    ``thresholds`` (a list of floats, in labels order), for predict, serve and export."""
+    best = _load_best(model, out, s)
+    logits, targets = predict_bank(model, bank, val_idx, s, config.train.batch_size * 2, multi_hot=True)
+    thresholds = best_thresholds(targets.numpy(), torch.sigmoid(logits).numpy())
+    if s.master:
+        save_checkpoint({**best, "thresholds": [float(x) for x in thresholds]}, out / "best.pt")
+    log.info("decision thresholds chosen on %d validation clips: median %.2f (%.2f-%.2f)", len(val_idx),
+             float(np.median(thresholds)), float(thresholds.min()), float(thresholds.max()))
+
+
+def _test_fold(model: nn.Module, bank: FeatureBank, clips: list, out: Path, s: Session, config: RunConfig,
+               classes: list[str]) -> dict:
+    """Score best.pt on the test fold's clips as ``audioclf evaluate`` does (:func:`classification_metrics`,
+    or :func:`multilabel_metrics` at best.pt's thresholds); rank 0 writes test_metrics.json and
+    test_predictions.csv. Returns ``test_acc``, ``test_f1`` (macro), ``test_n``, and for multilabel ``test_map``
+    and ``test_micro_f1``."""
+    best = _load_best(model, out, s)
     idx = bank.indices(clips)
+    if multilabel(config.train):
+        return _test_fold_multilabel(model, bank, idx, out, s, config, classes, best.get("thresholds"))
     logits, labels = predict_bank(model, bank, idx, s, config.train.batch_size * 2)
     probs = logits.softmax(1).numpy()
     metrics = classification_metrics(labels.numpy(), probs, classes)
@@ -505,6 +523,21 @@ def _test_fold(model: nn.Module, bank: FeatureBank, clips: list, out: Path, s: S
     return {"test_acc": metrics["accuracy"], "test_f1": metrics["macro_f1"], "test_n": metrics["n_clips"]}
 
 
+def _test_fold_multilabel(model: nn.Module, bank: FeatureBank, idx: torch.Tensor, out: Path, s: Session,
+                          config: RunConfig, classes: list[str], thresholds: Optional[list[float]]) -> dict:
+    logits, targets = predict_bank(model, bank, idx, s, config.train.batch_size * 2, multi_hot=True)
+    probs = torch.sigmoid(logits).numpy()
+    metrics = multilabel_metrics(targets.numpy(), probs, classes, thresholds)
+    if s.master:
+        write_tag_predictions(out / "test_predictions.csv", [bank.clips[i].path for i in idx.tolist()], targets.numpy(),
+                              probs, classes, thresholds)
+        write_text_atomic(out / "test_metrics.json", json.dumps(metrics, indent=2) + "\n")
+    log.info("test fold %s: mAP %.4f, micro-F1 %.4f, macro-F1 %.4f (%d clips)", config.data.test_fold, metrics["mAP"],
+             metrics["micro_f1"], metrics["macro_f1"], metrics["n_clips"])
+    return {"test_acc": metrics["subset_accuracy"], "test_f1": metrics["macro_f1"], "test_map": metrics["mAP"],
+            "test_micro_f1": metrics["micro_f1"], "test_n": metrics["n_clips"]}
+
+
 # ------------------------------------------------------------------------------------------- run outputs
 
 def _write_run_config(out: Path, config: RunConfig, classes: list[str]) -> None:
@@ -516,14 +549,14 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, METRIC_FIELDS)
         w.writeheader()
-        w.writerows({k: r[k] for k in METRIC_FIELDS} for r in rows)
+        w.writerows({k: r.get(k, "") for k in METRIC_FIELDS} for r in rows)  # a run resumed from before val_map
 
 
 def _read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     with open(path) as f:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+        return [{k: (int(v) if k == "epoch" else float(v or "nan")) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def plot_curves(metrics_csv: Path, out_png: Path) -> None:
@@ -537,7 +570,7 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> None:
     if not rows:
         return
     ep = [int(r["epoch"]) for r in rows]
-    col = {k: [float(r[k]) for r in rows] for k in METRIC_FIELDS[1:]}
+    col = {k: [float(r.get(k) or "nan") for r in rows] for k in METRIC_FIELDS[1:]}
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     axes[0].plot(ep, col["train_loss"], label="train"), axes[0].plot(ep, col["val_loss"], label="validation")
     axes[0].set_title("loss"), axes[0].legend()
