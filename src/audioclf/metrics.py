@@ -143,7 +143,7 @@ def multilabel_metrics(y_true: np.ndarray, scores: np.ndarray, labels: Sequence[
 
 def per_class_table(metrics: dict) -> str:
     """:func:`multilabel_metrics`' per-class figures as a text table, best AP first."""
-    rows = sorted(metrics["per_class"].items(), key=lambda kv: -1 if kv[1]["ap"] is None else -kv[1]["ap"])
+    rows = sorted(metrics["per_class"].items(), key=lambda kv: 1 if kv[1]["ap"] is None else -kv[1]["ap"])  # no AP: last
     width = max([5] + [len(name) for name, _ in rows])
     lines = [f"{'class':<{width}}  {'AP':>6}  {'F1':>6}  {'prec':>6}  {'recall':>6}  {'thresh':>6}  {'support':>7}"]
     for name, m in rows:
