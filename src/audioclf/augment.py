@@ -333,11 +333,13 @@ def mix(x: torch.Tensor, y: torch.Tensor, fraction: float, max_db: float, featur
     cycle = torch.randperm(batch, generator=generator)
     partner = torch.empty_like(cycle)
     partner[cycle] = cycle.roll(-1)  # each example's successor in the random cycle
-    gain = torch.where(chosen, 10 ** (db / 10), torch.zeros(batch)).to(x.device, x.dtype)
-    p = partner.to(x.device)
-    mixed = from_power(to_power(x, features) + gain.view(-1, 1, 1) * to_power(x[p], features), features)
-    keep = chosen.to(x.device).view(-1, 1, 1)
-    return torch.where(keep, mixed, x), torch.where(keep[:, :, 0], torch.maximum(y, y[p]), y)
+    rows = chosen.nonzero().squeeze(1)
+    gain = (10 ** (db[rows] / 10)).to(x.device, x.dtype).view(-1, 1, 1)
+    rows, partner = rows.to(x.device), partner[rows].to(x.device)
+    x, y = x.clone(), y.clone()
+    x[rows] = from_power(to_power(x[rows], features) + gain * to_power(x[partner], features), features)
+    y[rows] = torch.maximum(y[rows], y[partner])
+    return x, y
 
 
 def mixup(x: torch.Tensor, y: torch.Tensor, n_classes: int, alpha: float,
