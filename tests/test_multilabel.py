@@ -11,7 +11,8 @@ import torch
 
 import audioclf
 from audioclf.augment import from_power, mix, mixup, to_power
-from audioclf.config import AudioclfError, DataConfig, FeatureConfig, resolve
+from audioclf.config import DataConfig, FeatureConfig, resolve
+from audioclf.errors import AudioclfError
 from audioclf.data import read_csv, write_folds
 from audioclf.evaluate import evaluate
 from audioclf.export import export
@@ -231,3 +232,18 @@ def test_exports_keep_sigmoids_and_thresholds(tag_run, tmp_path):
         got = session.run(None, {"waveform": wave})[0][0]
         assert got == pytest.approx(audioclf.load(tag_run / "run").predict_proba(wave[0]), abs=1e-3)
         assert abs(got.sum() - 1) > 1e-3  # sigmoids, not a softmax
+
+
+@pytest.mark.slow
+def test_predict_command_writes_the_tags(tag_run, tmp_path):
+    from audioclf.commands.predict import run_predict
+
+    clf = audioclf.load(tag_run / "run")
+    expected = ";".join(f"{t['label']}:{t['prob']:.4f}" for t in clf.classify(str(tag_run / "mix1.wav"))["tags"])
+    assert run_predict(tag_run / "run", [str(tag_run / "mix1.wav")], out=str(tmp_path / "p.csv"), quiet=True) == 0
+    with open(tmp_path / "p.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["tags"] == expected
+    assert run_predict(tag_run / "run", [str(tag_run / "mix1.wav")], out=str(tmp_path / "p.json"), quiet=True) == 0
+    (item,) = json.loads((tmp_path / "p.json").read_text())
+    assert ";".join(f"{t['label']}:{t['prob']:.4f}" for t in item["tags"]) == expected

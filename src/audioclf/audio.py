@@ -21,7 +21,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from .config import AudioclfError
+from .errors import AudioclfError
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au", ".opus")
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+LABEL_SEPARATOR = ";"  # between the class names of a multilabel manifest's labels cell
+
 
 @dataclass(frozen=True)
 class Clip:

@@ -21,8 +21,9 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from .audio import AUDIO_EXTENSIONS, link_problem, source_exists
-from .clips import Clip, ClipSet
-from .config import AudioclfError, DataConfig
+from .clips import LABEL_SEPARATOR, Clip, ClipSet
+from .config import DataConfig
+from .errors import AudioclfError
 from .fileio import atomic_path
 from .webdata import read_webdataset
 
@@ -98,7 +99,6 @@ def _int(value, what: str, path) -> int:
 # One metadata row: audio file, class name (or a multilabel row's class names, sorted), fold, group, line in
 # the metadata file.
 Row = tuple[Path, Union[str, tuple[str, ...]], Optional[int], Optional[str], int]
-LABEL_SEPARATOR = ";"  # between the class names of a multilabel manifest's labels cell
 
 
 def _one_row_per_file(rows: list[Row], source) -> list[Row]:

@@ -7,64 +7,21 @@ feature settings come from the checkpoint only. Metrics are scikit-learn's.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-from .config import AudioclfError, DataConfig
-from .data import LABEL_SEPARATOR, load_clips
-from .fileio import atomic_path
-from .metrics import (DEFAULT_THRESHOLD, classification_metrics, macro_f1, multilabel_metrics, per_class_table,
-                      plot_pr_curves)
+from .config import DataConfig
+from .data import load_clips
+from .errors import AudioclfError
+from .metrics import classification_metrics, multilabel_metrics, per_class_table, plot_pr_curves
 from .predict import load
+from .rundir import EVAL_FILES, TAG_EVAL_FILES, write_predictions, write_tag_predictions
 
 log = logging.getLogger(__name__)
-
-# what evaluate writes into its output folder (MODEL_DIR/eval by default)
-EVAL_FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "pr_curves.png", "report.txt")
-
-
-def write_predictions(path, rows: Iterable[tuple[str, str, str, float]]) -> None:
-    """Write per-clip predictions as CSV (``path,true,predicted,confidence,correct``), atomically.
-
-    Args:
-        path: the CSV file.
-        rows (iterable): ``(clip path, true class name, predicted class name, confidence)``, the
-            confidence being the predicted class's probability in [0, 1].
-    """
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["path", "true", "predicted", "confidence", "correct"])
-        w.writerows([clip, true, pred, f"{conf:.4f}", int(pred == true)] for clip, true, pred, conf in rows)
-
-
-def write_tag_predictions(path, paths: Sequence[str], y_true: Optional[np.ndarray], probs: np.ndarray,
-                          labels: Sequence[str], thresholds: Optional[Sequence[float]] = None) -> None:
-    """Write multilabel predictions as CSV, atomically: ``path,true,predicted`` (class names joined by ``;``:
-    the clip's classes, and those whose probability reaches their threshold), then one probability column
-    per class, named by the class.
-
-    Args:
-        path: the CSV file.
-        paths (sequence of str): the clips.
-        y_true (np.ndarray, optional): ``(clips, classes)`` 0/1 targets; ``None`` leaves ``true`` empty.
-        probs (np.ndarray): ``(clips, classes)`` probabilities.
-        labels (sequence of str): the class names, in column order.
-        thresholds (sequence of float, optional): per class. (Default: ``metrics.DEFAULT_THRESHOLD``)
-    """
-    probs = np.asarray(probs)
-    on = probs >= (DEFAULT_THRESHOLD if thresholds is None else np.asarray(thresholds))
-    names = np.asarray(labels, dtype=object)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["path", "true", "predicted", *labels])
-        for k, clip in enumerate(paths):
-            true = "" if y_true is None else LABEL_SEPARATOR.join(names[np.asarray(y_true[k]) > 0])
-            w.writerow([clip, true, LABEL_SEPARATOR.join(names[on[k]]), *(f"{p:.4f}" for p in probs[k])])
 
 
 def plot_confusion_matrix(cm, labels: Sequence[str], path) -> None:
@@ -159,11 +116,12 @@ def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=N
     metrics = classification_metrics(y_true, np.array(probs), clf.labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics.update(skipped=skipped, out_dir=str(out_dir))
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_predictions(out_dir / "predictions.csv", rows)
-    plot_confusion_matrix(metrics["confusion_matrix"], metrics["labels"], out_dir / "confusion_matrix.png")
+    metrics_json, predictions_csv, matrix_png, report_txt = (out_dir / name for name in EVAL_FILES)
+    metrics_json.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_predictions(predictions_csv, rows)
+    plot_confusion_matrix(metrics["confusion_matrix"], metrics["labels"], matrix_png)
     metrics["report"] = _report(metrics, y_true, probs, clf.labels, model_path, data, fold)
-    (out_dir / "report.txt").write_text(metrics["report"])
+    report_txt.write_text(metrics["report"])
     log.info("evaluation written to %s", out_dir)
     return metrics
 
@@ -193,15 +151,16 @@ def _evaluate_tags(clf, clipset, clips: list, skipped: list[dict], out_dir: Path
     metrics = multilabel_metrics(y_true, probs, clf.labels, clf.thresholds)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics.update(task=clf.config.train.task, skipped=skipped, out_dir=str(out_dir))
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_tag_predictions(out_dir / "predictions.csv", [c.path for c, _ in done], y_true, probs, clf.labels, clf.thresholds)
-    plot_pr_curves(y_true, probs, clf.labels, out_dir / "pr_curves.png")
+    metrics_json, predictions_csv, pr_png, report_txt = (out_dir / name for name in TAG_EVAL_FILES)
+    metrics_json.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_tag_predictions(predictions_csv, [c.path for c, _ in done], y_true, probs, clf.labels, clf.thresholds)
+    plot_pr_curves(y_true, probs, clf.labels, pr_png)
     scored = "" if clf.multilabel else " (a multiclass model: its softmax probabilities)"
     metrics["report"] = (f"{header}clips: {metrics['n_clips']} evaluated, {len(skipped)} skipped{scored}\n"
                          f"mAP {metrics['mAP']:.4f}   micro F1 {metrics['micro_f1']:.4f}   macro F1 "
                          f"{metrics['macro_f1']:.4f}   subset accuracy {metrics['subset_accuracy']:.4f}\n\n"
                          + per_class_table(metrics))
-    (out_dir / "report.txt").write_text(metrics["report"])
+    report_txt.write_text(metrics["report"])
     log.info("evaluation written to %s", out_dir)
     return metrics
 

@@ -1,10 +1,11 @@
-"""Classification metrics: plain functions of true labels and predicted probabilities (numpy in, floats out).
+"""Classification metrics: audioclf's one macro-F1, the figures ``audioclf evaluate`` reports, and the
+multilabel ones.
 
-A leaf module: ``evaluate.py`` and ``train.py`` both score with these, so training's validation and test
-figures and ``audioclf evaluate`` agree. Multilabel figures follow DCASE and AudioSet practice: average
-precision per class (the area under its precision-recall curve, threshold-free) and its macro mean, mAP;
-F1 at per-class decision thresholds, micro (every clip-class decision pooled) and macro (the mean of
-the classes' F1).
+A leaf module (numpy, and scikit-learn inside the functions), so that training's validation and test
+figures and ``audioclf evaluate`` score alike without training importing the inference path. Multilabel
+figures follow DCASE and AudioSet practice: average precision per class (the area under its
+precision-recall curve, threshold-free) and its macro mean, mAP; F1 at per-class decision thresholds,
+micro (every clip-class decision pooled) and macro (the mean of the classes' F1).
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from .audio import (audio_duration_s, default_hop, fix_length, load_audio, resample, settled_windows, stream_audio,
                     window_starts)
 from .checkpoint import load_model
-from .config import AudioclfError, FeatureConfig, RunConfig
+from .config import FeatureConfig, RunConfig
+from .errors import AudioclfError
 from .metrics import DEFAULT_THRESHOLD
 from .model import WaveformClassifier
 from .runtime import auto_workers, cpu_threads_beside, resolve_device
@@ -222,9 +223,6 @@ class Classifier:
         self.labels = list(labels)
         self.config = config
         self.multilabel = config.train.task == "multilabel"
-        if self.multilabel and thresholds is None:
-            log.warning("the model holds no decision thresholds (its training did not finish): each tag is "
-                        "called at probability %g", DEFAULT_THRESHOLD)
         self.thresholds = np.asarray(thresholds if thresholds is not None else [DEFAULT_THRESHOLD] * len(self.labels))
         self.device = resolve_device(str(device))
         self.batch_size = batch_size
@@ -289,18 +287,31 @@ class Classifier:
 
         The other arguments, and the result, are :meth:`classify`'s.
         """
-        window, hop = self._window(window_s, hop_s)
         self._check_top_k(top_k)
+        for source in self.window_steps(audio, sample_rate, window_s=window_s, hop_s=hop_s, batch_size=batch_size,
+                                        max_duration_s=max_duration_s, max_windows=max_windows):
+            yield None if source is None else self._summarise(source, self._window(window_s, hop_s)[0], timeline,
+                                                              top_k)
+
+    def window_steps(self, audio, sample_rate: Optional[int] = None, *, window_s: Optional[float] = None,
+                     hop_s: Optional[float] = None, frames: bool = False, batch_size: Optional[int] = None,
+                     max_duration_s: Optional[float] = None, max_windows: Optional[int] = None) -> Iterator:
+        """The model's output for each sliding window of one input, one forward pass at a time: yields
+        ``None`` after each batch, then the input as a source with ``name``, ``duration_s``, ``starts``
+        (samples) and ``rows``: each window's class probabilities ``(n_classes,)``, or with ``frames`` its
+        frame-level probabilities ``(steps, n_classes)`` (``WaveformClassifier.frames``). The other arguments
+        are :meth:`classify_steps`'."""
+        window, hop = self._window(window_s, hop_s)
         source = prepare(audio, sample_rate, self.config.features, window, hop)
         if max_duration_s is not None or max_windows is not None:
             source.windows = _limited(source.windows, source.name, window, self.config.features.sample_rate,
                                       max_duration_s, max_windows)
-        for done in self._run([source], batch_size=batch_size, steps=True):
+        for done in self._run([source], self._net.frames if frames else None, batch_size=batch_size, steps=True):
             if done is None:
                 yield None
         if source.error is not None:
             raise source.error
-        yield self._summarise(source, window, timeline, top_k)
+        yield source
 
     def classify_files(self, paths: Sequence, *, window_s: Optional[float] = None, hop_s: Optional[float] = None,
                        timeline: bool = False, top_k: int = 3, num_workers: Optional[int] = None,
@@ -472,8 +483,22 @@ class Classifier:
         return out
 
 
-def load(model, device: str = "auto", *, batch_size: int = 32) -> Classifier:
-    """A :class:`Classifier` from a run directory, ``.pt`` checkpoint or exported safetensors folder."""
-    saved = load_model(model)
-    return Classifier(saved.model, saved.config, saved.labels, device=device, batch_size=batch_size,
-                      thresholds=saved.thresholds)
+def load(model, device: str = "auto", *, batch_size: int = 32, weights_path: Optional[str] = None) -> Classifier:
+    """A :class:`Classifier` from a run directory, ``.pt`` checkpoint or exported safetensors folder, or an
+    AudioSet backbone's name (``mn04_as``): its pretrained 527-class tagger (:mod:`audioclf.audioset`), with
+    its official weights from ``weights_path`` or the torch hub cache."""
+    from .audioset import is_backbone_name, pretrained_model
+
+    thresholds = None
+    if is_backbone_name(model):
+        net, config, labels = pretrained_model(model, weights_path)
+    elif weights_path:
+        raise AudioclfError(f"weights_path is for an AudioSet backbone's name (mn04_as, ...), not a trained model "
+                            f"({model})")
+    else:
+        saved = load_model(model)
+        (net, config, labels), thresholds = saved, saved.thresholds
+        if config.train.task == "multilabel" and thresholds is None:
+            log.warning("%s holds no decision thresholds (its training did not finish): each tag is called at "
+                        "probability %g", model, DEFAULT_THRESHOLD)
+    return Classifier(net, config, labels, device=device, batch_size=batch_size, thresholds=thresholds)

@@ -11,15 +11,21 @@ and the evaluations and exports of the old model) and nothing else.
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Optional, Sequence
 
-from .config import AudioclfError, RunConfig
-from .evaluate import EVAL_FILES
+import numpy as np
+
+from .clips import LABEL_SEPARATOR
+from .config import RunConfig
+from .errors import AudioclfError
+from .fileio import atomic_path
+from .metrics import DEFAULT_THRESHOLD
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +34,9 @@ LOCK_FILE = ".audioclf.lock"
 # exports of the old model) and nothing else
 RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "summary.json", "test_metrics.json", "test_predictions.csv",
              "config.yaml", "labels.json", "curves.png", "skipped.csv", "train.log")
+# what evaluate writes into its output folder (MODEL_DIR/eval by default)
+EVAL_FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "report.txt")
+TAG_EVAL_FILES = ("metrics.json", "predictions.csv", "pr_curves.png", "report.txt")  # of a multilabel model or dataset
 _EARLIER_RUN = ("best.pt", "last.pt", "metrics.csv", "summary.json", "test_metrics.json")  # worth keeping
 
 # settings that change where or how loudly a run goes, not what it learns
@@ -118,7 +127,7 @@ def _clear_earlier_run(out: Path, resume: bool, overwrite: bool) -> None:
     from .checkpoint import CONFIG_FILE, SAFETENSORS_FILE
     from .export import ONNX_FILE
 
-    old = [out / name for name in RUN_FILES] + [out / "eval" / name for name in EVAL_FILES]
+    old = [out / name for name in RUN_FILES] + [out / "eval" / name for name in {*EVAL_FILES, *TAG_EVAL_FILES}]
     if (out / SAFETENSORS_FILE).exists() or (out / ONNX_FILE).exists():  # an export of the old model
         old += [out / SAFETENSORS_FILE, out / ONNX_FILE, out / CONFIG_FILE]
     removed = [p for p in old if p.is_file()]
@@ -164,3 +173,42 @@ def resumed_config(saved: RunConfig, requested: RunConfig, out: Path) -> RunConf
         raise AudioclfError(f"--resume continues the run in {out} as it started, but {'; '.join(refused)}. Only "
                             f"{allowed} may change on resume; start a new run (another --out, or --overwrite) for the rest")
     return replace(saved, **{sec: replace(getattr(saved, sec), **kv) for sec, kv in applied.items()})
+
+
+def write_predictions(path, rows: Iterable[tuple[str, str, str, float]]) -> None:
+    """Write per-clip predictions as CSV (``path,true,predicted,confidence,correct``), atomically.
+
+    Args:
+        path: the CSV file.
+        rows (iterable): ``(clip path, true class name, predicted class name, confidence)``, the
+            confidence being the predicted class's probability in [0, 1].
+    """
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["path", "true", "predicted", "confidence", "correct"])
+        w.writerows([clip, true, pred, f"{conf:.4f}", int(pred == true)] for clip, true, pred, conf in rows)
+
+
+def write_tag_predictions(path, paths: Sequence[str], y_true: Optional[np.ndarray], probs: np.ndarray,
+                          labels: Sequence[str], thresholds: Optional[Sequence[float]] = None) -> None:
+    """Write multilabel predictions as CSV, atomically: ``path,true,predicted`` (class names joined by ``;``:
+    the clip's classes, and those whose probability reaches their threshold), then one probability column
+    per class, named by the class.
+
+    Args:
+        path: the CSV file.
+        paths (sequence of str): the clips.
+        y_true (np.ndarray, optional): ``(clips, classes)`` 0/1 targets; ``None`` leaves ``true`` empty.
+        probs (np.ndarray): ``(clips, classes)`` probabilities.
+        labels (sequence of str): the class names, in column order.
+        thresholds (sequence of float, optional): per class. (Default: ``metrics.DEFAULT_THRESHOLD``)
+    """
+    probs = np.asarray(probs)
+    on = probs >= (DEFAULT_THRESHOLD if thresholds is None else np.asarray(thresholds))
+    names = np.asarray(labels, dtype=object)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["path", "true", "predicted", *labels])
+        for k, clip in enumerate(paths):
+            true = "" if y_true is None else LABEL_SEPARATOR.join(names[np.asarray(y_true[k]) > 0])
+            w.writerow([clip, true, LABEL_SEPARATOR.join(names[on[k]]), *(f"{p:.4f}" for p in probs[k])])

@@ -1,6 +1,7 @@
 """HTTP serving: a FastAPI app over :meth:`audioclf.predict.Classifier.classify`, run with uvicorn.
 
 ``POST /predict``  multipart field ``file`` -> ``{label, confidence, top_k, duration_s[, windows]}``
+``POST /detect``   multipart field ``file`` -> ``{duration_s, events: [{onset, offset, label, score}]}``
 ``GET /health``, ``GET /labels``, ``GET /`` (a self-contained web page), ``/docs`` (OpenAPI).
 
 The model is loaded once, when the app is made. Requests are classified in worker threads, so the event
@@ -31,7 +32,8 @@ from typing import Optional
 
 from ._version import __version__
 from .audio import AUDIO_EXTENSIONS, audio_duration_s, default_hop
-from .config import AudioclfError, _check_range
+from .config import _check_range
+from .errors import AudioclfError
 
 try:
     import uvicorn
@@ -95,6 +97,18 @@ class Prediction(BaseModel):
     # a multilabel model's: every class whose probability reaches its threshold, most probable first
     tags: Optional[list[ClassProb]] = None
     windows: Optional[list[Window]] = None  # only with ?timeline=1
+
+
+class DetectedEvent(BaseModel):
+    onset: float  # s
+    offset: float  # s
+    label: str
+    score: float
+
+
+class Detection(BaseModel):
+    duration_s: float
+    events: list[DetectedEvent]
 
 
 class Health(BaseModel):
@@ -336,6 +350,49 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
             finally:
                 steps.close()  # closes the file before its folder is removed
 
+    detect_config = _detect_config(model)
+
+    @app.post("/detect", response_model=Detection,
+              responses={400: {"description": "no file, or an empty one"}, 413: {"description": "over the limits"},
+                         415: {"description": "the file cannot be decoded as audio"},
+                         422: {"description": "an unknown class in ignore, or too many windows"}})
+    async def detect(request: Request,
+                     file: Optional[UploadFile] = File(None, description="audio file: WAV, FLAC, OGG, MP3, ..."),
+                     ignore: str = Query("", description="classes never reported, comma-separated (e.g. rain,wind)")):
+        """Sound events in one uploaded file: onsets, offsets (s), labels and scores, with the detect settings
+        saved with the model (``audioclf detect --tune``)."""
+        from .events import check_ignore, find_events, track_steps
+
+        if file is None:
+            raise HTTPException(400, "no file uploaded: POST multipart/form-data with the audio in the field 'file'")
+        try:
+            ignored = check_ignore([x.strip() for x in ignore.split(",") if x.strip()], labels)
+        except AudioclfError as e:
+            raise HTTPException(422, str(e).replace("--ignore", "ignore=")) from None
+        frames = detect_config.source == "frames"
+        window_s = features.duration_s if frames else detect_config.window_s
+        window = round(window_s * sr)
+        hop = round((window_s / 2 if frames else detect_config.hop_s) * sr)
+        shown = Path(file.filename or "upload").name
+        with tempfile.TemporaryDirectory(prefix="audioclf-upload-") as tmp:
+            path = await run_in_threadpool(open_upload, file, shown, Path(tmp), window, hop)
+            steps = track_steps(clf, path, detect_config, batch_size=max(1, step_samples // window),
+                                max_duration_s=max_audio_s, max_windows=max_windows)
+            try:
+                while (result := await run_in_threadpool(step, steps)) is None:
+                    if await request.is_disconnected():
+                        return Response(status_code=CLIENT_CLOSED)
+            except LimitError as e:
+                raise HTTPException(413, str(e).replace(str(path), shown)) from None
+            except AudioclfError as e:
+                raise HTTPException(422, str(e).replace(str(path), shown)) from None
+            finally:
+                steps.close()
+        _, duration_s, track = result
+        events = find_events(track, labels, detect_config, filename=shown, duration_s=duration_s, ignore=ignored)
+        return Detection(duration_s=duration_s, events=[DetectedEvent(onset=e.onset, offset=e.offset, label=e.event_label,
+                                                                      score=e.score) for e in events])
+
     @app.get("/health", response_model=Health)
     def get_health():
         return health
@@ -350,6 +407,15 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
         return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP})
 
     return app
+
+
+def _detect_config(model):
+    """The detect settings saved with ``model`` (a path; a Classifier or an AudioSet name has none: the
+    defaults)."""
+    from .events import DetectConfig, saved_config
+
+    saved = None if not isinstance(model, (str, Path)) else saved_config(model)
+    return DetectConfig.from_dict(saved or {})
 
 
 def serve(model_path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
