@@ -247,3 +247,20 @@ def test_predict_command_writes_the_tags(tag_run, tmp_path):
     assert run_predict(tag_run / "run", [str(tag_run / "mix1.wav")], out=str(tmp_path / "p.json"), quiet=True) == 0
     (item,) = json.loads((tmp_path / "p.json").read_text())
     assert ";".join(f"{t['label']}:{t['prob']:.4f}" for t in item["tags"]) == expected
+
+
+@pytest.mark.shared_data
+def test_esc50_trains_as_multilabel_with_one_tag_per_clip(esc50_root, tmp_path):
+    from audioclf.data import load_clips
+    from audioclf.store import FeatureBank
+
+    cs = load_clips(DataConfig(root=str(esc50_root), format="esc50", esc10=True))
+    assert not cs.multilabel and len(cs.classes) == 10
+    clips = cs.clips[:6]
+    sub = type(cs)(clips, cs.classes)
+    f = FeatureConfig(sample_rate=8000, duration_s=1.0, n_mels=32, n_fft=256, hop_length=128, win_length=256)
+    bank = FeatureBank.build(sub, f, cache_dir=tmp_path, num_workers=0, quiet=True)
+    x, y = bank.batch(torch.arange(6), multi_hot=True)
+    assert y.shape == (6, 10) and torch.equal(y.argmax(1), torch.tensor([c.label for c in clips]))
+    assert torch.equal(y.sum(1), torch.ones(6))  # one tag each
+    assert torch.equal(bank.batch(torch.arange(6))[1], torch.tensor([c.label for c in clips]))
