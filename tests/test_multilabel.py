@@ -16,7 +16,7 @@ from audioclf.errors import AudioclfError
 from audioclf.data import read_csv, write_folds
 from audioclf.evaluate import evaluate
 from audioclf.export import export
-from audioclf.tasks import class_balance, n_correct, smoothed_bce
+from audioclf.tasks import class_balance, mix_fraction, n_correct, smoothed_bce
 
 from conftest import SYNTH_CLASSES, SYNTH_SAMPLE_RATE
 
@@ -126,10 +126,10 @@ def test_mix_sums_powers_and_unites_labels():
 
 
 def test_mix_is_on_by_default_for_multilabel_only():
-    assert resolve(overrides={"train": {"task": "multilabel"}}).mix == 0.5
-    assert resolve().mix == 0.0
-    assert resolve(overrides={"train": {"task": "multilabel"}, "augment": {"mix": 0.0}}).mix == 0.0
-    with pytest.raises(AudioclfError, match=r"augment.mix=0.3 sums two clips.*--task multilabel"):
+    assert mix_fraction(resolve(overrides={"train": {"task": "multilabel"}})) == 0.5
+    assert mix_fraction(resolve()) == 0.0
+    assert mix_fraction(resolve(overrides={"train": {"task": "multilabel"}, "augment": {"mix": 0.0}})) == 0.0
+    with pytest.raises(AudioclfError, match=r"augment.mix=0.3 sums two clips, labels united: use --task multilabel"):
         resolve(overrides={"augment": {"mix": 0.3}})
 
 

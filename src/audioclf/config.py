@@ -179,8 +179,7 @@ class FeatureConfig:
         return 1 + self.n_samples // self.hop_length
 
 
-# augment.mix when it is not set, by train.task: a multilabel model trained on single-label clips learns from
-# the mixes that several sounds can be present at once; a multiclass target cannot hold two classes
+# augment.mix when unset, by train.task: a multiclass target cannot hold the two classes of a mix
 MIX_DEFAULT = {"multiclass": 0.0, "multilabel": 0.5}
 
 
@@ -207,11 +206,9 @@ class AugmentConfig:
                                  low=0.0, high=100.0)
     gain_db: float = setting(0.0, help="random gain in [-gain_db, +gain_db] dB, applied to the features (0 = off)",
                              low=0.0, high=60.0)
-    mix: Optional[float] = setting(None, low=0.0, high=1.0, help=(
-        "fraction of training examples summed with another clip of the batch, their labels united (multilabel "
-        "only; default: " + ", ".join(f"{v:g} for {k}" for k, v in MIX_DEFAULT.items()) + ")"))
-    mix_db: float = setting(6.0, low=0.0, high=60.0, help="a mixed-in clip is scaled by a random gain in "
-                                                          "[-mix_db, +mix_db] dB")
+    mix: Optional[float] = setting(None, low=0.0, high=1.0, help="fraction of training examples summed with another "
+                                   "clip, labels united (default: " + ", ".join(f"{v:g} {k}" for k, v in MIX_DEFAULT.items()) + ")")
+    mix_db: float = setting(6.0, low=0.0, high=60.0, help="a mixed-in clip's gain: random in [-mix_db, +mix_db] dB")
 
     def __post_init__(self):
         _check_settings(self)
@@ -310,14 +307,8 @@ class RunConfig:
         # a section built, then changed, must still hold allowed values (never NaN or infinite)
         for name in SECTIONS:
             _check_settings(getattr(self, name))
-        if self.augment.mix and self.train.task != "multilabel":
-            raise AudioclfError(f"augment.mix={self.augment.mix!r} sums two clips and unites their labels: a "
-                                f"{self.train.task} target holds one class; use --task multilabel or --mix 0")
-
-    @property
-    def mix(self) -> float:
-        """The fraction of training examples mixed: ``augment.mix``, or the task's default."""
-        return MIX_DEFAULT[self.train.task] if self.augment.mix is None else self.augment.mix
+        if self.augment.mix and self.train.task != "multilabel":  # a multiclass target holds one class
+            raise AudioclfError(f"augment.mix={self.augment.mix!r} sums two clips, labels united: use --task multilabel")
 
     def to_dict(self) -> dict:
         return asdict(self)

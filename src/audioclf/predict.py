@@ -2,9 +2,8 @@
 ``audioclf evaluate`` and the HTTP server.
 
 A clip up to the training duration is padded exactly as in training (``audio.fix_length``); a longer one
-is cut into sliding windows and gets the mean of the window probabilities (a multilabel model: their
-maximum, as a tag is present when any window holds it). Long files are streamed block
-by block, so memory stays bounded whatever their length. Windows of many inputs share model batches.
+is cut into sliding windows and gets the mean of the window probabilities (tags: their maximum). Long
+files are streamed block by block, so memory stays bounded. Windows of many inputs share model batches.
 The ``predict`` and ``embed`` commands around this live in :mod:`audioclf.commands`.
 """
 
@@ -209,8 +208,7 @@ class Classifier:
         labels (list of str): class names, the order of probability columns.
         device (str, optional): ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. (Default: ``"auto"``)
         batch_size (int, optional): windows per forward pass. (Default: ``32``)
-        thresholds (sequence of float, optional): a multilabel model's per-class decision thresholds, labels
-            order. (Default: the checkpoint's, via :func:`load`; else ``metrics.DEFAULT_THRESHOLD``)
+        thresholds (sequence of float, optional): a multilabel model's, per class. (Default: 0.5 each)
 
     Inputs are file paths, or numpy arrays / torch tensors of shape ``(time,)`` or ``(channels, time)``
     in [-1, 1]; an array's ``sample_rate`` (Hz) defaults to the training sample rate.
@@ -260,9 +258,8 @@ class Classifier:
         Returns:
             dict: ``label``, ``confidence``, ``probs`` (list, ``labels`` order), ``top_k`` (list of
             ``{"label", "prob"}``), ``duration_s``, and with ``timeline`` ``windows`` (list of
-            ``{"start_s", "end_s", "label", "confidence"}``). A multilabel model adds ``tags``: every class
-            whose probability reaches its threshold, as ``{"label", "prob"}``, most probable first (maybe
-            none); with ``timeline`` each window has its ``tags`` too.
+            ``{"start_s", "end_s", "label", "confidence"}``). A multilabel model adds ``tags`` (:meth:`tags`),
+            to each window too.
 
         Raises:
             AudioclfError: naming the file, when it cannot be read.
@@ -460,8 +457,7 @@ class Classifier:
         return np.max(source.rows, axis=0) if self.multilabel else source.mean()
 
     def tags(self, probs: np.ndarray) -> list[dict]:
-        """The classes whose probability in ``probs`` (``labels`` order) reaches their threshold, as
-        ``{"label", "prob"}``, most probable first."""
+        """Each class whose probability in ``probs`` reaches its threshold, ``{"label", "prob"}``, most probable first."""
         on = [i for i in np.argsort(-probs, kind="stable") if probs[i] >= self.thresholds[i]]
         return [{"label": self.labels[i], "prob": float(probs[i])} for i in on]
 

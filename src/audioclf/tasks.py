@@ -19,13 +19,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig
+from .config import MIX_DEFAULT, RunConfig, TrainConfig
 from .metrics import macro_f1, mean_average_precision, multilabel_metrics
 
 
 def multilabel(t: TrainConfig) -> bool:
     """The batches of this task carry multi-hot targets (``FeatureBank.batch(multi_hot=True)``)."""
     return t.task == "multilabel"
+
+
+def mix_fraction(config: RunConfig) -> float:
+    """The share of training examples the mix augmentation sums: ``augment.mix``, or the task's default."""
+    return MIX_DEFAULT[config.train.task] if config.augment.mix is None else config.augment.mix
 
 
 def smoothed_bce(logits: torch.Tensor, target: torch.Tensor, *, weight: Optional[torch.Tensor] = None,

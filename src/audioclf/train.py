@@ -44,7 +44,7 @@ from .model import build_model, place_model
 from .rundir import claim, resumed_config, write_predictions, write_tag_predictions
 from .runtime import amp_dtype, broadcast, dist_info, process_group, resolve_device
 from .store import FeatureBank
-from .tasks import class_balance, loss_function, multilabel, n_correct, split_scores
+from .tasks import class_balance, loss_function, mix_fraction, multilabel, n_correct, split_scores
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def train_one_epoch(model: nn.Module, bank: FeatureBank, order: torch.Tensor, op
         x, y = bank.batch(order[i:i + t.batch_size], random_crop=True, generator=generator, multi_hot=multilabel(t))
         x, y = x.to(s.device, non_blocking=True), y.to(s.device, non_blocking=True)
         if multilabel(t):  # two clips summed, labels united: polyphony from single-label clips
-            x, y = mix(x, y, config.mix, config.augment.mix_db, config.features, generator)
+            x, y = mix(x, y, mix_fraction(config), config.augment.mix_db, config.features, generator)
         x, target = mixup(specaug(x), y, n_classes, config.augment.mixup_alpha, generator)
         with s.autocast():
             logits = model(x)
