@@ -17,7 +17,9 @@ import numpy as np
 from .config import DataConfig
 from .data import load_clips
 from .errors import AudioclfError
+from .fileio import check_output
 from .metrics import classification_metrics, multilabel_metrics, per_class_table, plot_pr_curves
+from .options import PredictOptions
 from .predict import load
 from .rundir import EVAL_FILES, TAG_EVAL_FILES, write_predictions, write_tag_predictions
 
@@ -57,8 +59,8 @@ def _default_out_dir(model_path) -> Path:
     return p / "eval" if p.is_dir() else p.with_name(f"{p.stem}-eval")
 
 
-def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=None, device: str = "auto",
-             batch_size: int = 32, quiet: bool = False) -> dict:
+def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=None,
+             device: str = PredictOptions.device, batch_size: int = PredictOptions.batch_size, quiet: bool = False) -> dict:
     """Evaluate a trained model on a labelled dataset.
 
     Args:
@@ -87,6 +89,7 @@ def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=N
         AudioclfError: when the dataset has a class the model does not know, the fold has no clips,
             or no clip can be read.
     """
+    out_dir = check_output(out_dir if out_dir else _default_out_dir(model_path), folder=True)
     clf = load(model_path, device, batch_size=batch_size)
     clipset = load_clips(data)
     unknown = [name for name in clipset.classes if name not in clf.labels]
@@ -102,7 +105,6 @@ def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=N
 
     index = {name: i for i, name in enumerate(clf.labels)}
     skipped = [{"path": p, "reason": r} for p, r in clipset.skipped]
-    out_dir = Path(out_dir) if out_dir else _default_out_dir(model_path)
     if clf.multilabel or clipset.multilabel:
         return _evaluate_tags(clf, clipset, clips, skipped, out_dir, quiet, f"model: {model_path}\ndata: "
                               f"{_where(data, fold)}\n")

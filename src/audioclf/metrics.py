@@ -106,6 +106,14 @@ def best_thresholds(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return out
 
 
+def tags_above(probs: np.ndarray, labels: Sequence[str], thresholds: Optional[Sequence[float]] = None) -> list[dict]:
+    """The classes whose probability in ``probs`` (``labels`` order) reaches their threshold
+    (:data:`DEFAULT_THRESHOLD` where none are given), as ``{"label", "prob"}``, most probable first."""
+    thresholds = np.full(len(labels), DEFAULT_THRESHOLD) if thresholds is None else np.asarray(thresholds)
+    return [{"label": labels[i], "prob": float(probs[i])} for i in np.argsort(-probs, kind="stable")
+            if probs[i] >= thresholds[i]]
+
+
 def multilabel_metrics(y_true: np.ndarray, scores: np.ndarray, labels: Sequence[str],
                        thresholds: Optional[Sequence[float]] = None) -> dict:
     """mAP, micro- and macro-F1, per-class AP, F1, precision, recall, support and threshold.

@@ -10,6 +10,8 @@ The ``predict`` and ``embed`` commands around this live in :mod:`audioclf.comman
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -21,12 +23,13 @@ from tqdm.auto import tqdm
 
 from .audio import (audio_duration_s, default_hop, fix_length, load_audio, resample, settled_windows, stream_audio,
                     window_starts)
-from .checkpoint import load_model
+from .checkpoint import SavedModel, load_model
 from .config import FeatureConfig, RunConfig
 from .errors import AudioclfError
-from .metrics import DEFAULT_THRESHOLD
-from .model import WaveformClassifier
-from .runtime import auto_workers, cpu_threads_beside, resolve_device
+from .metrics import tags_above
+from .model import WaveformClassifier, activation
+from .options import PredictOptions
+from .runtime import auto_workers, cpu_threads_beside, dying_with_parent, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -208,20 +211,19 @@ class Classifier:
         labels (list of str): class names, the order of probability columns.
         device (str, optional): ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. (Default: ``"auto"``)
         batch_size (int, optional): windows per forward pass. (Default: ``32``)
-        thresholds (sequence of float, optional): a multilabel model's, per class. (Default: 0.5 each)
+        thresholds (list of float, optional): a multilabel model's tags' thresholds. (Default: 0.5 each)
 
     Inputs are file paths, or numpy arrays / torch tensors of shape ``(time,)`` or ``(channels, time)``
     in [-1, 1]; an array's ``sample_rate`` (Hz) defaults to the training sample rate.
     """
 
-    def __init__(self, model: torch.nn.Module, config: RunConfig, labels: Sequence[str], *, device="auto",
-                 batch_size: int = 32, thresholds: Optional[Sequence[float]] = None):
+    def __init__(self, model: torch.nn.Module, config: RunConfig, labels: Sequence[str], *,
+                 device: str = PredictOptions.device, batch_size: int = PredictOptions.batch_size, thresholds=None):
         if batch_size < 1:
             raise AudioclfError(f"batch_size={batch_size} must be >= 1")
         self.labels = list(labels)
         self.config = config
-        self.multilabel = config.train.task == "multilabel"
-        self.thresholds = np.asarray(thresholds if thresholds is not None else [DEFAULT_THRESHOLD] * len(self.labels))
+        self.multilabel, self.thresholds = config.train.task == "multilabel", thresholds
         self.device = resolve_device(str(device))
         self.batch_size = batch_size
         # channels_last: oneDNN and cuDNN convolve it fastest (1.3x on a 2-core CPU, same fp32 arithmetic)
@@ -237,7 +239,7 @@ class Classifier:
 
     def predict_proba(self, audio, sample_rate: Optional[int] = None) -> np.ndarray:
         """Class probabilities, columns in ``labels`` order: ``(n_classes,)`` for one input, ``(n, n_classes)``
-        for a list of inputs. A multilabel model's columns are independent: each class's own probability."""
+        for a list of inputs."""
         return self._window_means(audio, sample_rate, width=len(self.labels))
 
     def predict(self, audio, sample_rate: Optional[int] = None):
@@ -246,7 +248,7 @@ class Classifier:
         return self.labels[best] if best.ndim == 0 else [self.labels[i] for i in best]
 
     def classify(self, audio, sample_rate: Optional[int] = None, *, window_s: Optional[float] = None,
-                 hop_s: Optional[float] = None, timeline: bool = False, top_k: int = 3) -> dict:
+                 hop_s: Optional[float] = None, timeline: bool = False, top_k: int = PredictOptions.top_k) -> dict:
         """Classify one input (file path or waveform).
 
         Args:
@@ -258,8 +260,7 @@ class Classifier:
         Returns:
             dict: ``label``, ``confidence``, ``probs`` (list, ``labels`` order), ``top_k`` (list of
             ``{"label", "prob"}``), ``duration_s``, and with ``timeline`` ``windows`` (list of
-            ``{"start_s", "end_s", "label", "confidence"}``). A multilabel model adds ``tags`` (:meth:`tags`),
-            to each window too.
+            ``{"start_s", "end_s", "label", "confidence"}``); a multilabel model's also ``tags``.
 
         Raises:
             AudioclfError: naming the file, when it cannot be read.
@@ -269,7 +270,7 @@ class Classifier:
         return result
 
     def classify_steps(self, audio, sample_rate: Optional[int] = None, *, window_s: Optional[float] = None,
-                       hop_s: Optional[float] = None, timeline: bool = False, top_k: int = 3,
+                       hop_s: Optional[float] = None, timeline: bool = False, top_k: int = PredictOptions.top_k,
                        batch_size: Optional[int] = None, max_duration_s: Optional[float] = None,
                        max_windows: Optional[int] = None) -> Iterator[Optional[dict]]:
         """:meth:`classify`, one forward pass at a time: yields ``None`` after each batch of windows, then
@@ -311,7 +312,7 @@ class Classifier:
         yield source
 
     def classify_files(self, paths: Sequence, *, window_s: Optional[float] = None, hop_s: Optional[float] = None,
-                       timeline: bool = False, top_k: int = 3, num_workers: Optional[int] = None,
+                       timeline: bool = False, top_k: int = PredictOptions.top_k, num_workers: Optional[int] = None,
                        quiet: bool = False) -> Iterator[dict]:
         """:meth:`classify` for many files, decoded by background DataLoader workers while the model runs.
 
@@ -350,11 +351,14 @@ class Classifier:
 
     # -- the one inference path
 
-    def _embed(self, wave: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(self._net.logmel(wave))
+    def _embed(self, logmel: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(logmel)
+
+    def _probs(self, logmel: torch.Tensor) -> torch.Tensor:
+        return activation(self._net.task)(self.model(logmel))
 
     def _window_means(self, audio, sample_rate: Optional[int], head=None, width: int = 0) -> np.ndarray:
-        """``head`` (a batch of windows to one row each; default: class probabilities) on every window of
+        """``head`` (a batch of log-mels to one row each; default: class probabilities) on every window of
         every input, averaged over each input's windows: ``(d,)`` for one input, ``(n, d)`` for a list of
         them, ``(0, width)`` for an empty list. Raises the error of the first input that cannot be read."""
         one = not isinstance(audio, (list, tuple))
@@ -364,7 +368,7 @@ class Classifier:
         for s in self._run(sources, head):
             if s.error is not None:
                 raise s.error
-            rows.append(s.mean() if head is not None else self._pooled(s))
+            rows.append(s.mean() if head is not None else (np.max if self.multilabel else np.mean)(s.rows, axis=0))
         if one:
             return rows[0]
         return np.stack(rows) if rows else np.zeros((0, width), np.float32)
@@ -377,7 +381,8 @@ class Classifier:
         workers = (auto_workers() if len(paths) > 2 else 0) if num_workers is None else num_workers
         return torch.utils.data.DataLoader(
             _PrepareFiles(paths, self.config.features, window, hop), batch_size=None, num_workers=workers,
-            prefetch_factor=self.batch_size if workers else None)  # a batch of short clips stays queued
+            prefetch_factor=self.batch_size if workers else None,  # a batch of short clips stays queued
+            worker_init_fn=dying_with_parent())
 
     def _run_loaded(self, loader: torch.utils.data.DataLoader, head=None) -> Iterator[_Source]:
         """:meth:`_run` over a file loader, with the model's CPU threads leaving the decoding workers their
@@ -391,7 +396,7 @@ class Classifier:
         whatever source they come from; yield each source, in input order, once all its windows are done,
         and with ``steps`` also ``None`` after each forward pass.
 
-        ``head`` maps a batch of windows to one row each (default: class probabilities); its rows are
+        ``head`` maps a batch of log-mels to one row each (default: class probabilities); its rows are
         collected in each source's ``rows``."""
         batch_size = batch_size or self.batch_size
         pending: deque[_Source] = deque()
@@ -428,8 +433,15 @@ class Classifier:
             return
         x = torch.from_numpy(np.stack([w for _, _, w in batch])).to(self.device)  # (batch, window samples)
         with torch.inference_mode():
-            rows = (head or self._net)(x).float().cpu().numpy()  # (batch, n_classes or embedding size)
-        for (source, start, _), row in zip(batch, rows):
+            logmel = self._net.logmel(x)  # (batch, n_mels, frames)
+            finite = torch.isfinite(logmel).flatten(1).all(1).cpu().numpy()
+            rows = (head or self._probs)(logmel).float().cpu().numpy()  # (batch, n_classes or embedding size)
+        for (source, start, _), row, ok in zip(batch, rows, finite):
+            if not (ok and np.isfinite(row).all()) and source.error is None:
+                # samples far outside [-1, 1] (a float file of 1e30) overflow the features: no answer, not NaN
+                at = start / self.config.features.sample_rate
+                source.error = AudioclfError(f"{source.name}: its features are not finite (window at {at:.2f} s): "
+                                             f"samples far outside [-1, 1] overflow them; check the file")
             source.starts.append(start)
             source.rows.append(row)
         batch.clear()
@@ -440,10 +452,12 @@ class Classifier:
         """Window and hop in samples; defaults: the training duration and half of it."""
         f = self.config.features
         window_s = f.duration_s if window_s is None else window_s
-        if not 0 < window_s <= 3600:
-            raise AudioclfError(f"window_s={window_s!r} is out of range: it must be in (0, 3600] seconds")
-        if hop_s is not None and not 0 < hop_s:
-            raise AudioclfError(f"hop_s={hop_s!r} is out of range: it must be > 0 seconds")
+        for name, value in (("window_s", window_s), ("hop_s", 1.0 if hop_s is None else hop_s)):
+            # NaN fails every comparison and inf overflows the sample count: name them before the range
+            if not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise AudioclfError(f"{name}={value!r} must be a finite number of seconds in (0, 3600]")
+            if not 0 < value <= 3600:
+                raise AudioclfError(f"{name}={value!r} is out of range: it must be in (0, 3600] seconds")
         window = f.window_samples(window_s)
         # the default hop is the one the training cache used: the same windows in both
         return window, default_hop(window) if hop_s is None else max(1, int(round(hop_s * f.sample_rate)))
@@ -452,49 +466,35 @@ class Classifier:
         if not isinstance(top_k, int) or top_k < 1:
             raise AudioclfError(f"top_k={top_k!r} must be an integer >= 1")
 
-    def _pooled(self, source: _Source) -> np.ndarray:
-        """A source's class probabilities over its windows: their mean, or for tags their maximum."""
-        return np.max(source.rows, axis=0) if self.multilabel else source.mean()
-
-    def tags(self, probs: np.ndarray) -> list[dict]:
-        """Each class whose probability in ``probs`` reaches its threshold, ``{"label", "prob"}``, most probable first."""
-        on = [i for i in np.argsort(-probs, kind="stable") if probs[i] >= self.thresholds[i]]
-        return [{"label": self.labels[i], "prob": float(probs[i])} for i in on]
-
     def _summarise(self, source: _Source, window: int, timeline: bool, top_k: int) -> dict:
         sr = self.config.features.sample_rate
-        probs = self._pooled(source)
+        probs = (np.max if self.multilabel else np.mean)(source.rows, axis=0)
         best = np.argsort(-probs)[:top_k]
         out = {"label": self.labels[best[0]], "confidence": float(probs[best[0]]),
                "probs": [float(p) for p in probs],
                "top_k": [{"label": self.labels[i], "prob": float(probs[i])} for i in best],
-               "duration_s": source.duration_s}
-        if self.multilabel:
-            out["tags"] = self.tags(probs)
+               "duration_s": source.duration_s,
+               **({"tags": tags_above(probs, self.labels, self.thresholds)} if self.multilabel else {})}
         if timeline:
             out["windows"] = [{"start_s": start / sr, "end_s": min((start + window) / sr, source.duration_s),
                                "label": self.labels[int(p.argmax())], "confidence": float(p.max()),
-                               **({"tags": self.tags(p)} if self.multilabel else {})}
+                               **({"tags": tags_above(p, self.labels, self.thresholds)} if self.multilabel else {})}
                               for start, p in zip(source.starts, source.rows)]
         return out
 
 
-def load(model, device: str = "auto", *, batch_size: int = 32, weights_path: Optional[str] = None) -> Classifier:
+def load(model, device: str = PredictOptions.device, *, batch_size: int = PredictOptions.batch_size,
+         weights_path: Optional[str] = None) -> Classifier:
     """A :class:`Classifier` from a run directory, ``.pt`` checkpoint or exported safetensors folder, or an
     AudioSet backbone's name (``mn04_as``): its pretrained 527-class tagger (:mod:`audioclf.audioset`), with
     its official weights from ``weights_path`` or the torch hub cache."""
     from .audioset import is_backbone_name, pretrained_model
 
-    thresholds = None
     if is_backbone_name(model):
-        net, config, labels = pretrained_model(model, weights_path)
+        saved = SavedModel(*pretrained_model(model, weights_path))
     elif weights_path:
         raise AudioclfError(f"weights_path is for an AudioSet backbone's name (mn04_as, ...), not a trained model "
                             f"({model})")
     else:
         saved = load_model(model)
-        (net, config, labels), thresholds = saved, saved.thresholds
-        if config.train.task == "multilabel" and thresholds is None:
-            log.warning("%s holds no decision thresholds (its training did not finish): each tag is called at "
-                        "probability %g", model, DEFAULT_THRESHOLD)
-    return Classifier(net, config, labels, device=device, batch_size=batch_size, thresholds=thresholds)
+    return Classifier(*saved, device=device, batch_size=batch_size, thresholds=saved.thresholds)

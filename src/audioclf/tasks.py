@@ -58,6 +58,14 @@ def loss_function(t: TrainConfig, class_weights: Optional[torch.Tensor]) -> Call
     return partial(F.cross_entropy, weight=class_weights, label_smoothing=t.label_smoothing)
 
 
+def objective(t: TrainConfig, targets: torch.Tensor, balance: str,
+              device: torch.device) -> tuple[Callable, Optional[torch.Tensor]]:
+    """``(loss function, per-clip sampling weights or None)`` for training clips of ``(clips, classes)``
+    multi-hot ``targets``: :func:`loss_function` with :func:`class_balance`'s class weights."""
+    class_weights, sample_weights = class_balance(targets, balance, device)
+    return loss_function(t, class_weights), sample_weights
+
+
 def class_balance(targets: torch.Tensor, balance: str,
                   device: torch.device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``(class weights for the loss, on device; per-clip sampling weights)`` of the training clips'
