@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -41,7 +42,7 @@ SAMPLE_RATE = 32000  # Hz, mn04_as's
 DURATION_S = 5.0
 LEVEL_DB = 6.0  # each clip's level is drawn from [-LEVEL_DB, +LEVEL_DB] around the common loudness
 TEST_FOLD = 4
-SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mn04_as_mAP_432.pt"
+WEIGHTS_FILE = "mn04_as_mAP_432.pt"
 
 
 def active_rms(wave: np.ndarray, frame: int = 1024, floor_db: float = 40.0) -> float:
@@ -92,12 +93,13 @@ def make_mixtures(clips, classes: list[str], out: Path, n_per_size: int, seed: i
     return manifest
 
 
-def train_command(data: Path, weights: Path, run: Path, task: str) -> list[str]:
+def train_command(data: Path, weights: Optional[Path], run: Path, task: str) -> list[str]:
     return [sys.executable, "-m", "audioclf", "train", str(data), "--format", "esc50", "--test-fold", str(TEST_FOLD),
-            "--backbone", "mn04_as", "--weights", str(weights), "--task", task, "--quiet", "--out", str(run)]
+            "--backbone", "mn04_as", "--task", task, "--quiet", "--out", str(run)] + \
+        (["--weights", str(weights)] if weights else [])
 
 
-def ensure_run(data: Path, weights: Path, run: Path, task: str) -> None:
+def ensure_run(data: Path, weights: Optional[Path], run: Path, task: str) -> None:
     if (run / "best.pt").is_file():
         return
     cmd = train_command(data, weights, run, task)
@@ -121,7 +123,8 @@ def by_size(eval_dir: Path, classes: list[str]) -> dict[int, float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", type=Path, help="the ESC-50 root (audio/, meta/esc50.csv)")
-    p.add_argument("--weights", type=Path, default=SHARED_WEIGHTS, help="mn04_as_mAP_432.pt (default: %(default)s)")
+    p.add_argument("--weights", type=Path, help=f"local copy of {WEIGHTS_FILE} (default: beside the data, in "
+                                                "DATA/../../weights/, else the torch hub cache or a download)")
     p.add_argument("--ml", type=Path, default=Path("runs/bench-ml"), help="the multilabel run (trained if it has "
                                                                           "no best.pt; default: %(default)s)")
     p.add_argument("--mc", type=Path, default=Path("runs/bench-mc"), help="the multiclass run (likewise; default: "
@@ -134,6 +137,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    beside = args.data.resolve().parents[1] / "weights" / WEIGHTS_FILE  # a shared/data/esc50 root: shared/weights/
+    args.weights = args.weights or (beside if beside.is_file() else None)
 
     for run, task in ((args.ml, "multilabel"), (args.mc, "multiclass")):
         ensure_run(args.data, args.weights, run, task)

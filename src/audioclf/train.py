@@ -326,7 +326,7 @@ def _load_clips(config: RunConfig, ckpt: Optional[dict], out: Path) -> ClipSet:
     clipset = load_clips(config.data)
     if multilabel(config.train) and not clipset.multilabel:
         log.info("%s has one class per clip: each trains as that one tag (with the mix augmentation, clips summed "
-                 "hold two); a %s layout cannot give a clip several classes, a CSV manifest's labels column can",
+                 "hold two); its layout (%s) cannot give a clip several classes, a CSV manifest's labels column can",
                  config.data.root, config.data.format)
     if ckpt is not None and clipset.classes != list(ckpt["labels"]):
         raise AudioclfError(f"--resume: {config.data.root} now has the classes {', '.join(clipset.classes)}; the run in "
