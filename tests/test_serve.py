@@ -48,7 +48,7 @@ def assert_still_serving(client):
 def test_health_and_labels(client, classifier):
     health = client.get("/health").json()
     assert health == {"status": "ok", "audioclf_version": audioclf.__version__, "n_classes": len(LABELS),
-                      "sample_rate": SAMPLE_RATE, "window_s": DURATION_S, "device": "cpu",
+                      "task": "multiclass", "sample_rate": SAMPLE_RATE, "window_s": DURATION_S, "device": "cpu",
                       "max_upload_mb": MAX_UPLOAD_MB}
     assert client.get("/labels").json() == {"labels": list(classifier.labels)}
 

@@ -35,7 +35,7 @@ from .config import FeatureConfig, _check_choice
 from .errors import AudioclfError
 from .fileio import atomic_path, check_output, sha256
 from .features import LogMel
-from .model import WaveformClassifier
+from .model import WaveformClassifier, activation
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +72,17 @@ def export(model_path, format: str = "safetensors", out_dir="export") -> Path:
                             f"(a model path must mean one model)")
     source = Path(model_path)  # an export exported into its own folder would be written over as it is read
     out = check_output(out_dir, folder=True, inputs=[source if source.is_dir() else source.parent])
-    model, config, labels = load_model(model_path)
+    saved = load_model(model_path)
+    model, config, labels = saved
     out.mkdir(parents=True, exist_ok=True)
     bound = {"labels": list(labels), "config": config.to_dict()}
     if format == "safetensors":
         path = _export_safetensors(model, out, bound)
         extra = {"weights_sha256": sha256(path)}
     else:
-        path, extra = _export_onnx(model, config.features, out)
+        path, extra = _export_onnx(model, config.features, out, config.train.task)
+    if saved.thresholds is not None:  # a multilabel model's: a tag is on where its probability reaches them
+        extra["thresholds"] = saved.thresholds
     meta = {"format": format, "format_version": EXPORT_FORMAT, "audioclf_version": __version__, **extra, **bound}
     with atomic_path(out / CONFIG_FILE) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
@@ -105,19 +108,21 @@ def _export_safetensors(model: nn.Module, out: Path, bound: dict) -> Path:
 # --- ONNX --------------------------------------------------------------------------------------------
 
 class LogMelClassifier(nn.Module):
-    """Log-mel in, class probabilities out: the network, then softmax (the ONNX fallback graph).
+    """Log-mel in, class probabilities out: the network, then softmax or sigmoids (the ONNX fallback graph).
 
     Args:
         model (nn.Module): a trained network (:func:`audioclf.model.build_network`).
+        task (str, optional): ``multiclass`` (softmax) or ``multilabel`` (sigmoids). (Default: ``"multiclass"``)
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, task: str = "multiclass"):
         super().__init__()
         self.model = model
+        self.task = task
 
     def forward(self, logmel: torch.Tensor) -> torch.Tensor:
         """(batch, n_mels, frames) -> (batch, n_classes) probabilities."""
-        return torch.softmax(self.model(logmel), dim=-1)
+        return activation(self.task)(self.model(logmel))
 
 
 def _onnx_export(module: nn.Module, example: torch.Tensor, input_name: str, path: Path) -> None:
@@ -138,13 +143,13 @@ def _onnx_export(module: nn.Module, example: torch.Tensor, input_name: str, path
             raise AudioclfError(f"onnxruntime's probabilities differ from PyTorch's by {err:.3g} (> {ONNX_ATOL})")
 
 
-def _export_onnx(model: nn.Module, features: FeatureConfig, out: Path) -> tuple[Path, dict]:
+def _export_onnx(model: nn.Module, features: FeatureConfig, out: Path, task: str) -> tuple[Path, dict]:
     _require("onnx", "onnxscript", "onnxruntime")
     path = out / ONNX_FILE
     # A batch of 2: an example batch of 1 would let the exporter treat the batch size as a constant.
     wave = 0.1 * torch.randn(2, features.n_samples, generator=torch.Generator().manual_seed(0))
     try:
-        _onnx_export(WaveformClassifier(features, model).eval(), wave, "waveform", path)
+        _onnx_export(WaveformClassifier(features, model, task).eval(), wave, "waveform", path)
         return path, {"input": "waveform", "input_shape": ["batch", features.n_samples], "opset": ONNX_OPSET}
     except Exception as e:  # the exporter fails in many ways (unsupported op, guard, version); all mean "fall back"
         log.warning("ONNX export of the whole graph (waveform -> probabilities) failed: %s: %s. Exporting "
@@ -152,5 +157,5 @@ def _export_onnx(model: nn.Module, features: FeatureConfig, out: Path) -> tuple[
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "", CONFIG_FILE)
     with torch.no_grad():
         logmel = LogMel(features)(wave)
-    _onnx_export(LogMelClassifier(model).eval(), logmel, "logmel", path)
+    _onnx_export(LogMelClassifier(model, task).eval(), logmel, "logmel", path)
     return path, {"input": "logmel", "input_shape": ["batch", features.n_mels, features.n_frames], "opset": ONNX_OPSET}

@@ -93,6 +93,7 @@ class Window(BaseModel):
     end_s: float
     label: str
     confidence: float
+    tags: Optional[list[ClassProb]] = None  # a multilabel model's
 
 
 class Prediction(BaseModel):
@@ -100,6 +101,8 @@ class Prediction(BaseModel):
     confidence: float
     top_k: list[ClassProb]
     duration_s: float
+    # a multilabel model's: every class whose probability reaches its threshold, most probable first
+    tags: Optional[list[ClassProb]] = None
     windows: Optional[list[Window]] = None  # only with ?timeline=1
 
 
@@ -119,6 +122,7 @@ class Health(BaseModel):
     status: str
     audioclf_version: str
     n_classes: int
+    task: str  # multiclass (one label) or multilabel (tags)
     sample_rate: int  # Hz, uploads are resampled to it
     window_s: float  # seconds of audio the model sees at once
     device: str
@@ -182,7 +186,7 @@ def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: 
     labels, features = list(clf.labels), clf.config.features
     sr, max_window_s = features.sample_rate, max(MAX_WINDOW_S, features.duration_s)
     step_samples = STEP_WINDOWS * features.n_samples
-    health = Health(status="ok", audioclf_version=__version__, n_classes=len(labels),
+    health = Health(status="ok", audioclf_version=__version__, n_classes=len(labels), task=clf.config.train.task,
                     sample_rate=features.sample_rate, window_s=features.duration_s,
                     device=str(next(clf.model.parameters()).device), max_upload_mb=max_upload_mb)
     page = importlib.resources.files("audioclf").joinpath("static/index.html").read_text(encoding="utf-8")

@@ -103,8 +103,14 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _csv_fields(timeline: bool) -> list[str]:
-    return ["path", "label", "confidence", "top_k", "error"] + (["start_s", "end_s"] if timeline else [])
+def _csv_fields(timeline: bool, tags: bool = False) -> list[str]:
+    """The CSV columns; ``tags``: a multilabel model's, every class above its threshold."""
+    return ["path", "label", "confidence", "top_k", *(["tags"] if tags else []), "error"] + \
+        (["start_s", "end_s"] if timeline else [])
+
+
+def _probs_cell(items: list[dict]) -> str:
+    return ";".join(f"{t['label']}:{t['prob']:.4f}" for t in items)
 
 
 def _csv_rows(r: dict) -> list[dict]:
@@ -112,13 +118,13 @@ def _csv_rows(r: dict) -> list[dict]:
     if r["error"]:
         return [{"path": r["path"], "error": r["error"]}]
     return [{"path": r["path"], "label": r["label"], "confidence": f"{r['confidence']:.4f}",
-             "top_k": ";".join(f"{t['label']}:{t['prob']:.4f}" for t in r["top_k"])},
+             "top_k": _probs_cell(r["top_k"]), **({"tags": _probs_cell(r["tags"])} if "tags" in r else {})},
             *({"path": r["path"], "label": win["label"], "confidence": f"{win['confidence']:.4f}",
                "start_s": f"{win['start_s']:.3f}", "end_s": f"{win['end_s']:.3f}"} for win in r.get("windows", ()))]
 
 
-def _write_csv(f, results: Iterable[dict], timeline: bool) -> None:
-    w = csv.DictWriter(f, _csv_fields(timeline), restval="", lineterminator="\n")
+def _write_csv(f, results: Iterable[dict], timeline: bool, tags: bool) -> None:
+    w = csv.DictWriter(f, _csv_fields(timeline, tags), restval="", lineterminator="\n")
     w.writeheader()
     for r in results:
         w.writerows({k: csv_cell(v) for k, v in row.items()} for row in _csv_rows(r))
@@ -146,6 +152,8 @@ def _write_json(f, results: Iterable[dict], labels: list[str]) -> None:
         item = {"path": r["path"], "label": r.get("label"), "confidence": r.get("confidence"),
                 "probs": dict(zip(labels, r["probs"])) if "probs" in r else None,
                 "top_k": r.get("top_k"), "duration_s": r.get("duration_s"), "error": r["error"]}
+        if "tags" in r:
+            item["tags"] = r["tags"]
         if "windows" in r:
             item["windows"] = r["windows"]
         items.append(item)
@@ -217,7 +225,7 @@ def run_predict(model, paths: Sequence[str], *, out: Optional[str] = None, top_k
         results = clf.classify_files(files, window_s=window_s, hop_s=hop_s, timeline=timeline, top_k=top_k,
                                      quiet=quiet)
         failed = _write_results(results, out_path, "submission" if submission else kind, clf.labels, timeline,
-                                shown)
+                                shown, clf.multilabel)
     log.info("%d file(s) classified, %d failed%s", len(files) - failed, failed,
              f"; wrote {out_path}" if out_path else "")
     return 1 if failed == len(files) else 0
@@ -249,14 +257,14 @@ class _Tally:
 
 
 def _write_results(results: Iterable[dict], out: Optional[Path], kind: str, labels: list[str], timeline: bool,
-                   shown: dict) -> int:
+                   shown: dict, tags: bool = False) -> int:
     """Write ``results`` as they come to ``out`` (atomically; stdout when ``None``) in ``kind`` (``.csv``,
-    ``.json``, ``.parquet`` or ``submission``), with printable names (``shown`` renames the stdin temp file).
-    Returns how many files failed."""
+    ``.json``, ``.parquet`` or ``submission``), with printable names (``shown`` renames the stdin temp file)
+    and with ``tags`` a column of a multilabel model's tags. Returns how many files failed."""
     tally = _Tally()
     named = tally.shown(results, shown)
     if kind == ".parquet":
-        fields = _csv_fields(timeline)
+        fields = _csv_fields(timeline, tags)
         _write_parquet(out, fields, ([row.get(f, "") for f in fields] for r in named for row in _csv_rows(r)))
     else:
         with atomic_path(out) if out else nullcontext() as tmp:
@@ -266,7 +274,7 @@ def _write_results(results: Iterable[dict], out: Optional[Path], kind: str, labe
                 elif kind == ".json":
                     _write_json(f, named, labels)
                 else:
-                    _write_csv(f, named, timeline)
+                    _write_csv(f, named, timeline, tags)
     tally.warn_escaped()
     return tally.failed
 
@@ -336,7 +344,7 @@ def _write_part(results: Iterable[dict], part: Path, fields: list[str], meta: di
     tally = _Tally()
     with PartWriter(part, fields, meta=meta) as writer:
         for r in tally.shown(results, {}):
-            rows = _csv_rows(r)
+            rows = [{k: v for k, v in row.items() if k in fields} for row in _csv_rows(r)]  # tags: not in the parts
             writer.write(rows[1:] + rows[:1])  # the file's own row last: it marks the file complete
     tally.warn_escaped()
 
