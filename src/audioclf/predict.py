@@ -27,7 +27,7 @@ from .checkpoint import SavedModel, load_model
 from .config import FeatureConfig, RunConfig
 from .errors import AudioclfError
 from .metrics import tags_above
-from .model import WaveformClassifier, activation
+from .model import WaveformClassifier
 from .options import PredictOptions
 from .runtime import auto_workers, cpu_threads_beside, dying_with_parent, resolve_device
 
