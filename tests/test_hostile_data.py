@@ -371,7 +371,8 @@ def test_training_lists_odd_names_and_dead_links_in_skipped_csv(tmp_path, capfd)
     config = resolve(overrides={
         "features": {"sample_rate": SR, "duration_s": 0.5}, "model": {"backbone": "resnet18", "pretrained": "none"},
         "data": {"root": str(root), "format": "folder", "val_split": 0.25, "num_workers": 0},
-        "train": {"epochs": 1, "batch_size": 4, "quiet": True, "seed": 0}})
+        # fp32: under bf16 autocast this tiny from-scratch run could diverge on some CPUs
+        "train": {"epochs": 1, "batch_size": 4, "quiet": True, "seed": 0, "amp": False}})
     fit(config, tmp_path / "run")
     with open(tmp_path / "run" / "skipped.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
         rows = {r["path"]: r["reason"] for r in csv.DictReader(f)}

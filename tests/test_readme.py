@@ -140,7 +140,8 @@ def _environment(tmp: Path, weights: bool) -> dict:
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)}
     for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         env[proxy] = "http://127.0.0.1:9"  # the discard port: a download fails at once
-    env.pop("no_proxy", None), env.pop("NO_PROXY", None)
+    # the README's own server (curl) is reached directly; everything else goes to the dead proxy
+    env["no_proxy"] = env["NO_PROXY"] = "127.0.0.1,localhost"
     if weights:
         cached = Path(env["TORCH_HOME"]) / "hub" / "checkpoints" / SHARED_WEIGHTS.name
         cached.parent.mkdir(parents=True, exist_ok=True)
