@@ -16,6 +16,7 @@ from audioclf.checkpoint import load_model, load_safetensors
 from audioclf.cli import main as cli_main
 from audioclf.config import AudioclfError
 from audioclf.export import export
+from audioclf.fileio import FILE_MODE
 from audioclf.features import LogMel
 from audioclf.model import WaveformClassifier
 
@@ -42,6 +43,9 @@ def test_safetensors_folder_holds_weights_and_config(safetensors_dir, model_path
     meta = json.loads((safetensors_dir / "config.json").read_text())
     assert meta["format"] == "safetensors" and meta["labels"] == LABELS
     assert meta["audioclf_version"] == audioclf.__version__ and meta["config"] == config.to_dict()
+    # the weights are as readable as config.json: the umask's mode, not the 0600 safetensors creates
+    modes = {(safetensors_dir / name).stat().st_mode & 0o777 for name in ("model.safetensors", "config.json")}
+    assert modes == {FILE_MODE} and FILE_MODE & 0o044  # readable by others under the usual umask (022)
 
 
 def test_safetensors_loads_to_identical_predictions(safetensors_dir, model_path):

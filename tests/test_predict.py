@@ -87,7 +87,7 @@ def test_api_numpy_waveform_and_torch_tensor(clf, tiny_run):
     assert p.shape == (3,) and p.sum() == pytest.approx(1, abs=1e-5)
     assert clf.predict(tone) == "tone" == clf.labels[p.argmax()]
     np.testing.assert_allclose(clf.predict_proba(torch.from_numpy(tone)), p, atol=1e-6)
-    np.testing.assert_allclose(clf.predict_proba(np.stack([tone, tone])), p, atol=1e-6)  # (channels, time)
+    np.testing.assert_allclose(clf.predict_proba(np.stack([tone, tone]), batch=False), p, atol=1e-6)  # (channels, time)
     # another sample rate is resampled to the training rate
     assert clf.predict(synth_clip("noise", np.random.default_rng(1), 44100, 1.0), sample_rate=44100) == "noise"
 
@@ -95,6 +95,22 @@ def test_api_numpy_waveform_and_torch_tensor(clf, tiny_run):
     assert batch.shape == (3, 3)
     np.testing.assert_allclose(batch[0], p, atol=1e-5)
     assert clf.predict([tone, clip("noise", 2)]) == ["tone", "noise"]
+
+
+def test_two_dimensional_input_says_whether_rows_are_clips_or_channels(clf):
+    two = np.stack([clip("tone", 0), clip("noise", 2)])  # two mono clips, or one stereo clip: the same shape
+    with pytest.raises(AudioclfError, match=r"ambiguous.*batch=True.*batch=False"):
+        clf.predict_proba(two)
+    with pytest.raises(AudioclfError, match="ambiguous"):
+        clf.embed(torch.from_numpy(two))
+    rows = clf.predict_proba(two, batch=True)
+    assert rows.shape == (2, 3)
+    np.testing.assert_allclose(rows, clf.predict_proba(list(two)), atol=1e-6)
+    assert clf.predict(two, batch=True) == ["tone", "noise"]
+    np.testing.assert_allclose(clf.predict_proba(two, batch=False), clf.predict_proba(two.mean(axis=0)), atol=1e-6)
+    assert clf.embed(torch.from_numpy(two), batch=True).shape[0] == 2
+    with pytest.raises(AudioclfError, match=r"batch=True needs .*shape \(\d+,\)"):
+        clf.predict_proba(two[0], batch=True)
 
 
 def test_short_clip_is_padded_exactly_as_in_training(clf):

@@ -141,6 +141,24 @@ def as_waveform(audio, sample_rate: Optional[int], target_sr: int) -> np.ndarray
     return resample(mono.astype(np.float32, copy=False), int(sample_rate or target_sr), target_sr)
 
 
+def _unbatch(audio, batch: Optional[bool]):
+    """An array or tensor whose first axis is clips (``batch``) as a list of clips; a 2-D one without
+    ``batch`` is refused: two mono clips and one stereo clip have the same shape."""
+    is_array = isinstance(audio, (np.ndarray, torch.Tensor))
+    ndim = audio.ndim if is_array else None
+    if batch is None:
+        if ndim == 2:
+            raise AudioclfError(f"a waveform of shape {tuple(audio.shape)} is ambiguous: pass batch=True if its rows "
+                                f"are clips (one result each), batch=False if they are the channels of one clip")
+        return audio
+    if not batch:
+        return audio
+    if ndim not in (2, 3):
+        raise AudioclfError(f"batch=True needs an array or tensor of shape (n, time) or (n, channels, time); got "
+                            + (f"shape {tuple(audio.shape)}" if is_array else type(audio).__name__))
+    return list(audio)
+
+
 def _check_readable(path) -> None:
     """Say so when this process may not read ``path`` (the decoder would call it undecodable). Tried with
     open() itself: ``os.access`` (audio._open's check) asks about the real user, not the effective one that
@@ -230,14 +248,21 @@ class Classifier:
 
     # -- public API
 
-    def predict_proba(self, audio, sample_rate: Optional[int] = None) -> np.ndarray:
+    def predict_proba(self, audio, sample_rate: Optional[int] = None, *, batch: Optional[bool] = None) -> np.ndarray:
         """Class probabilities, columns in ``labels`` order: ``(n_classes,)`` for one input, ``(n, n_classes)``
-        for a list of inputs."""
-        return self._window_means(audio, sample_rate, width=len(self.labels))
+        for a list of inputs.
 
-    def predict(self, audio, sample_rate: Optional[int] = None):
-        """The most probable label (a list of them for a list of inputs), from ``predict_proba``."""
-        best = self.predict_proba(audio, sample_rate).argmax(axis=-1)
+        Args:
+            batch (bool, optional): what the first axis of a 2-D (or 3-D) array or tensor is: ``True``, clips
+                (``(n, time)`` or ``(n, channels, time)``, one row of probabilities each); ``False``, the
+                channels of one clip (``(channels, time)``, mixed down). Required for a 2-D input, which
+                could be either. (Default: ``None``, for 1-D inputs, paths and lists)
+        """
+        return self._window_means(audio, sample_rate, width=len(self.labels), batch=batch)
+
+    def predict(self, audio, sample_rate: Optional[int] = None, *, batch: Optional[bool] = None):
+        """The most probable label (a list of them for a list of inputs or ``batch``), from ``predict_proba``."""
+        best = self.predict_proba(audio, sample_rate, batch=batch).argmax(axis=-1)
         return self.labels[best] if best.ndim == 0 else [self.labels[i] for i in best]
 
     def classify(self, audio, sample_rate: Optional[int] = None, *, window_s: Optional[float] = None,
@@ -308,13 +333,14 @@ class Classifier:
         return ({"path": s.name, "error": str(s.error)} if s.error is not None else
                 {"path": s.name, "error": None, **self._summarise(s, window, timeline, top_k)} for s in sources)
 
-    def embed(self, audio, sample_rate: Optional[int] = None) -> np.ndarray:
+    def embed(self, audio, sample_rate: Optional[int] = None, *, batch: Optional[bool] = None) -> np.ndarray:
         """Embeddings for search and clustering: the network's pooled trunk features (before any classifier
         layer; 512 for resnet18, 384 for mn04_as), averaged over a long input's windows.
 
-        Returns ``(d,)`` for one input (path or waveform), ``(n, d)`` for a list of them.
+        Returns ``(d,)`` for one input (path or waveform), ``(n, d)`` for a list of them or ``batch``
+        (as in :meth:`predict_proba`).
         """
-        return self._window_means(audio, sample_rate, self._embed)
+        return self._window_means(audio, sample_rate, self._embed, batch=batch)
 
     def embed_files(self, paths: Sequence, *, quiet: bool = False) -> np.ndarray:
         """:meth:`embed` of many files, decoded in background workers: ``(len(paths), d)``. A file that cannot
@@ -334,10 +360,13 @@ class Classifier:
     def _embed(self, wave: torch.Tensor) -> torch.Tensor:
         return self.model.embed(self._net.logmel(wave))
 
-    def _window_means(self, audio, sample_rate: Optional[int], head=None, width: int = 0) -> np.ndarray:
+    def _window_means(self, audio, sample_rate: Optional[int], head=None, width: int = 0,
+                      batch: Optional[bool] = None) -> np.ndarray:
         """``head`` (a batch of windows to one row each; default: class probabilities) on every window of
         every input, averaged over each input's windows: ``(d,)`` for one input, ``(n, d)`` for a list of
-        them, ``(0, width)`` for an empty list. Raises the error of the first input that cannot be read."""
+        them (or the rows of an array, with ``batch``), ``(0, width)`` for an empty list. Raises the error
+        of the first input that cannot be read."""
+        audio = _unbatch(audio, batch)
         one = not isinstance(audio, (list, tuple))
         window, hop = self._window(None, None)
         sources = (prepare(a, sample_rate, self.config.features, window, hop) for a in ([audio] if one else audio))

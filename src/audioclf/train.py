@@ -527,10 +527,7 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def plot_curves(metrics_csv: Path, out_png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's backend alone
 
     with open(metrics_csv) as f:
         rows = list(csv.DictReader(f))
@@ -538,7 +535,8 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> None:
         return
     ep = [int(r["epoch"]) for r in rows]
     col = {k: [float(r[k]) for r in rows] for k in METRIC_FIELDS[1:]}
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig = Figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
     axes[0].plot(ep, col["train_loss"], label="train"), axes[0].plot(ep, col["val_loss"], label="validation")
     axes[0].set_title("loss"), axes[0].legend()
     axes[1].plot(ep, col["train_acc"], label="train"), axes[1].plot(ep, col["val_acc"], label="validation")
@@ -551,7 +549,6 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> None:
         a.set_xlabel("epoch"), a.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
-    plt.close(fig)
 
 
 def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
