@@ -162,7 +162,7 @@ def cmd_predict(args) -> int:
 
     return run_predict(args.model, args.paths, out=args.out, top_k=args.top_k, batch_size=args.batch_size,
                        device=args.device, window_s=args.window, hop_s=args.hop, timeline=args.timeline,
-                       submission=args.submission, out_format=args.format, retry_errors=args.retry_errors,
+                       probs=args.probs, submission=args.submission, out_format=args.format, retry_errors=args.retry_errors,
                        quiet=args.quiet)
 
 
@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "one file on stdin")
     p.add_argument("--out", help="output .csv, .json or .parquet file (default: CSV on stdout), or a folder (existing, "
                    "or a new name without a suffix): resumable, and shared among torchrun's processes; the rows go to "
-                   "DIR/parts as they come and are merged into DIR/predictions.csv")
+                   "DIR/parts as they come and are merged into DIR/predictions.csv. Columns: path, label, confidence, "
+                   "label_1, prob_1, ... (the --top-k best), error")
     p.add_argument("--format", choices=["csv", "parquet", "both"],
                    help="with --out DIR: predictions.csv (default), predictions.parquet or both")
     p.add_argument("--retry-errors", action="store_true",
@@ -278,7 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--window", type=float, help="sliding-window length in s (default: training duration)")
     p.add_argument("--hop", type=float, help="sliding-window hop in s (default: half the window)")
-    p.add_argument("--timeline", action="store_true", help="add per-window rows (start, end, label, confidence)")
+    p.add_argument("--timeline", action="store_true", help="also write the timeline table, one row per sliding "
+                   "window (path, start_s, end_s, label, prob): x.timeline.csv beside --out x.csv, DIR/timeline.csv "
+                   "with --out DIR, nested in .json; on stdout it replaces the per-file table")
+    p.add_argument("--probs", action="store_true", help="add one probability column per class (p_<class>, in the "
+                   "model's label order) to the per-file table")
     p.add_argument("--submission", action="store_true", help="write an ID,Class CSV")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)

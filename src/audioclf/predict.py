@@ -147,7 +147,7 @@ def _unbatch(audio, batch: Optional[bool]):
     is_array = isinstance(audio, (np.ndarray, torch.Tensor))
     ndim = audio.ndim if is_array else None
     if batch is None:
-        if ndim == 2:
+        if ndim == 2 and audio.shape[0] <= audio.shape[1]:  # taller than wide: as_waveform's "(time, channels)?"
             raise AudioclfError(f"a waveform of shape {tuple(audio.shape)} is ambiguous: pass batch=True if its rows "
                                 f"are clips (one result each), batch=False if they are the channels of one clip")
         return audio

@@ -2,8 +2,9 @@
 to its own ``DIR/parts/part-<run id>-<rank>.csv``, synced to disk chunk by chunk, so a killed job loses at
 most its last chunk. A rerun reads every part to skip the files already done; at the end rank 0 merges them.
 
-A part holds the CSV rows of ``--out x.csv`` in one other order: a file's ``--timeline`` window rows come
-before its own row, so that its own row, written last, says that the file is complete.
+A part holds the rows of both of ``--out x.csv``'s tables in one CSV, in the per-file table's columns
+followed, with ``--timeline``, by ``start_s``, ``end_s`` and ``prob``: a file's window rows (those with a
+``start_s``) come before its own row, so that its own row, written last, says that the file is complete.
 """
 
 from __future__ import annotations
@@ -88,6 +89,26 @@ class PartWriter:
         self.close()
 
 
+def _reader(f) -> Iterator[list[str]]:
+    """The complete lines of an open part as CSV rows; a torn last line (a killed process) is left out."""
+    return csv.reader((line for line in f if line.endswith("\n")), strict=True)
+
+
+def _open(path: Path):
+    # newline="\n": a "\r" inside a quoted file name must not end a line
+    return open(path, newline="\n", encoding="utf-8", errors="replace")
+
+
+def part_fields(folder: Path) -> Optional[list[str]]:
+    """The columns of the oldest part in ``folder`` (``None`` when it has none): what every part must have."""
+    for _, path in list_parts(folder):
+        with _open(path) as f:
+            header = next(_reader(f), None)
+        if header is not None:
+            return header
+    return None
+
+
 def read_part(path: Path, fields: list[str]) -> Iterator[list[list[str]]]:
     """The complete files of one part, in the order written: each a list of rows (lists of strings in
     ``fields`` order), the file's own row first, then its window rows.
@@ -99,9 +120,8 @@ def read_part(path: Path, fields: list[str]) -> Iterator[list[list[str]]]:
     """
     path_col = fields.index("path")
     start_col = fields.index("start_s") if "start_s" in fields else None
-    # newline="\n": a "\r" inside a quoted file name must not end a line
-    with open(path, newline="\n", encoding="utf-8", errors="replace") as f:
-        reader = csv.reader((line for line in f if line.endswith("\n")), strict=True)
+    with _open(path) as f:
+        reader = _reader(f)
         try:
             header = next(reader, None)
             if header is None:
@@ -123,9 +143,12 @@ def read_part(path: Path, fields: list[str]) -> Iterator[list[list[str]]]:
             return  # a quoted field cut short by the kill: the rest is the torn tail
 
 
-def read_parts(folder: Path, fields: list[str], skip_run: Optional[str] = None) -> Iterator[tuple[str, list[list[str]]]]:
+def read_parts(folder: Path, fields: Optional[list[str]] = None,
+               skip_run: Optional[str] = None) -> Iterator[tuple[str, list[list[str]]]]:
     """``(run id, file's rows)`` for every complete file in every part in ``folder`` but ``skip_run``'s, oldest
-    run first: a file classified twice comes last as it was classified last."""
+    run first: a file classified twice comes last as it was classified last. ``fields``: the columns every
+    part must have (default: those of the oldest, :func:`part_fields`)."""
+    fields = fields or part_fields(folder)
     for run, path in list_parts(folder):
         if run != skip_run:
             for record in read_part(path, fields):
