@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .audio import (audio_duration_s, default_hop, fix_length, load_audio, resample, settled_windows, stream_audio,
                     window_starts)
-from .checkpoint import load_model
+from .checkpoint import load_model, weights_file
 from .config import AudioclfError, FeatureConfig, RunConfig
 from .model import WaveformClassifier
 from .runtime import auto_workers, cpu_threads_beside, resolve_device
@@ -227,7 +227,11 @@ class Classifier:
 
     Inputs are file paths, or numpy arrays / torch tensors of shape ``(time,)`` or ``(channels, time)``
     in [-1, 1]; an array's ``sample_rate`` (Hz) defaults to the training sample rate.
+
+    ``weights_file``: the file the weights were read from (set by :func:`load`; ``None`` when built here).
     """
+
+    weights_file: Optional[str] = None
 
     def __init__(self, model: torch.nn.Module, config: RunConfig, labels: Sequence[str], *, device="auto",
                  batch_size: int = 32):
@@ -305,16 +309,16 @@ class Classifier:
         """
         window, hop = self._window(window_s, hop_s)
         self._check_top_k(top_k)
-        source = prepare(audio, sample_rate, self.config.features, window, hop)
-        if max_duration_s is not None or max_windows is not None:
-            source.windows = _limited(source.windows, source.name, window, self.config.features.sample_rate,
-                                      max_duration_s, max_windows)
-        for done in self._run([source], batch_size=batch_size, steps=True):
-            if done is None:
-                yield None
-        if source.error is not None:
-            raise source.error
-        yield self._summarise(source, window, timeline, top_k)
+        for source in self._steps(audio, sample_rate, window, hop, None, batch_size, max_duration_s, max_windows):
+            yield None if source is None else self._summarise(source, window, timeline, top_k)
+
+    def embed_steps(self, audio, sample_rate: Optional[int] = None, *, batch_size: Optional[int] = None,
+                    max_duration_s: Optional[float] = None, max_windows: Optional[int] = None) -> Iterator[Optional[np.ndarray]]:
+        """:meth:`embed` of one input, one forward pass at a time, as :meth:`classify_steps`: yields ``None``
+        after each batch of windows, then the embedding ``(d,)``."""
+        window, hop = self._window(None, None)
+        for source in self._steps(audio, sample_rate, window, hop, self._embed, batch_size, max_duration_s, max_windows):
+            yield None if source is None else source.mean()
 
     def classify_files(self, paths: Sequence, *, window_s: Optional[float] = None, hop_s: Optional[float] = None,
                        timeline: bool = False, top_k: int = 3, num_workers: Optional[int] = None,
@@ -356,6 +360,21 @@ class Classifier:
         return np.stack([np.full(dim, np.nan, np.float32) if r is None else r for r in rows]) if rows else np.zeros((0, 0))
 
     # -- the one inference path
+
+    def _steps(self, audio, sample_rate: Optional[int], window: int, hop: int, head, batch_size: Optional[int],
+               max_duration_s: Optional[float], max_windows: Optional[int]) -> Iterator[Optional[_Source]]:
+        """One input through ``head`` (:meth:`_run`), ``batch_size`` windows a step: ``None`` after each step,
+        then the source with its rows; its error raised instead, a LimitError past the limits."""
+        source = prepare(audio, sample_rate, self.config.features, window, hop)
+        if max_duration_s is not None or max_windows is not None:
+            source.windows = _limited(source.windows, source.name, window, self.config.features.sample_rate,
+                                      max_duration_s, max_windows)
+        for done in self._run([source], head, batch_size=batch_size, steps=True):
+            if done is None:
+                yield None
+        if source.error is not None:
+            raise source.error
+        yield source
 
     def _embed(self, wave: torch.Tensor) -> torch.Tensor:
         return self.model.embed(self._net.logmel(wave))
@@ -480,4 +499,6 @@ class Classifier:
 def load(model, device: str = "auto", *, batch_size: int = 32) -> Classifier:
     """A :class:`Classifier` from a run directory, ``.pt`` checkpoint or exported safetensors folder."""
     net, config, labels = load_model(model)
-    return Classifier(net, config, labels, device=device, batch_size=batch_size)
+    clf = Classifier(net, config, labels, device=device, batch_size=batch_size)
+    clf.weights_file = str(weights_file(model))
+    return clf
