@@ -27,12 +27,12 @@ LOCK_FILE = ".audioclf.lock"
 # what a training writes into its run directory; --overwrite removes these (and earlier evaluations and
 # exports of the old model) and nothing else
 RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "summary.json", "test_metrics.json", "test_predictions.csv",
-             "config.yaml", "labels.json", "curves.png", "skipped.csv", "train.log")
+             "config.yaml", "labels.json", "curves.png", "skipped.csv", "train.log", "mlflow_run.json")
 _EARLIER_RUN = ("best.pt", "last.pt", "metrics.csv", "summary.json", "test_metrics.json")  # worth keeping
 
 # settings that change where or how loudly a run goes, not what it learns
-RUN_ONLY = {("train", "quiet"), ("train", "device"), ("train", "deterministic"), ("data", "num_workers"),
-            ("data", "cache_dir")}
+RUN_ONLY = {("train", "quiet"), ("train", "device"), ("train", "deterministic"), ("train", "logger"),
+            ("data", "num_workers"), ("data", "cache_dir")}
 # what --resume may change: the run-only settings, and how many epochs it lasts
 RESUMABLE = RUN_ONLY | {("train", "epochs")}
 

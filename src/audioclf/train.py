@@ -22,7 +22,7 @@ import math
 import os
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -40,6 +40,7 @@ from .config import AudioclfError, RunConfig, TrainConfig
 from .data import ClipSet, load_clips, split_clips
 from .evaluate import classification_metrics, macro_f1, write_predictions
 from .fileio import atomic_path, write_text_atomic
+from .loggers import Tracker, open_tracker
 from .model import AudioResNet, build_model
 from .rundir import claim, resumed_config
 from .runtime import amp_dtype, broadcast, dist_info, process_group, resolve_device
@@ -86,6 +87,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = Fals
             _log_recipe(config, pretrained, s)
             if s.master:
                 _write_run_config(out, config, clipset.classes)
+            s.tracker.start(config.to_dict())
             # --- optimiser, loss, schedule
             decay_all = ckpt is not None and len(ckpt["optimizer"]["param_groups"]) == 1  # started before groups
             opt = make_optimizer(model, t, s.device, decay_all=decay_all)
@@ -119,6 +121,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = Fals
                 improved = progress.update(epoch, val["val_loss"])
                 _log_epoch(rows[-1], improved)
                 # --- checkpoint: best by validation loss, last for --resume
+                s.tracker.log(rows[-1])
                 if s.master:
                     _write_metrics(out / "metrics.csv", rows)
                     _save_checkpoints(out, model, config, clipset.classes, opt, scheduler, progress, improved)
@@ -330,6 +333,7 @@ class Session:
     device: torch.device
     amp: Optional[torch.dtype]  # None: full precision
     quiet: bool  # no progress bars
+    tracker: Tracker = field(default_factory=Tracker)  # TensorBoard, MLflow: rank 0's; the others' log nowhere
 
     @property
     def master(self) -> bool:
@@ -373,14 +377,19 @@ def _session(t: TrainConfig, out: Path) -> Iterator[Session]:
     with process_group(resolve_device(t.device)) as device:
         torch.manual_seed(t.seed)
         s = Session(rank, world, device, amp_dtype(device) if t.amp else None, t.quiet or rank != 0)
+        if s.master:
+            s.tracker = open_tracker(t.logger, out)
         handler = _log_to_file(out / "train.log") if s.master else None
         restore_kernels = _deterministic_kernels(t.deterministic)
+        finished = False
         try:
             yield s
+            finished = True
         except KeyboardInterrupt:
             log.warning("interrupted: %s holds the last completed epoch; continue with --resume", out / "last.pt")
             raise
         finally:
+            s.tracker.close(failed=not finished)
             restore_kernels()
             if handler is not None:
                 logging.getLogger("audioclf").removeHandler(handler)
