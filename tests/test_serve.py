@@ -115,6 +115,19 @@ def test_predict_batch_gives_one_result_per_file_in_order(client, classifier):
     assert_still_serving(client)
 
 
+def test_predict_a_browser_recording(client, classifier, tmp_path):
+    """Browsers record webm/opus (MediaRecorder), without a duration in the header: decoded through PyAV."""
+    from test_audio import encode_with_pyav
+
+    path = tmp_path / "recording.webm"
+    encode_with_pyav(path, "webm", "libopus", clip("tone", duration_s=2.0), SAMPLE_RATE, live="1")
+    r = client.post("/predict", files={"file": ("recording.webm", path.read_bytes(), "audio/webm")})
+    assert r.status_code == 200, r.text
+    want = classifier.classify(path)
+    assert r.json()["label"] == want["label"] and r.json()["duration_s"] == pytest.approx(2.0, abs=0.05)
+    np.testing.assert_allclose(list(r.json()["probs"].values()), want["probs"], atol=1e-5)
+
+
 def test_predict_batch_limits_hold_for_the_files_together(classifier):
     # each file alone fits the 5 s limit; together they do not
     with TestClient(create_app(classifier, max_audio_s=5.0, max_windows=40)) as c:
