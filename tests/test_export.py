@@ -154,6 +154,11 @@ def test_onnx_int8_is_smaller_and_close_to_fp32(onnx_dir, model_path, tmp_path, 
     np.testing.assert_allclose(int8.sum(axis=1), 1, atol=1e-4)
     assert 0 < np.abs(int8 - fp32).max() < 0.1  # quantized (not a copy), and still the same model
     assert not list(tmp_path.glob("*.fp32")) and not list(tmp_path.glob(".*tmp*"))  # no intermediate left behind
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node}
+    front_end = [n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node if "logmel.mel.fb" in n.input]
+    assert "ConvInteger" in ops and front_end == ["MatMul"]  # the network quantized, the mel filterbank not
 
 
 def test_quantize_is_for_onnx_only(model_path, tmp_path):

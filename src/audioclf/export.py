@@ -161,17 +161,23 @@ def _onnx_export(module: nn.Module, example: torch.Tensor, input_name: str, path
 
 
 def _quantize_int8(path: Path) -> None:
-    """Replace the fp32 ONNX graph at ``path`` with its int8 dynamic quantization (weights int8, activations
-    quantized per batch at run time)."""
+    """Replace the fp32 ONNX graph at ``path`` with its int8 dynamic quantization (weights int8 per output
+    channel, activations quantized per batch at run time). The network only: the front end's mel filterbank
+    stays fp32, because its input, a power spectrum, spans more decades than 8 bits hold (quantized, ESC-50
+    fold 4 agreed with fp32 on 93% of clips; without it, 96%)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    graph = onnx.load(str(path), load_external_data=False).graph
+    front_end = [n.name for n in graph.node
+                 if any(i.startswith("logmel.") for i in n.input)]  # WaveformClassifier's front end, by its name
     fp32 = path.with_name(path.name + ".fp32")
     quiet = logging.Filter()
     quiet.filter = lambda record: f"{os.sep}onnxruntime{os.sep}" not in record.pathname  # type: ignore[method-assign]
     logging.root.addFilter(quiet)  # the quantizer logs a line per tensor to the root logger
     try:
         path.replace(fp32)
-        quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=front_end)
     finally:
         logging.root.removeFilter(quiet)
         fp32.unlink(missing_ok=True)
