@@ -1,19 +1,21 @@
 """Accuracy on real data by cross-validation, with training time and epochs per fold.
 
-    python benchmarks/accuracy.py --only esc50 --backbones mn04_as     # the headline: ESC-50, 4 folds
-    python benchmarks/accuracy.py --only esc10 --backbones resnet18 --recipes default seed
+    python benchmarks/accuracy.py --esc50 ESC-50/ --only esc50 --backbones mn04_as     # the headline: ESC-50, 4 folds
+    python benchmarks/accuracy.py --esc50 ESC-50/ --only esc10 --backbones resnet18 --recipes default tutorial
+    python benchmarks/accuracy.py --fsdd FSDD/ --only fsdd --backbones mn04_as
     python benchmarks/accuracy.py --quick         # 2 folds / 2 speakers, fewer epochs: a smoke check
     python benchmarks/accuracy.py --json
 
 Runs (each one is ``audioclf cv``; a fold already finished under --out is reused, so an interrupted
 benchmark continues where it stopped), for each backbone of --backbones:
-- ESC-50 (../shared/data/esc50, folds 1-4, 50 classes): 4-fold CV.
+- ESC-50 (--esc50 DIR: audio/, meta/esc50.csv; the figures use its folds 1-4, 50 classes): 4-fold CV.
 - ESC-10 (the same folds, 10 classes): 4-fold CV; for resnet18 also the recipes of --recipes (ablations).
-- FSDD (../shared/data/fsdd): speaker-independent CV, each of the six speakers in turn held out as the test
+- FSDD (--fsdd DIR: recordings/): speaker-independent CV, each of the six speakers in turn held out as the test
   fold; validation clips come from the five training speakers.
-resnet18 trains from scratch (ImageNet weights cannot be had here; the ``imagenet`` recipe runs when
+resnet18 trains from scratch (the ``imagenet`` recipe runs when
 $TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth exists). The MobileNets fine-tune their AudioSet
-weights: --weights, else ../shared/weights/<official file>, else the torch hub cache or a download.
+weights: --weights, else ../shared/weights/<official file> beside the clone, else the torch hub cache or a
+download. Without --esc50/--fsdd, the data is looked for in ../shared/data beside the clone.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from audioclf.config import resolve
 from audioclf.cv import cross_validate
 from audioclf.weights import hub_path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # where --esc50 and --fsdd look by default
 SHARED_WEIGHTS = SHARED.parent / "weights"
 FSDD_SPEAKERS = ["george", "jackson", "lucas", "nicolas", "theo", "yweweler"]
 
@@ -53,14 +55,14 @@ def fsdd_manifest(root: Path, out: Path) -> Path:
 
 
 # ESC-10 recipes for resnet18: (preset, overrides on top of it). "default" is what `audioclf train
-# --backbone resnet18` does; the others are the ablation rows of the README, each one change away from it
-# or from the seed. (The rows gain1e4, gain-long, no-pool and gain-cmn measured settings that did not help
+# --backbone resnet18` does; the others are the ablation rows of docs/results.md, each one change away from it
+# or from the original tutorial's recipe. (The rows gain1e4, gain-long, no-pool and gain-cmn measured settings that did not help
 # and have since been removed from audioclf: features.mel_gain, model.stem_pool, model.normalization clip.)
 _ESC10_RECIPES = {
     "default": ("default", {}),
-    "seed": ("seed", {}),
+    "tutorial": ("seed", {}),  # the original tutorial's recipe
     "imagenet": ("default", {"model": {"pretrained": "imagenet"}}),
-    # session 1's default: no peak normalisation, no time shift, uncapped time masks, patience 10
+    # the first default: no peak normalisation, no time shift, uncapped time masks, patience 10
     "v0": ("default", {"features": {"peak_normalize": False}, "train": {"patience": 10},
                        "augment": {"time_shift": 0.0, "time_mask_fraction": 1.0}}),
     "no-peak": ("default", {"features": {"peak_normalize": False}}),
@@ -114,8 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--backbones", nargs="+", default=["mn04_as", "resnet18"], choices=BACKBONE_NAMES)
     p.add_argument("--weights", help="the MobileNet's weights file (default: ../shared/weights, hub cache, download)")
     p.add_argument("--recipes", nargs="+", default=["default"], choices=list(ESC10_RECIPES),
-                   help="resnet18 ESC-10 recipes: default (scratch), seed (preset), imagenet (needs cached weights), "
-                        f"or an ablation: {', '.join(r for r in ESC10_RECIPES if r not in ('default', 'seed', 'imagenet'))}")
+                   help="resnet18 ESC-10 recipes: default (scratch), tutorial (preset), imagenet (needs cached weights), "
+                        f"or an ablation: {', '.join(r for r in ESC10_RECIPES if r not in ('default', 'tutorial', 'imagenet'))}")
     p.add_argument("--mn-recipes", nargs="+", default=["default"], choices=list(MN_RECIPES),
                    help=f"MobileNet ESC-50 recipes: default, or {', '.join(list(MN_RECIPES)[1:])}")
     p.add_argument("--folds", nargs="+", type=int, help="ESC test folds (default: all four)")
@@ -123,27 +125,35 @@ def main(argv=None) -> int:
                    help="held-out speakers (each a fold)")
     p.add_argument("--fsdd-recipes", nargs="+", default=["default"], choices=list(FSDD_RECIPES),
                    help=f"FSDD recipes: default, or an ablation: {', '.join(list(FSDD_RECIPES)[1:])}")
+    p.add_argument("--esc50", type=Path, default=SHARED / "esc50",
+                   help="ESC-50 folder: audio/, meta/esc50.csv (default: ../shared/data/esc50 beside the clone)")
+    p.add_argument("--fsdd", type=Path, default=SHARED / "fsdd",
+                   help="Free Spoken Digit Dataset folder: recordings/ (default: ../shared/data/fsdd beside the clone)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/bench-accuracy")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
+    for name, folder in (("esc50", args.esc50), ("esc10", args.esc50), ("fsdd", args.fsdd)):
+        if name in args.only and not folder.is_dir():
+            flag = "--fsdd" if name == "fsdd" else "--esc50"
+            p.error(f"{flag} {folder}: no such folder; give the dataset's folder, or leave {name} out of --only")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out) / ("quick" if args.quick else "full")
     quick = {"epochs": 8, "patience": 0} if args.quick else {}
     results = []
 
-    esc = SHARED / "esc50"
+    esc = args.esc50
     folds = args.folds or ([1, 2] if args.quick else None)
     for backbone in args.backbones:
         model = backbone_overrides(backbone, args.weights)
         train = {"device": args.device, "quiet": True, **quick}
-        if "esc50" in args.only and esc.is_dir():
+        if "esc50" in args.only:
             data = {"root": str(esc), "format": "esc50", "esc10": False}
             for recipe in (args.mn_recipes if backbone != "resnet18" else ["default"]):
                 o = MN_RECIPES[recipe]
                 name = f"esc50-{backbone}" if recipe == "default" else f"esc50-{backbone}-{recipe}"
                 results.append(run(name, data, {**o, "model": model, "train": {**o.get("train", {}), **train}}, out, folds))
-        if "esc10" in args.only and esc.is_dir():
+        if "esc10" in args.only:
             data = {"root": str(esc), "format": "esc50", "esc10": True}
             for recipe in (args.recipes if backbone == "resnet18" else ["default"]):
                 preset, overrides = ESC10_RECIPES[recipe]
@@ -157,8 +167,8 @@ def main(argv=None) -> int:
                 overrides["model"] = {**overrides.get("model", {}), **model}
                 name = f"esc10-{backbone}" if recipe == "default" else f"esc10-resnet18-{recipe}"
                 results.append(run(name, data, overrides, out, folds, preset=preset))
-        fsdd = SHARED / "fsdd"
-        if "fsdd" in args.only and fsdd.is_dir():
+        fsdd = args.fsdd
+        if "fsdd" in args.only:
             speakers = args.fsdd_speakers[:2] if args.quick else args.fsdd_speakers
             manifest = fsdd_manifest(fsdd, out / "fsdd_speakers.csv")
             data = {"root": str(manifest), "format": "csv"}

@@ -3,7 +3,7 @@
 import numpy as np
 
 from audioclf.cv import _full_confusion_matrix
-from audioclf.evaluate import classification_metrics
+from audioclf.metrics import classification_metrics
 
 CLASSES = ["chirp", "noise", "tone"]
 

@@ -8,7 +8,7 @@ from _models import tiny_run  # noqa: F401 (a fixture)
 
 from audioclf.cli import main
 from audioclf.config import AudioclfError, DataConfig
-from audioclf.evaluate import classification_metrics, evaluate, plot_confusion_matrix
+from audioclf.evaluate import evaluate, plot_confusion_matrix
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -81,17 +81,6 @@ def test_unreadable_clips_are_skipped_and_listed(tiny_run, tmp_path):
     assert m["n_clips"] == 36
     assert len(m["skipped"]) == 1 and m["skipped"][0]["path"].endswith("broken.wav") and m["skipped"][0]["reason"]
     assert "1 skipped" in m["report"]
-
-
-def test_classification_metrics_on_known_predictions():
-    labels = ["a", "b", "c", "d"]
-    y_true = [0, 0, 1, 0]
-    probs = np.array([[.9, .1, 0, 0], [.2, .5, .3, 0], [0, 1, 0, 0], [.1, .2, .3, .4]])  # right, wrong, right, wrong
-    m = classification_metrics(y_true, probs, labels)
-    assert m["accuracy"] == 0.5 and m["top3_accuracy"] == 0.75 and m["n_clips"] == 4
-    assert m["labels"] == ["a", "b", "d"]  # c occurs neither as truth nor as a prediction; d only as a prediction
-    assert m["confusion_matrix"] == [[1, 1, 1], [0, 1, 0], [0, 0, 0]]
-    assert m["per_class"]["a"] == {"precision": 1.0, "recall": pytest.approx(1 / 3), "f1": 0.5, "support": 3}
 
 
 def test_confusion_plot_grows_with_the_number_of_classes(tmp_path):

@@ -8,29 +8,47 @@ from pathlib import Path
 import audioclf
 
 PACKAGE = Path(audioclf.__file__).parent
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
+# every module, sub-packages' included, by its dotted name under audioclf ("train", "commands.predict")
+MODULES = sorted(".".join(p.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+                 for p in PACKAGE.rglob("*.py"))
+LIMIT_LINES = 500  # no module longer
 
 
-def imported_modules(path: Path) -> set[str]:
-    """The package modules ``path`` imports, at its top or inside a function: a lazy import that closes a
-    circle is still a circle, only one that fails later."""
+def source(module: str) -> Path:
+    path = PACKAGE.joinpath(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def _known(name: str) -> str:
+    """The package module that ``name`` (a dotted name under audioclf) is, or lies in: the longest that
+    exists, so "commands.predict.run_predict" is "commands.predict" and "" the package itself."""
+    parts = name.split(".") if name else []
+    return next((m for m in (".".join(parts[:i]) for i in range(len(parts), 0, -1)) if m in MODULES), "__init__")
+
+
+def imported_modules(path: Path, module: str = "") -> set[str]:
+    """The package modules that ``path`` (module ``module``) imports, at its top or inside a function: a lazy
+    import that closes a circle is still a circle, only one that fails later."""
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    package = [p for p in package if p not in ("", "__init__")]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:  # from .x import y / from . import x
-            names = [node.module] if node.module else [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("audioclf"):
-            names = [node.module.removeprefix("audioclf").lstrip(".") or "__init__"]
+        if isinstance(node, ast.ImportFrom) and node.level:  # from .x import y / from ..x import y / from . import x
+            prefix = ".".join(package[:len(package) - (node.level - 1)] + ([node.module] if node.module else []))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "audioclf":
+            prefix = node.module.removeprefix("audioclf").lstrip(".")
         elif isinstance(node, ast.Import):
-            names = [a.name.removeprefix("audioclf").lstrip(".") or "__init__"
-                     for a in node.names if a.name.split(".")[0] == "audioclf"]
+            found.update(_known(a.name.removeprefix("audioclf").lstrip("."))
+                         for a in node.names if a.name.split(".")[0] == "audioclf")
+            continue
         else:
             continue
-        found.update(n.split(".")[0] for n in names if n.split(".")[0] in MODULES)
+        found.update(_known(f"{prefix}.{a.name}".lstrip(".")) for a in node.names)
     return found
 
 
 def import_graph() -> dict[str, set[str]]:
-    return {m: imported_modules(PACKAGE / f"{m}.py") - {m} for m in MODULES}
+    return {m: imported_modules(source(m), m) - {m} for m in MODULES}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str]:
@@ -63,13 +81,18 @@ def test_the_graph_reader_sees_every_kind_of_import(tmp_path):
     src.write_text("from .config import X\nfrom . import fileio\nimport audioclf.model\n"
                    "from audioclf.weights import sha256\ndef f():\n    from .export import export\n")
     assert imported_modules(src) == {"config", "fileio", "model", "weights", "export"}
+    sub = tmp_path / "c.py"  # a module of the commands sub-package
+    sub.write_text("from ..config import X\nfrom .parts import PartWriter\nfrom . import embed\n"
+                   "from audioclf.commands import predict\n")
+    assert imported_modules(sub, "commands.c") == {"config", "commands.parts", "commands.embed", "commands.predict"}
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
 
 
 def test_no_import_cycle():
     graph = import_graph()
-    assert {"checkpoint", "export", "model", "weights"} <= set(graph)  # the reader found the package
+    assert {"checkpoint", "export", "model", "weights", "commands.predict", "commands.parts"} <= set(graph)
+    assert graph["commands.predict"] >= {"commands.parts", "predict", "errors"}  # it reads the sub-package too
     cycle = find_cycle(graph)
     assert not cycle, "import circle: " + " -> ".join(cycle)
 
@@ -77,17 +100,74 @@ def test_no_import_cycle():
 def test_saved_models_are_read_by_one_module_and_export_only_writes():
     graph = import_graph()
     assert "checkpoint" in graph["export"] and "export" not in graph["checkpoint"]
-    export_names = {n.name for n in ast.parse((PACKAGE / "export.py").read_text()).body
+    export_names = {n.name for n in ast.parse(source("export").read_text()).body
                     if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     assert not export_names & {"load_safetensors", "read_export_config", "is_safetensors_export", "_check_bound"}
 
 
 def test_the_package_never_imports_torchvision():
     for m in MODULES:
-        tree = ast.parse((PACKAGE / f"{m}.py").read_text())
+        tree = ast.parse(source(m).read_text())
         names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0]
         assert not [n for n in names if n.split(".")[0] == "torchvision"], f"{m}.py imports torchvision"
+
+
+# ------------------------------------------------------------------------------------------- structure rules
+
+def backbone_branches(tree: ast.AST, names: set[str], classes: set[str]) -> list[int]:
+    """Lines that decide by a backbone's or family's name (``backbone == "resnet18"``, ``family in (...)``)
+    or by a network's class (``isinstance(model, AudioResNet)``)."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            if any(isinstance(c, ast.Constant) and c.value in names for c in ast.walk(node)):
+                lines.append(node.lineno)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
+            if any(isinstance(c, ast.Name) and c.id in classes for c in ast.walk(node.args[1])):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_a_backbone_family_decides_in_one_table():
+    from audioclf.backbones import BACKBONES
+    from audioclf.model import FAMILIES
+
+    assert {b.family for b in BACKBONES.values()} == set(FAMILIES)  # every family has its row, every row a use
+    names = set(BACKBONES) | set(FAMILIES)
+    classes = {"AudioResNet", "AudioMobileNet", "ResNet18", "MobileNet"}
+    found = {m: lines for m in MODULES if (lines := backbone_branches(ast.parse(source(m).read_text()), names, classes))}
+    assert not found, f"decisions by backbone name or network class outside model.FAMILIES (module: lines): {found}"
+    # the reader sees each kind of branch
+    sample = ast.parse('if config.backbone == "resnet18": pass\nx = b.family in ("mobilenet",)\n'
+                       'if isinstance(model, AudioResNet): pass\ny = BACKBONES["resnet18"]\n')
+    assert backbone_branches(sample, names, classes) == [1, 2, 3]
+
+
+def test_the_error_type_comes_from_its_own_module():
+    wrong = []
+    for m in MODULES:
+        for node in ast.walk(ast.parse(source(m).read_text())):
+            if isinstance(node, ast.ImportFrom) and any(a.name == "AudioclfError" for a in node.names) \
+                    and (node.module or "").split(".")[-1] != "errors":
+                wrong.append(m)
+    assert not wrong, f"AudioclfError imported from elsewhere than audioclf.errors in {wrong}"
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
+
+
+def test_training_does_not_import_the_inference_path():
+    graph = import_graph()
+    assert graph["metrics"] == set()  # a leaf: evaluate and train both score with it
+    assert "metrics" in graph["train"] and "metrics" in graph["evaluate"]
+    assert not _reachable(graph, "train") & {"predict", "evaluate", "serve", "commands.predict"}
 
 
 def _third_party_imports() -> dict[str, str]:

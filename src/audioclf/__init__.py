@@ -7,8 +7,9 @@ __all__ = ["AudioclfError", "__version__", "load"]
 
 
 def load(model, device: str = "auto"):
-    """Load a trained model (run directory, ``.pt`` checkpoint or exported safetensors folder) for
-    inference; see :class:`audioclf.predict.Classifier`."""
+    """Load a trained model (run directory, ``.pt`` checkpoint or exported safetensors folder), or an
+    AudioSet backbone's name (``"mn04_as"``) for AudioSet's 527 tags without training, for inference; see
+    :class:`audioclf.predict.Classifier`."""
     from .predict import load as _load
 
     return _load(model, device)

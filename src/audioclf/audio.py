@@ -24,7 +24,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from .config import AudioclfError
+from .errors import AudioclfError
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au", ".opus", ".m4a", ".aac", ".mp4", ".webm")
 AV_INSTALL = 'pip install "audioclf[av]"'

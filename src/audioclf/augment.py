@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import AudioclfError, AugmentConfig, FeatureConfig
+from .config import AugmentConfig, FeatureConfig
+from .errors import AudioclfError
 from .features import LOG_FLOOR
 
 

@@ -1,7 +1,7 @@
 """The backbones audioclf can train: each owns its front end, its pretrained weights and its recipe.
 
 A backbone's ``front_end`` is the :class:`~audioclf.config.FeatureConfig` its pretrained weights expect;
-``recipe`` holds the fine-tuning settings chosen by cross-validation (README, "Results"). Both are
+``recipe`` holds the fine-tuning settings chosen by cross-validation (docs/results.md). Both are
 applied on top of the config defaults and below a preset, a YAML file and flags (``config.resolve``);
 a flag that contradicts a pretrained front end is refused there.
 
@@ -19,8 +19,12 @@ EFFICIENTAT_URL = "https://github.com/fschmid56/EfficientAT/releases/download/v0
 @dataclass(frozen=True)
 class Backbone:
     name: str
+    # "resnet" or "mobilenet": the key of model.FAMILIES, the one table of how a family's networks are
+    # built, load their pretrained weights and are placed on the device
+    family: str
     description: str
     pretrained_on: str  # what ModelConfig.pretrained records when the weights were loaded
+    head_classes: int  # classes of the published head: what the pretrained weights were trained to tell apart
     weights_file: str  # the official file name (also its name in the torch hub cache)
     weights_url: str
     sha256: Optional[str] = None  # pinned where it could be established; None = not checked
@@ -29,6 +33,14 @@ class Backbone:
     recipe: dict = field(default_factory=dict)  # {section: {field: value}} fine-tuning defaults
     # where no full sha256 is pinned: its first hex digits, as published (torchvision's file names carry 8)
     sha256_prefix: Optional[str] = None
+    # the peak learning rate when neither the recipe nor the user sets train.lr: fine-tuning pretrained
+    # weights wants a smaller step than training from scratch
+    lr_pretrained: float = 1e-4
+    lr_scratch: float = 1e-3
+
+    def default_lr(self, pretrained: bool) -> float:
+        """The learning rate a run without ``train.lr`` trains with."""
+        return self.lr_pretrained if pretrained else self.lr_scratch
 
 
 # EfficientAT's AugmentMelSTFT in eval mode (its models/preprocess.py): 32 kHz, pre-emphasis 0.97, a
@@ -42,7 +54,7 @@ _AUDIOSET_FRONT_END = {
 
 # Fine-tuning recipe for the AudioSet MobileNets: EfficientAT's ESC-50 recipe (mixup 0.3, +-12 dB gain,
 # time roll) at batch 32 with AdamW, lr 5e-4 and a cosine schedule, cut to 15 epochs to fit 2 CPU cores
-# (README, "Results": measured by 4-fold CV, not tuned further).
+# (docs/results.md: measured by 4-fold CV, not tuned further).
 # Peak normalisation stays off: the weights were trained on AudioSet's own levels, which the fixed
 # (x + 4.5) / 5 assumes. bf16 autocast stays off: on a 2-core CPU with native bf16 the depthwise
 # convolutions ran no faster than fp32 alone, and 2.4x slower beside another job (benchmarks/speed.py).
@@ -72,15 +84,15 @@ _PINNED_SHA256 = {
 
 BACKBONES: dict[str, Backbone] = {
     "resnet18": Backbone(
-        "resnet18", "ResNet-18 on log-mels (ImageNet weights or from scratch; the seed's model)", "imagenet",
-        "resnet18-f37072fd.pth", "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+        "resnet18", "resnet", "ResNet-18 on log-mels (ImageNet weights or from scratch; the original tutorial's "
+        "network)", "imagenet", 1000, "resnet18-f37072fd.pth", "https://download.pytorch.org/models/resnet18-f37072fd.pth",
         sha256_prefix="f37072fd"),  # torchvision's ResNet18_Weights.IMAGENET1K_V1 (a test checks they agree)
     **{name: Backbone(
-        name, f"EfficientAT MobileNet, width {width}, AudioSet-pretrained", "audioset", file,
+        name, "mobilenet", f"EfficientAT MobileNet, width {width}, AudioSet-pretrained", "audioset", 527, file,
         EFFICIENTAT_URL + file, _PINNED_SHA256.get(file), width, _AUDIOSET_FRONT_END, _MN_RECIPE)
        for name, (width, file) in _MN_SIZES.items()},
 }
 BACKBONE_NAMES = tuple(BACKBONES)
 # What `audioclf train` uses (the "default" preset): the best by cross-validation whose weights anyone can
-# download (README, "Results"). ModelConfig's own default stays the seed's network.
+# download (docs/results.md). ModelConfig's own default stays the original tutorial's network.
 DEFAULT_BACKBONE = "mn04_as"

@@ -35,7 +35,8 @@ from typing import Optional
 import torch
 
 from ._version import __version__
-from .config import AudioclfError, RunConfig
+from .config import RunConfig
+from .errors import AudioclfError
 from .fileio import atomic_path, read_parsed, sha256
 from .model import build_network
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 from ._version import __version__
-from .config import PRESETS, SECTIONS, AudioclfError, Setting, load_yaml, resolve, settings
+from .config import PRESETS, SECTIONS, Setting, load_yaml, resolve, settings
+from .errors import AudioclfError
 
 log = logging.getLogger("audioclf")
 
@@ -35,10 +36,12 @@ def _setting_kwargs(s: Setting) -> dict:
     return {"type": s.kind, "choices": s.choices, "help": help}
 
 
-def _add_setting_args(p: argparse.ArgumentParser, only: Optional[tuple] = None, skip: tuple = ()) -> None:
-    """A flag for each config setting that has one (``only`` those, or all but ``skip``), generated from its
-    declaration in config.py; a flag not given is None and leaves the config as it is."""
-    for section, cls in SECTIONS.items():
+def _add_setting_args(p: argparse.ArgumentParser, only: Optional[tuple] = None, skip: tuple = (),
+                      sections: Optional[dict] = None) -> None:
+    """A flag for each config setting that has one (``only`` those, or all but ``skip``; of ``sections``,
+    default RunConfig's), generated from its declaration; a flag not given is None and leaves the config
+    as it is."""
+    for section, cls in (sections or SECTIONS).items():
         chosen = [s for s in settings(cls) if s.flag and (only is None or s.name in only) and s.name not in skip]
         if not chosen:
             continue
@@ -198,7 +201,7 @@ def cmd_backbones(args) -> int:
         inp = (f"{fe['n_mels']} {fe['mel_scale'].capitalize()} mels, {fe['sample_rate'] / 1000:g} kHz, "
                f"hop {fe['hop_length']}")
         # with the published head (527 AudioSet classes; ImageNet's 1000): the count the weights hold
-        net = build_network(ModelConfig(backbone=name), 527 if b.front_end else 1000, fe["n_mels"])
+        net = build_network(ModelConfig(backbone=name), b.head_classes, fe["n_mels"])
         params = f"{sum(p.numel() for p in net.parameters()):,}"
         default = " (default)" if name == DEFAULT_BACKBONE else ""
         print(f"{name:<10} {params:>11}  {inp:<36} {status(name):<13} {b.description}{default}")
@@ -213,6 +216,72 @@ def cmd_embed(args) -> int:
                   quiet=args.quiet)
     print(f"{r['n_files']} embeddings of dimension {r['dim']}: {r['out']}")
     return 0
+
+
+def cmd_tag(args) -> int:
+    from .commands.detect import run_tag
+
+    return run_tag(args.paths, backbone=args.backbone, weights=args.weights, top_k=args.top_k, out=args.out,
+                   device=args.device, batch_size=args.batch_size, quiet=args.quiet)
+
+
+def cmd_detect(args) -> int:
+    from .commands.detect import run_detect
+    from .events import DetectConfig
+
+    overrides = {s.name: getattr(args, s.name) for s in settings(DetectConfig) if getattr(args, s.name) is not None}
+    ignore = [x.strip() for x in (args.ignore or "").split(",") if x.strip()]
+    return run_detect(args.model, args.inputs, out=args.out, tune_on=args.tune, ignore=ignore, plot_dir=args.plot,
+                      params=args.params, overrides=overrides, weights=args.weights, device=args.device,
+                      batch_size=args.batch_size, quiet=args.quiet)
+
+
+def cmd_evaluate_events(args) -> int:
+    from .commands.detect import run_evaluate_events
+
+    return run_evaluate_events(args.reference, args.estimated, out=args.out)
+
+
+def _add_event_parsers(sub) -> None:
+    """tag, detect and evaluate-events."""
+    from .audioset import tagging_backbones
+    from .events import DetectConfig
+
+    p = sub.add_parser("tag", help="AudioSet tags (527 classes) of audio files, without training")
+    p.add_argument("paths", nargs="+", help="audio files, folders (recursive) or .txt files listing paths")
+    p.add_argument("--backbone", default="mn04_as", choices=tagging_backbones(), help="AudioSet tagger (default mn04_as)")
+    p.add_argument("--weights", help="local copy of the backbone's official weights (default: torch hub cache or "
+                                     "download)")
+    p.add_argument("--top-k", type=int, default=3, help="tags per file (default 3)")
+    p.add_argument("--out", help="also write the tags to this .csv (path, rank, label, prob)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("detect", help="sound events with onsets and offsets (DCASE TSV)")
+    p.add_argument("model", help="run directory, .pt checkpoint, safetensors export, or an AudioSet backbone's name "
+                                 "(mn04_as: AudioSet's 527 classes, no training)")
+    p.add_argument("inputs", nargs="*", help="audio files, folders (recursive) or .txt files listing paths")
+    p.add_argument("--out", help="event list to write: filename onset offset event_label score, tab-separated")
+    p.add_argument("--tune", nargs=2, metavar=("VAL_AUDIO", "VAL_EVENTS"),
+                   help="first choose the post-processing on validation recordings (a folder) and their events "
+                        "(DCASE TSV), and save it with the model (RUN_DIR/detect.json, the checkpoint's 'detect')")
+    p.add_argument("--ignore", help="classes never reported, comma-separated (background: rain,wind)")
+    p.add_argument("--plot", metavar="DIR", help="a PNG per file: probability tracks and events over the spectrogram")
+    p.add_argument("--params", help="detect settings JSON to read (instead of the model's), or to write with --tune")
+    p.add_argument("--weights", help="with an AudioSet backbone's name: a local copy of its official weights")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    _add_setting_args(p, sections={"detect": DetectConfig})
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("evaluate-events", help="event- and segment-based F1, error rate and PSDS (sed_eval)")
+    p.add_argument("reference", help="true events, DCASE TSV (filename onset offset event_label)")
+    p.add_argument("estimated", help="detected events, DCASE TSV (with a score column for PSDS)")
+    p.add_argument("--out", help="write the metrics to this JSON file")
+    p.set_defaults(func=cmd_evaluate_events)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_embed)
+
+    _add_event_parsers(sub)
 
     p = sub.add_parser("export", help="export to ONNX or safetensors")
     p.add_argument("model")

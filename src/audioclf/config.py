@@ -90,7 +90,8 @@ class Setting:
 def settings(cls: type) -> tuple[Setting, ...]:
     """The settings of config section ``cls`` (:class:`FeatureConfig`, ...), in declaration order."""
     hints = typing.get_type_hints(cls)
-    section = next(name for name, tp in SECTIONS.items() if tp is cls)
+    # a section outside RunConfig (events.DetectConfig, saved apart) names itself
+    section = next((name for name, tp in SECTIONS.items() if tp is cls), None) or cls.SECTION
     out = []
     for f in dataclasses.fields(cls):
         tp, optional = hints[f.name], False

@@ -19,8 +19,9 @@ from typing import Optional
 
 import numpy as np
 
-from .config import AudioclfError, RunConfig
+from .config import RunConfig
 from .data import load_clips, write_folds
+from .errors import AudioclfError
 from .evaluate import plot_confusion_matrix
 from .fileio import write_text_atomic
 from .rundir import RUN_ONLY, check_out_dir, config_diff

@@ -18,7 +18,8 @@ import numpy as np
 
 from .audio import AUDIO_EXTENSIONS, link_problem, source_exists
 from .clips import Clip, ClipSet
-from .config import AudioclfError, DataConfig
+from .config import DataConfig
+from .errors import AudioclfError
 from .fileio import atomic_path
 from .webdata import read_webdataset
 

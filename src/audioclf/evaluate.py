@@ -7,84 +7,21 @@ feature settings come from the checkpoint only. Metrics are scikit-learn's.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-from .config import AudioclfError, DataConfig
+from .config import DataConfig
 from .data import load_clips
-from .fileio import atomic_path
+from .errors import AudioclfError
+from .metrics import classification_metrics
 from .predict import load
+from .rundir import EVAL_FILES, write_predictions
 
 log = logging.getLogger(__name__)
-
-# what evaluate writes into its output folder (MODEL_DIR/eval by default)
-EVAL_FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "report.txt")
-
-
-def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
-    """Macro-averaged F1 over the classes that occur among the true labels or the predictions.
-
-    audioclf's one macro-F1: training's validation and test figures and ``audioclf evaluate`` all use it.
-    A class that is neither in the data nor predicted is left out (it would count 0 and say nothing about
-    the model); a class predicted but absent from the data scores 0. scikit-learn's convention, with
-    ``zero_division=0``.
-    """
-    from sklearn.metrics import f1_score
-
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    present = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
-    return float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
-
-
-def classification_metrics(y_true: Sequence[int], probs: np.ndarray, labels: Sequence[str]) -> dict:
-    """Accuracy, macro-F1, top-3 accuracy, per-class precision/recall/F1/support and the confusion matrix.
-
-    Args:
-        y_true (sequence of int): true class index of each clip, into ``labels``.
-        probs (np.ndarray): ``(clips, len(labels))`` predicted probabilities.
-        labels (sequence of str): the model's class names.
-
-    Per-class figures, the confusion matrix and macro-F1 (:func:`macro_f1`) cover the classes that occur
-    in ``y_true`` or among the predictions (scikit-learn's convention), listed under ``labels`` in matrix order.
-    """
-    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
-
-    y_true, probs = np.asarray(y_true), np.asarray(probs)
-    y_pred = probs.argmax(axis=1)
-    present = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
-    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=present, zero_division=0)
-    # sklearn's top_k_accuracy_score refuses 2-D scores for two classes and warns when k >= classes
-    top3 = (np.argsort(-probs, axis=1)[:, :3] == y_true[:, None]).any(axis=1).mean()
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": macro_f1(y_true, y_pred),
-        "top3_accuracy": float(top3),
-        "n_clips": int(len(y_true)),
-        "per_class": {labels[c]: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                      for c, p, r, f, s in zip(present, precision, recall, f1, support)},
-        "labels": [labels[c] for c in present],
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=present).tolist(),
-    }
-
-
-def write_predictions(path, rows: Iterable[tuple[str, str, str, float]]) -> None:
-    """Write per-clip predictions as CSV (``path,true,predicted,confidence,correct``), atomically.
-
-    Args:
-        path: the CSV file.
-        rows (iterable): ``(clip path, true class name, predicted class name, confidence)``, the
-            confidence being the predicted class's probability in [0, 1].
-    """
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["path", "true", "predicted", "confidence", "correct"])
-        w.writerows([clip, true, pred, f"{conf:.4f}", int(pred == true)] for clip, true, pred, conf in rows)
-
 
 def plot_confusion_matrix(cm, labels: Sequence[str], path) -> None:
     """Save a row-normalised confusion matrix (row = true class, so the diagonal is per-class recall) as
@@ -176,11 +113,12 @@ def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=N
     out_dir = Path(out_dir) if out_dir else _default_out_dir(model_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics.update(skipped=skipped, out_dir=str(out_dir))
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_predictions(out_dir / "predictions.csv", rows)
-    plot_confusion_matrix(metrics["confusion_matrix"], metrics["labels"], out_dir / "confusion_matrix.png")
+    metrics_json, predictions_csv, matrix_png, report_txt = (out_dir / name for name in EVAL_FILES)
+    metrics_json.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_predictions(predictions_csv, rows)
+    plot_confusion_matrix(metrics["confusion_matrix"], metrics["labels"], matrix_png)
     metrics["report"] = _report(metrics, y_true, probs, clf.labels, model_path, data, fold)
-    (out_dir / "report.txt").write_text(metrics["report"])
+    report_txt.write_text(metrics["report"])
     log.info("evaluation written to %s", out_dir)
     return metrics
 

@@ -37,7 +37,8 @@ from torch import nn
 
 from ._version import __version__
 from .checkpoint import BOUND_KEY, CONFIG_FILE, EXPORT_FORMAT, RUN_CHECKPOINT, SAFETENSORS_FILE, load_model
-from .config import AudioclfError, FeatureConfig, _check_choice
+from .config import FeatureConfig, _check_choice
+from .errors import AudioclfError
 from .fileio import atomic_path, sha256
 from .features import LogMel
 from .model import WaveformClassifier

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import AudioclfError, FeatureConfig
+from .config import FeatureConfig
+from .errors import AudioclfError
 
 LOG_FLOOR = 1e-5  # compression="log": log(mel + LOG_FLOOR), so silence stays finite (EfficientAT's floor)
 

@@ -152,6 +152,13 @@ class MobileNet(nn.Module):
         """(batch, 1, n_mels, frames) -> (batch, n_features): the trunk's output averaged over mel and time."""
         return self.features(x).mean((2, 3))
 
+    def frame_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, 1, n_mels, frames) -> (batch, frames / 32, n_classes): the head applied to each time step
+        of the trunk's map (averaged over mel) instead of to its average over time; sound event detection's
+        frame-level output."""
+        h = self.features(x).mean(2).transpose(1, 2)  # (batch, time steps, channels)
+        return self.classifier[2:](h)  # the head without its pooling: Linear, Hardswish, Dropout, Linear
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, 1, n_mels, frames) -> (batch, n_classes) logits."""
         return self.classifier(self.features(x))

@@ -19,11 +19,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .audio import (audio_duration_s, default_hop, fix_length, load_audio, resample, settled_windows, stream_audio,
+from .audio import (audio_duration_s, default_hop, fix_length, load_audio, settled_windows, stream_audio,
                     window_starts)
 from .checkpoint import load_model, weights_file
-from .config import AudioclfError, FeatureConfig, RunConfig
+from .config import FeatureConfig, RunConfig
+from .errors import AudioclfError
 from .model import WaveformClassifier
+from .waveforms import as_waveform, unbatch
 from .runtime import auto_workers, cpu_threads_beside, resolve_device
 
 log = logging.getLogger(__name__)
@@ -115,48 +117,6 @@ class _Source:
     def mean(self) -> np.ndarray:
         """The rows averaged over the windows: what a long input gets as a whole."""
         return np.mean(self.rows, axis=0)
-
-
-def as_waveform(audio, sample_rate: Optional[int], target_sr: int) -> np.ndarray:
-    """A numpy array or torch tensor, ``(time,)`` or ``(channels, time)`` in [-1, 1] at ``sample_rate`` Hz
-    (``None`` = ``target_sr``), as mono float32 at ``target_sr``."""
-    if isinstance(audio, torch.Tensor):
-        audio = audio.detach().cpu().numpy()
-    if not isinstance(audio, np.ndarray):
-        raise AudioclfError(f"Unsupported audio of type {type(audio).__name__}; pass a file path, "
-                            f"a numpy array or a torch tensor")
-    if audio.ndim == 2 and audio.shape[0] > audio.shape[1]:
-        raise AudioclfError(f"a waveform of shape {audio.shape} looks like (time, channels); "
-                            f"pass (channels, time) or (time,), e.g. wave.T")
-    if audio.ndim not in (1, 2) or audio.shape[-1] == 0:
-        raise AudioclfError(f"a waveform must be (time,) or (channels, time) with samples; got shape {audio.shape}")
-    if not np.issubdtype(audio.dtype, np.floating):
-        raise AudioclfError(f"a waveform of dtype {audio.dtype} is not float; scale it to [-1, 1] "
-                            f"(e.g. int16 / 32768) and pass float32")
-    if not np.isfinite(audio).all():
-        raise AudioclfError("the waveform holds NaN or infinite samples")
-    if sample_rate is not None and (not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0):
-        raise AudioclfError(f"sample_rate={sample_rate!r} must be a positive integer (Hz)")
-    mono = audio.mean(axis=0) if audio.ndim == 2 else audio
-    return resample(mono.astype(np.float32, copy=False), int(sample_rate or target_sr), target_sr)
-
-
-def _unbatch(audio, batch: Optional[bool]):
-    """An array or tensor whose first axis is clips (``batch``) as a list of clips; a 2-D one without
-    ``batch`` is refused: two mono clips and one stereo clip have the same shape."""
-    is_array = isinstance(audio, (np.ndarray, torch.Tensor))
-    ndim = audio.ndim if is_array else None
-    if batch is None:
-        if ndim == 2 and audio.shape[0] <= audio.shape[1]:  # taller than wide: as_waveform's "(time, channels)?"
-            raise AudioclfError(f"a waveform of shape {tuple(audio.shape)} is ambiguous: pass batch=True if its rows "
-                                f"are clips (one result each), batch=False if they are the channels of one clip")
-        return audio
-    if not batch:
-        return audio
-    if ndim not in (2, 3):
-        raise AudioclfError(f"batch=True needs an array or tensor of shape (n, time) or (n, channels, time); got "
-                            + (f"shape {tuple(audio.shape)}" if is_array else type(audio).__name__))
-    return list(audio)
 
 
 def _check_readable(path) -> None:
@@ -307,10 +267,23 @@ class Classifier:
 
         The other arguments, and the result, are :meth:`classify`'s.
         """
-        window, hop = self._window(window_s, hop_s)
         self._check_top_k(top_k)
-        for source in self._steps(audio, sample_rate, window, hop, None, batch_size, max_duration_s, max_windows):
-            yield None if source is None else self._summarise(source, window, timeline, top_k)
+        for source in self.window_steps(audio, sample_rate, window_s=window_s, hop_s=hop_s, batch_size=batch_size,
+                                        max_duration_s=max_duration_s, max_windows=max_windows):
+            yield None if source is None else self._summarise(source, self._window(window_s, hop_s)[0], timeline,
+                                                              top_k)
+
+    def window_steps(self, audio, sample_rate: Optional[int] = None, *, window_s: Optional[float] = None,
+                     hop_s: Optional[float] = None, frames: bool = False, batch_size: Optional[int] = None,
+                     max_duration_s: Optional[float] = None, max_windows: Optional[int] = None) -> Iterator:
+        """The model's output for each sliding window of one input, one forward pass at a time: yields
+        ``None`` after each batch, then the input as a source with ``name``, ``duration_s``, ``starts``
+        (samples) and ``rows``: each window's class probabilities ``(n_classes,)``, or with ``frames`` its
+        frame-level probabilities ``(steps, n_classes)`` (``WaveformClassifier.frames``). The other arguments
+        are :meth:`classify_steps`'."""
+        window, hop = self._window(window_s, hop_s)
+        yield from self._steps(audio, sample_rate, window, hop, self._net.frames if frames else None, batch_size,
+                               max_duration_s, max_windows)
 
     def embed_steps(self, audio, sample_rate: Optional[int] = None, *, batch_size: Optional[int] = None,
                     max_duration_s: Optional[float] = None, max_windows: Optional[int] = None) -> Iterator[Optional[np.ndarray]]:
@@ -385,7 +358,7 @@ class Classifier:
         every input, averaged over each input's windows: ``(d,)`` for one input, ``(n, d)`` for a list of
         them (or the rows of an array, with ``batch``), ``(0, width)`` for an empty list. Raises the error
         of the first input that cannot be read."""
-        audio = _unbatch(audio, batch)
+        audio = unbatch(audio, batch)
         one = not isinstance(audio, (list, tuple))
         window, hop = self._window(None, None)
         sources = (prepare(a, sample_rate, self.config.features, window, hop) for a in ([audio] if one else audio))
@@ -496,9 +469,21 @@ class Classifier:
         return out
 
 
-def load(model, device: str = "auto", *, batch_size: int = 32) -> Classifier:
-    """A :class:`Classifier` from a run directory, ``.pt`` checkpoint or exported safetensors folder."""
-    net, config, labels = load_model(model)
+def load(model, device: str = "auto", *, batch_size: int = 32, weights_path: Optional[str] = None) -> Classifier:
+    """A :class:`Classifier` from a run directory, ``.pt`` checkpoint or exported safetensors folder, or an
+    AudioSet backbone's name (``mn04_as``): its pretrained 527-class tagger (:mod:`audioclf.audioset`), with
+    its official weights from ``weights_path`` or the torch hub cache."""
+    from .audioset import is_backbone_name, pretrained_model
+
+    if is_backbone_name(model):
+        net, config, labels = pretrained_model(model, weights_path)
+        weights = weights_path
+    elif weights_path:
+        raise AudioclfError(f"weights_path is for an AudioSet backbone's name (mn04_as, ...), not a trained model "
+                            f"({model})")
+    else:
+        net, config, labels = load_model(model)
+        weights = weights_file(model)
     clf = Classifier(net, config, labels, device=device, batch_size=batch_size)
-    clf.weights_file = str(weights_file(model))
+    clf.weights_file = str(weights) if weights else None
     return clf

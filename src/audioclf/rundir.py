@@ -11,15 +11,17 @@ and the evaluations and exports of the old model) and nothing else.
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
-from .config import AudioclfError, RunConfig
-from .evaluate import EVAL_FILES
+from .config import RunConfig
+from .errors import AudioclfError
+from .fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,8 @@ LOCK_FILE = ".audioclf.lock"
 # exports of the old model) and nothing else
 RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "summary.json", "test_metrics.json", "test_predictions.csv",
              "config.yaml", "labels.json", "curves.png", "skipped.csv", "train.log", "mlflow_run.json")
+# what evaluate writes into its output folder (MODEL_DIR/eval by default)
+EVAL_FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "report.txt")
 _EARLIER_RUN = ("best.pt", "last.pt", "metrics.csv", "summary.json", "test_metrics.json")  # worth keeping
 
 # settings that change where or how loudly a run goes, not what it learns
@@ -164,3 +168,17 @@ def resumed_config(saved: RunConfig, requested: RunConfig, out: Path) -> RunConf
         raise AudioclfError(f"--resume continues the run in {out} as it started, but {'; '.join(refused)}. Only "
                             f"{allowed} may change on resume; start a new run (another --out, or --overwrite) for the rest")
     return replace(saved, **{sec: replace(getattr(saved, sec), **kv) for sec, kv in applied.items()})
+
+
+def write_predictions(path, rows: Iterable[tuple[str, str, str, float]]) -> None:
+    """Write per-clip predictions as CSV (``path,true,predicted,confidence,correct``), atomically.
+
+    Args:
+        path: the CSV file.
+        rows (iterable): ``(clip path, true class name, predicted class name, confidence)``, the
+            confidence being the predicted class's probability in [0, 1].
+    """
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["path", "true", "predicted", "confidence", "correct"])
+        w.writerows([clip, true, pred, f"{conf:.4f}", int(pred == true)] for clip, true, pred, conf in rows)

@@ -10,7 +10,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .config import AudioclfError
+from .errors import AudioclfError
 
 
 def amp_dtype(device: torch.device) -> Optional[torch.dtype]:

@@ -3,6 +3,7 @@
 ``POST /predict``  multipart field ``file`` -> ``{label, confidence, probs, top_k, duration_s[, windows]}``
 ``POST /predict_batch``  multipart fields ``files`` (several) -> ``{results: [{file, result | error}, ...]}``
 ``POST /embed``  multipart field ``file`` -> ``{embedding, dim, duration_s}``
+``POST /detect``   multipart field ``file`` -> ``{duration_s, events: [{onset, offset, label, score}]}``
 ``GET /health`` (status and model metadata), ``GET /labels``, ``GET /`` (a web page), ``/docs`` (OpenAPI).
 
 The model is loaded once, when the app is made. Requests are classified in worker threads, so the event
@@ -35,7 +36,8 @@ from typing import Optional
 
 from ._version import __version__
 from .audio import AUDIO_EXTENSIONS, audio_duration_s, default_hop
-from .config import AudioclfError, _check_range
+from .config import _check_range
+from .errors import AudioclfError
 from .fileio import sha256
 
 try:
@@ -44,10 +46,12 @@ try:
     from fastapi.concurrency import run_in_threadpool
     from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import HTMLResponse, JSONResponse, Response
-    from pydantic import BaseModel
     from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from .schemas import Batch, BatchItem, DetectedEvent, Detection, Embedding, Health, Labels, Prediction
 except ImportError as e:
     raise AudioclfError(f"serving needs {e.name}, which is not installed: pip install 'audioclf[serve]'") from None
+
 if importlib.util.find_spec("python_multipart") is None and importlib.util.find_spec("multipart") is None:
     raise AudioclfError("serving needs python-multipart for file uploads: pip install 'audioclf[serve]'")
 
@@ -77,63 +81,6 @@ MAX_CONNECTIONS = 64
 # What the page may load: itself, its inline style and script, and the blob: URL of the chosen file.
 PAGE_CSP = ("default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
             "media-src blob:; img-src data:; object-src 'none'; base-uri 'none'")
-
-
-class ClassProb(BaseModel):
-    label: str
-    prob: float
-
-
-class Window(BaseModel):
-    start_s: float
-    end_s: float
-    label: str
-    confidence: float
-
-
-class Prediction(BaseModel):
-    label: str
-    confidence: float
-    probs: dict[str, float]  # every class, in the order of /labels
-    top_k: list[ClassProb]
-    duration_s: float
-    windows: Optional[list[Window]] = None  # only with ?timeline=1
-
-
-class BatchItem(BaseModel):
-    file: str  # the uploaded file's name
-    result: Optional[Prediction] = None
-    error: Optional[str] = None  # why this file could not be classified (the others still are)
-
-
-class Batch(BaseModel):
-    results: list[BatchItem]  # in upload order
-
-
-class Embedding(BaseModel):
-    embedding: list[float]
-    dim: int
-    duration_s: float
-
-
-class Health(BaseModel):
-    status: str
-    audioclf_version: str
-    backbone: str
-    task: str  # multiclass or multilabel
-    classes: list[str]
-    n_classes: int
-    weights_sha256: Optional[str]  # of the weights file served (None for a model built in Python)
-    sample_rate: int  # Hz, uploads are resampled to it
-    window_s: float  # seconds of audio the model sees at once
-    device: str
-    max_upload_mb: float
-    max_audio_s: float  # per request, a batch's files together
-    max_windows: int  # per request, a batch's files together
-
-
-class Labels(BaseModel):
-    labels: list[str]
 
 
 class OverLimit(HTTPException):
@@ -454,6 +401,42 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
                 return Response(status_code=CLIENT_CLOSED)
             return Embedding(embedding=vector.tolist(), dim=len(vector), duration_s=duration_s)
 
+    detect_config = _detect_config(model)
+
+    @app.post("/detect", response_model=Detection,
+              responses={400: {"description": "no file, or an empty one"}, 413: {"description": "over the limits"},
+                         415: {"description": "the file cannot be decoded as audio"},
+                         422: {"description": "an unknown class in ignore, or too many windows"}})
+    async def detect(request: Request,
+                     file: Optional[UploadFile] = File(None, description="audio file: WAV, FLAC, OGG, MP3, ..."),
+                     ignore: str = Query("", description="classes never reported, comma-separated (e.g. rain,wind)")):
+        """Sound events in one uploaded file: onsets, offsets (s), labels and scores, with the detect settings
+        saved with the model (``audioclf detect --tune``)."""
+        from .events import check_ignore, find_events, track_steps
+
+        if file is None:
+            raise no_file()
+        try:
+            ignored = check_ignore([x.strip() for x in ignore.split(",") if x.strip()], labels)
+        except AudioclfError as e:
+            raise HTTPException(422, str(e).replace("--ignore", "ignore=")) from None
+        frames = detect_config.source == "frames"
+        window_s = features.duration_s if frames else detect_config.window_s
+        window = round(window_s * sr)
+        hop = round((window_s / 2 if frames else detect_config.hop_s) * sr)
+        shown = Path(file.filename or "upload").name
+        with tempfile.TemporaryDirectory(prefix="audioclf-upload-") as tmp:
+            path = upload_path(tmp, file)
+            await run_in_threadpool(open_upload, file, shown, path, window, hop)
+            steps = track_steps(clf, path, detect_config, batch_size=max(1, step_samples // window), **limits_left())
+            result = await finish(request, steps, shown, path)
+            if result is None:
+                return Response(status_code=CLIENT_CLOSED)
+        _, duration_s, track = result
+        events = find_events(track, labels, detect_config, filename=shown, duration_s=duration_s, ignore=ignored)
+        return Detection(duration_s=duration_s, events=[DetectedEvent(onset=e.onset, offset=e.offset, label=e.event_label,
+                                                                      score=e.score) for e in events])
+
     @app.get("/health", response_model=Health)
     def get_health():
         return health
@@ -468,6 +451,15 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
         return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP})
 
     return app
+
+
+def _detect_config(model):
+    """The detect settings saved with ``model`` (a path; a Classifier or an AudioSet name has none: the
+    defaults)."""
+    from .events import DetectConfig, saved_config
+
+    saved = None if not isinstance(model, (str, Path)) else saved_config(model)
+    return DetectConfig.from_dict(saved or {})
 
 
 def serve(model_path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",

@@ -35,8 +35,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .audio import default_hop, fix_length, inference_windows, load_audio, source_stat
-from .config import AudioclfError, FeatureConfig
+from .config import FeatureConfig
 from .clips import Clip, ClipSet
+from .errors import AudioclfError
 from .features import LogMel
 from .fileio import atomic_path
 from .runtime import auto_workers, barrier

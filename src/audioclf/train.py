@@ -36,20 +36,20 @@ from tqdm.auto import tqdm
 from .augment import SpecAugment, mixup
 from .backbones import BACKBONES
 from .checkpoint import inference_state, load_checkpoint, save_checkpoint
-from .config import AudioclfError, RunConfig, TrainConfig
+from .config import RunConfig, TrainConfig
 from .data import ClipSet, load_clips, split_clips
-from .evaluate import classification_metrics, macro_f1, write_predictions
+from .errors import AudioclfError
 from .fileio import atomic_path, write_text_atomic
 from .loggers import Tracker, open_tracker
-from .model import AudioResNet, build_model
-from .rundir import claim, resumed_config
+from .metrics import classification_metrics, macro_f1
+from .model import build_model, place_model
+from .rundir import claim, resumed_config, write_predictions
 from .runtime import amp_dtype, broadcast, dist_info, process_group, resolve_device
 from .store import FeatureBank
 
 log = logging.getLogger(__name__)
 
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "epoch_s", "clips_per_s"]
-LR_PRETRAINED, LR_SCRATCH = 1e-4, 1e-3
 # layers whose weights scale and shift normalised activations: weight decay would only pull them towards 0
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm,
                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -211,7 +211,7 @@ def train_one_epoch(model: nn.Module, bank: FeatureBank, order: torch.Tensor, op
 
 def evaluate_split(model: nn.Module, bank: FeatureBank, idx: torch.Tensor, s: Session, batch_size: int,
                    name: str = "val") -> dict:
-    """Loss, accuracy and macro-F1 (:func:`audioclf.evaluate.macro_f1`) of ``model`` on clips ``idx``.
+    """Loss, accuracy and macro-F1 (:func:`audioclf.metrics.macro_f1`) of ``model`` on clips ``idx``.
 
     The clips are sharded across ranks and the predictions gathered, so every rank returns the same
     ``{name}_loss``, ``{name}_acc`` and ``{name}_f1`` (plain floats).
@@ -410,9 +410,9 @@ def _build_model(config: RunConfig, n_classes: int) -> tuple[nn.Module, bool, Ru
     """(model, pretrained, config with the recipe as this run resolves it: its lr and pretrained weights)."""
     torch.manual_seed(config.train.seed)  # init from the seed alone, whatever ran before in this process
     model, pretrained = build_model(config.model, n_classes, config.features.n_mels)
-    t = config.train if config.train.lr is not None else \
-        replace(config.train, lr=LR_PRETRAINED if pretrained else LR_SCRATCH)
-    m = replace(config.model, pretrained=BACKBONES[config.model.backbone].pretrained_on if pretrained else "none")
+    b = BACKBONES[config.model.backbone]
+    t = config.train if config.train.lr is not None else replace(config.train, lr=b.default_lr(pretrained))
+    m = replace(config.model, pretrained=b.pretrained_on if pretrained else "none")
     return model, pretrained, replace(config, train=t, model=m)
 
 
@@ -444,12 +444,9 @@ def _split(bank: FeatureBank, clipset: ClipSet, config: RunConfig) -> dict:
 
 
 def _place_model(model: nn.Module, bank: FeatureBank, train_idx: torch.Tensor, config: RunConfig, s: Session) -> nn.Module:
-    """Fit ResNet-18's normalisation on the training clips only, move the model to the device in
-    channels-last; return it DDP-wrapped when there are several processes (the bare model otherwise)."""
-    if isinstance(model, AudioResNet):  # the MobileNets' front end normalises with fixed numbers
-        model.norm.fit((bank.clip_frames(i) for i in train_idx.tolist()), per_band=config.model.normalization != "global")
-    model.to(s.device)
-    model.to(memory_format=torch.channels_last)  # what cuDNN and oneDNN convolve fastest (1.2-1.3x on CPU)
+    """The model fitted on the training clips only (:func:`audioclf.model.place_model`) and on the device;
+    DDP-wrapped when there are several processes (the bare model otherwise)."""
+    place_model(model, config.model, (bank.clip_frames(i) for i in train_idx.tolist()), s.device)
     if s.world == 1:
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[s.device.index] if s.device.type == "cuda" else None)

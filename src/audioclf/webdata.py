@@ -34,7 +34,7 @@ from ._version import __version__
 from .audio import (AUDIO_EXTENSIONS, audio_duration_s, audio_format, member_path, read_member, read_source,
                     source_stat, split_member, tar_index)
 from .clips import Clip, ClipSet
-from .config import AudioclfError
+from .errors import AudioclfError
 from .fileio import atomic_path
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .backbones import BACKBONES, Backbone
-from .config import AudioclfError
+from .errors import AudioclfError
 from .fileio import sha256
 
 log = logging.getLogger(__name__)

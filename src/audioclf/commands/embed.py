@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..config import AudioclfError
+from ..errors import AudioclfError
 from ..fileio import atomic_path, require_pyarrow, write_parquet
 from ..predict import load
 from .predict import collect_paths

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..config import AudioclfError
+from ..errors import AudioclfError
 
 PARTS = "parts"  # the sub-folder of --out DIR that holds them
 CHUNK_ROWS = 100  # rows written between two syncs at most

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 from ..audio import AUDIO_EXTENSIONS, find_audio_files
-from ..config import AudioclfError
+from ..errors import AudioclfError
 from ..fileio import atomic_path, require_pyarrow
 from ..predict import load
 from ..runtime import barrier, broadcast, dist_info, process_group, resolve_device
