@@ -1,4 +1,5 @@
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -342,7 +343,7 @@ def test_pyav_decodes_what_soundfile_cannot(tmp_path, name, container, codec, op
 def test_without_pyav_the_error_names_the_extra(tmp_path, monkeypatch):
     path = tmp_path / "clip.m4a"
     path.write_bytes(b"\x00\x00\x00\x18ftypM4A " + b"\x00" * 64)
-    monkeypatch.setitem(__import__("sys").modules, "av", None)  # import fails
+    monkeypatch.setitem(sys.modules, "av", None)  # import fails
     with pytest.raises(AudioclfError, match=r"clip.m4a: soundfile cannot decode it .*audioclf\[av\]"):
         load_audio(path, 16000)
 

@@ -4,6 +4,7 @@ offline (TensorBoard event files and MLflow's local file store in the run direct
 from __future__ import annotations
 
 import csv
+import json
 import sys
 
 import pytest
@@ -53,7 +54,7 @@ def test_mlflow_local_store_gets_params_and_metrics_and_a_resume_continues_the_r
     run = tmp_path / "run"
     fit(config(synth_dir, run, "--epochs", "1", "--logger", "mlflow"), run)
     client = MlflowClient(tracking_uri=(run / "mlruns").as_uri())
-    run_id = __import__("json").loads((run / MLFLOW_RUN_FILE).read_text())["run_id"]
+    run_id = json.loads((run / MLFLOW_RUN_FILE).read_text())["run_id"]
     got = client.get_run(run_id)
     assert got.info.status == "FINISHED" and got.data.params["train.logger"] == "mlflow"
     assert got.data.params["model.backbone"] == "resnet18" and got.data.params["train.epochs"] == "1"
