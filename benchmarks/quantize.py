@@ -122,6 +122,10 @@ def machine() -> str:
     import onnxruntime
 
     cpu = platform.processor() or platform.machine()
+    try:  # Linux names the model; platform.processor() often gives only the architecture
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     return (f"{os.cpu_count()} CPU cores ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"onnxruntime {onnxruntime.__version__}, no GPU")
 
