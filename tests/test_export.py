@@ -136,14 +136,14 @@ def test_cli_export_from_an_export(safetensors_dir, tmp_path, capsys):
     """An exported folder is itself a model path: the CLI exports it again, to the same weights."""
     from safetensors.torch import load_file
 
-    assert cli_main(["export", str(safetensors_dir), "--format", "safetensors", "--out", str(tmp_path)]) == 0
+    assert cli_main(["export", str(safetensors_dir), "--out-format", "safetensors", "--out", str(tmp_path)]) == 0
     assert str(tmp_path / "model.safetensors") in capsys.readouterr().out
     again, first = load_file(tmp_path / "model.safetensors"), load_file(safetensors_dir / "model.safetensors")
     assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
 
 
 def test_onnx_int8_is_smaller_and_close_to_fp32(onnx_dir, model_path, tmp_path, capsys):
-    assert cli_main(["export", str(model_path), "--format", "onnx", "--quantize", "int8", "--out", str(tmp_path)]) == 0
+    assert cli_main(["export", str(model_path), "--out-format", "onnx", "--quantize", "int8", "--out", str(tmp_path)]) == 0
     assert "exported onnx int8" in capsys.readouterr().out
     meta = json.loads((tmp_path / "config.json").read_text())
     assert meta["quantize"] == "int8" and meta["input"] == "waveform" and 0 < meta["quantize_max_abs_diff"] < 0.1

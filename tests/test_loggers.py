@@ -11,7 +11,8 @@ import pytest
 
 from audioclf.cli import build_parser, config_from_args
 from audioclf.config import AudioclfError
-from audioclf.loggers import MLFLOW_RUN_FILE, open_tracker
+from audioclf.loggers import open_tracker
+from audioclf.rundir import RunDir
 from audioclf.train import fit
 
 
@@ -54,7 +55,7 @@ def test_mlflow_local_store_gets_params_and_metrics_and_a_resume_continues_the_r
     run = tmp_path / "run"
     fit(config(synth_dir, run, "--epochs", "1", "--logger", "mlflow"), run)
     client = MlflowClient(tracking_uri=(run / "mlruns").as_uri())
-    run_id = json.loads((run / MLFLOW_RUN_FILE).read_text())["run_id"]
+    run_id = json.loads(RunDir(run).mlflow_run.read_text())["run_id"]
     got = client.get_run(run_id)
     assert got.info.status == "FINISHED" and got.data.params["train.logger"] == "mlflow"
     assert got.data.params["model.backbone"] == "resnet18" and got.data.params["train.epochs"] == "1"

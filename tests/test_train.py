@@ -19,11 +19,12 @@ from audioclf.checkpoint import load_checkpoint
 from audioclf.cli import build_parser, config_from_args
 from audioclf.config import AudioclfError, resolve
 from audioclf.demo import make_synthetic_dataset
-from audioclf import train
+from audioclf import rundir, train
 from audioclf.augment import SpecAugment
 from audioclf.cv import cross_validate
 from audioclf.model import AudioResNet
-from audioclf.train import Session, evaluate_split, fit, make_optimizer, param_groups, train_one_epoch
+from audioclf.optim import make_optimizer, param_groups
+from audioclf.train import Session, evaluate_split, fit, train_one_epoch
 
 pytestmark = pytest.mark.slow
 
@@ -175,10 +176,10 @@ def test_flags_override_yaml_and_preset(tmp_path, synth_dir):
     y = tmp_path / "c.yaml"
     y.write_text("train:\n  epochs: 7\n  lr: 0.01\naugment:\n  time_mask_width: 40\n")
     args = build_parser().parse_args(["train", str(synth_dir), "--out", "x", "--config", str(y), "--lr", "0.002",
-                                      "--preset", "seed"])
+                                      "--preset", "tutorial"])
     cfg = config_from_args(args)
     assert cfg.train.epochs == 7 and cfg.train.lr == 0.002 and cfg.augment.time_mask_width == 40
-    assert cfg.train.scheduler == "plateau" and cfg.preset == "seed"
+    assert cfg.train.scheduler == "plateau" and cfg.preset == "tutorial"
     y.write_text("train:\n  epoch: 7\n")
     with pytest.raises(AudioclfError, match="unknown config key"):
         config_from_args(build_parser().parse_args(["train", str(synth_dir), "--out", "x", "--config", str(y)]))
@@ -312,9 +313,9 @@ def test_train_one_epoch_and_evaluate_split_return_plain_floats():
 
 def test_plot_curves_leaves_a_notebooks_matplotlib_alone(tmp_path):
     metrics = tmp_path / "metrics.csv"
-    metrics.write_text(",".join(train.METRIC_FIELDS) + "\n1,0.001,1.2,0.4,1.1,0.5,0.45,3.0,10.0\n"
+    metrics.write_text(",".join(rundir.METRIC_FIELDS) + "\n1,0.001,1.2,0.4,1.1,0.5,0.45,3.0,10.0\n"
                        "2,0.0005,0.9,0.6,1.0,0.6,0.55,3.0,10.0\n")
-    code = ("import sys, matplotlib; matplotlib.use('svg'); from audioclf.train import plot_curves; "
+    code = ("import sys, matplotlib; matplotlib.use('svg'); from audioclf.rundir import plot_curves; "
             f"plot_curves({str(metrics)!r}, {str(tmp_path / 'curves.png')!r}); "
             "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

@@ -85,8 +85,8 @@ def _decoder(source: Union[bytes, io.BytesIO], name) -> Union[sf.SoundFile, "AVF
 
 
 class AVFile:
-    """The part of ``soundfile.SoundFile`` audioclf reads (``frames``, ``samplerate``, ``format``, ``read``),
-    over the first audio stream of a PyAV container.
+    """The part of ``soundfile.SoundFile`` audioclf reads (``frames``, ``samplerate``, ``channels``, ``format``,
+    ``read``), over the first audio stream of a PyAV container.
 
     ``frames`` comes from the container's header; a file without a duration in its header (webm as browsers
     record it) is decoded once to count them.
@@ -100,14 +100,14 @@ class AVFile:
             container.close()
             raise AudioclfError(f"{name}: the file holds no audio stream")
         self._stream = container.streams.audio[0]
-        self.samplerate = self._stream.codec_context.sample_rate
+        self.samplerate, self.channels = self._stream.codec_context.sample_rate, self._stream.codec_context.channels
         self.format = container.format.name.split(",")[0].upper()
         if container.duration is not None:
             self.frames = round(container.duration / av.time_base * self.samplerate)
         else:
             self.frames = sum(f.samples for f in self._decode())
             container.seek(0)
-        self._frames, self._pending = self._decode(), np.zeros((0, self._stream.codec_context.channels), np.float32)
+        self._frames, self._pending = self._decode(), np.zeros((0, self.channels), np.float32)
 
     def _decode(self) -> Iterator:
         import av
@@ -156,6 +156,12 @@ MEMBER_SEP = "#"  # between a tar's path and a member's name in a source path
 class TarMember(NamedTuple):
     offset: int  # bytes from the start of the tar to the member's data
     size: int  # bytes
+    kind: str = "file"  # or "symlink", "hardlink", "device", "fifo": no data of its own to read
+
+
+def _member_kind(m: tarfile.TarInfo) -> str:
+    return ("file" if m.isreg() else "symlink" if m.issym() else "hardlink" if m.islnk()
+            else "device" if m.isdev() and not m.isfifo() else "fifo" if m.isfifo() else "")
 
 
 class SourceStat(NamedTuple):
@@ -190,14 +196,16 @@ def split_member(path) -> Optional[tuple[str, str]]:
 
 
 def tar_index(tar) -> dict[str, TarMember]:
-    """Name -> :class:`TarMember` of every regular file in the uncompressed tar ``tar``, in tar order.
+    """Name -> :class:`TarMember` of every member of the uncompressed tar ``tar`` but folders, in tar order
+    (links and devices have their ``kind``, and nothing to read).
 
     Read from the headers alone (the data is skipped, not read) and kept per process, keyed by the tar's
     size and mtime: decoding workers look members up without rescanning, and a rewritten tar is read
     again. Forked DataLoader workers inherit the index their parent built.
 
     Raises:
-        AudioclfError: naming ``tar``, when it cannot be read or is not an uncompressed tar.
+        AudioclfError: naming ``tar``, when it cannot be read or is not an uncompressed tar, or when it holds
+            one name twice (a later member would silently replace the first).
     """
     try:
         st = os.stat(tar)
@@ -212,7 +220,16 @@ def _cached_tar_index(tar: str, size: int, mtime_ns: int) -> dict[str, TarMember
         # "r:" reads uncompressed tars only: a member of a compressed one cannot be reached without
         # decompressing everything before it, for every clip.
         with tarfile.open(tar, "r:") as t:
-            return {m.name: TarMember(m.offset_data, m.size) for m in t if m.isreg()}
+            members = {}
+            for m in t:
+                kind = _member_kind(m)
+                if not kind:
+                    continue  # a folder
+                if m.name in members:
+                    raise AudioclfError(f"{tar}: holds the member {m.name!r} twice, so one sample would silently "
+                                        f"replace another; write the shard again with each name once")
+                members[m.name] = TarMember(m.offset_data, m.size if kind == "file" else 0, kind)
+            return members
     except tarfile.ReadError as e:
         raise AudioclfError(f"{tar}: not an uncompressed tar archive ({e}); shards must be plain .tar files "
                             f"(decompress .tar.gz shards first)") from None
@@ -229,6 +246,9 @@ def read_member(tar, name: str) -> bytes:
     entry = tar_index(tar).get(name)
     if entry is None:
         raise AudioclfError(f"{member_path(tar, name)}: the tar has no member {name!r}")
+    if entry.kind != "file":
+        raise AudioclfError(f"{member_path(tar, name)}: a {entry.kind} member, not a file; shards hold the bytes "
+                            f"of each file (audioclf shard writes them so)")
     try:
         with open(tar, "rb") as f:
             f.seek(entry.offset)
@@ -325,7 +345,17 @@ def audio_format(path) -> str:
         return f.format
 
 
-def stream_audio(path, sample_rate: int, block_s: float = 30.0) -> Iterator[np.ndarray]:
+BLOCK_S = 30.0  # seconds of audio stream_audio decodes at once
+
+
+def decoding_bytes(path, block_s: float = BLOCK_S) -> int:
+    """Bytes of float32 samples that decoding ``path`` holds at once (:func:`stream_audio`'s block, at the
+    file's own rate and channels; a short file whole), read from its header."""
+    with _open(path) as f:
+        return 4 * f.channels * min(f.frames, int(block_s * f.samplerate))
+
+
+def stream_audio(path, sample_rate: int, block_s: float = BLOCK_S) -> Iterator[np.ndarray]:
     """Yield consecutive mono float32 blocks of ``path`` at ``sample_rate``; memory stays at one block.
 
     Concatenating the blocks gives (to within resampler edge effects) ``load_audio(path, sample_rate)``.

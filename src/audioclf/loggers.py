@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import AudioclfError
+from .rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 TENSORBOARD_DIR = "tensorboard"
 MLRUNS_DIR = "mlruns"
-MLFLOW_RUN_FILE = "mlflow_run.json"  # in the run directory: the MLflow run a --resume continues
 EXPERIMENT = "audioclf"
 
 
@@ -97,7 +97,7 @@ class MLflowTracker(Tracker):
         self.run_id: Optional[str] = None
 
     def start(self, config: dict) -> None:
-        saved = self.out / MLFLOW_RUN_FILE
+        saved = RunDir(self.out).mlflow_run
         if saved.is_file():  # a --resume: the same MLflow run, if this store holds it
             run_id = json.loads(saved.read_text()).get("run_id")
             try:

@@ -10,6 +10,8 @@ The ``predict`` and ``embed`` commands around this live in :mod:`audioclf.comman
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,9 +26,10 @@ from .audio import (audio_duration_s, default_hop, fix_length, load_audio, settl
 from .checkpoint import load_model, weights_file
 from .config import FeatureConfig, RunConfig
 from .errors import AudioclfError
-from .model import WaveformClassifier
+from .model import WaveformClassifier, activation
+from .options import PredictOptions
+from .runtime import auto_workers, cpu_threads_beside, dying_with_parent, resolve_device
 from .waveforms import as_waveform, unbatch
-from .runtime import auto_workers, cpu_threads_beside, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -187,14 +190,12 @@ class Classifier:
 
     Inputs are file paths, or numpy arrays / torch tensors of shape ``(time,)`` or ``(channels, time)``
     in [-1, 1]; an array's ``sample_rate`` (Hz) defaults to the training sample rate.
-
-    ``weights_file``: the file the weights were read from (set by :func:`load`; ``None`` when built here).
     """
 
-    weights_file: Optional[str] = None
+    weights_file: Optional[str] = None  # the file load() read the weights from; None for a model built in Python
 
-    def __init__(self, model: torch.nn.Module, config: RunConfig, labels: Sequence[str], *, device="auto",
-                 batch_size: int = 32):
+    def __init__(self, model: torch.nn.Module, config: RunConfig, labels: Sequence[str], *,
+                 device: str = PredictOptions.device, batch_size: int = PredictOptions.batch_size):
         if batch_size < 1:
             raise AudioclfError(f"batch_size={batch_size} must be >= 1")
         self.labels = list(labels)
@@ -217,20 +218,18 @@ class Classifier:
         for a list of inputs.
 
         Args:
-            batch (bool, optional): what the first axis of a 2-D (or 3-D) array or tensor is: ``True``, clips
-                (``(n, time)`` or ``(n, channels, time)``, one row of probabilities each); ``False``, the
-                channels of one clip (``(channels, time)``, mixed down). Required for a 2-D input, which
-                could be either. (Default: ``None``, for 1-D inputs, paths and lists)
+            batch (bool, optional): a 2-D (or 3-D) array's first axis: ``True``, clips (one row each); ``False``,
+                one clip's channels (mixed down). Required for 2-D input, which could be either. (Default: ``None``)
         """
         return self._window_means(audio, sample_rate, width=len(self.labels), batch=batch)
 
     def predict(self, audio, sample_rate: Optional[int] = None, *, batch: Optional[bool] = None):
-        """The most probable label (a list of them for a list of inputs or ``batch``), from ``predict_proba``."""
+        """The most probable label (a list of them for several inputs), from ``predict_proba``."""
         best = self.predict_proba(audio, sample_rate, batch=batch).argmax(axis=-1)
         return self.labels[best] if best.ndim == 0 else [self.labels[i] for i in best]
 
     def classify(self, audio, sample_rate: Optional[int] = None, *, window_s: Optional[float] = None,
-                 hop_s: Optional[float] = None, timeline: bool = False, top_k: int = 3) -> dict:
+                 hop_s: Optional[float] = None, timeline: bool = False, top_k: int = PredictOptions.top_k) -> dict:
         """Classify one input (file path or waveform).
 
         Args:
@@ -252,7 +251,7 @@ class Classifier:
         return result
 
     def classify_steps(self, audio, sample_rate: Optional[int] = None, *, window_s: Optional[float] = None,
-                       hop_s: Optional[float] = None, timeline: bool = False, top_k: int = 3,
+                       hop_s: Optional[float] = None, timeline: bool = False, top_k: int = PredictOptions.top_k,
                        batch_size: Optional[int] = None, max_duration_s: Optional[float] = None,
                        max_windows: Optional[int] = None) -> Iterator[Optional[dict]]:
         """:meth:`classify`, one forward pass at a time: yields ``None`` after each batch of windows, then
@@ -287,14 +286,13 @@ class Classifier:
 
     def embed_steps(self, audio, sample_rate: Optional[int] = None, *, batch_size: Optional[int] = None,
                     max_duration_s: Optional[float] = None, max_windows: Optional[int] = None) -> Iterator[Optional[np.ndarray]]:
-        """:meth:`embed` of one input, one forward pass at a time, as :meth:`classify_steps`: yields ``None``
-        after each batch of windows, then the embedding ``(d,)``."""
+        """:meth:`embed` of one input a forward pass at a time: ``None`` after each step, then ``(d,)``."""
         window, hop = self._window(None, None)
         for source in self._steps(audio, sample_rate, window, hop, self._embed, batch_size, max_duration_s, max_windows):
             yield None if source is None else source.mean()
 
     def classify_files(self, paths: Sequence, *, window_s: Optional[float] = None, hop_s: Optional[float] = None,
-                       timeline: bool = False, top_k: int = 3, num_workers: Optional[int] = None,
+                       timeline: bool = False, top_k: int = PredictOptions.top_k, num_workers: Optional[int] = None,
                        quiet: bool = False) -> Iterator[dict]:
         """:meth:`classify` for many files, decoded by background DataLoader workers while the model runs.
 
@@ -314,9 +312,7 @@ class Classifier:
         """Embeddings for search and clustering: the network's pooled trunk features (before any classifier
         layer; 512 for resnet18, 384 for mn04_as), averaged over a long input's windows.
 
-        Returns ``(d,)`` for one input (path or waveform), ``(n, d)`` for a list of them or ``batch``
-        (as in :meth:`predict_proba`).
-        """
+        Returns ``(d,)`` for one input, ``(n, d)`` for a list of them or a ``batch`` (:meth:`predict_proba`)."""
         return self._window_means(audio, sample_rate, self._embed, batch=batch)
 
     def embed_files(self, paths: Sequence, *, quiet: bool = False) -> np.ndarray:
@@ -349,12 +345,15 @@ class Classifier:
             raise source.error
         yield source
 
-    def _embed(self, wave: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(self._net.logmel(wave))
+    def _embed(self, logmel: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(logmel)
+
+    def _probs(self, logmel: torch.Tensor) -> torch.Tensor:
+        return activation(self._net.task)(self.model(logmel))
 
     def _window_means(self, audio, sample_rate: Optional[int], head=None, width: int = 0,
                       batch: Optional[bool] = None) -> np.ndarray:
-        """``head`` (a batch of windows to one row each; default: class probabilities) on every window of
+        """``head`` (a batch of log-mels to one row each; default: class probabilities) on every window of
         every input, averaged over each input's windows: ``(d,)`` for one input, ``(n, d)`` for a list of
         them (or the rows of an array, with ``batch``), ``(0, width)`` for an empty list. Raises the error
         of the first input that cannot be read."""
@@ -379,7 +378,8 @@ class Classifier:
         workers = (auto_workers() if len(paths) > 2 else 0) if num_workers is None else num_workers
         return torch.utils.data.DataLoader(
             _PrepareFiles(paths, self.config.features, window, hop), batch_size=None, num_workers=workers,
-            prefetch_factor=self.batch_size if workers else None)  # a batch of short clips stays queued
+            prefetch_factor=self.batch_size if workers else None,  # a batch of short clips stays queued
+            worker_init_fn=dying_with_parent())
 
     def _run_loaded(self, loader: torch.utils.data.DataLoader, head=None) -> Iterator[_Source]:
         """:meth:`_run` over a file loader, with the model's CPU threads leaving the decoding workers their
@@ -393,7 +393,7 @@ class Classifier:
         whatever source they come from; yield each source, in input order, once all its windows are done,
         and with ``steps`` also ``None`` after each forward pass.
 
-        ``head`` maps a batch of windows to one row each (default: class probabilities); its rows are
+        ``head`` maps a batch of log-mels to one row each (default: class probabilities); its rows are
         collected in each source's ``rows``."""
         batch_size = batch_size or self.batch_size
         pending: deque[_Source] = deque()
@@ -430,8 +430,15 @@ class Classifier:
             return
         x = torch.from_numpy(np.stack([w for _, _, w in batch])).to(self.device)  # (batch, window samples)
         with torch.inference_mode():
-            rows = (head or self._net)(x).float().cpu().numpy()  # (batch, n_classes or embedding size)
-        for (source, start, _), row in zip(batch, rows):
+            logmel = self._net.logmel(x)  # (batch, n_mels, frames)
+            finite = torch.isfinite(logmel).flatten(1).all(1).cpu().numpy()
+            rows = (head or self._probs)(logmel).float().cpu().numpy()  # (batch, n_classes or embedding size)
+        for (source, start, _), row, ok in zip(batch, rows, finite):
+            if not (ok and np.isfinite(row).all()) and source.error is None:
+                # samples far outside [-1, 1] (a float file of 1e30) overflow the features: no answer, not NaN
+                at = start / self.config.features.sample_rate
+                source.error = AudioclfError(f"{source.name}: its features are not finite (window at {at:.2f} s): "
+                                             f"samples far outside [-1, 1] overflow them; check the file")
             source.starts.append(start)
             source.rows.append(row)
         batch.clear()
@@ -442,10 +449,12 @@ class Classifier:
         """Window and hop in samples; defaults: the training duration and half of it."""
         f = self.config.features
         window_s = f.duration_s if window_s is None else window_s
-        if not 0 < window_s <= 3600:
-            raise AudioclfError(f"window_s={window_s!r} is out of range: it must be in (0, 3600] seconds")
-        if hop_s is not None and not 0 < hop_s:
-            raise AudioclfError(f"hop_s={hop_s!r} is out of range: it must be > 0 seconds")
+        for name, value in (("window_s", window_s), ("hop_s", 1.0 if hop_s is None else hop_s)):
+            # NaN fails every comparison and inf overflows the sample count: name them before the range
+            if not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise AudioclfError(f"{name}={value!r} must be a finite number of seconds in (0, 3600]")
+            if not 0 < value <= 3600:
+                raise AudioclfError(f"{name}={value!r} is out of range: it must be in (0, 3600] seconds")
         window = f.window_samples(window_s)
         # the default hop is the one the training cache used: the same windows in both
         return window, default_hop(window) if hop_s is None else max(1, int(round(hop_s * f.sample_rate)))
@@ -469,7 +478,8 @@ class Classifier:
         return out
 
 
-def load(model, device: str = "auto", *, batch_size: int = 32, weights_path: Optional[str] = None) -> Classifier:
+def load(model, device: str = PredictOptions.device, *, batch_size: int = PredictOptions.batch_size,
+         weights_path: Optional[str] = None) -> Classifier:
     """A :class:`Classifier` from a run directory, ``.pt`` checkpoint or exported safetensors folder, or an
     AudioSet backbone's name (``mn04_as``): its pretrained 527-class tagger (:mod:`audioclf.audioset`), with
     its official weights from ``weights_path`` or the torch hub cache."""

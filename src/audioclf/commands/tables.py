@@ -7,7 +7,8 @@ then empty). The prefix ``p_`` keeps a class named ``1`` (a spoken digit) apart 
 
 The timeline table (``--timeline``): ``path, start_s, end_s, label, prob``, one row per window, in time order.
 
-The same rows go to CSV and Parquet (numbers as floats, empty cells as nulls). JSON keeps each file's
+The same rows go to CSV and Parquet (numbers as floats, empty cells as nulls); in CSV, text that a
+spreadsheet would run as a formula gets a leading ``'`` (:func:`audioclf.fileio.csv_cell`). JSON keeps each file's
 result whole: its probabilities by class, its top-k and its windows nested in it.
 """
 
@@ -18,7 +19,7 @@ import json
 from pathlib import Path
 from typing import IO, Iterable
 
-from ..fileio import write_parquet
+from ..fileio import csv_cell, write_parquet
 
 TIMELINE_FIELDS = ["path", "start_s", "end_s", "label", "prob"]
 _TEXT = ("path", "label", "error")  # every other column holds numbers (label_N too is text)
@@ -65,7 +66,7 @@ class TableWriter:
 
     def write(self, rows: Iterable[dict]) -> None:
         if self._csv is not None:
-            self._csv.writerows(rows)
+            self._csv.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
         else:
             self._rows += ([row.get(f, "") for f in self.fields] for row in rows)
 
@@ -89,14 +90,14 @@ def write_csv_rows(path: Path, fields: list[str], rows: Iterable[list[str]]) -> 
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(fields)
-        w.writerows(rows)
+        w.writerows([csv_cell(cell) for cell in row] for row in rows)
 
 
 def write_submission(f: IO[str], results: Iterable[dict]) -> None:
     w = csv.writer(f, lineterminator="\n")
     w.writerow(["ID", "Class"])
     for r in results:  # a failed file keeps its row, with no class, so the IDs stay complete
-        w.writerow([Path(r["path"]).name, r.get("label", "")])
+        w.writerow([csv_cell(Path(r["path"]).name), csv_cell(r.get("label", ""))])
 
 
 def write_json(f: IO[str], results: Iterable[dict], labels: list[str]) -> None:
