@@ -4,6 +4,7 @@ shared among torchrun's processes (two gloo processes on the CPU here), merged t
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ from _models import tiny_run  # noqa: F401 (a fixture)
 from audioclf.cli import main
 from audioclf.commands import embed as embed_command
 from audioclf.commands import predict as predict_command
-from audioclf.commands.parts import PartWriter, list_parts, part_path, read_part
+from audioclf.commands.parts import META, PartWriter, list_parts, part_path, read_part
 from audioclf.commands.predict import timeline_path
 from audioclf.commands.tables import is_number
 from audioclf.config import AudioclfError
@@ -77,12 +78,14 @@ def assert_close_rows(got: list[list[str]], want: list[list[str]]) -> None:
                pytest.approx([float(c) for c, n in zip(w, numbers) if n and c], abs=2e-4)
 
 
-def write_part(folder: Path, run_id: str, records: list[list[list[str]]], fields: list[str], torn: str = "") -> Path:
-    """A part as an earlier run left it: each file's window rows, then its own row; then ``torn``, the start
-    of a line that a kill cut short."""
+def write_part(folder: Path, run_id: str, records: list[list[list[str]]], fields: list[str], meta: dict,
+               torn: str = "") -> Path:
+    """A part as an earlier run left it: its options and labels (``meta``), each file's window rows, then its
+    own row; then ``torn``, the start of a line that a kill cut short."""
     path = part_path(folder, run_id, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
+        f.write(META + json.dumps(meta) + "\n")
         w = csv.writer(f, lineterminator="\n")
         w.writerow(fields)
         for own, *windows in records:
@@ -151,7 +154,9 @@ def test_a_killed_run_resumes_with_the_files_it_did_not_finish(tiny_run, inputs,
     # five files done; the sixth's window rows written, its own row cut mid-line
     six_own, *six_windows = records[5]
     torn = "".join(f"{','.join(w)}\n" for w in six_windows) + ",".join(six_own)[:25]
-    write_part(out, "20000101T000000000000Z", records[:5], PART_FIELDS, torn=torn)
+    meta = {"model": str(tiny_run.run_dir.resolve()), "top_k": 3, "window_s": None, "hop_s": None, "timeline": True,
+            "probs": False, "labels": tiny_run.labels}
+    write_part(out, "20000101T000000000000Z", records[:5], PART_FIELDS, meta, torn=torn)
 
     assert predict(tiny_run, inputs, "--out", out, "--timeline") == 0
     assert summary(caplog.text) == (8, 5, 1)

@@ -282,7 +282,7 @@ class _Bank:
         self.labels = torch.arange(n) % 2
         self.x = torch.randn(n, n_mels, n_frames, generator=g) + 3.0 * self.labels[:, None, None]
 
-    def batch(self, indices, *, random_crop=False, generator=None):
+    def batch(self, indices, *, random_crop=False, generator=None, multi_hot=False):
         return self.x[indices], self.labels[indices]
 
 
@@ -304,7 +304,7 @@ def test_train_one_epoch_and_evaluate_split_return_plain_floats():
     assert 0 <= out["train_acc"] <= 1 and out["train_loss"] > 0 and out["clips_per_s"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it stepped
     val = evaluate_split(model, bank, torch.arange(24), s, batch_size=16)
-    assert set(val) == {"val_loss", "val_acc", "val_f1"} and all(type(v) is float for v in val.values())
+    assert set(val) == {"val_loss", "val_acc", "val_f1", "val_map"} and all(type(v) is float for v in val.values())
     assert not model.training  # evaluated in eval mode
     logits = model(bank.x)
     assert val["val_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, bank.labels).item(), rel=1e-5)

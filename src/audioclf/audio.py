@@ -15,6 +15,7 @@ import errno
 import functools
 import io
 import os
+import re
 import tarfile
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional, Union
@@ -65,12 +66,24 @@ def _open(path) -> sf.SoundFile:
     return _decoder(os.fsencode(path), path)
 
 
+# libsndfile's report of a chunk whose declared size passes the end of the file: "data : 32000 (should be 2956)"
+_SHORT_CHUNK = re.compile(r"^\s*(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
+
+
 def _decoder(source: Union[bytes, io.BytesIO], name) -> Union[sf.SoundFile, "AVFile"]:
     """soundfile's decoder for ``source``, else PyAV's."""
     try:
-        return sf.SoundFile(source)
+        f = sf.SoundFile(source)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         reason = f"soundfile cannot decode it ({getattr(e, 'error_string', e)})"
+    else:
+        short = _SHORT_CHUNK.search(f.extra_info)
+        if short and int(short[1]) > int(short[2]):
+            # libsndfile reads what is there without a word: a truncated WAV would be classified as its start
+            f.close()
+            raise AudioclfError(f"{name}: truncated: its header declares {int(short[1])} bytes of audio, the file "
+                                f"holds {int(short[2])}; copy or export it again")
+        return f
     try:
         import av
     except ImportError:
@@ -313,8 +326,8 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return soxr.resample(wave, orig_sr, target_sr, quality="HQ").astype(np.float32, copy=False)
 
 
-def load_audio(path, sample_rate: int) -> np.ndarray:
-    """Decode ``path`` to mono float32 at ``sample_rate`` Hz.
+def decode(path) -> tuple[np.ndarray, int]:
+    """Decode ``path`` as stored: ``(time, channels)`` float32 samples and the file's sample rate (Hz).
 
     Raises:
         AudioclfError: naming the file, when it is missing, empty, undecodable, has no samples,
@@ -330,6 +343,12 @@ def load_audio(path, sample_rate: int) -> np.ndarray:
         raise AudioclfError(f"{path}: the file holds zero samples of audio")
     if not np.isfinite(wave).all():
         raise AudioclfError(f"{path}: the audio holds NaN or infinite samples")
+    return wave, orig_sr
+
+
+def load_audio(path, sample_rate: int) -> np.ndarray:
+    """Decode ``path`` to mono float32 at ``sample_rate`` Hz (the errors of :func:`decode`)."""
+    wave, orig_sr = decode(path)
     return resample(to_mono(wave), orig_sr, sample_rate)
 
 

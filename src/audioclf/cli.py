@@ -19,7 +19,7 @@ from .backbones import DEFAULT_BACKBONE
 from .config import PRESET_ALIASES, PRESETS, SECTIONS, load_yaml, resolve
 from .errors import AudioclfError
 from .flags import Deprecated, add_option_args, add_setting_args, common_flags, given_options, is_quiet
-from .options import PredictOptions, ServeLimits
+from .options import AuditOptions, PredictOptions, ServeLimits
 from .rundir import RunDir
 from .settings import settings
 
@@ -140,7 +140,8 @@ def cmd_demo(args) -> int:
 
     r = run_demo(args.out, quiet=is_quiet(args))
     print(r["eval"]["report"])
-    print(f"\nrun directory: {r['run_dir']} (config.yaml, metrics.csv, curves.png, best.pt)\n"
+    print(f"\nmodel:         {r['model']}" + (f"\n               {r['fallback']}" if r["fallback"] else ""))
+    print(f"run directory: {r['run_dir']} (config.yaml, metrics.csv, curves.png, best.pt)\n"
           f"evaluation:    {r['eval_dir']} (metrics.json, predictions.csv, confusion_matrix.png)\n"
           f"next: audioclf predict {r['run_dir']} {r['test_dir'] / 'tone'} | audioclf serve {r['run_dir']}")
     return 0
@@ -224,6 +225,26 @@ def cmd_embed(args) -> int:
     failed = f"; {r['failed']} file(s) failed, left out (see the warnings)" if r["failed"] else ""
     print(f"{r['n_files']} embeddings of dimension {r['dim']}: {r['out']}{failed}")
     return 1 if r["failed"] else 0
+
+
+def cmd_audit(args) -> int:
+    from .commands.audit import run_audit
+    from .config import DataConfig
+
+    data = DataConfig(root=args.data, format=args.format or _guess_format(args.data), esc10=bool(args.esc10))
+    r = run_audit(data, out=args.out, probs=args.probs, weights_path=args.weights_path, quiet=is_quiet(args),
+                  **given_options(args, AuditOptions), **given_options(args, PredictOptions))
+    print("\n".join(r["summary"]) + f"\nreport: {r['out'] / 'audit.md'} (and audit.json, PNGs)")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .commands.explain import run_explain
+
+    r = run_explain(args.model, args.file, out=args.out, label=args.label, **given_options(args, PredictOptions))
+    window = f"{r['start_s']:.2f}-{r['start_s'] + r['window_s']:.2f} s"  # the window explained
+    print(f"{r['label']} {r['score']:.4f} ({window}): {r['out']}")
+    return 0
 
 
 def cmd_tag(args) -> int:
@@ -310,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--val-fold", "--test-fold"):
         p.add_argument(flag, nargs="?", action=_RefuseFold, help=argparse.SUPPRESS)
 
-    p = command("demo", "make a synthetic dataset, train on it, evaluate", cmd_demo)
+    p = command("demo", "make a synthetic dataset, fine-tune the default backbone on it, evaluate", cmd_demo)
     p.add_argument("--out", default="runs/demo", help="where the data and the run go (default: runs/demo)")
 
     p = command("evaluate", "metrics, per-clip predictions and a confusion matrix", cmd_evaluate)
@@ -362,6 +383,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run directory, .pt checkpoint or exported safetensors folder")
     p.add_argument("paths", nargs="+", help="audio files, folders (recursive) or .txt files listing paths")
     p.add_argument("--out", required=True, help="emb.npy (an .npy array plus emb.paths.txt) or emb.parquet")
+    add_option_args(p, PredictOptions, only=("batch_size", "device"))
+
+    p = command("audit", "check a dataset: counts, unreadable, silent and clipped clips, duplicates and leakage, "
+                         "likely label errors", cmd_audit)
+    p.add_argument("data", help=_DATA_HELP)
+    p.add_argument("--out", required=True, help="folder for audit.md, audit.json and the PNGs")
+    add_setting_args(p, only=("format", "esc10", "weights_path"))
+    add_option_args(p, AuditOptions)
+    p.add_argument("--probs", help="out-of-fold probabilities for the label-error search: an audioclf cv folder, or "
+                   "a CSV (path and one column per class, as the audit's own oof_probs.csv); default: a linear probe "
+                   "on the embeddings, cross-validated over the folds")
+    add_option_args(p, PredictOptions, only=("batch_size", "device"))
+
+    p = command("explain", "draw where in time and frequency the model's evidence for a class lies", cmd_explain)
+    p.add_argument("model", help="run directory, .pt checkpoint or exported safetensors folder")
+    p.add_argument("file", help="audio file")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--label", help="class to explain (default: the predicted one)")
     add_option_args(p, PredictOptions, only=("batch_size", "device"))
 
     _add_event_parsers(command)

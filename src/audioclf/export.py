@@ -42,7 +42,7 @@ from .config import FeatureConfig, _check_choice
 from .errors import AudioclfError
 from .fileio import atomic_path, check_output, sha256
 from .features import LogMel
-from .model import WaveformClassifier
+from .model import WaveformClassifier, activation
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +86,17 @@ def export(model_path, format: str = "safetensors", out_dir="export", *, quantiz
                             f"(a model path must mean one model)")
     source = Path(model_path)  # an export exported into its own folder would be written over as it is read
     out = check_output(out_dir, folder=True, inputs=[source if source.is_dir() else source.parent])
-    model, config, labels = load_model(model_path)
+    saved = load_model(model_path)
+    model, config, labels = saved
     out.mkdir(parents=True, exist_ok=True)
     bound = {"labels": list(labels), "config": config.to_dict()}
     if format == "safetensors":
         path = _export_safetensors(model, out, bound)
         extra = {"weights_sha256": sha256(path)}
     else:
-        path, extra = _export_onnx(model, config.features, out, quantize)
+        path, extra = _export_onnx(model, config.features, out, config.train.task, quantize)
+    if saved.thresholds is not None:  # a multilabel model's: a tag is on where its probability reaches them
+        extra["thresholds"] = saved.thresholds
     meta = {"format": format, "format_version": EXPORT_FORMAT, "audioclf_version": __version__, **extra, **bound}
     with atomic_path(out / CONFIG_FILE) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
@@ -119,19 +122,21 @@ def _export_safetensors(model: nn.Module, out: Path, bound: dict) -> Path:
 # --- ONNX --------------------------------------------------------------------------------------------
 
 class LogMelClassifier(nn.Module):
-    """Log-mel in, class probabilities out: the network, then softmax (the ONNX fallback graph).
+    """Log-mel in, class probabilities out: the network, then softmax or sigmoids (the ONNX fallback graph).
 
     Args:
         model (nn.Module): a trained network (:func:`audioclf.model.build_network`).
+        task (str, optional): ``multiclass`` (softmax) or ``multilabel`` (sigmoids). (Default: ``"multiclass"``)
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, task: str = "multiclass"):
         super().__init__()
         self.model = model
+        self.task = task
 
     def forward(self, logmel: torch.Tensor) -> torch.Tensor:
         """(batch, n_mels, frames) -> (batch, n_classes) probabilities."""
-        return torch.softmax(self.model(logmel), dim=-1)
+        return activation(self.task)(self.model(logmel))
 
 
 def _onnx_probs(path: Path, input_name: str, example: torch.Tensor) -> np.ndarray:
@@ -185,13 +190,14 @@ def _quantize_int8(path: Path) -> None:
         fp32.unlink(missing_ok=True)
 
 
-def _export_onnx(model: nn.Module, features: FeatureConfig, out: Path, quantize: Optional[str] = None) -> tuple[Path, dict]:
+def _export_onnx(model: nn.Module, features: FeatureConfig, out: Path, task: str,
+                 quantize: Optional[str] = None) -> tuple[Path, dict]:
     _require("onnx", "onnxscript", "onnxruntime")
     path = out / ONNX_FILE
     # A batch of 2: an example batch of 1 would let the exporter treat the batch size as a constant.
     wave = 0.1 * torch.randn(2, features.n_samples, generator=torch.Generator().manual_seed(0))
     try:
-        extra = _onnx_export(WaveformClassifier(features, model).eval(), wave, "waveform", path, quantize)
+        extra = _onnx_export(WaveformClassifier(features, model, task).eval(), wave, "waveform", path, quantize)
         return path, {"input": "waveform", "input_shape": ["batch", features.n_samples], "opset": ONNX_OPSET, **extra}
     except Exception as e:  # the exporter fails in many ways (unsupported op, guard, version); all mean "fall back"
         log.warning("ONNX export of the whole graph (waveform -> probabilities) failed: %s: %s. Exporting "
@@ -199,6 +205,6 @@ def _export_onnx(model: nn.Module, features: FeatureConfig, out: Path, quantize:
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "", CONFIG_FILE)
     with torch.no_grad():
         logmel = LogMel(features)(wave)
-    extra = _onnx_export(LogMelClassifier(model).eval(), logmel, "logmel", path, quantize)
+    extra = _onnx_export(LogMelClassifier(model, task).eval(), logmel, "logmel", path, quantize)
     return path, {"input": "logmel", "input_shape": ["batch", features.n_mels, features.n_frames], "opset": ONNX_OPSET,
                   **extra}

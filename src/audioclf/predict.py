@@ -2,8 +2,8 @@
 ``audioclf evaluate`` and the HTTP server.
 
 A clip up to the training duration is padded exactly as in training (``audio.fix_length``); a longer one
-is cut into sliding windows and gets the mean of the window probabilities. Long files are streamed block
-by block, so memory stays bounded whatever their length. Windows of many inputs share model batches.
+is cut into sliding windows and gets the mean of the window probabilities (tags: their maximum). Long
+files are streamed block by block, so memory stays bounded. Windows of many inputs share model batches.
 The ``predict`` and ``embed`` commands around this live in :mod:`audioclf.commands`.
 """
 
@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 
 from .audio import (audio_duration_s, default_hop, fix_length, load_audio, settled_windows, stream_audio,
                     window_starts)
-from .checkpoint import load_model, weights_file
+from .checkpoint import SavedModel, load_model, weights_file
 from .config import FeatureConfig, RunConfig
 from .errors import AudioclfError
-from .model import WaveformClassifier, activation
+from .metrics import tags_above
+from .model import WaveformClassifier
 from .options import PredictOptions
 from .runtime import auto_workers, cpu_threads_beside, dying_with_parent, resolve_device
 from .waveforms import as_waveform, unbatch
@@ -187,6 +188,7 @@ class Classifier:
         labels (list of str): class names, the order of probability columns.
         device (str, optional): ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. (Default: ``"auto"``)
         batch_size (int, optional): windows per forward pass. (Default: ``32``)
+        thresholds (list of float, optional): a multilabel model's tags' thresholds. (Default: 0.5 each)
 
     Inputs are file paths, or numpy arrays / torch tensors of shape ``(time,)`` or ``(channels, time)``
     in [-1, 1]; an array's ``sample_rate`` (Hz) defaults to the training sample rate.
@@ -195,11 +197,12 @@ class Classifier:
     weights_file: Optional[str] = None  # the file load() read the weights from; None for a model built in Python
 
     def __init__(self, model: torch.nn.Module, config: RunConfig, labels: Sequence[str], *,
-                 device: str = PredictOptions.device, batch_size: int = PredictOptions.batch_size):
+                 device: str = PredictOptions.device, batch_size: int = PredictOptions.batch_size, thresholds=None):
         if batch_size < 1:
             raise AudioclfError(f"batch_size={batch_size} must be >= 1")
         self.labels = list(labels)
         self.config = config
+        self.multilabel, self.thresholds = config.train.task == "multilabel", thresholds
         self.device = resolve_device(str(device))
         self.batch_size = batch_size
         # channels_last: oneDNN and cuDNN convolve it fastest (1.3x on a 2-core CPU, same fp32 arithmetic)
@@ -241,7 +244,7 @@ class Classifier:
         Returns:
             dict: ``label``, ``confidence``, ``probs`` (list, ``labels`` order), ``top_k`` (list of
             ``{"label", "prob"}``), ``duration_s``, and with ``timeline`` ``windows`` (list of
-            ``{"start_s", "end_s", "label", "confidence"}``).
+            ``{"start_s", "end_s", "label", "confidence"}``); a multilabel model's also ``tags``.
 
         Raises:
             AudioclfError: naming the file, when it cannot be read.
@@ -345,15 +348,12 @@ class Classifier:
             raise source.error
         yield source
 
-    def _embed(self, logmel: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(logmel)
-
-    def _probs(self, logmel: torch.Tensor) -> torch.Tensor:
-        return activation(self._net.task)(self.model(logmel))
+    def _embed(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(self._net.logmel(wave))
 
     def _window_means(self, audio, sample_rate: Optional[int], head=None, width: int = 0,
                       batch: Optional[bool] = None) -> np.ndarray:
-        """``head`` (a batch of log-mels to one row each; default: class probabilities) on every window of
+        """``head`` (a batch of windows to one row each; default: class probabilities) on every window of
         every input, averaged over each input's windows: ``(d,)`` for one input, ``(n, d)`` for a list of
         them (or the rows of an array, with ``batch``), ``(0, width)`` for an empty list. Raises the error
         of the first input that cannot be read."""
@@ -365,7 +365,7 @@ class Classifier:
         for s in self._run(sources, head):
             if s.error is not None:
                 raise s.error
-            rows.append(s.mean())
+            rows.append(s.mean() if head is not None else (np.max if self.multilabel else np.mean)(s.rows, axis=0))
         if one:
             return rows[0]
         return np.stack(rows) if rows else np.zeros((0, width), np.float32)
@@ -393,7 +393,7 @@ class Classifier:
         whatever source they come from; yield each source, in input order, once all its windows are done,
         and with ``steps`` also ``None`` after each forward pass.
 
-        ``head`` maps a batch of log-mels to one row each (default: class probabilities); its rows are
+        ``head`` maps a batch of windows to one row each (default: class probabilities); its rows are
         collected in each source's ``rows``."""
         batch_size = batch_size or self.batch_size
         pending: deque[_Source] = deque()
@@ -430,15 +430,13 @@ class Classifier:
             return
         x = torch.from_numpy(np.stack([w for _, _, w in batch])).to(self.device)  # (batch, window samples)
         with torch.inference_mode():
-            logmel = self._net.logmel(x)  # (batch, n_mels, frames)
-            finite = torch.isfinite(logmel).flatten(1).all(1).cpu().numpy()
-            rows = (head or self._probs)(logmel).float().cpu().numpy()  # (batch, n_classes or embedding size)
-        for (source, start, _), row, ok in zip(batch, rows, finite):
-            if not (ok and np.isfinite(row).all()) and source.error is None:
+            rows = (head or self._net)(x).float().cpu().numpy()  # (batch, n_classes or embedding size)
+        for (source, start, _), row in zip(batch, rows):
+            if not np.isfinite(row).all() and source.error is None:
                 # samples far outside [-1, 1] (a float file of 1e30) overflow the features: no answer, not NaN
                 at = start / self.config.features.sample_rate
-                source.error = AudioclfError(f"{source.name}: its features are not finite (window at {at:.2f} s): "
-                                             f"samples far outside [-1, 1] overflow them; check the file")
+                source.error = AudioclfError(f"{source.name}: its features or the model's output are not finite (window "
+                                             f"at {at:.2f} s): samples far outside [-1, 1] overflow them; check the file")
             source.starts.append(start)
             source.rows.append(row)
         batch.clear()
@@ -465,15 +463,17 @@ class Classifier:
 
     def _summarise(self, source: _Source, window: int, timeline: bool, top_k: int) -> dict:
         sr = self.config.features.sample_rate
-        probs = source.mean()
+        probs = (np.max if self.multilabel else np.mean)(source.rows, axis=0)
         best = np.argsort(-probs)[:top_k]
         out = {"label": self.labels[best[0]], "confidence": float(probs[best[0]]),
                "probs": [float(p) for p in probs],
                "top_k": [{"label": self.labels[i], "prob": float(probs[i])} for i in best],
-               "duration_s": source.duration_s}
+               "duration_s": source.duration_s,
+               **({"tags": tags_above(probs, self.labels, self.thresholds)} if self.multilabel else {})}
         if timeline:
             out["windows"] = [{"start_s": start / sr, "end_s": min((start + window) / sr, source.duration_s),
-                               "label": self.labels[int(p.argmax())], "confidence": float(p.max())}
+                               "label": self.labels[int(p.argmax())], "confidence": float(p.max()),
+                               **({"tags": tags_above(p, self.labels, self.thresholds)} if self.multilabel else {})}
                               for start, p in zip(source.starts, source.rows)]
         return out
 
@@ -486,14 +486,14 @@ def load(model, device: str = PredictOptions.device, *, batch_size: int = Predic
     from .audioset import is_backbone_name, pretrained_model
 
     if is_backbone_name(model):
-        net, config, labels = pretrained_model(model, weights_path)
+        saved = SavedModel(*pretrained_model(model, weights_path))
         weights = weights_path
     elif weights_path:
         raise AudioclfError(f"weights_path is for an AudioSet backbone's name (mn04_as, ...), not a trained model "
                             f"({model})")
     else:
-        net, config, labels = load_model(model)
+        saved = load_model(model)
         weights = weights_file(model)
-    clf = Classifier(net, config, labels, device=device, batch_size=batch_size)
+    clf = Classifier(*saved, device=device, batch_size=batch_size, thresholds=saved.thresholds)
     clf.weights_file = str(weights) if weights else None
     return clf

@@ -18,6 +18,7 @@ class Window(BaseModel):
     end_s: float
     label: str
     confidence: float
+    tags: Optional[list[ClassProb]] = None  # a multilabel model's
 
 
 class Prediction(BaseModel):
@@ -26,6 +27,8 @@ class Prediction(BaseModel):
     probs: dict[str, float]  # every class, in the order of /labels
     top_k: list[ClassProb]
     duration_s: float
+    # a multilabel model's: every class whose probability reaches its threshold, most probable first
+    tags: Optional[list[ClassProb]] = None
     windows: Optional[list[Window]] = None  # only with ?timeline=1
 
 

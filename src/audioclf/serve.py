@@ -1,8 +1,9 @@
 """HTTP serving: a FastAPI app over :meth:`audioclf.predict.Classifier.classify`, run with uvicorn.
 
-``POST /predict``  multipart field ``file`` -> ``{label, confidence, probs, top_k, duration_s[, windows]}``
+``POST /predict``  multipart field ``file`` -> ``{label, confidence, probs, top_k, duration_s[, tags, windows]}``
 ``POST /predict_batch``  multipart fields ``files`` (several) -> ``{results: [{file, result | error}, ...]}``
 ``POST /embed``  multipart field ``file`` -> ``{embedding, dim, duration_s}``
+``POST /explain``  multipart field ``file`` (and ``?label=``) -> a PNG: where the model's evidence lies
 ``POST /detect``   multipart field ``file`` -> ``{duration_s, events: [{onset, offset, label, score}]}``
 ``GET /health`` (status and model metadata), ``GET /labels``, ``GET /`` (a web page), ``/docs`` (OpenAPI).
 
@@ -338,6 +339,42 @@ def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: 
                 return Response(status_code=CLIENT_CLOSED)
             return Embedding(embedding=vector.tolist(), dim=len(vector), duration_s=duration_s)
 
+    def draw_explanation(path: Path, shown: str, label: Optional[str]) -> bytes:
+        """In a worker thread: the PNG of :func:`audioclf.explain.explain`, holding the model throughout (one
+        forward pass per occluded patch: seconds, not a few windows)."""
+        from .explain import explain, plot_explanation
+
+        with model_lock:
+            result = explain(clf, path, label=label)
+        result["path"] = shown
+        return plot_explanation(result, path.with_suffix(".png")).read_bytes()
+
+    @app.post("/explain", response_class=Response,
+              responses={200: {"content": {"image/png": {}}, "description": "the explanation, drawn"},
+                         400: {"description": "no file, or an empty one"},
+                         413: {"description": "upload or audio over the server's limits"},
+                         415: {"description": "the file cannot be decoded as audio"},
+                         422: {"description": "a label the model does not have, or audio that fails to decode"}})
+    async def explain_upload(file: Optional[UploadFile] = File(None, description="audio file: WAV, FLAC, OGG, MP3, ..."),
+                             label: Optional[str] = Query(None, description="class to explain (default: the "
+                                                          "predicted one)")):
+        """Where in time and frequency the model's evidence for a class lies: occlusion over the log-mel,
+        drawn over the spectrogram as a PNG (``audioclf explain``)."""
+        if file is None:
+            raise HTTPException(400, "no file uploaded: POST multipart/form-data with the audio in the field 'file'")
+        if label is not None and label not in labels:
+            raise HTTPException(422, f"label={label!r} is not one of the model's classes: {', '.join(labels)}")
+        shown = Path(file.filename or "upload").name
+        _, window, hop = check_window(None, None)
+        with tempfile.TemporaryDirectory(prefix="audioclf-upload-") as tmp:
+            path = upload_path(tmp, file)
+            *_, decoded = await run_in_threadpool(open_upload, file, shown, path, window, hop)
+            try:
+                async with budget.hold(decoded, shown):  # explain decodes the whole file
+                    png = await run_in_threadpool(draw_explanation, path, shown, label)
+            except AudioclfError as e:
+                raise HTTPException(422, str(e).replace(str(path), shown)) from None
+        return Response(png, media_type="image/png")
     detect_config = _detect_config(model)
 
     @app.post("/detect", response_model=Detection,

@@ -181,7 +181,7 @@ def run_predict(model, paths: Sequence[str], *, out: Optional[str] = None, top_k
                                      quiet=quiet)
         failed = _write_results(results, out_path, "submission" if submission else kind, clf.labels, shown,
                                 summary=not (timeline and out_path is None), top_k=top_k, probs=probs,
-                                timeline=timeline and not submission)
+                                timeline=timeline and not submission, tags=clf.multilabel)
     log.info("%d file(s) classified, %d failed%s", len(files) - failed, failed,
              f"; wrote {out_path}" if out_path else "")
     return 1 if failed == len(files) else 0
@@ -213,7 +213,7 @@ class _Tally:
 
 
 def _write_results(results: Iterable[dict], out: Optional[Path], kind: str, labels: list[str], shown: dict, *,
-                   summary: bool, top_k: int, probs: bool, timeline: bool) -> int:
+                   summary: bool, top_k: int, probs: bool, timeline: bool, tags: bool = False) -> int:
     """Write ``results`` as they come to ``out`` (atomically; stdout when ``None``) in ``kind`` (``.csv``,
     ``.json``, ``.parquet`` or ``submission``), with printable names (``shown`` renames the stdin temp file):
     for a table kind, the per-file table (when ``summary``) and with ``timeline`` the timeline table (to
@@ -237,7 +237,7 @@ def _write_results(results: Iterable[dict], out: Optional[Path], kind: str, labe
             def table(path: Optional[Path], fields: list[str]) -> TableWriter:
                 return TableWriter(fields, parquet=path) if kind == ".parquet" else TableWriter(fields, opened(path))
 
-            files = table(out, summary_fields(labels, top_k, probs)) if summary else None
+            files = table(out, summary_fields(labels, top_k, probs, tags)) if summary else None
             windows = table(timeline_path(out) if out else None, TIMELINE_FIELDS) if timeline else None
             for r in named:
                 if files:
@@ -300,29 +300,32 @@ def _record_options(folder: Path, options: dict) -> None:
             tmp.write_text(json.dumps(options, indent=1) + "\n", encoding="utf-8")
 
 
-def _done(folder: Path, skip_run: str, retry_errors: bool) -> set[str]:
-    """The files whose latest row in ``folder``'s parts is complete (and, with ``retry_errors``, not an error)."""
+def _done(folder: Path, skip_run: str, retry_errors: bool, options: dict) -> set[str]:
+    """The files whose latest row in ``folder``'s parts is complete (and, with ``retry_errors``, not an error);
+    every part must have been made with ``options``."""
     fields = part_fields(folder)
     if fields is None:
         return set()
     error = fields.index("error")
     latest = {}
-    for _, (row, *_) in read_parts(folder, fields, skip_run=skip_run):
+    for _, (row, *_) in read_parts(folder, fields, skip_run=skip_run, expected=options):
         latest[row[0]] = not (retry_errors and row[error])
     return {name for name, done in latest.items() if done}
 
 
-def _write_part(results: Iterable[dict], part: Path, labels: list[str], top_k: int, probs: bool,
-                timeline: bool) -> None:
-    """Append the rows of ``results`` to the part file ``part`` as they come (columns: :mod:`.parts`)."""
+def _write_part(results: Iterable[dict], part: Path, labels: list[str], options: dict, tags: bool) -> None:
+    """Append the rows of ``results`` to the part file ``part`` as they come (columns: :mod:`.parts`), the
+    ``options`` and ``labels`` first; ``tags``: a multilabel model's."""
     tally = _Tally()
-    with PartWriter(part, summary_fields(labels, top_k, probs) + (WINDOW_FIELDS if timeline else [])) as writer:
+    top_k, probs, timeline = options["top_k"], options["probs"], options["timeline"]
+    fields = summary_fields(labels, top_k, probs, tags) + (WINDOW_FIELDS if timeline else [])
+    with PartWriter(part, fields, meta={**options, "labels": labels}) as writer:
         for r in tally.shown(results, {}):
             writer.write(timeline_rows(r) + [summary_row(r, probs, labels)])  # the file's own row last: it marks the file complete
     tally.warn_escaped()
 
 
-def _merge(folder: Path, names: list[str], formats: tuple, run_id: str) -> dict:
+def _merge(folder: Path, names: list[str], formats: tuple, run_id: str, options: dict) -> dict:
     """Every part merged into ``folder/predictions.csv`` and/or ``.parquet`` (atomically), and the windows of
     ``--timeline`` into ``folder/timeline.csv`` and/or ``.parquet``: one file's rows per name in ``names``, in
     that order, each file's latest rows (parts of a later run win).
@@ -336,7 +339,7 @@ def _merge(folder: Path, names: list[str], formats: tuple, run_id: str) -> dict:
     """
     wanted, latest = set(names), {}
     fields = part_fields(folder) or []
-    for run, record in read_parts(folder, fields):
+    for run, record in read_parts(folder, fields, expected=options):
         if record[0][0] in wanted:
             latest[record[0][0]] = (run == run_id, record)
     missing = [name for name in wanted if name not in latest]
@@ -414,7 +417,7 @@ def predict_to_folder(model, paths: Sequence[str], folder: Path, *, out_format: 
     t0 = time.perf_counter()
     with process_group(resolve_device(device)) as dev:
         run_id = broadcast(new_run_id() if rank == 0 else None, dev)
-        done = _done(folder, run_id, retry_errors)
+        done = _done(folder, run_id, retry_errors, options)
         todo = [p for name, p in by_name.items() if name not in done]
         mine = todo[rank::world]
         log.info("%sclassifying %d of %d file(s); %d done before", who, len(mine), len(by_name), len(by_name) - len(todo))
@@ -424,7 +427,7 @@ def predict_to_folder(model, paths: Sequence[str], folder: Path, *, out_format: 
                                          quiet=quiet or rank != 0)  # checks its options now, before any part
             _record_options(folder, options)
             try:
-                _write_part(results, part_path(folder, run_id, rank), clf.labels, top_k, probs, timeline)
+                _write_part(results, part_path(folder, run_id, rank), clf.labels, options, clf.multilabel)
             except KeyboardInterrupt:
                 log.warning("interrupted: the rows so far are in %s; run the same command again to continue",
                             folder / PARTS)
@@ -432,7 +435,7 @@ def predict_to_folder(model, paths: Sequence[str], folder: Path, *, out_format: 
         barrier(dev)  # every rank, with files or without: rank 0 merges only once all parts are complete
     if rank != 0:
         return 0
-    counts = _merge(folder, [_printable(str(p)) for p in files], formats, run_id)
+    counts = _merge(folder, [_printable(str(p)) for p in files], formats, run_id, options)
     elapsed = time.perf_counter() - t0
     written = [folder / f"{t}.{f}" for t in TABLES[:1 + timeline] for f in formats]
     log.info("%d classified now, %d skipped as done, %d failed; wrote %s (%.1f s%s)", counts["now"], counts["before"],

@@ -1,8 +1,9 @@
 """The tables ``audioclf predict`` writes, and their columns.
 
 The per-file table: ``path, label, confidence``, then the ``top_k`` best classes as ``label_1, prob_1, ...,
-label_k, prob_k`` (most probable first), then with ``probs`` one column per class, ``p_<class>``, in the
-model's label order, and last ``error`` (empty, or why the file could not be read; its other cells are
+label_k, prob_k`` (most probable first), then for a multilabel model ``tags``, the classes at or above their
+thresholds joined by ``;`` (the manifest's spelling), then with ``probs`` one column per class, ``p_<class>``,
+in the model's label order, and last ``error`` (empty, or why the file could not be read; its other cells are
 then empty). The prefix ``p_`` keeps a class named ``1`` (a spoken digit) apart from ``prob_1``.
 
 The timeline table (``--timeline``): ``path, start_s, end_s, label, prob``, one row per window, in time order.
@@ -22,14 +23,14 @@ from typing import IO, Iterable
 from ..fileio import csv_cell, write_parquet
 
 TIMELINE_FIELDS = ["path", "start_s", "end_s", "label", "prob"]
-_TEXT = ("path", "label", "error")  # every other column holds numbers (label_N too is text)
+_TEXT = ("path", "label", "tags", "error")  # every other column holds numbers (label_N too is text)
 
 
-def summary_fields(labels: list[str], top_k: int, probs: bool) -> list[str]:
-    """The per-file table's columns for a model with ``labels``."""
+def summary_fields(labels: list[str], top_k: int, probs: bool, tags: bool = False) -> list[str]:
+    """The per-file table's columns for a model with ``labels``; ``tags``: a multilabel model's."""
     ranks = range(1, min(top_k, len(labels)) + 1)
     return (["path", "label", "confidence"] + [f"{c}_{i}" for i in ranks for c in ("label", "prob")]
-            + ([f"p_{c}" for c in labels] if probs else []) + ["error"])
+            + (["tags"] if tags else []) + ([f"p_{c}" for c in labels] if probs else []) + ["error"])
 
 
 def summary_row(r: dict, probs: bool, labels: list[str]) -> dict:
@@ -39,6 +40,8 @@ def summary_row(r: dict, probs: bool, labels: list[str]) -> dict:
     row = {"path": r["path"], "label": r["label"], "confidence": f"{r['confidence']:.4f}"}
     for i, t in enumerate(r["top_k"], 1):
         row[f"label_{i}"], row[f"prob_{i}"] = t["label"], f"{t['prob']:.4f}"
+    if "tags" in r:
+        row["tags"] = ";".join(t["label"] for t in r["tags"])
     if probs:
         row.update({f"p_{c}": f"{p:.4f}" for c, p in zip(labels, r["probs"])})
     return row
@@ -106,6 +109,8 @@ def write_json(f: IO[str], results: Iterable[dict], labels: list[str]) -> None:
         item = {"path": r["path"], "label": r.get("label"), "confidence": r.get("confidence"),
                 "probs": dict(zip(labels, r["probs"])) if "probs" in r else None,
                 "top_k": r.get("top_k"), "duration_s": r.get("duration_s"), "error": r["error"]}
+        if "tags" in r:
+            item["tags"] = r["tags"]
         if "windows" in r:
             item["windows"] = r["windows"]
         items.append(item)
