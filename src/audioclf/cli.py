@@ -179,9 +179,9 @@ def cmd_shard(args) -> int:
 def cmd_predict(args) -> int:
     from .commands.predict import run_predict
 
-    return run_predict(args.model, args.paths, out=args.out, timeline=args.timeline, submission=args.submission,
-                       out_format=args.out_format, retry_errors=args.retry_errors, quiet=is_quiet(args),
-                       **given_options(args, PredictOptions))
+    return run_predict(args.model, args.paths, out=args.out, timeline=args.timeline, probs=args.probs,
+                       submission=args.submission, out_format=args.out_format, retry_errors=args.retry_errors,
+                       quiet=is_quiet(args), **given_options(args, PredictOptions))
 
 
 def cmd_serve(args) -> int:
@@ -194,8 +194,8 @@ def cmd_serve(args) -> int:
 def cmd_export(args) -> int:
     from .export import export
 
-    path = export(args.model, args.out_format, args.out)
-    print(f"exported {args.out_format}: {path}")
+    path = export(args.model, args.out_format, args.out, quantize=args.quantize)
+    print(f"exported {args.out_format}{' ' + args.quantize if args.quantize else ''}: {path}")
     return 0
 
 
@@ -358,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "one file on stdin")
     p.add_argument("--out", help="output .csv, .json or .parquet file (default: CSV on stdout), or a folder (existing, "
                    "or a new name without a suffix): resumable, and shared among torchrun's processes; the rows go to "
-                   "DIR/parts as they come and are merged into DIR/predictions.csv")
+                   "DIR/parts as they come and are merged into DIR/predictions.csv. Columns: path, label, confidence, "
+                   "label_1, prob_1, ... (the --top-k best), error")
     p.add_argument("--out-format", choices=PREDICT_OUT_FORMATS,
                    help="with --out DIR: predictions.csv (default), predictions.parquet or both")
     p.add_argument("--format", choices=PREDICT_OUT_FORMATS, dest="out_format", action=Deprecated, new="--out-format",
@@ -367,7 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --out DIR: classify again the files done with an error (a rerun otherwise skips every "
                         "file with a row in DIR/parts, failed ones included)")
     add_option_args(p, PredictOptions)
-    p.add_argument("--timeline", action="store_true", help="add per-window rows (start, end, label, confidence)")
+    p.add_argument("--timeline", action="store_true", help="also write the timeline table, one row per sliding "
+                   "window (path, start_s, end_s, label, prob): x.timeline.csv beside --out x.csv, DIR/timeline.csv "
+                   "with --out DIR, nested in .json; on stdout it replaces the per-file table")
+    p.add_argument("--probs", action="store_true", help="add one probability column per class (p_<class>, in the "
+                   "model's label order) to the per-file table")
     p.add_argument("--submission", action="store_true", help="write an ID,Class CSV")
 
     p = command("serve", "HTTP API and web page for a trained model", cmd_serve)
@@ -412,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--format", choices=EXPORT_FORMATS, dest="out_format", action=Deprecated, new="--out-format",
                       help="deprecated spelling of --out-format (--format names the dataset layout elsewhere)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quantize", choices=["int8"], help="ONNX only: 8-bit weights (onnxruntime dynamic "
+                   "quantization), a file about 2.6x smaller (default: fp32)")
     return parser
 
 
