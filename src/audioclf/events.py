@@ -86,7 +86,7 @@ class Event(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------- tracks
 
-def _interp_rows(t: np.ndarray, rows: np.ndarray, grid: np.ndarray) -> np.ndarray:
+def interp_rows(t: np.ndarray, rows: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """Linear interpolation of ``rows`` ``(n, C)`` at sorted times ``t`` onto ``grid``, held at the ends."""
     if len(t) == 1:
         return np.repeat(rows, len(grid), axis=0)
@@ -98,6 +98,13 @@ def _interp_rows(t: np.ndarray, rows: np.ndarray, grid: np.ndarray) -> np.ndarra
 def grid_times(duration_s: float, hop_s: float) -> np.ndarray:
     """Centres of the track's cells: cell ``k`` covers ``[k hop_s, (k + 1) hop_s)``."""
     return (np.arange(max(1, int(np.ceil(duration_s / hop_s - 1e-9)))) + 0.5) * hop_s
+
+
+def window_points(start_s: float, row: np.ndarray, window_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """The times (s) and rows ``(points, n_classes)`` of one window's output: a window's row sits at its
+    centre, frame-level rows ``(steps, n_classes)`` spread evenly over the window."""
+    row = np.atleast_2d(row)
+    return start_s + (np.arange(len(row)) + 0.5) * window_s / len(row), row
 
 
 def track_from_rows(starts: Sequence[int], rows: Sequence[np.ndarray], window_s: float, sample_rate: int,
@@ -113,14 +120,13 @@ def track_from_rows(starts: Sequence[int], rows: Sequence[np.ndarray], window_s:
     bounds = np.concatenate([[-np.inf], (centres[1:] + centres[:-1]) / 2, [np.inf]])
     t_all, r_all = [], []
     for i, (start, row) in enumerate(zip(starts, rows)):
-        row = np.atleast_2d(row)
-        t = start + (np.arange(len(row)) + 0.5) * window_s / len(row)
+        t, row = window_points(start, row, window_s)
         keep = (t >= bounds[i]) & (t < bounds[i + 1]) & (t <= max(duration_s, t[0]))
         t_all.append(t[keep])
         r_all.append(row[keep])
     t, r = np.concatenate(t_all), np.concatenate(r_all)
     order = np.argsort(t, kind="stable")
-    return _interp_rows(t[order], r[order], grid_times(duration_s, hop_s)).astype(np.float32)
+    return interp_rows(t[order], r[order], grid_times(duration_s, hop_s)).astype(np.float32)
 
 
 def track_steps(clf, audio, config: DetectConfig, **limits) -> Iterator[Optional[tuple]]:
@@ -152,9 +158,14 @@ def _runs(mask: np.ndarray) -> np.ndarray:
     return np.stack([np.flatnonzero(d == 1), np.flatnonzero(d == -1)], axis=1)
 
 
+def median_cells(config: DetectConfig) -> int:
+    """The median filter's length in track cells: ``median_s`` rounded to an odd number."""
+    return int(round(config.median_s / config.hop_s)) // 2 * 2 + 1
+
+
 def smooth(track: np.ndarray, config: DetectConfig) -> np.ndarray:
-    """The per-class median filter of ``median_s`` (an odd number of cells)."""
-    k = int(round(config.median_s / config.hop_s)) // 2 * 2 + 1
+    """The per-class median filter of ``median_s`` (:func:`median_cells`)."""
+    k = median_cells(config)
     if k <= 1 or len(track) < 2:
         return track
     from scipy.ndimage import median_filter
