@@ -87,8 +87,9 @@ MAX_CLIENT_CONNECTIONS = ServeLimits.max_client_connections
 MAX_DECODING_MB = ServeLimits.max_decoding_mb
 # seconds a client may ask for as hop_s at most (past the end of any audio the server accepts)
 MAX_HOP_S = 3600.0
-# What the page may load: itself, its inline style and script, and the blob: URL of the chosen file.
-PAGE_CSP = ("default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+# What the page may load: itself, its inline style and script (and /listen-worklet.js), and the blob: URL of the
+# chosen file.
+PAGE_CSP = ("default-src 'self'; style-src 'unsafe-inline'; script-src 'self' 'unsafe-inline'; "
             "media-src blob:; img-src data:; object-src 'none'; base-uri 'none'")
 
 

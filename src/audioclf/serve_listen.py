@@ -18,6 +18,7 @@ forward pass, taking its turn with the file requests' steps.
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import json
 import logging
 import threading
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
 
 from .errors import AudioclfError
 from .options import ServeLimits
@@ -147,6 +149,13 @@ def add_listen(app: FastAPI, clf, detect_config, model_lock: threading.Lock, lim
             except AudioclfError as e:
                 raise Refused(BAD_DATA, str(e)) from None
             await answer(ws, detector.steps())
+
+    worklet = importlib.resources.files("audioclf").joinpath("static/listen-worklet.js").read_text(encoding="utf-8")
+
+    @app.get("/listen-worklet.js", include_in_schema=False)
+    def listen_worklet():
+        """The page's AudioWorklet: a module the browser loads by URL."""
+        return Response(worklet, media_type="text/javascript")
 
     @app.websocket("/listen")
     async def listen(ws: WebSocket):
