@@ -100,13 +100,6 @@ def grid_times(duration_s: float, hop_s: float) -> np.ndarray:
     return (np.arange(max(1, int(np.ceil(duration_s / hop_s - 1e-9)))) + 0.5) * hop_s
 
 
-def window_points(start_s: float, row: np.ndarray, window_s: float) -> tuple[np.ndarray, np.ndarray]:
-    """The times (s) and rows ``(points, n_classes)`` of one window's output: a window's row sits at its
-    centre, frame-level rows ``(steps, n_classes)`` spread evenly over the window."""
-    row = np.atleast_2d(row)
-    return start_s + (np.arange(len(row)) + 0.5) * window_s / len(row), row
-
-
 def track_from_rows(starts: Sequence[int], rows: Sequence[np.ndarray], window_s: float, sample_rate: int,
                     duration_s: float, hop_s: float) -> np.ndarray:
     """The model's outputs for windows starting at ``starts`` (samples) as one track ``(cells, n_classes)``.
@@ -120,7 +113,8 @@ def track_from_rows(starts: Sequence[int], rows: Sequence[np.ndarray], window_s:
     bounds = np.concatenate([[-np.inf], (centres[1:] + centres[:-1]) / 2, [np.inf]])
     t_all, r_all = [], []
     for i, (start, row) in enumerate(zip(starts, rows)):
-        t, row = window_points(start, row, window_s)
+        row = np.atleast_2d(row)
+        t = start + (np.arange(len(row)) + 0.5) * window_s / len(row)
         keep = (t >= bounds[i]) & (t < bounds[i + 1]) & (t <= max(duration_s, t[0]))
         t_all.append(t[keep])
         r_all.append(row[keep])

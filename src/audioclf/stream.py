@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from .errors import AudioclfError
-from .events import DetectConfig, interp_rows, median_cells, smooth, window_points
+from .events import DetectConfig, interp_rows, median_cells, smooth
 
 # the PCM encodings a client may send, little-endian, and the numpy types that read them
 DTYPES = {"float32": "<f4", "int16": "<i2"}
@@ -208,7 +208,8 @@ class StreamingDetector:
             wave, start_s = self.ring, now - self.window_s
         *_, source = self.clf.window_steps(wave, self.sr, window_s=self.window_s, hop_s=self.window_s,
                                            frames=self.frames)
-        t, rows = window_points(start_s, source.rows[0], self.window_s)
+        rows = np.atleast_2d(source.rows[0])  # a window's row at its centre, frame-level rows spread over it
+        t = start_s + (np.arange(len(rows)) + 0.5) * self.window_s / len(rows)
         keep = t <= now + 1e-9
         t, rows = (t[keep], rows[keep]) if keep.any() else (t[:1], rows[:1])
         if not self.frames and self.last_point is not None:
