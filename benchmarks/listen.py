@@ -158,12 +158,39 @@ def request_latency(url: str, clip: bytes, seconds: float) -> list:
     return out
 
 
+def screenshot(url: str, wave: np.ndarray, png: Path, tmp: Path, seconds: float = 40.0) -> None:
+    """The page hearing ``wave`` through Chromium's fake microphone, saved as ``png`` (needs /usr/bin/chromium,
+    chromedriver and selenium)."""
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+
+    sf.write(tmp / "mic.wav", wave, SR, subtype="PCM_16")
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000", "--use-fake-ui-for-media-stream",
+                 "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={tmp / 'mic.wav'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
+    try:
+        driver.get(url + "/")
+        time.sleep(2)
+        driver.find_element(By.ID, "listen-button").click()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and len(driver.find_elements(By.CSS_SELECTOR, "#live-log tr.ev")) < 4:
+            time.sleep(0.5)
+        driver.execute_script("document.getElementById('live-title').scrollIntoView()")
+        driver.save_screenshot(str(png))
+    finally:
+        driver.quit()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("esc50", type=Path, help="ESC-50 folder (meta/esc50.csv, audio/)")
     p.add_argument("--weights", type=Path, required=True, help="mn04_as_mAP_432.pt")
     p.add_argument("--clips", type=int, default=8, help="clips in the latency recording")
     p.add_argument("--load-s", type=float, default=30.0, help="seconds of each load measurement")
+    p.add_argument("--screenshot", type=Path, help="also save the page listening to the recording as this PNG")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -193,6 +220,8 @@ def main(argv=None) -> int:
             loaded = request_latency(url, one_s, args.load_s)
             for t in listeners:
                 t.join()
+            if args.screenshot:
+                screenshot(url, wave, args.screenshot, Path(tmp))
         finally:
             server.terminate()
             server.wait(30)

@@ -211,6 +211,8 @@ class StreamingDetector:
         rows = np.atleast_2d(source.rows[0])  # a window's row at its centre, frame-level rows spread over it
         t = start_s + (np.arange(len(rows)) + 0.5) * self.window_s / len(rows)
         keep = t <= now + 1e-9
+        if not keep.any() and not last:  # a short window's centre is still ahead: no cell is known yet
+            return np.zeros((0, rows.shape[1]), np.float32)
         t, rows = (t[keep], rows[keep]) if keep.any() else (t[:1], rows[:1])
         if not self.frames and self.last_point is not None:
             t, rows = np.concatenate([[self.last_point[0]], t]), np.concatenate([self.last_point[1][None], rows])
