@@ -146,3 +146,17 @@ def test_listen_hears_the_fake_microphone_and_logs_the_event_in_time(tmp_path, m
             driver.find_element(By.ID, "listen-button").click()
             wait.until(lambda d: "Stopped" in d.find_element(By.ID, "live-status").text)
             assert driver.find_element(By.ID, "live-error").text == ""
+            driver.find_element(By.ID, "listen-button").click()
+            wait.until(lambda d: "Listening" in d.find_element(By.ID, "live-status").text)
+        # the server goes away mid-stream
+        wait.until(lambda d: d.find_element(By.ID, "live-error").text)
+        assert "Connection" in driver.find_element(By.ID, "live-error").text
+        assert driver.find_element(By.ID, "listen-button").text == "Listen"
+
+    no_prompt = [f for f in flags if f != "--use-fake-ui-for-media-stream"] + ["--deny-permission-prompts"]
+    for driver in chromium(tmp_path / "refused", no_prompt):
+        with live_server(serve.create_app(tone_classifier(), device="cpu")) as url:
+            driver.get(url + "/")
+            driver.find_element(By.ID, "listen-button").click()
+            WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "live-error").text)
+            assert "permission refused" in driver.find_element(By.ID, "live-error").text
