@@ -37,7 +37,7 @@ import soundfile as sf
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import free_port  # noqa: E402  (benchmarks/serve.py)
+from serve import free_port, start_server  # noqa: E402  (benchmarks/serve.py)
 
 from audioclf.audio import load_audio  # noqa: E402
 from audioclf.events import DetectConfig, find_events, probability_track  # noqa: E402
@@ -68,27 +68,12 @@ def scene(esc50: Path, n_clips: int, seed: int = 0) -> tuple[np.ndarray, list[fl
     return np.concatenate(parts), onsets
 
 
-def start_server(weights: Path, port: int, log_path: Path, hub: Path) -> subprocess.Popen:
+def start_mn04_as(weights: Path, port: int, log_path: Path, hub: Path) -> subprocess.Popen:
+    """``audioclf serve mn04_as``, its weights in a torch hub cache made in ``hub``."""
     (hub / "hub" / "checkpoints").mkdir(parents=True, exist_ok=True)
-    link = hub / "hub" / "checkpoints" / "mn04_as_mAP_432.pt"
-    if not link.exists():
-        link.symlink_to(weights.resolve())
-    cmd = [sys.executable, "-m", "audioclf", "serve", "mn04_as", "--port", str(port), "--device", "cpu",
-           "--max-listeners", "8"]
-    proc = subprocess.Popen(cmd, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "TORCH_HOME": str(hub)})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited ({proc.returncode}):\n{log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError("the server did not start")
+    (hub / "hub" / "checkpoints" / "mn04_as_mAP_432.pt").symlink_to(weights.resolve())
+    return start_server("mn04_as", port, log_path, 300.0, flags=("--max-listeners", "8"),
+                        env={**os.environ, "TORCH_HOME": str(hub)})
 
 
 def stream(url: str, wave: np.ndarray, seconds: float = None, stop: bool = True) -> tuple[float, list]:
@@ -208,7 +193,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        server = start_server(args.weights, port, Path(tmp) / "server.log", Path(tmp))
+        server = start_mn04_as(args.weights, port, Path(tmp) / "server.log", Path(tmp))
         url = f"http://127.0.0.1:{port}"
         try:
             result = latency_and_agreement(url, wave, onsets, offline, ServeLimits.listen_hop_s)

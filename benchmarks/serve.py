@@ -63,10 +63,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, port: int, log_path: Path, timeout_s: float = 180.0) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "audioclf", "serve", str(model), "--port", str(port), "--device", "cpu"]
+def start_server(model: Path, port: int, log_path: Path, timeout_s: float = 180.0, flags: tuple = (),
+                 env: dict = None) -> subprocess.Popen:
+    """``audioclf serve model`` (with ``flags``, in ``env``) as a process, once it answers /health."""
+    cmd = [sys.executable, "-m", "audioclf", "serve", str(model), "--port", str(port), "--device", "cpu", *flags]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
