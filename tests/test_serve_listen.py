@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,3 +140,41 @@ def test_pages_from_another_origin_may_not_listen():
     with client().websocket_connect("/listen", headers={"origin": "http://testserver"}) as ws:
         ws.send_text(json.dumps({"sample_rate": SR}))
         assert ws.receive_json()["type"] == "ready"
+
+
+SHARED_WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared" / "weights" / "mn04_as_mAP_432.pt"
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="needs ../shared/weights/mn04_as_mAP_432.pt")
+def test_mn04_as_hears_a_beep_live_as_detect_does(monkeypatch, weights=SHARED_WEIGHTS):
+    """``serve mn04_as``: a 1-kHz beep between quiet stretches, streamed at 48 kHz (the browser's rate),
+    opens and closes the AudioSet event that detect finds in it, within one hop."""
+    from audioclf.predict import load
+    from audioclf.weights import hub_path
+
+    monkeypatch.setattr("audioclf.weights.hub_path", lambda b: weights if b.name == "mn04_as" else hub_path(b))
+    sr, rng = 32000, np.random.default_rng(0)
+    wave = rng.normal(0, 1e-3, 12 * sr).astype(np.float32)
+    wave[4 * sr:8 * sr] += 0.5 * np.sin(2 * np.pi * 1000 * np.arange(4 * sr) / sr).astype(np.float32)
+    clf = load("mn04_as", "cpu")
+    duration_s, track = probability_track(clf, wave, DetectConfig())
+    # the frame-level track flares over many classes at the onset; the beep is the event that lasts
+    expected = [e for e in find_events(track, clf.labels, DetectConfig(), filename="x", duration_s=duration_s)
+                if e.event_label == "Beep, bleep"]
+    assert len(expected) == 1 and abs(expected[0].onset - 4.0) <= 0.5 and abs(expected[0].offset - 8.0) <= 0.5
+    import soxr
+
+    pcm = soxr.resample(wave, sr, 48000).astype("<f4")
+    with TestClient(create_app(clf, device="cpu", **FAST)).websocket_connect("/listen") as ws:
+        ws.send_text(json.dumps({"sample_rate": 48000}))
+        ws.receive_json()
+        for chunk in chunks(pcm, 48000, 0.5):
+            ws.send_bytes(chunk.tobytes())
+        ws.send_text(json.dumps({"type": "stop"}))
+        messages = []
+        while (m := ws.receive_json())["type"] != "end":
+            messages.append(m)
+    closed = [e for m in messages for e in m["events"] if e["state"] == "close" and e["label"] == "Beep, bleep"]
+    assert len(closed) == 1, closed
+    assert abs(closed[0]["onset"] - expected[0].onset) <= 0.5 and abs(closed[0]["offset"] - expected[0].offset) <= 0.5
