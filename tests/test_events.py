@@ -94,7 +94,8 @@ def test_frame_steps_are_placed_on_the_frames_they_cover(tmp_path):
     # the second block, late in it, where spreading 32 steps evenly over 10 s put them 0.2 s early.
     onset, offset = 9 + 0.32 * 27, 9 + 0.32 * 29
     scene(tmp_path / "s.wav", [("low", onset, offset)], 30.0)
-    config = DetectConfig(block_s=10.0, median_s=0.0, min_duration_s=0.0, merge_gap_s=0.0)
+    config = DetectConfig(block_s=10.0, median_s=0.0, onset_threshold=0.5, offset_threshold=0.5, min_duration_s=0.0,
+                          merge_gap_s=0.0)
     duration_s, track = probability_track(tone_classifier(StridedToneDetector()), str(tmp_path / "s.wav"), config)
     (event,) = find_events(track, list(TONES), config, filename="s.wav", duration_s=duration_s)
     assert event.onset == pytest.approx(onset, abs=0.06) and event.offset == pytest.approx(offset, abs=0.06)

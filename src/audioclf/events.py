@@ -46,7 +46,10 @@ TSV_COLUMNS = ("filename", "onset", "offset", "event_label", "score")
 
 @dataclass
 class DetectConfig:
-    """How probability tracks are made and turned into events; saved with a model by ``detect --tune``."""
+    """How probability tracks are made and turned into events; saved with a model by ``detect --tune``.
+
+    The post-processing defaults are the ones ``tune`` chose for a multiclass ``mn04_as`` on soundscapes of
+    ESC-50 clips (docs/events.md); a model's own tuned settings replace them."""
 
     SECTION = "detect"  # not part of RunConfig: it is chosen after training, on validation recordings
 
@@ -59,10 +62,10 @@ class DetectConfig:
     median_s: float = setting(0.5, help="s of the per-class median filter (0 = off)", low=0.0, high=10.0)
     onset_threshold: float = setting(0.5, help="an event starts where a track reaches this probability",
                                      low=0.0, high=1.0, low_open=True)
-    offset_threshold: float = setting(0.3, help="and lasts while the track stays at or above this one "
+    offset_threshold: float = setting(0.25, help="and lasts while the track stays at or above this one "
                                                 "(<= onset threshold)", low=0.0, high=1.0, low_open=True)
-    min_duration_s: float = setting(0.2, help="s: shorter events are dropped", low=0.0, high=60.0)
-    merge_gap_s: float = setting(0.2, help="s: events of one class closer than this are merged", low=0.0,
+    min_duration_s: float = setting(0.6, help="s: shorter events are dropped", low=0.0, high=60.0)
+    merge_gap_s: float = setting(4.0, help="s: events of one class closer than this are merged", low=0.0,
                                  high=60.0)
 
     def __post_init__(self):
