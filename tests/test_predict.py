@@ -87,7 +87,7 @@ def test_api_numpy_waveform_and_torch_tensor(clf, tiny_run):
     assert p.shape == (3,) and p.sum() == pytest.approx(1, abs=1e-5)
     assert clf.predict(tone) == "tone" == clf.labels[p.argmax()]
     np.testing.assert_allclose(clf.predict_proba(torch.from_numpy(tone)), p, atol=1e-6)
-    np.testing.assert_allclose(clf.predict_proba(np.stack([tone, tone])), p, atol=1e-6)  # (channels, time)
+    np.testing.assert_allclose(clf.predict_proba(np.stack([tone, tone]), batch=False), p, atol=1e-6)  # (channels, time)
     # another sample rate is resampled to the training rate
     assert clf.predict(synth_clip("noise", np.random.default_rng(1), 44100, 1.0), sample_rate=44100) == "noise"
 
@@ -95,6 +95,22 @@ def test_api_numpy_waveform_and_torch_tensor(clf, tiny_run):
     assert batch.shape == (3, 3)
     np.testing.assert_allclose(batch[0], p, atol=1e-5)
     assert clf.predict([tone, clip("noise", 2)]) == ["tone", "noise"]
+
+
+def test_two_dimensional_input_says_whether_rows_are_clips_or_channels(clf):
+    two = np.stack([clip("tone", 0), clip("noise", 2)])  # two mono clips, or one stereo clip: the same shape
+    with pytest.raises(AudioclfError, match=r"ambiguous.*batch=True.*batch=False"):
+        clf.predict_proba(two)
+    with pytest.raises(AudioclfError, match="ambiguous"):
+        clf.embed(torch.from_numpy(two))
+    rows = clf.predict_proba(two, batch=True)
+    assert rows.shape == (2, 3)
+    np.testing.assert_allclose(rows, clf.predict_proba(list(two)), atol=1e-6)
+    assert clf.predict(two, batch=True) == ["tone", "noise"]
+    np.testing.assert_allclose(clf.predict_proba(two, batch=False), clf.predict_proba(two.mean(axis=0)), atol=1e-6)
+    assert clf.embed(torch.from_numpy(two), batch=True).shape[0] == 2
+    with pytest.raises(AudioclfError, match=r"batch=True needs .*shape \(\d+,\)"):
+        clf.predict_proba(two[0], batch=True)
 
 
 def test_short_clip_is_padded_exactly_as_in_training(clf):
@@ -171,13 +187,16 @@ def test_timeline_of_a_60_second_file_shows_the_class_change(clf, tiny_run, tmp_
     assert np.mean([w["label"] == "tone" for w in windows if w["end_s"] <= 30]) >= 0.9
     assert np.mean([w["label"] == "noise" for w in windows if w["start_s"] >= 30]) >= 0.9
 
-    out = tmp_path / "timeline.csv"
+    out = tmp_path / "long.csv"
     assert main(["predict", str(tiny_run.run_dir), str(path), "--timeline", "--out", str(out), "--quiet"]) == 0
-    rows = read_csv(out)
-    assert list(rows[0]) == ["path", "label", "confidence", "top_k", "error", "start_s", "end_s"]
-    assert rows[0]["start_s"] == "" and rows[0]["top_k"]
-    window_rows = [{"start_s": float(r["start_s"]), "end_s": float(r["end_s"]), "label": r["label"]} for r in rows[1:]]
+    (row,) = read_csv(out)  # the per-file table: one row for the file, as without --timeline
+    assert list(row) == ["path", "label", "confidence", "label_1", "prob_1", "label_2", "prob_2", "label_3", "prob_3",
+                         "error"]
+    rows = read_csv(tmp_path / "long.timeline.csv")  # the timeline: a table of its own
+    assert list(rows[0]) == ["path", "start_s", "end_s", "label", "prob"] and {r["path"] for r in rows} == {str(path)}
+    window_rows = [{"start_s": float(r["start_s"]), "end_s": float(r["end_s"]), "label": r["label"]} for r in rows]
     assert len(window_rows) == 119 and change_point(window_rows) == pytest.approx(30, abs=1)
+    assert [float(r["prob"]) for r in rows] == pytest.approx([w["confidence"] for w in windows], abs=1e-4)
 
 
 def change_point(windows) -> float:
@@ -196,13 +215,33 @@ def test_predict_files_and_folders_to_csv(tiny_run, tmp_path):
     assert main(["predict", str(tiny_run.run_dir), str(tiny_run.data_dir / "noise"), str(one),
                  "--out", str(out), "--top-k", "2", "--batch-size", "5", "--quiet"]) == 0
     rows = read_csv(out)
-    assert list(rows[0]) == ["path", "label", "confidence", "top_k", "error"]
+    assert list(rows[0]) == ["path", "label", "confidence", "label_1", "prob_1", "label_2", "prob_2", "error"]
     assert len(rows) == 13 and rows[-1]["path"] == str(one)
     assert sum(r["label"] == "noise" for r in rows[:12]) >= 11 and rows[-1]["label"] == "tone"
     for r in rows:
-        top = [t.split(":") for t in r["top_k"].split(";")]
-        assert len(top) == 2 and top[0][0] == r["label"] and float(top[0][1]) == pytest.approx(float(r["confidence"]))
-        assert r["error"] == ""
+        assert r["label_1"] == r["label"] and r["prob_1"] == r["confidence"] and r["label_2"] not in ("", r["label"])
+        assert float(r["prob_1"]) >= float(r["prob_2"]) and r["error"] == ""
+    assert not (tmp_path / "preds.timeline.csv").exists()
+
+
+def test_probs_gives_one_column_per_class_in_label_order(tiny_run, clf, tmp_path, capsys):
+    files = sorted((tiny_run.data_dir / "chirp").glob("*.wav"))[:3]
+    assert main(["predict", str(tiny_run.run_dir), *map(str, files), "--probs", "--top-k", "1", "--quiet"]) == 0
+    rows = read_csv(capsys.readouterr().out)
+    assert list(rows[0]) == ["path", "label", "confidence", "label_1", "prob_1", "p_chirp", "p_noise", "p_tone", "error"]
+    for r, f in zip(rows, files):
+        probs = [float(r[f"p_{c}"]) for c in tiny_run.labels]
+        assert probs == pytest.approx(clf.predict_proba(str(f)).tolist(), abs=1e-4) and sum(probs) == pytest.approx(1, abs=1e-3)
+        assert r["label"] == tiny_run.labels[int(np.argmax(probs))]
+
+
+def test_timeline_on_stdout_is_the_timeline_table(tiny_run, capsys):
+    one = tiny_run.data_dir / "tone" / "tone_000.wav"
+    assert main(["predict", str(tiny_run.run_dir), str(one), "--timeline", "--window", "0.5", "--quiet"]) == 0
+    rows = read_csv(capsys.readouterr().out)
+    assert [list(r.values()) for r in rows] == [[str(one), "0.000", "0.500", rows[0]["label"], rows[0]["prob"]],
+                                                [str(one), "0.250", "0.750", rows[1]["label"], rows[1]["prob"]],
+                                                [str(one), "0.500", "1.000", rows[2]["label"], rows[2]["prob"]]]
 
 
 def test_predict_csv_to_stdout_from_a_list_file(tiny_run, tmp_path, capsys):

@@ -1,5 +1,8 @@
 """Audio I/O: decode with soundfile, mix to mono, resample with soxr, pad or crop to a fixed length.
 
+soundfile (libsndfile) decodes WAV, FLAC, OGG/Vorbis, Opus in Ogg and MP3. What it cannot (m4a/AAC, webm/opus as
+browsers record it, mp4 audio) goes to PyAV, whose wheels bundle FFmpeg: the optional extra ``audioclf[av]``.
+
 Everything here works on 1-D ``float32`` numpy arrays in [-1, 1] at a known sample rate (Hz).
 
 An audio source is a file path, or a member of an uncompressed tar (a WebDataset shard) written as
@@ -24,7 +27,8 @@ import torch
 
 from .errors import AudioclfError
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au", ".opus")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au", ".opus", ".m4a", ".aac", ".mp4", ".webm")
+AV_INSTALL = 'pip install "audioclf[av]"'
 
 
 def link_problem(path) -> Optional[str]:
@@ -66,19 +70,95 @@ def _open(path) -> sf.SoundFile:
 _SHORT_CHUNK = re.compile(r"^\s*(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
 
 
-def _decoder(source: Union[bytes, io.BytesIO], name) -> sf.SoundFile:
+def _decoder(source: Union[bytes, io.BytesIO], name) -> Union[sf.SoundFile, "AVFile"]:
+    """soundfile's decoder for ``source``, else PyAV's."""
     try:
         f = sf.SoundFile(source)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioclfError(f"{name}: soundfile cannot decode it ({getattr(e, 'error_string', e)}); "
-                            f"readable formats: {', '.join(sorted(sf.available_formats()))}") from None
-    short = _SHORT_CHUNK.search(f.extra_info)
-    if short and int(short[1]) > int(short[2]):
-        # libsndfile reads what is there without a word: a truncated WAV would be classified as its start
-        f.close()
-        raise AudioclfError(f"{name}: truncated: its header declares {int(short[1])} bytes of audio, the file holds "
-                            f"{int(short[2])}; copy or export it again")
-    return f
+        reason = f"soundfile cannot decode it ({getattr(e, 'error_string', e)})"
+    else:
+        short = _SHORT_CHUNK.search(f.extra_info)
+        if short and int(short[1]) > int(short[2]):
+            # libsndfile reads what is there without a word: a truncated WAV would be classified as its start
+            f.close()
+            raise AudioclfError(f"{name}: truncated: its header declares {int(short[1])} bytes of audio, the file "
+                                f"holds {int(short[2])}; copy or export it again")
+        return f
+    try:
+        import av
+    except ImportError:
+        raise AudioclfError(f"{name}: {reason}; m4a/AAC, webm and mp4 audio need PyAV: {AV_INSTALL}") from None
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    try:
+        return AVFile(av.open(source if isinstance(source, io.BytesIO) else os.fsdecode(source)), name)
+    except av.FFmpegError as e:
+        raise AudioclfError(f"{name}: {reason}, nor can FFmpeg ({e}); readable formats: "
+                            f"{', '.join(sorted(sf.available_formats()))}, and what FFmpeg reads") from None
+
+
+class AVFile:
+    """The part of ``soundfile.SoundFile`` audioclf reads (``frames``, ``samplerate``, ``channels``, ``format``,
+    ``read``), over the first audio stream of a PyAV container.
+
+    ``frames`` comes from the container's header; a file without a duration in its header (webm as browsers
+    record it) is decoded once to count them.
+    """
+
+    def __init__(self, container, name):
+        import av
+
+        self.name, self._container = name, container
+        if not container.streams.audio:
+            container.close()
+            raise AudioclfError(f"{name}: the file holds no audio stream")
+        self._stream = container.streams.audio[0]
+        self.samplerate, self.channels = self._stream.codec_context.sample_rate, self._stream.codec_context.channels
+        self.format = container.format.name.split(",")[0].upper()
+        if container.duration is not None:
+            self.frames = round(container.duration / av.time_base * self.samplerate)
+        else:
+            self.frames = sum(f.samples for f in self._decode())
+            container.seek(0)
+        self._frames, self._pending = self._decode(), np.zeros((0, self.channels), np.float32)
+
+    def _decode(self) -> Iterator:
+        import av
+
+        try:
+            yield from self._container.decode(self._stream)
+        except av.FFmpegError as e:
+            raise AudioclfError(f"{self.name}: decoding failed part-way ({e})") from None
+
+    def read(self, frames: int = -1, dtype: str = "float32", always_2d: bool = True) -> np.ndarray:
+        """Up to ``frames`` (all when -1) samples from where the last read stopped: ``(time, channels)`` float32."""
+        parts, have = [self._pending], len(self._pending)
+        while frames < 0 or have < frames:
+            frame = next(self._frames, None)
+            if frame is None:
+                break
+            x = frame.to_ndarray().astype(np.float32, copy=False)
+            if frame.format.is_planar:  # (channels, time)
+                x = x.T
+            else:  # interleaved: (1, time * channels)
+                x = x.reshape(-1, len(frame.layout.channels))
+            if frame.format.name.startswith(("s16", "s32")):  # integer samples to [-1, 1]
+                x = x / np.float32(2 ** (8 * frame.format.bytes - 1))
+            parts.append(x)
+            have += len(x)
+        out = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        end = len(out) if frames < 0 else frames
+        self._pending = out[end:]
+        return out[:end]
+
+    def close(self) -> None:
+        self._container.close()
+
+    def __enter__(self) -> "AVFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------------------------- tar members

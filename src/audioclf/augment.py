@@ -367,7 +367,7 @@ def _beta(alpha: float, n: int, generator: Optional[torch.Generator]) -> torch.T
     """Beta(alpha, alpha) samples by inverse CDF of uniform draws from ``generator`` (exact, one draw per
     sample, any alpha): torch's Beta and Gamma samplers take no generator, so would not be seedable.
     Rejection methods such as Johnk's stall for alpha above ~8 (acceptance falls like 4**-alpha)."""
-    from scipy.special import betaincinv  # scipy comes with librosa and scikit-learn
+    from scipy.special import betaincinv
 
     u = torch.rand(n, generator=generator, dtype=torch.float64)
     return torch.from_numpy(betaincinv(alpha, alpha, u.numpy())).float()

@@ -311,6 +311,13 @@ def _differences(a, b, where: str = "") -> list[str]:
 
 # --- any saved model ---------------------------------------------------------------------------------
 
+def weights_file(model_path) -> Path:
+    """The file :func:`load_model` reads the weights of ``model_path`` from: a ``.pt`` or ``.safetensors``."""
+    if is_safetensors_export(model_path):
+        return Path(model_path) if Path(model_path).is_file() else Path(model_path) / SAFETENSORS_FILE
+    return resolve_checkpoint(model_path)
+
+
 def load_model(model_path, map_location="cpu") -> SavedModel:
     """Model (eval mode, CPU), config, class names (and thresholds) from a run directory, a ``.pt``
     checkpoint or a safetensors export (its folder or its ``.safetensors`` file)."""

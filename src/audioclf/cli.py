@@ -7,10 +7,13 @@ user sees and the exit code.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
 import sys
+import time
+from pathlib import Path
 
 import yaml
 
@@ -176,9 +179,9 @@ def cmd_shard(args) -> int:
 def cmd_predict(args) -> int:
     from .commands.predict import run_predict
 
-    return run_predict(args.model, args.paths, out=args.out, timeline=args.timeline, submission=args.submission,
-                       out_format=args.out_format, retry_errors=args.retry_errors, quiet=is_quiet(args),
-                       **given_options(args, PredictOptions))
+    return run_predict(args.model, args.paths, out=args.out, timeline=args.timeline, probs=args.probs,
+                       submission=args.submission, out_format=args.out_format, retry_errors=args.retry_errors,
+                       quiet=is_quiet(args), **given_options(args, PredictOptions))
 
 
 def cmd_serve(args) -> int:
@@ -191,8 +194,8 @@ def cmd_serve(args) -> int:
 def cmd_export(args) -> int:
     from .export import export
 
-    path = export(args.model, args.out_format, args.out)
-    print(f"exported {args.out_format}: {path}")
+    path = export(args.model, args.out_format, args.out, quantize=args.quantize)
+    print(f"exported {args.out_format}{' ' + args.quantize if args.quantize else ''}: {path}")
     return 0
 
 
@@ -355,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "one file on stdin")
     p.add_argument("--out", help="output .csv, .json or .parquet file (default: CSV on stdout), or a folder (existing, "
                    "or a new name without a suffix): resumable, and shared among torchrun's processes; the rows go to "
-                   "DIR/parts as they come and are merged into DIR/predictions.csv")
+                   "DIR/parts as they come and are merged into DIR/predictions.csv. Columns: path, label, confidence, "
+                   "label_1, prob_1, ... (the --top-k best), error")
     p.add_argument("--out-format", choices=PREDICT_OUT_FORMATS,
                    help="with --out DIR: predictions.csv (default), predictions.parquet or both")
     p.add_argument("--format", choices=PREDICT_OUT_FORMATS, dest="out_format", action=Deprecated, new="--out-format",
@@ -364,7 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --out DIR: classify again the files done with an error (a rerun otherwise skips every "
                         "file with a row in DIR/parts, failed ones included)")
     add_option_args(p, PredictOptions)
-    p.add_argument("--timeline", action="store_true", help="add per-window rows (start, end, label, confidence)")
+    p.add_argument("--timeline", action="store_true", help="also write the timeline table, one row per sliding "
+                   "window (path, start_s, end_s, label, prob): x.timeline.csv beside --out x.csv, DIR/timeline.csv "
+                   "with --out DIR, nested in .json; on stdout it replaces the per-file table")
+    p.add_argument("--probs", action="store_true", help="add one probability column per class (p_<class>, in the "
+                   "model's label order) to the per-file table")
     p.add_argument("--submission", action="store_true", help="write an ID,Class CSV")
 
     p = command("serve", "HTTP API and web page for a trained model", cmd_serve)
@@ -409,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--format", choices=EXPORT_FORMATS, dest="out_format", action=Deprecated, new="--out-format",
                       help="deprecated spelling of --out-format (--format names the dataset layout elsewhere)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quantize", choices=["int8"], help="ONNX only: 8-bit weights (onnxruntime dynamic "
+                   "quantization), a file about 2.6x smaller (default: fp32)")
     return parser
 
 
@@ -416,6 +426,20 @@ def _first_process() -> bool:
     """Rank 0 under torchrun (which sets RANK), or no torchrun; read from the environment so that ``--help``
     does not import torch (runtime.dist_info does)."""
     return os.environ.get("RANK", "0") == "0"
+
+
+def _tell_torchrun(message: str) -> None:
+    """Under torchrun, leave ``message`` where its failure report reads a process's root cause from (it names
+    the file in ``TORCHELASTIC_ERROR_FILE``); without it the report shows only a link. torchrun still prints its
+    own traceback after the report: it raises in the launcher, which no process of ours can stop."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}
+    try:
+        Path(path).write_text(json.dumps(record), encoding="utf-8")
+    except OSError:
+        pass  # the report falls back to its link; the message is on stderr already
 
 
 def main(argv=None) -> int:
@@ -428,6 +452,7 @@ def main(argv=None) -> int:
         return args.func(args)
     except AudioclfError as e:
         print(f"audioclf {args.command}: error: {e}", file=sys.stderr)
+        _tell_torchrun(f"audioclf {args.command}: error: {e}")
         return 2
     except KeyboardInterrupt:
         print(f"audioclf {args.command}: interrupted", file=sys.stderr)

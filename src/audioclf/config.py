@@ -200,6 +200,9 @@ class TrainConfig:
     device: str = setting("auto", help=DEVICES)
     amp: bool = setting(True, help="mixed precision: bf16/fp16 on CUDA, bf16 on CPUs that compute it natively")
     quiet: bool = setting(False, help="no progress bars")
+    logger: Literal["csv", "tensorboard", "mlflow"] = setting(
+        "csv", help="where the metrics go besides RUN_DIR/metrics.csv: csv (nowhere else), tensorboard "
+                    "(RUN_DIR/tensorboard) or mlflow (RUN_DIR/mlruns, or MLFLOW_TRACKING_URI)")
     # the same seed gives the same model on CUDA too, at some speed; CPU runs are reproducible without it
     deterministic: bool = setting(False, help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN "
                                               "without autotuning)")

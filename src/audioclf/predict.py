@@ -21,15 +21,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .audio import (audio_duration_s, default_hop, fix_length, load_audio, resample, settled_windows, stream_audio,
+from .audio import (audio_duration_s, default_hop, fix_length, load_audio, settled_windows, stream_audio,
                     window_starts)
-from .checkpoint import SavedModel, load_model
+from .checkpoint import SavedModel, load_model, weights_file
 from .config import FeatureConfig, RunConfig
 from .errors import AudioclfError
 from .metrics import tags_above
 from .model import WaveformClassifier
 from .options import PredictOptions
 from .runtime import auto_workers, cpu_threads_beside, dying_with_parent, resolve_device
+from .waveforms import as_waveform, unbatch
 
 log = logging.getLogger(__name__)
 
@@ -122,30 +123,6 @@ class _Source:
         return np.mean(self.rows, axis=0)
 
 
-def as_waveform(audio, sample_rate: Optional[int], target_sr: int) -> np.ndarray:
-    """A numpy array or torch tensor, ``(time,)`` or ``(channels, time)`` in [-1, 1] at ``sample_rate`` Hz
-    (``None`` = ``target_sr``), as mono float32 at ``target_sr``."""
-    if isinstance(audio, torch.Tensor):
-        audio = audio.detach().cpu().numpy()
-    if not isinstance(audio, np.ndarray):
-        raise AudioclfError(f"Unsupported audio of type {type(audio).__name__}; pass a file path, "
-                            f"a numpy array or a torch tensor")
-    if audio.ndim == 2 and audio.shape[0] > audio.shape[1]:
-        raise AudioclfError(f"a waveform of shape {audio.shape} looks like (time, channels); "
-                            f"pass (channels, time) or (time,), e.g. wave.T")
-    if audio.ndim not in (1, 2) or audio.shape[-1] == 0:
-        raise AudioclfError(f"a waveform must be (time,) or (channels, time) with samples; got shape {audio.shape}")
-    if not np.issubdtype(audio.dtype, np.floating):
-        raise AudioclfError(f"a waveform of dtype {audio.dtype} is not float; scale it to [-1, 1] "
-                            f"(e.g. int16 / 32768) and pass float32")
-    if not np.isfinite(audio).all():
-        raise AudioclfError("the waveform holds NaN or infinite samples")
-    if sample_rate is not None and (not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0):
-        raise AudioclfError(f"sample_rate={sample_rate!r} must be a positive integer (Hz)")
-    mono = audio.mean(axis=0) if audio.ndim == 2 else audio
-    return resample(mono.astype(np.float32, copy=False), int(sample_rate or target_sr), target_sr)
-
-
 def _check_readable(path) -> None:
     """Say so when this process may not read ``path`` (the decoder would call it undecodable). Tried with
     open() itself: ``os.access`` (audio._open's check) asks about the real user, not the effective one that
@@ -217,6 +194,8 @@ class Classifier:
     in [-1, 1]; an array's ``sample_rate`` (Hz) defaults to the training sample rate.
     """
 
+    weights_file: Optional[str] = None  # the file load() read the weights from; None for a model built in Python
+
     def __init__(self, model: torch.nn.Module, config: RunConfig, labels: Sequence[str], *,
                  device: str = PredictOptions.device, batch_size: int = PredictOptions.batch_size, thresholds=None):
         if batch_size < 1:
@@ -237,14 +216,19 @@ class Classifier:
 
     # -- public API
 
-    def predict_proba(self, audio, sample_rate: Optional[int] = None) -> np.ndarray:
+    def predict_proba(self, audio, sample_rate: Optional[int] = None, *, batch: Optional[bool] = None) -> np.ndarray:
         """Class probabilities, columns in ``labels`` order: ``(n_classes,)`` for one input, ``(n, n_classes)``
-        for a list of inputs."""
-        return self._window_means(audio, sample_rate, width=len(self.labels))
+        for a list of inputs.
 
-    def predict(self, audio, sample_rate: Optional[int] = None):
-        """The most probable label (a list of them for a list of inputs), from ``predict_proba``."""
-        best = self.predict_proba(audio, sample_rate).argmax(axis=-1)
+        Args:
+            batch (bool, optional): a 2-D (or 3-D) array's first axis: ``True``, clips (one row each); ``False``,
+                one clip's channels (mixed down). Required for 2-D input, which could be either. (Default: ``None``)
+        """
+        return self._window_means(audio, sample_rate, width=len(self.labels), batch=batch)
+
+    def predict(self, audio, sample_rate: Optional[int] = None, *, batch: Optional[bool] = None):
+        """The most probable label (a list of them for several inputs), from ``predict_proba``."""
+        best = self.predict_proba(audio, sample_rate, batch=batch).argmax(axis=-1)
         return self.labels[best] if best.ndim == 0 else [self.labels[i] for i in best]
 
     def classify(self, audio, sample_rate: Optional[int] = None, *, window_s: Optional[float] = None,
@@ -300,16 +284,15 @@ class Classifier:
         frame-level probabilities ``(steps, n_classes)`` (``WaveformClassifier.frames``). The other arguments
         are :meth:`classify_steps`'."""
         window, hop = self._window(window_s, hop_s)
-        source = prepare(audio, sample_rate, self.config.features, window, hop)
-        if max_duration_s is not None or max_windows is not None:
-            source.windows = _limited(source.windows, source.name, window, self.config.features.sample_rate,
-                                      max_duration_s, max_windows)
-        for done in self._run([source], self._net.frames if frames else None, batch_size=batch_size, steps=True):
-            if done is None:
-                yield None
-        if source.error is not None:
-            raise source.error
-        yield source
+        yield from self._steps(audio, sample_rate, window, hop, self._net.frames if frames else None, batch_size,
+                               max_duration_s, max_windows)
+
+    def embed_steps(self, audio, sample_rate: Optional[int] = None, *, batch_size: Optional[int] = None,
+                    max_duration_s: Optional[float] = None, max_windows: Optional[int] = None) -> Iterator[Optional[np.ndarray]]:
+        """:meth:`embed` of one input a forward pass at a time: ``None`` after each step, then ``(d,)``."""
+        window, hop = self._window(None, None)
+        for source in self._steps(audio, sample_rate, window, hop, self._embed, batch_size, max_duration_s, max_windows):
+            yield None if source is None else source.mean()
 
     def classify_files(self, paths: Sequence, *, window_s: Optional[float] = None, hop_s: Optional[float] = None,
                        timeline: bool = False, top_k: int = PredictOptions.top_k, num_workers: Optional[int] = None,
@@ -328,13 +311,12 @@ class Classifier:
         return ({"path": s.name, "error": str(s.error)} if s.error is not None else
                 {"path": s.name, "error": None, **self._summarise(s, window, timeline, top_k)} for s in sources)
 
-    def embed(self, audio, sample_rate: Optional[int] = None) -> np.ndarray:
+    def embed(self, audio, sample_rate: Optional[int] = None, *, batch: Optional[bool] = None) -> np.ndarray:
         """Embeddings for search and clustering: the network's pooled trunk features (before any classifier
         layer; 512 for resnet18, 384 for mn04_as), averaged over a long input's windows.
 
-        Returns ``(d,)`` for one input (path or waveform), ``(n, d)`` for a list of them.
-        """
-        return self._window_means(audio, sample_rate, self._embed)
+        Returns ``(d,)`` for one input, ``(n, d)`` for a list of them or a ``batch`` (:meth:`predict_proba`)."""
+        return self._window_means(audio, sample_rate, self._embed, batch=batch)
 
     def embed_files(self, paths: Sequence, *, quiet: bool = False) -> np.ndarray:
         """:meth:`embed` of many files, decoded in background workers: ``(len(paths), d)``. A file that cannot
@@ -351,13 +333,31 @@ class Classifier:
 
     # -- the one inference path
 
+    def _steps(self, audio, sample_rate: Optional[int], window: int, hop: int, head, batch_size: Optional[int],
+               max_duration_s: Optional[float], max_windows: Optional[int]) -> Iterator[Optional[_Source]]:
+        """One input through ``head`` (:meth:`_run`), ``batch_size`` windows a step: ``None`` after each step,
+        then the source with its rows; its error raised instead, a LimitError past the limits."""
+        source = prepare(audio, sample_rate, self.config.features, window, hop)
+        if max_duration_s is not None or max_windows is not None:
+            source.windows = _limited(source.windows, source.name, window, self.config.features.sample_rate,
+                                      max_duration_s, max_windows)
+        for done in self._run([source], head, batch_size=batch_size, steps=True):
+            if done is None:
+                yield None
+        if source.error is not None:
+            raise source.error
+        yield source
+
     def _embed(self, wave: torch.Tensor) -> torch.Tensor:
         return self.model.embed(self._net.logmel(wave))
 
-    def _window_means(self, audio, sample_rate: Optional[int], head=None, width: int = 0) -> np.ndarray:
+    def _window_means(self, audio, sample_rate: Optional[int], head=None, width: int = 0,
+                      batch: Optional[bool] = None) -> np.ndarray:
         """``head`` (a batch of windows to one row each; default: class probabilities) on every window of
         every input, averaged over each input's windows: ``(d,)`` for one input, ``(n, d)`` for a list of
-        them, ``(0, width)`` for an empty list. Raises the error of the first input that cannot be read."""
+        them (or the rows of an array, with ``batch``), ``(0, width)`` for an empty list. Raises the error
+        of the first input that cannot be read."""
+        audio = unbatch(audio, batch)
         one = not isinstance(audio, (list, tuple))
         window, hop = self._window(None, None)
         sources = (prepare(a, sample_rate, self.config.features, window, hop) for a in ([audio] if one else audio))
@@ -487,9 +487,13 @@ def load(model, device: str = PredictOptions.device, *, batch_size: int = Predic
 
     if is_backbone_name(model):
         saved = SavedModel(*pretrained_model(model, weights_path))
+        weights = weights_path
     elif weights_path:
         raise AudioclfError(f"weights_path is for an AudioSet backbone's name (mn04_as, ...), not a trained model "
                             f"({model})")
     else:
         saved = load_model(model)
-    return Classifier(*saved, device=device, batch_size=batch_size, thresholds=saved.thresholds)
+        weights = weights_file(model)
+    clf = Classifier(*saved, device=device, batch_size=batch_size, thresholds=saved.thresholds)
+    clf.weights_file = str(weights) if weights else None
+    return clf

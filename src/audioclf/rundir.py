@@ -57,12 +57,13 @@ class RunDir:
         self.curves = p / "curves.png"
         self.skipped = p / "skipped.csv"  # clips the feature store could not read, and why
         self.log = p / "train.log"
+        self.mlflow_run = p / "mlflow_run.json"  # with --logger mlflow: the MLflow run a --resume continues
 
     def outputs(self) -> list[Path]:
         """What a training writes here; --overwrite removes these (and earlier evaluations and exports of
         the old model) and nothing else."""
         return [self.best, self.last, self.metrics, self.summary, self.test_metrics, self.test_predictions,
-                self.config, self.labels, self.curves, self.skipped, self.log]
+                self.config, self.labels, self.curves, self.skipped, self.log, self.mlflow_run]
 
     def earlier_run(self) -> list[Path]:
         """The outputs of an earlier run worth keeping: a new run is refused without --resume or --overwrite."""
@@ -127,8 +128,8 @@ class RunDir:
             h.close()
 
 # settings that change where or how loudly a run goes, not what it learns
-RUN_ONLY = {("train", "quiet"), ("train", "device"), ("train", "deterministic"), ("data", "num_workers"),
-            ("data", "cache_dir")}
+RUN_ONLY = {("train", "quiet"), ("train", "device"), ("train", "deterministic"), ("train", "logger"),
+            ("data", "num_workers"), ("data", "cache_dir")}
 # what --resume may change: the run-only settings, and how many epochs it lasts
 RESUMABLE = RUN_ONLY | {("train", "epochs")}
 

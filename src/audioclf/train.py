@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -35,6 +35,7 @@ from .checkpoint import inference_state, load_checkpoint, save_checkpoint
 from .config import RunConfig, TrainConfig
 from .data import ClipSet, load_clips, split_clips
 from .errors import AudioclfError
+from .loggers import Tracker, open_tracker
 from .metrics import best_thresholds, classification_metrics, multilabel_metrics
 from .model import build_model, place_model
 from .optim import make_optimizer, make_scheduler
@@ -104,7 +105,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = Fals
                 # --- log a metrics.csv row
                 rows.append({"epoch": epoch, "lr": lr, **train, **val, "epoch_s": time.perf_counter() - t0})
                 improved = progress.update(epoch, val["val_loss"])
-                _log_epoch(rows[-1], improved)
+                _log_epoch(rows[-1], improved, s.tracker)
                 # --- checkpoint: best by validation loss, last for --resume
                 if s.master:
                     run.write_metrics(rows)
@@ -258,6 +259,7 @@ class Session:
     device: torch.device
     amp: Optional[torch.dtype]  # None: full precision
     quiet: bool  # no progress bars
+    tracker: Tracker = field(default_factory=Tracker)  # TensorBoard, MLflow: rank 0's; the others' log nowhere
 
     @property
     def master(self) -> bool:
@@ -309,12 +311,18 @@ def _session(t: TrainConfig, run: RunDir) -> Iterator[Session]:
     with process_group(resolve_device(t.device)) as device, deterministic_kernels(t.deterministic):
         torch.manual_seed(t.seed)
         s = Session(rank, world, device, amp_dtype(device) if t.amp else None, t.quiet or rank != 0)
+        if s.master:
+            s.tracker = open_tracker(t.logger, run.path)
+        finished = False
         with run.logging_to_file() if s.master else nullcontext():
             try:
                 yield s
+                finished = True
             except KeyboardInterrupt:
                 log.warning("interrupted: %s holds the last completed epoch; continue with --resume", run.last)
                 raise
+            finally:
+                s.tracker.close(failed=not finished)
 
 
 def _load_clips(config: RunConfig, ckpt: Optional[dict], out: Path) -> ClipSet:
@@ -383,6 +391,7 @@ def _log_recipe(config: RunConfig, pretrained: bool, s: Session) -> None:
              config.model.backbone, f"pretrained on {config.model.pretrained}" if pretrained else "from scratch", t.lr,
              t.scheduler, t.epochs, t.patience, t.batch_size, s.device, f" x{s.world} processes" if s.world > 1 else "",
              f", mixed precision {str(s.amp).removeprefix('torch.')}" if s.amp else "")
+    s.tracker.start(config.to_dict())  # --logger tensorboard | mlflow: the recipe as it runs
 
 
 def _restore(ckpt: Optional[dict], model: nn.Module, opt, scheduler, run: RunDir) -> tuple[Progress, list[dict]]:
@@ -399,7 +408,8 @@ def _restore(ckpt: Optional[dict], model: nn.Module, opt, scheduler, run: RunDir
     return progress, rows
 
 
-def _log_epoch(row: dict, improved: bool) -> None:
+def _log_epoch(row: dict, improved: bool, tracker: Tracker) -> None:
+    tracker.log(row)
     log.info("epoch %3d  lr %.2e  train loss %.4f acc %.3f  val loss %.4f acc %.3f f1 %.3f mAP %.3f  %5.1fs %6.1f "
              "clips/s%s", row["epoch"], row["lr"], row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"],
              row["val_f1"], row["val_map"], row["epoch_s"], row["clips_per_s"], "  *" if improved else "")

@@ -2,10 +2,11 @@
 to its own ``DIR/parts/part-<run id>-<rank>.csv``, synced to disk chunk by chunk, so a killed job loses at
 most its last chunk. A rerun reads every part to skip the files already done; at the end rank 0 merges them.
 
-A part holds the CSV rows of ``--out x.csv`` in one other order: a file's ``--timeline`` window rows come
-before its own row, so that its own row, written last, says that the file is complete. Its first line,
-``#audioclf-part {...}``, holds the options and the model's labels it was made with, so that a part is
-checked on every read, whatever became of ``DIR/options.json``.
+A part holds the rows of both of ``--out x.csv``'s tables in one CSV, in the per-file table's columns
+followed, with ``--timeline``, by ``start_s``, ``end_s`` and ``prob``: a file's window rows (those with a
+``start_s``) come before its own row, so that its own row, written last, says that the file is complete.
+Its first line, ``#audioclf-part {...}``, holds the options and the model's labels it was made with, so that
+a part is checked on every read, whatever became of ``DIR/options.json``.
 """
 
 from __future__ import annotations
@@ -96,6 +97,38 @@ class PartWriter:
         self.close()
 
 
+def _reader(f) -> Iterator[list[str]]:
+    """The complete lines of an open part as CSV rows; a torn last line (a killed process) is left out."""
+    return csv.reader((line for line in f if line.endswith("\n")), strict=True)
+
+
+def _open(path: Path):
+    # newline="\n": a "\r" inside a quoted file name must not end a line
+    return open(path, newline="\n", encoding="utf-8", errors="replace")
+
+
+def _header(reader) -> tuple[Optional[dict], Optional[list[str]]]:
+    """A part's meta line (``None`` when it has none) and its columns, read from its ``reader``."""
+    header, meta = next(reader, None), None
+    if header and header[0].startswith(META):
+        meta = json.loads(",".join(header)[len(META):])  # the csv reader split the JSON at its commas
+        header = next(reader, None)
+    return meta, header
+
+
+def part_fields(folder: Path) -> Optional[list[str]]:
+    """The columns of the oldest part in ``folder`` (``None`` when it has none): what every part must have."""
+    for _, path in list_parts(folder):
+        with _open(path) as f:
+            try:
+                _, header = _header(_reader(f))
+            except (csv.Error, ValueError):
+                continue  # torn or damaged: read_part names it
+        if header is not None:
+            return header
+    return None
+
+
 def _check_meta(path: Path, meta: Optional[dict], expected: dict) -> list[str]:
     """The labels ``path`` was made with, once its options are ``expected``'s; else an AudioclfError naming
     the part and the difference."""
@@ -107,6 +140,7 @@ def _check_meta(path: Path, meta: Optional[dict], expected: dict) -> list[str]:
     if changed:
         raise AudioclfError(f"{path}: made with other options: {', '.join(changed)}; {todo}")
     return list(meta.get("labels") or [])
+
 
 
 def read_part(path: Path, fields: list[str], expected: Optional[dict] = None) -> Iterator[list[list[str]]]:
@@ -125,15 +159,10 @@ def read_part(path: Path, fields: list[str], expected: Optional[dict] = None) ->
     path_col = fields.index("path")
     label_col = fields.index("label") if "label" in fields else None
     start_col = fields.index("start_s") if "start_s" in fields else None
-    # newline="\n": a "\r" inside a quoted file name must not end a line
-    with open(path, newline="\n", encoding="utf-8", errors="replace") as f:
-        reader = csv.reader((line for line in f if line.endswith("\n")), strict=True)
+    with _open(path) as f:
+        reader = _reader(f)
         try:
-            header = next(reader, None)
-            meta = None
-            if header and header[0].startswith(META):
-                meta = json.loads(",".join(header)[len(META):])  # the csv reader split the JSON at its commas
-                header = next(reader, None)
+            meta, header = _header(reader)
             labels = _check_meta(path, meta, expected) if expected is not None else None
             if header is None:
                 return
@@ -158,11 +187,12 @@ def read_part(path: Path, fields: list[str], expected: Optional[dict] = None) ->
             return  # a quoted field cut short by the kill: the rest is the torn tail
 
 
-def read_parts(folder: Path, fields: list[str], skip_run: Optional[str] = None,
+def read_parts(folder: Path, fields: Optional[list[str]] = None, skip_run: Optional[str] = None,
                expected: Optional[dict] = None) -> Iterator[tuple[str, list[list[str]]]]:
     """``(run id, file's rows)`` for every complete file in every part in ``folder`` but ``skip_run``'s, oldest
-    run first: a file classified twice comes last as it was classified last. ``expected``: as in
-    :func:`read_part`."""
+    run first: a file classified twice comes last as it was classified last. ``fields``: the columns every
+    part must have (default: those of the oldest, :func:`part_fields`); ``expected``: as in :func:`read_part`."""
+    fields = fields or part_fields(folder)
     for run, path in list_parts(folder):
         if run != skip_run:
             for record in read_part(path, fields, expected):
