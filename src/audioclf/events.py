@@ -25,8 +25,8 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import os
 import logging
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Iterator, Literal, NamedTuple, Optional, Sequence
@@ -112,10 +112,9 @@ def step_times(n_steps: int, window_s: float, frame_hop_s: Optional[float] = Non
 
     With ``frame_hop_s`` (the spectrogram's hop), step ``k`` of a network that downsamples time by ``S``
     covers spectrogram frames ``kS .. kS + S - 1`` and sits at their middle; ``S`` is the ratio of frames
-    to steps rounded up (the last step also covers the padding). The windows' ``1 + window_s / frame_hop_s``
-    frames are centred at multiples of ``frame_hop_s``. Without it, the steps are spread evenly over the
-    window, which drifts by up to ``(S - window_s / (frame_hop_s n_steps))`` per step: 0.2 s at the end of a
-    10-s window of 32-frame steps.
+    to steps rounded up (the last step also covers the padding), and frame ``n`` is centred at
+    ``n frame_hop_s``. Without it, the steps are spread evenly over the window: 32-frame steps of 10 ms
+    frames then fall 0.2 s early at the end of a 10-s window.
     """
     k = np.arange(n_steps)
     if frame_hop_s is None or n_steps == 1:
@@ -168,7 +167,10 @@ def frame_blocks(audio, features, block_s: float) -> tuple[float, float]:
     length; consecutive blocks overlap by half the training length."""
     from .audio import audio_duration_s
 
-    length_s = audio_duration_s(audio) if isinstance(audio, (str, os.PathLike)) else np.shape(audio)[-1] / features.sample_rate
+    if isinstance(audio, (str, os.PathLike)):
+        length_s = audio_duration_s(audio)
+    else:
+        length_s = np.shape(audio)[-1] / features.sample_rate
     window_s = max(features.duration_s, min(block_s, length_s))
     return window_s, window_s - features.duration_s / 2
 
