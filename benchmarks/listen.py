@@ -68,11 +68,11 @@ def scene(esc50: Path, n_clips: int, seed: int = 0) -> tuple[np.ndarray, list[fl
     return np.concatenate(parts), onsets
 
 
-def start_mn04_as(weights: Path, port: int, log_path: Path, hub: Path) -> subprocess.Popen:
+def start_mn04_as(weights: Path, port: int, log_path: Path, hub: Path, hop_s: float) -> subprocess.Popen:
     """``audioclf serve mn04_as``, its weights in a torch hub cache made in ``hub``."""
     (hub / "hub" / "checkpoints").mkdir(parents=True, exist_ok=True)
     (hub / "hub" / "checkpoints" / "mn04_as_mAP_432.pt").symlink_to(weights.resolve())
-    return start_server("mn04_as", port, log_path, 300.0, flags=("--max-listeners", "8"),
+    return start_server("mn04_as", port, log_path, 300.0, flags=("--max-listeners", "8", "--listen-hop-s", str(hop_s)),
                         env={**os.environ, "TORCH_HOME": str(hub)})
 
 
@@ -175,6 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--weights", type=Path, required=True, help="mn04_as_mAP_432.pt")
     p.add_argument("--clips", type=int, default=8, help="clips in the latency recording")
     p.add_argument("--load-s", type=float, default=30.0, help="seconds of each load measurement")
+    p.add_argument("--listen-hop-s", type=float, default=ServeLimits.listen_hop_s, help="the server's hop")
     p.add_argument("--screenshot", type=Path, help="also save the page listening to the recording as this PNG")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -193,10 +194,10 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        server = start_mn04_as(args.weights, port, Path(tmp) / "server.log", Path(tmp))
+        server = start_mn04_as(args.weights, port, Path(tmp) / "server.log", Path(tmp), args.listen_hop_s)
         url = f"http://127.0.0.1:{port}"
         try:
-            result = latency_and_agreement(url, wave, onsets, offline, ServeLimits.listen_hop_s)
+            result = latency_and_agreement(url, wave, onsets, offline, args.listen_hop_s)
             alone = request_latency(url, one_s, args.load_s)
             listeners = [threading.Thread(target=stream, args=(url, wave, args.load_s + 5, False)) for _ in range(4)]
             for t in listeners:
@@ -214,7 +215,7 @@ def main(argv=None) -> int:
                    "predict_1s_alone_p99_ms": 1000 * float(np.percentile(alone, 99)),
                    "predict_1s_4_listeners_p50_ms": 1000 * float(np.percentile(loaded, 50)),
                    "predict_1s_4_listeners_p99_ms": 1000 * float(np.percentile(loaded, 99)),
-                   "requests": [len(alone), len(loaded)], "detect": config.__dict__,
+                   "requests": [len(alone), len(loaded)], "detect": config.__dict__, "listen_hop_s": args.listen_hop_s,
                    "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
                               f"torch {torch.__version__}"})
     if args.json:

@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from .errors import AudioclfError
-from .events import DetectConfig, interp_rows, median_cells, smooth
+from .events import DetectConfig, interp_rows, median_cells, smooth, step_times
 
 # the PCM encodings a client may send, little-endian, and the numpy types that read them
 DTYPES = {"float32": "<f4", "int16": "<i2"}
@@ -154,6 +154,7 @@ class StreamingDetector:
         self.sr, self.frames = features.sample_rate, config.source == "frames"
         self.window_s = features.duration_s if self.frames else config.window_s
         self.window = round(self.window_s * self.sr)
+        self.frame_hop_s = features.hop_length / self.sr if self.frames else None
         self.hop = max(1, round(hop_s * self.sr))
         self.resampler = None
         if sample_rate != self.sr:
@@ -208,8 +209,8 @@ class StreamingDetector:
             wave, start_s = self.ring, now - self.window_s
         *_, source = self.clf.window_steps(wave, self.sr, window_s=self.window_s, hop_s=self.window_s,
                                            frames=self.frames)
-        rows = np.atleast_2d(source.rows[0])  # a window's row at its centre, frame-level rows spread over it
-        t = start_s + (np.arange(len(rows)) + 0.5) * self.window_s / len(rows)
+        rows = np.atleast_2d(source.rows[0])  # a window's row at its centre, frame-level rows over it
+        t = start_s + step_times(len(rows), self.window_s, self.frame_hop_s)
         keep = t <= now + 1e-9
         if not keep.any() and not last:  # a short window's centre is still ahead: no cell is known yet
             return np.zeros((0, rows.shape[1]), np.float32)
