@@ -277,6 +277,13 @@ class TrainConfig:
     device: str = setting("auto", help="auto, cpu, cuda or cuda:N")
     amp: bool = setting(True, help="mixed precision: bf16/fp16 on CUDA, bf16 on CPUs that compute it natively")
     quiet: bool = setting(False, help="no progress bars")
+    # after training, on the best model's validation clips (trust.py): the share of known clips the
+    # "unknown" rule keeps, and its score (msp, energy or embedding: docs/trust.md measures them)
+    keep_known: float = setting(0.95, low=0.0, high=1.0, low_open=True, help="share of known validation clips "
+                                "the unknown rule keeps; below its threshold an input is answered 'unknown'")
+    reject_score: Literal["msp", "energy", "embedding"] = setting("msp", help="score of the unknown rule: maximum "
+                                                                  "calibrated probability, energy, or cosine "
+                                                                  "similarity to the nearest class mean")
     # the same seed gives the same model on CUDA too, at some speed; CPU runs are reproducible without it
     deterministic: bool = setting(False, help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN "
                                               "without autotuning)")

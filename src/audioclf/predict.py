@@ -21,11 +21,12 @@ from tqdm.auto import tqdm
 
 from .audio import (audio_duration_s, default_hop, fix_length, load_audio, resample, settled_windows, stream_audio,
                     window_starts)
-from .checkpoint import load_model
+from .checkpoint import load_model, saved_extras
 from .config import FeatureConfig, RunConfig
 from .errors import AudioclfError
-from .model import WaveformClassifier
+from .model import WaveformClassifier, activation
 from .runtime import auto_workers, cpu_threads_beside, resolve_device
+from .trust import TRUST_KEYS, UNKNOWN, known_score, read_trust
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class _Source:
     error: Optional[Exception] = None
     starts: list[int] = field(default_factory=list)  # filled in as the windows pass through the model
     rows: list[np.ndarray] = field(default_factory=list)  # the model head's output for each window
+    scores: list[float] = field(default_factory=list)  # each window's known-class score, where a rule asks for it
 
     def mean(self) -> np.ndarray:
         """The rows averaged over the windows: what a long input gets as a whole."""
@@ -207,21 +209,27 @@ class Classifier:
         labels (list of str): class names, the order of probability columns.
         device (str, optional): ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. (Default: ``"auto"``)
         batch_size (int, optional): windows per forward pass. (Default: ``32``)
+        trust (dict, optional): the model's ``temperature`` and ``reject`` rule as saved (``trust.read_trust``).
+            (Default: none: temperature 1, no rule)
+        reject (bool, optional): answer ``"unknown"`` for inputs below the rule's threshold. (Default: ``True``)
 
     Inputs are file paths, or numpy arrays / torch tensors of shape ``(time,)`` or ``(channels, time)``
     in [-1, 1]; an array's ``sample_rate`` (Hz) defaults to the training sample rate.
     """
 
     def __init__(self, model: torch.nn.Module, config: RunConfig, labels: Sequence[str], *, device="auto",
-                 batch_size: int = 32):
+                 batch_size: int = 32, trust: Optional[dict] = None, reject: bool = True):
         if batch_size < 1:
             raise AudioclfError(f"batch_size={batch_size} must be >= 1")
         self.labels = list(labels)
         self.config = config
         self.device = resolve_device(str(device))
         self.batch_size = batch_size
+        self.temperature, rejector = read_trust(trust or {})
+        self.rejector = rejector if reject and config.train.task == "multiclass" else None
         # channels_last: oneDNN and cuDNN convolve it fastest (1.3x on a 2-core CPU, same fp32 arithmetic)
-        self._net = WaveformClassifier(config.features, model, config.train.task).to(self.device, memory_format=torch.channels_last).eval()
+        self._net = WaveformClassifier(config.features, model, config.train.task, self.temperature).to(
+            self.device, memory_format=torch.channels_last).eval()
         self.model = self._net.model
 
     def __repr__(self):
@@ -237,9 +245,17 @@ class Classifier:
         return self._window_means(audio, sample_rate, width=len(self.labels))
 
     def predict(self, audio, sample_rate: Optional[int] = None):
-        """The most probable label (a list of them for a list of inputs), from ``predict_proba``."""
-        best = self.predict_proba(audio, sample_rate).argmax(axis=-1)
-        return self.labels[best] if best.ndim == 0 else [self.labels[i] for i in best]
+        """The most probable label (a list of them for a list of inputs), from ``predict_proba``; ``"unknown"``
+        for an input the model's rule rejects."""
+        one = not isinstance(audio, (list, tuple))
+        window, hop = self._window(None, None)
+        sources = (prepare(a, sample_rate, self.config.features, window, hop) for a in ([audio] if one else audio))
+        labels = []
+        for s in self._run(sources):
+            if s.error is not None:
+                raise s.error
+            labels.append(self._decide(s)[0])
+        return labels[0] if one else labels
 
     def classify(self, audio, sample_rate: Optional[int] = None, *, window_s: Optional[float] = None,
                  hop_s: Optional[float] = None, timeline: bool = False, top_k: int = 3) -> dict:
@@ -423,11 +439,37 @@ class Classifier:
             return
         x = torch.from_numpy(np.stack([w for _, _, w in batch])).to(self.device)  # (batch, window samples)
         with torch.inference_mode():
-            rows = (head or self._net)(x).float().cpu().numpy()  # (batch, n_classes or embedding size)
-        for (source, start, _), row in zip(batch, rows):
+            out = (head or self._probs_and_scores)(x)
+        rows, scores = out if isinstance(out, tuple) else (out, None)
+        rows = rows.float().cpu().numpy()  # (batch, n_classes or embedding size)
+        for i, ((source, start, _), row) in enumerate(zip(batch, rows)):
             source.starts.append(start)
             source.rows.append(row)
+            if scores is not None:
+                source.scores.append(float(scores[i]))
         batch.clear()
+
+    def _probs_and_scores(self, wave: torch.Tensor):
+        """The default head: class probabilities, with each window's known-class score when the rule needs
+        one that the probabilities do not give (energy, embedding)."""
+        r = self.rejector
+        if r is None or r.kind == "msp":
+            return self._net(wave)
+        mel = self._net.logmel(wave)
+        logits = self.model(mel)
+        emb = self.model.embed(mel) if r.needs_embedding else None
+        score = known_score(r.kind, logits, emb, r.means, self.temperature).cpu()
+        return activation(self.config.train.task)(logits / self.temperature), score
+
+    def _decide(self, source: _Source) -> tuple[str, Optional[float]]:
+        """(label, known-class score) of a whole input: ``"unknown"`` when the rule rejects it; the score is
+        None without a rule. MSP scores the mean probabilities; energy and embedding average the windows'."""
+        probs = source.mean()
+        label = self.labels[int(probs.argmax())]
+        if self.rejector is None:
+            return label, None
+        score = float(probs.max()) if self.rejector.kind == "msp" else float(np.mean(source.scores))
+        return (UNKNOWN if score < self.rejector.threshold else label), score
 
     # -- helpers
 
@@ -451,10 +493,13 @@ class Classifier:
         sr = self.config.features.sample_rate
         probs = source.mean()
         best = np.argsort(-probs)[:top_k]
-        out = {"label": self.labels[best[0]], "confidence": float(probs[best[0]]),
+        label, score = self._decide(source)
+        out = {"label": label, "confidence": float(probs[best[0]]),
                "probs": [float(p) for p in probs],
                "top_k": [{"label": self.labels[i], "prob": float(probs[i])} for i in best],
                "duration_s": source.duration_s}
+        if score is not None:  # the top classes stay listed: the nearest known ones
+            out.update(score=score, threshold=self.rejector.threshold)
         if timeline:
             out["windows"] = [{"start_s": start / sr, "end_s": min((start + window) / sr, source.duration_s),
                                "label": self.labels[int(p.argmax())], "confidence": float(p.max())}
@@ -462,12 +507,15 @@ class Classifier:
         return out
 
 
-def load(model, device: str = "auto", *, batch_size: int = 32, weights_path: Optional[str] = None) -> Classifier:
+def load(model, device: str = "auto", *, batch_size: int = 32, weights_path: Optional[str] = None,
+         reject: bool = True) -> Classifier:
     """A :class:`Classifier` from a run directory, ``.pt`` checkpoint or exported safetensors folder, or an
     AudioSet backbone's name (``mn04_as``): its pretrained 527-class tagger (:mod:`audioclf.audioset`), with
-    its official weights from ``weights_path`` or the torch hub cache."""
+    its official weights from ``weights_path`` or the torch hub cache. A trained model comes with its
+    temperature and, unless ``reject=False``, answers ``"unknown"`` below its rule's threshold."""
     from .audioset import is_backbone_name, pretrained_model
 
+    trust = None
     if is_backbone_name(model):
         net, config, labels = pretrained_model(model, weights_path)
     elif weights_path:
@@ -475,4 +523,5 @@ def load(model, device: str = "auto", *, batch_size: int = 32, weights_path: Opt
                             f"({model})")
     else:
         net, config, labels = load_model(model)
-    return Classifier(net, config, labels, device=device, batch_size=batch_size)
+        trust = saved_extras(model, TRUST_KEYS)
+    return Classifier(net, config, labels, device=device, batch_size=batch_size, trust=trust, reject=reject)

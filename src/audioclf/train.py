@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from .augment import SpecAugment, mixup
 from .backbones import BACKBONES
 from .checkpoint import inference_state, load_checkpoint, save_checkpoint
+from .calibrate import fit_trust, store_trust
 from .config import RunConfig, TrainConfig
 from .data import ClipSet, load_clips, split_clips
 from .errors import AudioclfError
@@ -45,6 +46,7 @@ from .model import build_model, place_model
 from .rundir import claim, resumed_config, write_predictions
 from .runtime import amp_dtype, broadcast, dist_info, process_group, resolve_device
 from .store import FeatureBank
+from .trust import expected_calibration_error, softmax
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,10 @@ def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = Fals
 
             summary = {"best_val_loss": progress.best_val_loss, "best_epoch": progress.best_epoch,
                        "epochs_run": progress.epoch, "stopped_early": stopped_early, "pretrained": pretrained, "lr": t.lr}
+            # --- temperature and "unknown" rule: fitted on the best model's validation outputs, kept in best.pt
+            if s.master:
+                model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
+                store_trust(out / "best.pt", fit_trust(model, bank, train_idx, val_idx, config, len(clipset.classes), s.device))
             # --- test fold: the best model on clips it never saw, from the same cache
             if splits["test"]:
                 summary.update(_test_fold(model, bank, splits["test"], out, s, config, clipset.classes))
@@ -491,15 +497,21 @@ def _test_fold(model: nn.Module, bank: FeatureBank, clips: list, out: Path, s: S
     idx = bank.indices(clips)
     logits, labels = predict_bank(model, bank, idx, s, config.train.batch_size * 2)
     probs = logits.softmax(1).numpy()
-    metrics = classification_metrics(labels.numpy(), probs, classes)
+    temperature = best.get("temperature", 1.0)
+    calibration = {"ece_uncalibrated": expected_calibration_error(probs, labels.numpy())}
+    probs = softmax(logits, temperature)  # as inference gives them
+    metrics = {**classification_metrics(labels.numpy(), probs, classes),
+               "ece": expected_calibration_error(probs, labels.numpy()), **calibration, "temperature": temperature}
     if s.master:
         pred = probs.argmax(1)
         write_predictions(out / "test_predictions.csv", [(bank.clips[i].path, classes[y], classes[k], p[k]) for i, y, k, p
                                                          in zip(idx.tolist(), labels.tolist(), pred.tolist(), probs)])
         write_text_atomic(out / "test_metrics.json", json.dumps(metrics, indent=2) + "\n")
-    log.info("test fold %s: accuracy %.4f, macro-F1 %.4f (%d clips)", config.data.test_fold, metrics["accuracy"],
-             metrics["macro_f1"], metrics["n_clips"])
-    return {"test_acc": metrics["accuracy"], "test_f1": metrics["macro_f1"], "test_n": metrics["n_clips"]}
+    log.info("test fold %s: accuracy %.4f, macro-F1 %.4f, ECE %.4f (%.4f before temperature scaling) (%d clips)",
+             config.data.test_fold, metrics["accuracy"], metrics["macro_f1"], metrics["ece"],
+             metrics["ece_uncalibrated"], metrics["n_clips"])
+    return {"test_acc": metrics["accuracy"], "test_f1": metrics["macro_f1"], "test_n": metrics["n_clips"],
+            "test_ece": metrics["ece"]}
 
 
 # ------------------------------------------------------------------------------------------- run outputs

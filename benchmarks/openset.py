@@ -1,0 +1,161 @@
+"""Open-set ESC-50: how well a model trained on 40 classes says "unknown" to the other 10.
+
+    python benchmarks/openset.py ESC-50/                        # 3 class splits x 4 test folds (CV)
+    python benchmarks/openset.py ESC-50/ --test-folds 4         # one test fold per split: 3 trainings
+    python benchmarks/openset.py ESC-50/ --test-folds 4 --json
+
+For each class split (seeded, ``--splits``): 10 of the 50 classes are drawn as unknown and left out of
+training; a model (``--backbone``, its recipe) trains on the 40 known classes of the folds other than the
+test fold, with its validation clips drawn from them as ``audioclf train`` draws them. Training fits the
+model's temperature and rejection rule on those validation clips (``audioclf.trust``). On the test fold,
+its known clips against its unknown ones, each rejection score is measured: AUROC, FPR at 95 % TPR (share
+of unknown clips kept when 95 % of the known are), the share of unknown clips the saved rule (threshold at
+``keep_known``) rejects, and the closed-set accuracy on the known clips. A run already finished under
+--out is reused, so one command trains what is missing and an interrupted benchmark continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from audioclf.backbones import BACKBONE_NAMES, BACKBONES
+from audioclf.config import resolve
+from audioclf.train import fit
+
+N_UNKNOWN = 10
+SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
+
+
+def class_split(classes: list[str], seed: int) -> tuple[list[str], list[str]]:
+    """(known, unknown) class names: ``N_UNKNOWN`` drawn at random by ``seed``."""
+    order = np.random.default_rng(seed).permutation(len(classes))
+    unknown = sorted(classes[i] for i in order[:N_UNKNOWN])
+    return [c for c in classes if c not in unknown], unknown
+
+
+def read_meta(root: Path) -> list[dict]:
+    with open(root / "meta" / "esc50.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def known_manifest(root: Path, rows: list[dict], known: list[str], path: Path) -> Path:
+    """A CSV manifest (``audioclf train --format csv``) of the known classes' clips, folds and groups."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "fold", "group"])
+        for r in rows:
+            if r["category"] in known:
+                w.writerow([str((root / "audio" / r["filename"]).resolve()), r["category"], r["fold"], r["src_file"]])
+    return path
+
+
+def train_run(manifest: Path, run: Path, test_fold: int, backbone: str, weights, epochs) -> Path:
+    """Train on the manifest with ``test_fold`` held out, unless ``run`` already holds a finished run."""
+    if (run / "summary.json").is_file():
+        return run
+    model = {"backbone": backbone}
+    if backbone != "resnet18":
+        local = Path(weights) if weights else SHARED_WEIGHTS / BACKBONES[backbone].weights_file
+        model.update(pretrained="audioset", **({"weights_path": str(local)} if local.is_file() else {}))
+    else:
+        model.update(pretrained="none")
+    train = {"quiet": True, **({"epochs": epochs} if epochs else {})}
+    cfg = resolve("default", overrides={"data": {"root": str(manifest), "format": "csv", "test_fold": test_fold},
+                                        "model": model, "train": train})
+    fit(cfg, run, overwrite=True)
+    return run
+
+
+def score_run(run: Path, root: Path, rows: list[dict], known: list[str], test_fold: int) -> dict:
+    """Each rejection score's AUROC, FPR at 95 % TPR and rejected share of unknown clips on the test fold,
+    with the closed-set accuracy; the rule and temperature are fitted first where the run lacks them."""
+    from audioclf.predict import load
+    from audioclf.trust import SCORES, calibrate_run, fpr_at_tpr, roc_auc, trust_outputs
+
+    calibrate_run(run)
+    clf = load(run, device="cpu")
+    test = [r for r in rows if int(r["fold"]) == test_fold]
+    paths = [str(root / "audio" / r["filename"]) for r in test]
+    is_known = np.array([r["category"] in known for r in test])
+    logits, emb = trust_outputs(clf, paths)
+    labels = np.array([clf.labels.index(r["category"]) if k else -1 for r, k in zip(test, is_known)])
+    acc = float((logits[is_known].argmax(1) == labels[is_known]).mean())
+    out = {"closed_acc": acc, "n_known": int(is_known.sum()), "n_unknown": int((~is_known).sum())}
+    for name in SCORES:
+        s = clf.rejector.score(logits, emb, kind=name)  # higher = more like a known class
+        out[name] = {"auroc": roc_auc(s[is_known], s[~is_known]), "fpr95": fpr_at_tpr(s[is_known], s[~is_known], 0.95)}
+    kept = clf.rejector.keep(logits, emb)
+    out["rule"] = {"score": clf.rejector.kind, "known_kept": float(kept[is_known].mean()),
+                   "unknown_rejected": float(1 - kept[~is_known].mean())}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("esc50", type=Path, help="ESC-50 folder: audio/, meta/esc50.csv")
+    p.add_argument("--splits", type=int, nargs="+", default=[0, 1, 2], help="class-split seeds (default: 0 1 2)")
+    p.add_argument("--test-folds", type=int, nargs="+", default=[1, 2, 3, 4], help="test folds (default: all four)")
+    p.add_argument("--backbone", default="mn04_as", choices=BACKBONE_NAMES)
+    p.add_argument("--weights", help="the MobileNet's weights file (default: ../shared/weights beside the clone)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the backbone's recipe)")
+    p.add_argument("--train-only", action="store_true", help="train what is missing, score nothing")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-openset"))
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = p.parse_args(argv)
+    if not (args.esc50 / "meta" / "esc50.csv").is_file():
+        p.error(f"{args.esc50}: no meta/esc50.csv; give the ESC-50 folder")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    rows = read_meta(args.esc50)
+    classes = sorted({r["category"] for r in rows})
+    results = []
+    for seed in args.splits:
+        known, unknown = class_split(classes, seed)
+        base = args.out / args.backbone / f"split{seed}"
+        manifest = known_manifest(args.esc50, rows, known, base / "known.csv")
+        for fold in args.test_folds:
+            t0 = time.perf_counter()
+            run = train_run(manifest, base / f"fold{fold}", fold, args.backbone, args.weights, args.epochs)
+            if args.train_only:
+                continue
+            r = {"split": seed, "test_fold": fold, "unknown": unknown,
+                 **score_run(run, args.esc50, rows, known, fold), "wall_s": time.perf_counter() - t0}
+            results.append(r)
+            logging.info("split %d fold %d: %s", seed, fold, json.dumps(r))
+    if args.train_only:
+        return 0
+    (args.out / args.backbone / "openset.json").write_text(json.dumps(results, indent=1))
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    print(table(results))
+    return 0
+
+
+def table(results: list[dict]) -> str:
+    """A Markdown table: one row per score, means over the runs (split x fold) with the spread of the splits."""
+    from audioclf.trust import SCORES
+
+    lines = ["| score | AUROC | FPR at 95 % TPR | closed-set accuracy |", "|---|---|---|---|"]
+    acc = [r["closed_acc"] for r in results]
+    for name in SCORES:
+        a, f = [r[name]["auroc"] for r in results], [r[name]["fpr95"] for r in results]
+        lines.append(f"| {name} | {np.mean(a):.3f} ± {np.std(a):.3f} | {np.mean(f):.3f} ± {np.std(f):.3f} "
+                     f"| {np.mean(acc):.3f} |")
+    kept = [r["rule"]["known_kept"] for r in results]
+    rej = [r["rule"]["unknown_rejected"] for r in results]
+    lines.append(f"\nsaved rule ({results[0]['rule']['score']}): known kept {np.mean(kept):.3f}, "
+                 f"unknown rejected {np.mean(rej):.3f} ({len(results)} runs)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

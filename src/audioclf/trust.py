@@ -1,0 +1,236 @@
+"""Scores a user can trust: temperature scaling (calibration) and the rule that answers "unknown".
+
+A leaf module (torch, numpy; matplotlib inside the plot): ``calibrate.py`` fits both on a trained
+model's validation outputs and stores them with the model; ``predict.Classifier`` applies them; ``evaluate``
+measures calibration with :func:`expected_calibration_error` and :func:`plot_reliability`.
+
+- Temperature scaling (Guo et al., 2017): one scalar ``T`` divides the logits before the softmax. It keeps
+  every prediction (the argmax does not change) and makes "0.9" mean right about 9 times in 10.
+- Unknown rejection: a score, higher for clips that look like a trained class, and a threshold set so that
+  ``keep_known`` of the known validation clips pass it. Scores (:data:`SCORES`): ``msp``, the calibrated
+  maximum softmax probability; ``energy``, ``T * logsumexp(logits / T)`` (the negative free energy, Liu et
+  al., 2020); ``embedding``, the cosine similarity of the clip's embedding to the nearest class mean of the
+  training clips.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import AudioclfError
+
+SCORES = ("msp", "energy", "embedding")
+N_BINS = 15  # reliability bins of the ECE
+T_RANGE = (0.05, 20.0)  # a fitted temperature outside this says the validation outputs are degenerate
+UNKNOWN = "unknown"  # the label of a rejected input
+TRUST_KEYS = ("temperature", "reject")  # what a checkpoint and an export's config.json hold of this module's
+
+
+# ------------------------------------------------------------------------------------------- calibration
+
+def fit_temperature(logits, labels, *, max_iter: int = 200) -> float:
+    """The temperature ``T`` that minimises the NLL of ``softmax(logits / T)`` on ``labels``.
+
+    Args:
+        logits (array or tensor): ``(clips, classes)`` validation logits.
+        labels (array or tensor): ``(clips,)`` true class indices.
+        max_iter (int, optional): LBFGS iterations. (Default: ``200``)
+
+    ``log T`` is optimised (so ``T`` stays positive), from ``T = 1``; the result is clamped to ``T_RANGE``.
+    """
+    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if z.ndim != 2 or len(z) != len(y) or len(z) == 0:
+        raise AudioclfError(f"fit_temperature needs (clips, classes) logits and one label per clip; got "
+                            f"{tuple(z.shape)} and {tuple(y.shape)}")
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.detach().exp())
+    return min(max(t, T_RANGE[0]), T_RANGE[1]) if math.isfinite(t) else 1.0
+
+
+def softmax(logits, temperature: float = 1.0) -> np.ndarray:
+    """``softmax(logits / temperature)`` over the last axis, as numpy."""
+    return torch.softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64) / temperature, -1).numpy()
+
+
+def reliability(probs, labels, n_bins: int = N_BINS) -> dict:
+    """Confidence (top probability) against accuracy in ``n_bins`` equal-width bins over [0, 1].
+
+    Returns:
+        dict: ``ece`` (the bins' |accuracy - confidence| weighted by their share of clips), and per bin
+        ``confidence``, ``accuracy`` (NaN for an empty bin) and ``count``.
+    """
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    conf, correct = probs.max(1), (probs.argmax(1) == labels).astype(np.float64)
+    # bin b holds confidences in (b/n, (b+1)/n]; a confidence of exactly 0 falls in the first
+    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(bins, conf, n_bins) / count
+        acc = np.bincount(bins, correct, n_bins) / count
+    gap = np.where(count > 0, np.abs(acc - mean_conf), 0.0)
+    return {"ece": float((gap * count).sum() / max(len(labels), 1)), "confidence": mean_conf.tolist(),
+            "accuracy": acc.tolist(), "count": count.tolist()}
+
+
+def expected_calibration_error(probs, labels, n_bins: int = N_BINS) -> float:
+    """ECE of ``probs`` ``(clips, classes)`` against ``labels``, over ``n_bins`` equal-width confidence bins."""
+    return reliability(probs, labels, n_bins)["ece"]
+
+
+def plot_reliability(curves: dict, labels, path, n_bins: int = N_BINS) -> None:
+    """Save a reliability diagram (accuracy against confidence per bin, the diagonal being perfect) as a PNG.
+
+    ``curves`` maps a name (``"before"``, ``"after temperature scaling"``) to ``(clips, classes)`` probabilities.
+    """
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg and touches no pyplot state
+
+    fig = Figure(figsize=(5.5, 5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
+    for name, probs in curves.items():
+        r = reliability(probs, labels, n_bins)
+        has = np.array(r["count"]) > 0
+        ax.plot(np.array(r["confidence"])[has], np.array(r["accuracy"])[has], marker="o",
+                label=f"{name} (ECE {r['ece']:.3f})")
+    ax.set_xlim(0, 1), ax.set_ylim(0, 1.02)
+    ax.set_xlabel("confidence (top probability)"), ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability, {n_bins} bins, {len(labels)} clips")
+    ax.legend(loc="upper left"), ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110)
+
+
+# ------------------------------------------------------------------------------------------- open set
+
+def class_means(emb, labels, n_classes: int) -> torch.Tensor:
+    """``(n_classes, d)`` unit-length mean of each class's unit-length embeddings (zeros for a class without clips)."""
+    e = F.normalize(torch.as_tensor(np.asarray(emb), dtype=torch.float32), dim=1)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    sums = torch.zeros(n_classes, e.shape[1]).index_add_(0, y, e)
+    return F.normalize(sums, dim=1)
+
+
+def known_score(kind: str, logits: torch.Tensor, emb: Optional[torch.Tensor] = None,
+                means: Optional[torch.Tensor] = None, temperature: float = 1.0) -> torch.Tensor:
+    """``(batch,)`` score of each clip, higher the more it looks like a trained class.
+
+    Args:
+        kind (str): one of :data:`SCORES`.
+        logits (torch.Tensor): ``(batch, classes)``.
+        emb (torch.Tensor, optional): ``(batch, d)`` embeddings; needed by ``embedding``.
+        means (torch.Tensor, optional): ``(classes, d)`` of :func:`class_means`; needed by ``embedding``.
+        temperature (float, optional): divides the logits of ``msp`` and ``energy``. (Default: ``1.0``)
+    """
+    if kind == "msp":
+        return torch.softmax(logits.float() / temperature, -1).amax(-1)
+    if kind == "energy":
+        return temperature * torch.logsumexp(logits.float() / temperature, -1)
+    if kind == "embedding":
+        if emb is None or means is None:
+            raise AudioclfError("the embedding score needs the clips' embeddings and the class means")
+        return (F.normalize(emb.float(), dim=-1) @ means.to(emb.device).T).amax(-1)
+    raise AudioclfError(f"Unsupported score={kind!r}; choose one of {', '.join(SCORES)}")
+
+
+@dataclass
+class Rejector:
+    """The unknown rule of a model: ``kind`` of score, and the ``threshold`` below which an input is unknown.
+
+    ``keep_known`` is the share of known validation clips the threshold keeps; ``means`` are the class
+    means of the ``embedding`` score (``None`` for the others).
+    """
+
+    kind: str
+    threshold: float
+    keep_known: float
+    temperature: float = 1.0
+    means: Optional[torch.Tensor] = None
+
+    @property
+    def needs_embedding(self) -> bool:
+        return self.kind == "embedding"
+
+    def score(self, logits, emb=None, kind: Optional[str] = None) -> np.ndarray:
+        """:func:`known_score` of numpy or torch outputs, as numpy; ``kind`` defaults to the rule's."""
+        as_t = (lambda a: None if a is None else torch.as_tensor(np.asarray(a), dtype=torch.float32))
+        return known_score(kind or self.kind, as_t(logits), as_t(emb), self.means, self.temperature).numpy()
+
+    def keep(self, logits, emb=None) -> np.ndarray:
+        """``(clips,)`` True where the rule keeps a clip (its score reaches the threshold)."""
+        return self.score(logits, emb) >= self.threshold
+
+    def to_dict(self) -> dict:
+        """What a checkpoint and an export's config.json store under ``"reject"`` (builtins only)."""
+        d = {"score": self.kind, "threshold": float(self.threshold), "keep_known": float(self.keep_known)}
+        if self.means is not None:
+            d["class_means"] = self.means.tolist()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, temperature: float = 1.0) -> "Rejector":
+        means = d.get("class_means")
+        return cls(d["score"], float(d["threshold"]), float(d["keep_known"]), temperature,
+                   None if means is None else torch.tensor(means, dtype=torch.float32))
+
+
+def fit_rejector(kind: str, keep_known: float, logits, emb=None, means=None, temperature: float = 1.0) -> Rejector:
+    """The rule whose threshold keeps ``keep_known`` (a share in (0, 1]) of the validation clips given by
+    their ``logits`` (and ``emb``, for the ``embedding`` score)."""
+    if not 0 < keep_known <= 1:
+        raise AudioclfError(f"keep_known={keep_known!r} is out of range: it must be in (0, 1]")
+    r = Rejector(kind, 0.0, keep_known, temperature, None if means is None else torch.as_tensor(means))
+    r.threshold = keep_threshold(r.score(logits, emb), keep_known)
+    return r
+
+
+def keep_threshold(scores, keep: float) -> float:
+    """The highest threshold that ``keep`` (a share) of ``scores`` reach."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    return float(s[len(s) - math.ceil(keep * len(s) - 1e-9)])
+
+
+def read_trust(saved: dict) -> tuple[float, Optional[Rejector]]:
+    """(temperature, rule) stored in a checkpoint dict or an export's config.json: ``(1.0, None)`` for a model
+    saved before audioclf fitted them, or a multilabel one."""
+    t = float(saved.get("temperature", 1.0))
+    reject = saved.get("reject")
+    return t, (Rejector.from_dict(reject, t) if reject else None)
+
+
+def trust_keys(temperature: float, rejector: Optional[Rejector]) -> dict:
+    """The keys a checkpoint or config.json holds for :func:`read_trust`."""
+    return {"temperature": float(temperature), **({"reject": rejector.to_dict()} if rejector else {})}
+
+
+# ------------------------------------------------------------------------------------------- measuring
+
+def roc_auc(known, unknown) -> float:
+    """AUROC of telling known (positive) from unknown clips by a score, higher = known: the chance that a
+    random known clip scores above a random unknown one, ties counting half (Mann-Whitney)."""
+    known, unknown = np.asarray(known, dtype=np.float64), np.asarray(unknown, dtype=np.float64)
+    if not len(known) or not len(unknown):
+        raise AudioclfError("AUROC needs known and unknown clips")
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([known, unknown]))
+    return float((ranks[:len(known)].sum() - len(known) * (len(known) + 1) / 2) / (len(known) * len(unknown)))
+
+
+def fpr_at_tpr(known, unknown, tpr: float = 0.95) -> float:
+    """Share of unknown clips kept by the threshold that keeps ``tpr`` of the known ones."""
+    return float((np.asarray(unknown) >= keep_threshold(known, tpr)).mean())
