@@ -1,5 +1,7 @@
 """After training: the temperature and unknown rule are fitted, saved, and applied by every way of loading."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -83,3 +85,51 @@ def test_calibrate_run_fits_an_older_run(tones_run, tmp_path):
     keys = calibrate_run(run, device="cpu")
     assert keys["temperature"] == pytest.approx(ckpt["temperature"], rel=1e-4)
     assert load_checkpoint(run)["reject"]["threshold"] == pytest.approx(ckpt["reject"]["threshold"], rel=1e-4)
+
+
+def test_exports_keep_temperature_and_rule(tones_run, tmp_path):
+    pytest.importorskip("safetensors")
+    from audioclf.export import export
+
+    export(tones_run, "safetensors", tmp_path / "st")
+    meta = json.loads((tmp_path / "st" / "config.json").read_text())
+    ckpt = load_checkpoint(tones_run)
+    assert meta["temperature"] == ckpt["temperature"] and meta["reject"] == ckpt["reject"]
+    exported, run = audioclf.load(tmp_path / "st", device="cpu"), audioclf.load(tones_run, device="cpu")
+    waves = [noise(0), synth_clip("tone", np.random.default_rng(2), 16000, 1.0)]
+    assert exported.predict(waves) == run.predict(waves)
+    np.testing.assert_allclose(exported.predict_proba(waves), run.predict_proba(waves), atol=1e-5)
+
+
+def test_onnx_graph_applies_the_temperature(tones_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnxruntime as ort
+    from audioclf.export import export
+
+    path = export(tones_run, "onnx", tmp_path / "onnx")
+    meta = json.loads((tmp_path / "onnx" / "config.json").read_text())
+    assert meta["reject"]["score"] == "embedding" and meta["temperature"] == load_checkpoint(tones_run)["temperature"]
+    wave = noise(3)[None, :]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if meta["input"] == "waveform":
+        got = session.run(None, {"waveform": wave})[0][0]
+        np.testing.assert_allclose(got, audioclf.load(tones_run, device="cpu").predict_proba(wave[0]), atol=1e-4)
+
+
+def test_cli_predict_says_unknown_and_evaluate_writes_ece(tones_run, tmp_path, capsys):
+    import soundfile as sf
+    from audioclf.cli import main
+
+    sf.write(tmp_path / "noise.wav", noise(0), 16000)
+    assert main(["predict", str(tones_run), str(tmp_path / "noise.wav")]) == 0
+    assert ",unknown," in capsys.readouterr().out
+    assert main(["predict", str(tones_run), str(tmp_path / "noise.wav"), "--no-reject"]) == 0
+    assert ",unknown," not in capsys.readouterr().out
+    data = load_checkpoint(tones_run)["config"]["data"]["root"]
+    assert main(["evaluate", str(tones_run), data, "--out", str(tmp_path / "eval"), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert 0 <= metrics["ece"] <= 1 and 0 <= metrics["ece_uncalibrated"] <= 1
+    assert metrics["temperature"] == load_checkpoint(tones_run)["temperature"]
+    assert (tmp_path / "eval" / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ECE (15 bins)" in (tmp_path / "eval" / "report.txt").read_text()

@@ -23,6 +23,8 @@ log = logging.getLogger("audioclf")
 
 _DATA_HELP = ("dataset: a folder per class, a CSV manifest, an ESC-50/UrbanSound8K root, or WebDataset shards (a "
               "folder, a .tar or a pattern such as shards-{000..009}.tar)")
+NO_REJECT_HELP = ("always answer one of the trained classes: never 'unknown' (which the model's rule, fitted "
+                  "on its validation clips, answers for sounds unlike any of them)")
 
 # settings whose flags exclude each other: a weights file is loaded, so it cannot go with another choice
 _EXCLUSIVE = ("pretrained", "weights_path")
@@ -166,7 +168,7 @@ def cmd_predict(args) -> int:
     return run_predict(args.model, args.paths, out=args.out, top_k=args.top_k, batch_size=args.batch_size,
                        device=args.device, window_s=args.window, hop_s=args.hop, timeline=args.timeline,
                        submission=args.submission, out_format=args.format, retry_errors=args.retry_errors,
-                       quiet=args.quiet)
+                       quiet=args.quiet, reject=not args.no_reject)
 
 
 def cmd_serve(args) -> int:
@@ -174,7 +176,7 @@ def cmd_serve(args) -> int:
 
     limits = {k: getattr(args, k) for k in ("max_upload_mb", "max_audio_s", "max_windows", "timeout_s", "cors_origin",
                                             "max_connections")}
-    serve(args.model, host=args.host, port=args.port, device=args.device,
+    serve(args.model, host=args.host, port=args.port, device=args.device, reject=not args.no_reject,
           **{k: v for k, v in limits.items() if v is not None})
     return 0
 
@@ -350,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeline", action="store_true", help="add per-window rows (start, end, label, confidence)")
     p.add_argument("--submission", action="store_true", help="write an ID,Class CSV")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-reject", action="store_true", help=NO_REJECT_HELP)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("serve", help="HTTP API and web page for a trained model")
@@ -363,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, help="seconds a client may stall: headers, body, idle (default 10)")
     p.add_argument("--max-connections", type=int, help="open connections before requests get 503 (default 64)")
     p.add_argument("--cors-origin", help="let pages from this one origin call the API (default: none)")
+    p.add_argument("--no-reject", action="store_true", help=NO_REJECT_HELP)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("backbones", help="list the backbones, their front ends and weight status")

@@ -20,8 +20,11 @@ from .errors import AudioclfError
 from .metrics import classification_metrics
 from .predict import load
 from .rundir import EVAL_FILES, write_predictions
+from .trust import expected_calibration_error, plot_reliability, softmax
 
 log = logging.getLogger(__name__)
+
+RELIABILITY_PNG = "reliability.png"
 
 def plot_confusion_matrix(cm, labels: Sequence[str], path) -> None:
     """Save a row-normalised confusion matrix (row = true class, so the diagonal is per-class recall) as
@@ -70,18 +73,21 @@ def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=N
         batch_size (int, optional): windows per forward pass. (Default: ``32``)
         quiet (bool, optional): no progress bar. (Default: ``False``)
 
-    Writes ``metrics.json``, ``predictions.csv``, ``confusion_matrix.png`` and ``report.txt`` to
-    ``out_dir``. Unreadable clips are skipped and listed under ``skipped``.
+    Writes ``metrics.json``, ``predictions.csv``, ``confusion_matrix.png``, ``reliability.png`` and
+    ``report.txt`` to ``out_dir``. Unreadable clips are skipped and listed under ``skipped``. The model's
+    probabilities are its calibrated ones; ``ece_uncalibrated`` is their ECE before temperature scaling.
+    Every clip gets one of the model's classes: the unknown rule is off here.
 
     Returns:
-        dict: the metrics of :func:`classification_metrics`, plus ``skipped`` (list of ``{"path",
+        dict: the metrics of :func:`classification_metrics`, plus ``ece``, ``ece_uncalibrated`` (15 bins),
+        ``temperature``, ``skipped`` (list of ``{"path",
         "reason"}``), ``out_dir`` and ``report`` (the text of ``report.txt``).
 
     Raises:
         AudioclfError: when the dataset has a class the model does not know, the fold has no clips,
             or no clip can be read.
     """
-    clf = load(model_path, device, batch_size=batch_size)
+    clf = load(model_path, device, batch_size=batch_size, reject=False)
     clipset = load_clips(data)
     unknown = [name for name in clipset.classes if name not in clf.labels]
     if unknown:
@@ -110,6 +116,10 @@ def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=N
         raise AudioclfError(f"none of the {len(clips)} clips could be read; see the warnings above for each file's reason")
 
     metrics = classification_metrics(y_true, np.array(probs), clf.labels)
+    # softmax(T * log p) undoes the temperature exactly for a one-window clip (log p = logits / T + const)
+    uncalibrated = softmax(clf.temperature * np.log(np.clip(probs, 1e-30, None)))
+    metrics.update(ece=expected_calibration_error(probs, y_true), ece_uncalibrated=expected_calibration_error(
+        uncalibrated, y_true), temperature=clf.temperature)
     out_dir = Path(out_dir) if out_dir else _default_out_dir(model_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics.update(skipped=skipped, out_dir=str(out_dir))
@@ -117,6 +127,8 @@ def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=N
     metrics_json.write_text(json.dumps(metrics, indent=2) + "\n")
     write_predictions(predictions_csv, rows)
     plot_confusion_matrix(metrics["confusion_matrix"], metrics["labels"], matrix_png)
+    plot_reliability({"before temperature scaling": uncalibrated, f"after (T = {clf.temperature:.2f})": probs}, y_true,
+                     out_dir / RELIABILITY_PNG)
     metrics["report"] = _report(metrics, y_true, probs, clf.labels, model_path, data, fold)
     report_txt.write_text(metrics["report"])
     log.info("evaluation written to %s", out_dir)
@@ -133,4 +145,6 @@ def _report(metrics: dict, y_true, probs, labels: list[str], model_path, data: D
     return (f"model: {model_path}\ndata: {where}\n"
             f"clips: {metrics['n_clips']} evaluated, {len(metrics['skipped'])} skipped\n"
             f"accuracy {metrics['accuracy']:.4f}   macro F1 {metrics['macro_f1']:.4f}   "
-            f"top-3 accuracy {metrics['top3_accuracy']:.4f}\n\n{table}")
+            f"top-3 accuracy {metrics['top3_accuracy']:.4f}\n"
+            f"ECE (15 bins) {metrics['ece']:.4f}, before temperature scaling {metrics['ece_uncalibrated']:.4f} "
+            f"(T = {metrics['temperature']:.3f})\n\n{table}")

@@ -29,12 +29,13 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .checkpoint import BOUND_KEY, CONFIG_FILE, EXPORT_FORMAT, RUN_CHECKPOINT, SAFETENSORS_FILE, load_model
+from .checkpoint import BOUND_KEY, CONFIG_FILE, EXPORT_FORMAT, RUN_CHECKPOINT, SAFETENSORS_FILE, load_model, saved_extras
 from .config import FeatureConfig, _check_choice
 from .errors import AudioclfError
 from .fileio import atomic_path, sha256
 from .features import LogMel
 from .model import WaveformClassifier
+from .trust import TRUST_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,17 @@ def export(model_path, format: str = "safetensors", out_dir="export") -> Path:
         raise AudioclfError(f"{out} holds {RUN_CHECKPOINT}, a training run: export into a folder of its own "
                             f"(a model path must mean one model)")
     model, config, labels = load_model(model_path)
+    # the temperature and unknown rule: audioclf.load applies them from config.json; the ONNX graph holds the temperature
+    trust = saved_extras(model_path, TRUST_KEYS)
     out.mkdir(parents=True, exist_ok=True)
     bound = {"labels": list(labels), "config": config.to_dict()}
     if format == "safetensors":
         path = _export_safetensors(model, out, bound)
         extra = {"weights_sha256": sha256(path)}
     else:
-        path, extra = _export_onnx(model, config.features, out)
-    meta = {"format": format, "format_version": EXPORT_FORMAT, "audioclf_version": __version__, **extra, **bound}
+        path, extra = _export_onnx(model, config.features, out, trust.get("temperature", 1.0))
+    meta = {"format": format, "format_version": EXPORT_FORMAT, "audioclf_version": __version__, **extra, **bound,
+            **trust}
     with atomic_path(out / CONFIG_FILE) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
     log.info("exported %s to %s", format, path)
@@ -107,15 +111,17 @@ class LogMelClassifier(nn.Module):
 
     Args:
         model (nn.Module): a trained network (:func:`audioclf.model.build_network`).
+        temperature (float, optional): divides the logits first (the model's calibration). (Default: ``1.0``)
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, temperature: float = 1.0):
         super().__init__()
         self.model = model
+        self.temperature = float(temperature)
 
     def forward(self, logmel: torch.Tensor) -> torch.Tensor:
         """(batch, n_mels, frames) -> (batch, n_classes) probabilities."""
-        return torch.softmax(self.model(logmel), dim=-1)
+        return torch.softmax(self.model(logmel) / self.temperature, dim=-1)
 
 
 def _onnx_export(module: nn.Module, example: torch.Tensor, input_name: str, path: Path) -> None:
@@ -136,13 +142,13 @@ def _onnx_export(module: nn.Module, example: torch.Tensor, input_name: str, path
             raise AudioclfError(f"onnxruntime's probabilities differ from PyTorch's by {err:.3g} (> {ONNX_ATOL})")
 
 
-def _export_onnx(model: nn.Module, features: FeatureConfig, out: Path) -> tuple[Path, dict]:
+def _export_onnx(model: nn.Module, features: FeatureConfig, out: Path, temperature: float) -> tuple[Path, dict]:
     _require("onnx", "onnxscript", "onnxruntime")
     path = out / ONNX_FILE
     # A batch of 2: an example batch of 1 would let the exporter treat the batch size as a constant.
     wave = 0.1 * torch.randn(2, features.n_samples, generator=torch.Generator().manual_seed(0))
     try:
-        _onnx_export(WaveformClassifier(features, model).eval(), wave, "waveform", path)
+        _onnx_export(WaveformClassifier(features, model, temperature=temperature).eval(), wave, "waveform", path)
         return path, {"input": "waveform", "input_shape": ["batch", features.n_samples], "opset": ONNX_OPSET}
     except Exception as e:  # the exporter fails in many ways (unsupported op, guard, version); all mean "fall back"
         log.warning("ONNX export of the whole graph (waveform -> probabilities) failed: %s: %s. Exporting "
@@ -150,5 +156,5 @@ def _export_onnx(model: nn.Module, features: FeatureConfig, out: Path) -> tuple[
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "", CONFIG_FILE)
     with torch.no_grad():
         logmel = LogMel(features)(wave)
-    _onnx_export(LogMelClassifier(model).eval(), logmel, "logmel", path)
+    _onnx_export(LogMelClassifier(model, temperature).eval(), logmel, "logmel", path)
     return path, {"input": "logmel", "input_shape": ["batch", features.n_mels, features.n_frames], "opset": ONNX_OPSET}

@@ -1,6 +1,7 @@
 """HTTP serving: a FastAPI app over :meth:`audioclf.predict.Classifier.classify`, run with uvicorn.
 
-``POST /predict``  multipart field ``file`` -> ``{label, confidence, top_k, duration_s[, windows]}``
+``POST /predict``  multipart field ``file`` -> ``{label, confidence, top_k, duration_s[, windows][, score,
+threshold]}``: ``label`` is ``unknown`` when the model's rule rejects the sound (``score`` below ``threshold``)
 ``POST /detect``   multipart field ``file`` -> ``{duration_s, events: [{onset, offset, label, score}]}``
 ``GET /health``, ``GET /labels``, ``GET /`` (a self-contained web page), ``/docs`` (OpenAPI).
 
@@ -94,6 +95,8 @@ class Prediction(BaseModel):
     top_k: list[ClassProb]
     duration_s: float
     windows: Optional[list[Window]] = None  # only with ?timeline=1
+    score: Optional[float] = None  # known-class score of the model's unknown rule; label "unknown" below threshold
+    threshold: Optional[float] = None
 
 
 class DetectedEvent(BaseModel):
@@ -231,7 +234,8 @@ def _check_number(name: str, value, low, high, *, low_open: bool = False) -> Non
 
 
 def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_audio_s: float = 600.0,
-               max_windows: int = 2000, timeout_s: float = TIMEOUT_S, cors_origin: Optional[str] = None) -> FastAPI:
+               max_windows: int = 2000, timeout_s: float = TIMEOUT_S, cors_origin: Optional[str] = None,
+               reject: bool = True) -> FastAPI:
     """The serving app for ``model``: a :class:`~audioclf.predict.Classifier`, or anything
     :func:`audioclf.load` reads (run directory, ``.pt``, safetensors export), loaded here, once.
 
@@ -251,7 +255,7 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
     _check_number("max_audio_s", max_audio_s, 0.0, 1e6, low_open=True)
     _check_number("max_windows", max_windows, 1, 10**6)
     _check_number("timeout_s", timeout_s, 0.0, 3600.0, low_open=True)
-    clf = model if isinstance(model, Classifier) else load(model, device)
+    clf = model if isinstance(model, Classifier) else load(model, device, reject=reject)
     labels, features = list(clf.labels), clf.config.features
     sr, max_window_s = features.sample_rate, max(MAX_WINDOW_S, features.duration_s)
     step_samples = STEP_WINDOWS * features.n_samples
