@@ -76,26 +76,31 @@ def train_run(manifest: Path, run: Path, test_fold: int, backbone: str, weights,
 
 
 def score_run(run: Path, root: Path, rows: list[dict], known: list[str], test_fold: int) -> dict:
-    """Each rejection score's AUROC, FPR at 95 % TPR and rejected share of unknown clips on the test fold,
-    with the closed-set accuracy; the rule and temperature are fitted first where the run lacks them."""
+    """Each rejection score's AUROC, FPR at 95 % TPR, and the known kept / unknown rejected shares of its rule
+    (fitted on the validation clips) on the test fold, with the closed-set accuracy and the ECE before and
+    after temperature scaling of the known clips. The run's rule is left as its config says."""
+    from audioclf.calibrate import calibrate_run
     from audioclf.predict import load
-    from audioclf.trust import SCORES, calibrate_run, fpr_at_tpr, roc_auc, trust_outputs
+    from audioclf.trust import SCORES, expected_calibration_error, fpr_at_tpr, read_trust, roc_auc, softmax
 
-    calibrate_run(run)
-    clf = load(run, device="cpu")
+    clf = load(run, device="cpu", reject=False)
     test = [r for r in rows if int(r["fold"]) == test_fold]
     paths = [str(root / "audio" / r["filename"]) for r in test]
     is_known = np.array([r["category"] in known for r in test])
-    logits, emb = trust_outputs(clf, paths)
+    logits, emb = clf.logits(paths), clf.embed(paths)
     labels = np.array([clf.labels.index(r["category"]) if k else -1 for r, k in zip(test, is_known)])
     acc = float((logits[is_known].argmax(1) == labels[is_known]).mean())
     out = {"closed_acc": acc, "n_known": int(is_known.sum()), "n_unknown": int((~is_known).sum())}
-    for name in SCORES:
-        s = clf.rejector.score(logits, emb, kind=name)  # higher = more like a known class
-        out[name] = {"auroc": roc_auc(s[is_known], s[~is_known]), "fpr95": fpr_at_tpr(s[is_known], s[~is_known], 0.95)}
-    kept = clf.rejector.keep(logits, emb)
-    out["rule"] = {"score": clf.rejector.kind, "known_kept": float(kept[is_known].mean()),
-                   "unknown_rejected": float(1 - kept[~is_known].mean())}
+    default = clf.config.train.reject_score
+    for name in [*(k for k in SCORES if k != default), default]:  # the run keeps its own rule, fitted last
+        temperature, rule = read_trust(calibrate_run(run, refit=True, score=name))
+        s = rule.score(logits, emb)  # higher = more like a known class
+        kept = s >= rule.threshold
+        out[name] = {"auroc": roc_auc(s[is_known], s[~is_known]), "fpr95": fpr_at_tpr(s[is_known], s[~is_known], 0.95),
+                     "known_kept": float(kept[is_known].mean()), "unknown_rejected": float(1 - kept[~is_known].mean())}
+    k_logits, k_labels = logits[is_known], labels[is_known]
+    out.update(temperature=temperature, ece_before=expected_calibration_error(softmax(k_logits), k_labels),
+               ece_after=expected_calibration_error(softmax(k_logits, temperature), k_labels))
     return out
 
 
@@ -144,16 +149,17 @@ def table(results: list[dict]) -> str:
     """A Markdown table: one row per score, means over the runs (split x fold) with the spread of the splits."""
     from audioclf.trust import SCORES
 
-    lines = ["| score | AUROC | FPR at 95 % TPR | closed-set accuracy |", "|---|---|---|---|"]
-    acc = [r["closed_acc"] for r in results]
+    def cell(key, name=None):
+        v = [r[name][key] if name else r[key] for r in results]
+        return f"{np.mean(v):.3f} ± {np.std(v):.3f}"
+
+    lines = ["| score | AUROC | FPR at 95 % TPR | known kept | unknown rejected | closed-set accuracy |",
+             "|---|---|---|---|---|---|"]
     for name in SCORES:
-        a, f = [r[name]["auroc"] for r in results], [r[name]["fpr95"] for r in results]
-        lines.append(f"| {name} | {np.mean(a):.3f} ± {np.std(a):.3f} | {np.mean(f):.3f} ± {np.std(f):.3f} "
-                     f"| {np.mean(acc):.3f} |")
-    kept = [r["rule"]["known_kept"] for r in results]
-    rej = [r["rule"]["unknown_rejected"] for r in results]
-    lines.append(f"\nsaved rule ({results[0]['rule']['score']}): known kept {np.mean(kept):.3f}, "
-                 f"unknown rejected {np.mean(rej):.3f} ({len(results)} runs)")
+        lines.append(f"| {name} | {cell('auroc', name)} | {cell('fpr95', name)} | {cell('known_kept', name)} "
+                     f"| {cell('unknown_rejected', name)} | {cell('closed_acc')} |")
+    lines.append(f"\nECE of the known test clips (15 bins): {cell('ece_before')} before temperature scaling, "
+                 f"{cell('ece_after')} after; {len(results)} runs (mean ± std)")
     return "\n".join(lines)
 
 

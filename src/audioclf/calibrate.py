@@ -9,7 +9,9 @@ fitted these), rebuilding the split from the run's saved config.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -78,9 +80,11 @@ def store_trust(path, keys: dict) -> None:
         save_checkpoint({k: v for k, v in ckpt.items() if k not in ("format", "audioclf_version")}, path)
 
 
-def calibrate_run(run_dir, *, refit: bool = False, device: str = "auto") -> dict:
+def calibrate_run(run_dir, *, refit: bool = False, score: Optional[str] = None, keep_known: Optional[float] = None,
+                  device: str = "auto") -> dict:
     """Fit and store the temperature and unknown rule of the finished run in ``run_dir`` where its
-    ``best.pt`` lacks them (or always, with ``refit``); return its trust keys."""
+    ``best.pt`` lacks them (or always, with ``refit``); return its trust keys. ``score`` and ``keep_known``
+    replace the run's ``train.reject_score`` and ``train.keep_known`` (and are saved in its config)."""
     path = Path(run_dir) / RUN_CHECKPOINT
     if not path.is_file():
         raise AudioclfError(f"{run_dir}: no {RUN_CHECKPOINT}; give a finished training run's folder")
@@ -88,6 +92,9 @@ def calibrate_run(run_dir, *, refit: bool = False, device: str = "auto") -> dict
     if "temperature" in ckpt and not refit:
         return {k: ckpt[k] for k in ("temperature", "reject") if k in ckpt}
     model, config, labels = model_from_checkpoint(ckpt, path)
+    t = config.train
+    config = replace(config, train=replace(t, reject_score=score or t.reject_score,
+                                           keep_known=keep_known or t.keep_known))
     dev = resolve_device(device)
     clipset = load_clips(config.data)
     if clipset.classes != labels:
@@ -99,6 +106,6 @@ def calibrate_run(run_dir, *, refit: bool = False, device: str = "auto") -> dict
                          seed=config.train.seed, classes=clipset.classes)
     keys = fit_trust(model.to(dev), bank, bank.indices(splits["train"]), bank.indices(splits["val"]), config,
                      len(labels), dev)
-    store_trust(path, keys)
+    store_trust(path, {**keys, "config": config.to_dict()})
     read_trust(keys)  # what inference will read back must parse
     return keys

@@ -359,6 +359,12 @@ class Classifier:
         dim = next((len(r) for r in rows if r is not None), 0)
         return np.stack([np.full(dim, np.nan, np.float32) if r is None else r for r in rows]) if rows else np.zeros((0, 0))
 
+    def logits(self, audio, sample_rate: Optional[int] = None) -> np.ndarray:
+        """The network's raw outputs (before the temperature and the softmax), averaged over a long input's
+        windows: ``(n_classes,)`` for one input, ``(n, n_classes)`` for a list of them."""
+        return self._window_means(audio, sample_rate, lambda wave: self.model(self._net.logmel(wave)),
+                                  len(self.labels))
+
     # -- the one inference path
 
     def _embed(self, wave: torch.Tensor) -> torch.Tensor:
