@@ -60,7 +60,7 @@ def fsdd_manifest(root: Path, out: Path) -> Path:
 # and have since been removed from audioclf: features.mel_gain, model.stem_pool, model.normalization clip.)
 _ESC10_RECIPES = {
     "default": ("default", {}),
-    "tutorial": ("seed", {}),  # the original tutorial's recipe
+    "tutorial": ("tutorial", {}),  # the original tutorial's recipe
     "imagenet": ("default", {"model": {"pretrained": "imagenet"}}),
     # the first default: no peak normalisation, no time shift, uncapped time masks, patience 10
     "v0": ("default", {"features": {"peak_normalize": False}, "train": {"patience": 10},

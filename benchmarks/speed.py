@@ -71,9 +71,9 @@ from audioclf.config import FeatureConfig, resolve
 from audioclf.data import Clip, ClipSet
 from audioclf.features import LogMel
 from audioclf.model import AudioResNet
+from audioclf.optim import make_optimizer
 from audioclf.runtime import amp_dtype, resolve_device
 from audioclf.store import FeatureBank
-from audioclf.train import make_optimizer
 
 ESC50 = Path(__file__).resolve().parents[2] / "shared" / "data" / "esc50"  # --esc50's default
 CLIP_SR = 44100  # Hz, the ESC-50 rate, also used for the generated clips and the long file

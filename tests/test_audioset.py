@@ -68,3 +68,21 @@ def test_load_by_name_gives_the_pretrained_multilabel_tagger(monkeypatch):
     assert clf.config.features.sample_rate == 32000 and BACKBONES["mn04_as"].front_end["n_mels"] == 128
     probs = clf.predict_proba(np.zeros(32000, np.float32))
     assert probs.shape == (N_CLASSES,) and probs.sum() > 1.5  # sigmoids, not a softmax
+
+
+@pytest.mark.shared_data
+@needs_weights
+def test_serve_mn04_as_tags_an_upload(tmp_path, monkeypatch):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from audioclf.serve import create_app
+    from audioclf.weights import hub_path
+
+    monkeypatch.setattr("audioclf.weights.hub_path", lambda b: SHARED_WEIGHTS if b.name == "mn04_as" else hub_path(b))
+    sr = 32000
+    sf.write(tmp_path / "beep.wav", (0.5 * np.sin(2 * np.pi * 1000 * np.arange(3 * sr) / sr)).astype(np.float32), sr)
+    with TestClient(create_app("mn04_as", device="cpu")) as client:
+        assert client.get("/health").json()["n_classes"] == N_CLASSES
+        r = client.post("/predict", files={"file": ("beep.wav", (tmp_path / "beep.wav").read_bytes())})
+        assert r.status_code == 200 and r.json()["label"] == "Beep, bleep"

@@ -257,11 +257,11 @@ def test_embed_command_writes_npy_and_paths(mn_run, write_wav, tmp_path):
     out = tmp_path / "emb.npy"
     r = subprocess.run([sys.executable, "-m", "audioclf", "embed", str(mn_run), *map(str, clips), str(bad),
                         "--out", str(out), "--device", "cpu", "--quiet"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr  # a file failed: left out, named, and the exit code says so
     emb = np.load(out)
-    assert emb.shape == (3, 384) and np.isfinite(emb[:2]).all() and np.isnan(emb[2]).all()
-    assert (tmp_path / "emb.paths.txt").read_text().splitlines() == [*map(str, clips), str(bad)]
-    assert "bad.wav" in r.stderr
+    assert emb.shape == (2, 384) and np.isfinite(emb).all()
+    assert (tmp_path / "emb.paths.txt").read_text().splitlines() == [*map(str, clips)]
+    assert "bad.wav" in r.stderr and "1 file(s) failed, left out" in r.stdout
 
 
 def test_backbones_command_lists_every_backbone_with_its_weight_status():

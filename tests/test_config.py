@@ -82,11 +82,11 @@ def test_resolve_precedence_defaults_preset_yaml_overrides(tmp_path):
     assert resolve().features.sample_rate == 32000
     assert resolve(overrides={"model": {"backbone": "resnet18"}}) == RunConfig()  # resnet18 adds nothing to the defaults
 
-    seeded = resolve("seed")
-    assert seeded.train.lr == 1e-4 and seeded.preset == "seed"
-    assert seeded.train.scheduler == "plateau" and seeded.augment.n_time_masks == 1  # the seed notebook's
+    seeded = resolve("tutorial")
+    assert seeded.train.lr == 1e-4 and seeded.preset == "tutorial"
+    assert seeded.train.scheduler == "plateau" and seeded.augment.n_time_masks == 1  # the tutorial notebook's
 
-    c = resolve("seed", cfg, {"train": {"batch_size": 4}})
+    c = resolve("tutorial", cfg, {"train": {"batch_size": 4}})
     assert c.train.lr == 1e-4  # preset, untouched by YAML and flags
     assert seeded.train.epochs != 7 and c.train.epochs == 7  # YAML beats the preset
     assert c.features.n_mels == 64  # YAML beats the default
@@ -131,7 +131,7 @@ def _custom() -> RunConfig:
         augment=AugmentConfig(n_time_masks=2, mixup_alpha=0.4, gain_db=6.0),
         model=ModelConfig(pretrained="none", dropout=0.3, normalization="global"),
         train=TrainConfig(epochs=3, lr=3e-4, scheduler="cosine", device="cpu", amp=False),
-        preset="seed",
+        preset="tutorial",
     )
 
 
@@ -163,3 +163,20 @@ def test_configs_saved_before_a_setting_existed_keep_the_old_behaviour():
     assert c.features.n_mels == 80 and c.train.epochs == RunConfig().train.epochs
     assert RunConfig.from_saved(RunConfig().to_dict()).features.peak_normalize is True
     assert RunConfig.from_dict(old).features.peak_normalize is True  # a user's file gets today's default
+
+
+def test_the_old_preset_name_still_works_and_says_so(caplog):
+    with caplog.at_level("WARNING", logger="audioclf.config"):
+        old = resolve("seed")
+    assert old == resolve("tutorial") and old.preset == "tutorial"
+    assert "'seed' is deprecated: it is called 'tutorial' now" in caplog.text
+    saved = {**resolve("tutorial").to_dict(), "preset": "seed"}  # a run started under the old name
+    assert RunConfig.from_saved(saved).preset == "tutorial"
+
+
+def test_yaml_anchors_and_aliases_within_the_bounds_work(tmp_path):
+    from audioclf.config import load_yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text("common: &lr 0.01\ntrain:\n  lr: *lr\n  epochs: 3\n")
+    assert load_yaml(config)["train"] == {"lr": 0.01, "epochs": 3}

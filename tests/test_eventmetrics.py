@@ -56,3 +56,9 @@ def test_the_command_prints_a_table_and_writes_json(tmp_path, capsys):
 def test_a_missing_file_is_one_clear_error(tmp_path, capsys):
     assert main(["evaluate-events", str(tmp_path / "nope.tsv"), str(tmp_path / "nope.tsv")]) == 2
     assert "nope.tsv: cannot read the event list" in capsys.readouterr().err
+
+
+def test_psds_leaves_out_classes_the_reference_never_has():
+    extra = Event("a.wav", 2.0, 2.5, "siren", 0.7)  # a class with no reference event: an insertion, no PSDS class
+    m = evaluate_events(REFERENCE, ESTIMATED + [extra])
+    assert m["psds1"] is not None and m["event_precision"] == pytest.approx(1 / 3)

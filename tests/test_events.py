@@ -190,3 +190,9 @@ def test_serve_detect_returns_the_events_of_an_upload(tmp_path):
         r = client.post("/detect?ignore=rain", files={"file": ("s.wav", (tmp_path / "s.wav").read_bytes())})
         assert r.status_code == 422 and "rain" in r.json()["detail"]
         assert 'fetch("detect"' in client.get("/").text
+
+
+def test_tuning_a_backbone_name_asks_where_to_save(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("audioclf.commands.detect.load_detector", lambda model, **kw: tone_classifier())
+    assert main(["detect", "mn04_as", "--tune", str(tmp_path), str(tmp_path / "ev.tsv")]) == 2
+    assert "--params detect.json" in capsys.readouterr().err

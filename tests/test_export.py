@@ -132,7 +132,7 @@ def test_cli_export_from_an_export(safetensors_dir, tmp_path, capsys):
     """An exported folder is itself a model path: the CLI exports it again, to the same weights."""
     from safetensors.torch import load_file
 
-    assert cli_main(["export", str(safetensors_dir), "--format", "safetensors", "--out", str(tmp_path)]) == 0
+    assert cli_main(["export", str(safetensors_dir), "--out-format", "safetensors", "--out", str(tmp_path)]) == 0
     assert str(tmp_path / "model.safetensors") in capsys.readouterr().out
     again, first = load_file(tmp_path / "model.safetensors"), load_file(safetensors_dir / "model.safetensors")
     assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)

@@ -122,3 +122,26 @@ def test_deterministic_flag_reaches_the_config(synth_dir):
     args = build_parser().parse_args(["train", str(synth_dir), "--out", "x", "--deterministic"])
     assert config_from_args(args).train.deterministic is True
     assert config_from_args(build_parser().parse_args(["train", str(synth_dir), "--out", "x"])).train.deterministic is False
+
+
+# ---------------------------------------------------------------------------------------------- issue 21: YAML
+
+_BOMB = b"".join([b'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'] + [
+    f"{n}: &{n} [{','.join(['*' + p] * 9)}]\n".encode() for p, n in zip("abcdefgh", "bcdefghi")])
+
+
+@pytest.mark.parametrize("text, says", [
+    (b"train:\n  lr: 0.1\xff\n", "is not UTF-8 text: byte 0xff at offset 16"),
+    (b"train: " + b"[" * 10_000 + b"]" * 10_000 + b"\n", "nested more than 64 deep"),
+    (b"".join(b" " * i + f"k{i}:\n".encode() for i in range(10_000)) + b" " * 10_000 + b"v: 1\n", "nested more than 64 deep"),
+    (_BOMB, "once its aliases are expanded"),
+    (b"train:\n  lr: 0.1\n  lr: 0.2\n", "the key 'lr' appears twice (line 3)"),
+    (b"train:\n  lr: 0.1\ntrain:\n  epochs: 2\n", "the key 'train' appears twice (line 3)"),
+])
+def test_yaml_hostile_config_files_are_one_line_errors(synth_dir, tmp_path, capsys, text, says):
+    config = tmp_path / "c.yaml"
+    config.write_bytes(text)
+    assert len(_BOMB) < 600  # a few hundred bytes that name 9^9 values
+    _refused(capsys, ["train", str(synth_dir), "--config", str(config), "--out", str(tmp_path / "run")], str(config), says)
+    assert not (tmp_path / "run").exists()
+

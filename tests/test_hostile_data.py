@@ -15,6 +15,7 @@ import soundfile as sf
 import torch
 
 import audioclf.audio as audio_module
+import audioclf.shards as shards_module
 import audioclf.store as store_module
 from audioclf.audio import load_audio
 from audioclf.config import AudioclfError, FeatureConfig
@@ -155,7 +156,7 @@ def test_a_cache_with_non_finite_features_is_rebuilt(tmp_path, caplog):
     frames[3] = np.inf
     np.save(shard, frames)
     index = json.loads(shard.with_suffix(".json").read_text())
-    index["sha256"] = store_module._digest(hashlib.sha256(frames.tobytes()).hexdigest(), index)  # a consistent shard
+    index["sha256"] = shards_module._digest(hashlib.sha256(frames.tobytes()).hexdigest(), index)  # a consistent shard
     shard.with_suffix(".json").write_text(json.dumps(index))
     with caplog.at_level(logging.WARNING, logger="audioclf"):
         again = build(cs, tmp_path / "cache")
@@ -200,7 +201,7 @@ def test_a_cache_dir_refusing_writes_is_named_where_tests_run_as_root(tmp_path, 
     def refuse(**kw):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(store_module.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr("tempfile.TemporaryFile", refuse)  # how check_cache_dir tries the folder
     with pytest.raises(AudioclfError, match=r"cache_dir .*cache: cannot write the feature cache there \(Permission denied\)"):
         build(read_folder(two_class_folder(tmp_path / "data")), tmp_path / "cache")
     assert count_decodes == []
@@ -236,19 +237,18 @@ def test_the_cache_build_leaves_the_global_rng_alone(tmp_path):
 BAD = os.fsdecode(b"caf\xff")  # not valid UTF-8: Python surrogate-escapes it
 
 
-def test_names_that_are_not_utf8_are_trained_on(tmp_path):
+def test_file_names_that_are_not_utf8_are_trained_on(tmp_path):
     root = two_class_folder(tmp_path / "data")
-    wav(root / BAD / "a.wav", 700.0)
-    wav(root / BAD / "b.wav", 800.0)
+    wav(root / "high" / f"{BAD}a.wav", 700.0)
+    wav(root / "high" / f"{BAD}b.wav", 800.0)
     wav(root / "low" / f"{BAD}.wav", 300.0)
     cs = read_folder(root)
-    assert BAD in cs.classes
     bank = build(cs, tmp_path / "cache")
     assert bank.skipped == [] and len(bank) == len(cs.clips) == 9
     assert os.path.join(root, "low", f"{BAD}.wav") in {c.path for c in bank.clips}
-    (root / BAD / "b.wav").write_bytes(b"RIFF not audio")  # a bad file with a bad name: reported, not fatal
+    (root / "high" / f"{BAD}b.wav").write_bytes(b"RIFF not audio")  # a bad file with a bad name: reported, not fatal
     bank = build(read_folder(root), tmp_path / "cache")
-    assert [p for p, _ in bank.skipped] == [os.path.join(root, BAD, "b.wav")]
+    assert [p for p, _ in bank.skipped] == [os.path.join(root, "high", f"{BAD}b.wav")]
 
 
 def test_links_that_lead_nowhere_are_listed_as_skipped(tmp_path):
@@ -379,3 +379,24 @@ def test_training_lists_odd_names_and_dead_links_in_skipped_csv(tmp_path, capfd)
     assert "cannot decode" in rows[str(broken)] and rows[str(root / "high" / "dangling.wav")].startswith("broken symlink")
     assert BAD in json.loads((tmp_path / "run" / "labels.json").read_text())
     assert "Logging error" not in capfd.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- issue 21
+
+def test_class_names_not_utf8_are_refused_at_training_and_at_load(tmp_path, capsys):
+    """Decided once, at training: a class folder whose name is not UTF-8 is refused (renaming it is the fix),
+    so serve, predict's CSV and evaluate never meet one; a checkpoint holding one is refused too."""
+    from audioclf.checkpoint import model_from_checkpoint
+    from audioclf.cli import main
+
+    root = tmp_path / "data"
+    for name in (b"caf\xe9", b"tea"):
+        for k in range(6):
+            wav(root / os.fsdecode(name) / f"{k}.wav", 300.0 + 100 * k, seed=k)
+    with pytest.raises(AudioclfError, match=r"the class folder name 'caf\\\\xe9' is not valid UTF-8"):
+        read_folder(root)
+    assert main(["train", str(root), "--out", str(tmp_path / "run"), "--epochs", "1", "--pretrained", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not valid UTF-8" in err, err
+    with pytest.raises(AudioclfError, match="is not valid UTF-8 text"):
+        model_from_checkpoint({"config": {}, "labels": [os.fsdecode(b"caf\xe9"), "tea"], "model": {}}, "x.pt")

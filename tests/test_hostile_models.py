@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from audioclf.checkpoint import load_model
+from audioclf.checkpoint import CHECKPOINT_BOUND_KEY, _config_digest, load_model
 from audioclf.cli import main
 from audioclf.config import AudioclfError
 from audioclf.export import export
@@ -19,10 +19,13 @@ from audioclf.export import export
 from _serving import LABELS, clip, model_path, safetensors_dir, wav_bytes  # noqa: F401 (fixtures)
 
 
-def tampered(model_path: Path, tmp_path: Path, change) -> Path:
-    """A copy of the checkpoint with ``change(ckpt_dict)`` applied."""
+def tampered(model_path: Path, tmp_path: Path, change, rebind: bool = True) -> Path:
+    """A copy of the checkpoint with ``change(ckpt_dict)`` applied; with ``rebind``, its config digest made
+    again, as someone who knew the format would, so that the checks behind it are reached."""
     ckpt = torch.load(model_path, weights_only=True)
     change(ckpt)
+    if rebind:
+        ckpt[CHECKPOINT_BOUND_KEY] = _config_digest(ckpt)
     path = tmp_path / "tampered.pt"
     torch.save(ckpt, path)
     return path
@@ -139,3 +142,77 @@ def test_an_export_in_a_run_directory_does_not_shadow_best_pt(model_path, safete
     with pytest.raises(AudioclfError, match="holds best.pt, a training run"):
         export(model_path, "safetensors", model_path.parent)
     assert not (model_path.parent / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------- issue 21
+
+def test_checkpoint_config_is_bound_to_the_weights(model_path, tmp_path):
+    """An edited best.pt config (16 kHz -> 44.1 kHz) is refused, as an edited export's is."""
+    for change in (lambda c: c["config"]["features"].update(sample_rate=44100), lambda c: c["labels"].reverse()):
+        path = tampered(model_path, tmp_path, change, rebind=False)
+        refused(path, str(path), "its config or labels were changed after it was saved")
+    assert load_model(tampered(model_path, tmp_path, lambda c: None, rebind=False))[2] == LABELS
+
+
+def test_checkpoint_truncated_last_pt_on_resume_says_so(model_path, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    data = model_path.read_bytes()
+    (run / "last.pt").write_bytes(data[:len(data) // 2])
+    assert main(["train", str(tmp_path), "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "last.pt: not a readable audioclf checkpoint: truncated or damaged" in err, err
+    assert "Errno" not in err
+
+
+def test_checkpoint_malicious_pickle_message_never_suggests_an_unsafe_load(tmp_path, capsys):
+    import os as os_module
+
+    class Payload:
+        def __reduce__(self):
+            return os_module.system, ("true",)
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": 1, "config": {}, "labels": [], "model": Payload()}, path)
+    from audioclf.fileio import torch_load  # what weights.load_state_dict reads with, past the hash check
+
+    for load in (lambda: load_model(path), lambda: torch_load(path, "weights file")):
+        with pytest.raises(AudioclfError) as e:
+            load()
+        message = str(e.value)
+        assert "weights_only" not in message and "\n" not in message, message
+        assert "holds Python objects (posix.system)" in message and "could run code" in message, message
+
+
+def test_checkpoint_weights_given_a_folder_or_another_backbones_file(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from audioclf import backbones, weights
+    from audioclf.fileio import sha256
+
+    with pytest.raises(AudioclfError, match=r"--weights .*: a folder; give the weights file itself \(mn04_as"):
+        weights.weights_file("mn04_as", str(tmp_path))
+    other = tmp_path / "other.pt"
+    torch.save({"w": torch.zeros(1)}, other)
+    # the file stands for mn10_as's official weights: its digest is the one pinned for mn10_as
+    monkeypatch.setitem(backbones.BACKBONES, "mn10_as", replace(backbones.BACKBONES["mn10_as"], sha256=sha256(other)))
+    monkeypatch.setattr(weights, "BACKBONES", backbones.BACKBONES)
+    with pytest.raises(AudioclfError) as e:
+        weights.weights_file("mn04_as", str(other))
+    assert "the official weights of mn10_as, not of mn04_as; give --backbone mn10_as" in str(e.value)
+    torch.save({"w": torch.ones(1)}, other)
+    with pytest.raises(AudioclfError) as e:
+        weights.weights_file("mn04_as", str(other))
+    assert "another model's weights, or a damaged copy" in str(e.value) and "delete" not in str(e.value).lower()
+
+
+def test_checkpoint_predict_on_an_onnx_export_says_what_to_do(tmp_path, capsys):
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"onnx")
+    (folder / "config.json").write_text(json.dumps({"format": "onnx", "config": {}, "labels": []}))
+    wav = tmp_path / "a.wav"
+    wav.write_bytes(wav_bytes(clip("tone")))
+    assert main(["predict", str(folder), str(wav)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "an ONNX export, which audioclf does not run" in err and "onnxruntime" in err, err

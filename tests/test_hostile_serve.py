@@ -208,17 +208,35 @@ def test_silent_and_half_sent_connections_are_closed(classifier):
 
 
 @pytest.mark.slow
-def test_connections_past_max_connections_get_503(classifier):
-    with live_server(create_app(classifier), **serve_module.uvicorn_options(30.0, max_connections=2)) as url:
+def test_exhaustion_connections_past_max_connections_make_room_for_complete_requests(classifier):
+    """Half-open connections (no request yet, renewed as they expire) never keep a complete request out:
+    past max_connections a new connection displaces the one that has waited longest."""
+    with live_server(create_app(classifier), **serve_module.uvicorn_options(30.0, max_connections=4)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        held = []
+        for _ in range(12):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+            held.append(s)
+        time.sleep(0.2)
         with httpx.Client(base_url=url, timeout=30) as http:
-            assert http.get("/health").status_code == 200
-            held = [socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) for _ in range(2)]
-            time.sleep(0.2)
-            assert http.get("/health").status_code == 503
-            for s in held:
-                s.close()
-            time.sleep(0.2)
-            assert http.get("/health").status_code == 200
+            assert [http.get("/health").status_code for _ in range(3)] == [200] * 3
+        for s in held:
+            s.close()
+
+
+@pytest.mark.slow
+def test_exhaustion_connections_per_client_address_are_capped(classifier):
+    with live_server(create_app(classifier), **serve_module.uvicorn_options(30.0, max_client_connections=3)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        for s in held:
+            s.settimeout(5)
+        assert held[4].recv(100) == b"" and held[3].recv(100) == b""  # closed at once, not after the timeout
+        held[0].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert held[0].recv(100).startswith(b"HTTP/1.1 200")  # the first three are served
+        for s in held:
+            s.close()
 
 
 @pytest.mark.slow
@@ -284,7 +302,7 @@ def test_serve_passes_the_limits_through(model_path, monkeypatch):
     assert main(["serve", str(model_path), "--max-audio-s", "2", "--timeout-s", "3", "--cors-origin",
                  "https://app.example", "--device", "cpu"]) == 0
     (app, kw), = calls
-    assert kw["timeout_keep_alive"] == 3 and kw["http"] is serve_module.HeaderDeadlineProtocol
+    assert kw["timeout_keep_alive"] == 3 and issubclass(kw["http"], serve_module.HeaderDeadlineProtocol)
     assert kw["limit_concurrency"] == serve_module.MAX_CONNECTIONS
     with TestClient(app) as c:
         r = post(c, wav_bytes(silence(2.5)))
@@ -297,3 +315,60 @@ def test_create_app_refuses_nan_limits(classifier):
     for bad in ({"max_upload_mb": float("nan")}, {"max_audio_s": float("inf")}, {"timeout_s": float("nan")}):
         with pytest.raises(AudioclfError, match="finite"):
             create_app(classifier, **bad)
+
+
+# ---------------------------------------------------------------------------------------------- issue 21
+
+@pytest.mark.parametrize("params, says", [({"hop_s": "inf"}, "finite"), ({"hop_s": "1e308"}, "hop_s=1e+308"),
+                                          ({"hop_s": "nan"}, "finite"), ({"window_s": "nan"}, "finite"),
+                                          ({"window_s": "inf"}, "finite"), ({"window_s": "-inf"}, "")])
+def test_non_finite_request_parameters_get_422_saying_so(client, params, says):
+    r = post(client, wav_bytes(clip("tone")), **params)
+    assert r.status_code == 422 and says in r.text and "greater than 0" not in r.text.replace("-inf", ""), r.text
+
+
+def test_non_finite_features_are_an_error_for_that_file(classifier):
+    from dataclasses import replace
+
+    from audioclf.predict import Classifier
+
+    config = replace(classifier.config, features=replace(classifier.config.features, peak_normalize=False))
+    loud = Classifier(classifier.model, config, classifier.labels, device="cpu")
+    huge = np.full(SAMPLE_RATE, 1e30, np.float32)
+    huge[::2] *= -1
+    with TestClient(create_app(loud)) as c:
+        r = post(c, wav_bytes(huge))
+        assert r.status_code == 422 and "not finite" in r.json()["detail"], r.text
+        assert post(c, wav_bytes(clip("tone"))).status_code == 200
+
+
+def test_exhaustion_decoded_audio_in_flight_is_bounded_server_wide(classifier, monkeypatch):
+    """A request whose decoding does not fit beside the others' waits; past --timeout-s it gets 503."""
+    real, started = classifier._forward, []
+
+    def slow_forward(batch, *head):
+        started.append(time.monotonic())
+        time.sleep(0.3)
+        real(batch, *head)
+
+    monkeypatch.setattr(classifier, "_forward", slow_forward)
+    one = wav_bytes(clip("noise", duration_s=8.0))  # 8 s at 16 kHz: 0.5 MB of float32 decoded
+    app = create_app(classifier, max_decoding_mb=0.6, timeout_s=0.5)
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as http, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(http.post, "/predict", files={"file": ("a.wav", one, "audio/wav")})
+        while not started:
+            time.sleep(0.01)
+        second = http.post("/predict", files={"file": ("b.wav", one, "audio/wav")})
+        assert second.status_code == 503 and "--max-decoding-mb" in second.text, second.text
+        assert first.result().status_code == 200
+        assert http.post("/predict", files={"file": ("c.wav", one, "audio/wav")}).status_code == 200  # alone: served
+
+
+@pytest.mark.parametrize("origin", ["not a url", "https://app.example/path", "ftp://app.example", "https://",
+                                    "https://app.example:99999", "app.example"])
+def test_poor_messages_cors_origin_is_validated(model_path, monkeypatch, capsys, origin):
+    monkeypatch.setattr(serve_module.uvicorn, "run", lambda *a, **k: pytest.fail("served despite a bad origin"))
+    assert main(["serve", str(model_path), "--cors-origin", origin]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not an origin" in err and "Traceback" not in err
+    assert serve_module.check_origin("http://localhost:3000") == "http://localhost:3000"

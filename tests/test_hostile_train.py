@@ -102,7 +102,7 @@ def test_resume_takes_only_the_safe_flags_and_refuses_other_data(synth_dir, tmp_
 
     for extra, text in [(["--lr", "0.5"], "train.lr: 0.001 there, 0.5 now"),
                         (["--mixup", "0.2"], "augment.mixup_alpha: 0.0 there, 0.2 now"),
-                        (["--preset", "seed"], "preset: 'default' there, 'seed' now"),
+                        (["--preset", "tutorial"], "preset: 'default' there, 'tutorial' now"),
                         (["--overwrite"], "give one of them")]:
         assert main([*base, "--resume", *extra]) == 2, extra
         err = capsys.readouterr().err
@@ -236,3 +236,51 @@ def test_the_demo_can_be_run_again(tmp_path, monkeypatch):
     for _ in range(2):
         result = demo.run_demo(tmp_path, quiet=True)
         assert result["eval"]["n_clips"] == 10  # 2 test clips of each of the 5 classes
+
+
+# ---------------------------------------------------------------------------------------------- issue 21
+
+def _folder(root, per_class: dict):
+    import soundfile as sf
+
+    from conftest import tone
+
+    for name, n in per_class.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for k in range(n):
+            sf.write(root / name / f"{k}.wav", tone(200.0 + 100 * k, 8000, 0.2), 8000)
+    return root
+
+
+@pytest.mark.parametrize("command", ["train", "cv"])
+def test_too_few_clips_for_the_split_says_how_many_each_class_has(tmp_path, capsys, command):
+    data = _folder(tmp_path / "data", {"cat": 4, "dog": 4, "owl": 4})
+    from audioclf.cli import main
+
+    assert main([command, str(data), "--out", str(tmp_path / "run"), "--epochs", "1", "--pretrained", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "clips per class: cat: 4, dog: 4, owl: 4" in err and "a class needs at least 5 clips" in err, err
+
+
+def test_too_few_clips_in_some_classes_is_our_warning_not_sklearns(tmp_path, caplog):
+    import warnings
+
+    from audioclf.data import read_folder, split_clips
+
+    clipset = read_folder(_folder(tmp_path / "data", {"cat": 10, "dog": 3}))
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        split_clips(clipset.clips, val_split=0.2, classes=clipset.classes)
+    assert not [w for w in raised if "sklearn" in w.filename], [str(w.message) for w in raised]
+    assert "class(es) dog (3) have fewer than 5 clips" in caplog.text
+
+
+def test_poor_messages_hidden_class_folder_is_named_in_a_warning(tmp_path, caplog):
+    from audioclf.data import read_folder
+
+    data = _folder(tmp_path / "data", {"cat": 2, "dog": 2, ".owl": 2})
+    (data / ".git").mkdir()
+    (data / ".git" / "HEAD").write_text("ref")
+    assert read_folder(data).classes == ["cat", "dog"]
+    assert ".owl hold audio but are hidden" in caplog.text and ".git" not in caplog.text

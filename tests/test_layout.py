@@ -115,6 +115,21 @@ def test_the_package_never_imports_torchvision():
 
 # ------------------------------------------------------------------------------------------- structure rules
 
+def test_no_module_is_longer_than_the_limit():
+    long = {m: n for m in MODULES if (n := len(source(m).read_text().splitlines())) > LIMIT_LINES}
+    assert not long, f"modules over {LIMIT_LINES} lines: {long}"
+
+
+def _function(module: str, name: str) -> ast.FunctionDef:
+    return next(n for n in ast.walk(ast.parse(source(module).read_text())) if isinstance(n, ast.FunctionDef)
+                and n.name == name)
+
+
+def test_fit_reads_on_one_screen():
+    fit = _function("train", "fit")
+    assert fit.end_lineno - fit.lineno + 1 <= 80
+
+
 def backbone_branches(tree: ast.AST, names: set[str], classes: set[str]) -> list[int]:
     """Lines that decide by a backbone's or family's name (``backbone == "resnet18"``, ``family in (...)``)
     or by a network's class (``isinstance(model, AudioResNet)``)."""
@@ -168,3 +183,14 @@ def test_training_does_not_import_the_inference_path():
     assert graph["metrics"] == set()  # a leaf: evaluate and train both score with it
     assert "metrics" in graph["train"] and "metrics" in graph["evaluate"]
     assert not _reachable(graph, "train") & {"predict", "evaluate", "serve", "commands.predict"}
+
+
+def test_the_run_directory_names_its_files_in_one_place():
+    from audioclf.rundir import RunDir
+
+    names = {p.name for p in RunDir(".").outputs()}
+    assert {"best.pt", "last.pt", "metrics.csv", "train.log", "skipped.csv", "curves.png"} <= names
+    found = {m: sorted({n.value for n in ast.walk(ast.parse(source(m).read_text()))
+                        if isinstance(n, ast.Constant) and n.value in names})
+             for m in ("train", "cv", "cli", "demo", "evaluate")}
+    assert not {m: v for m, v in found.items() if v}, f"run-directory file names outside rundir.py: {found}"

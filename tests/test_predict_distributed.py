@@ -220,7 +220,7 @@ def test_parquet_holds_the_csv_rows(tiny_run, inputs, tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     assert predict(tiny_run, inputs, "--out", tmp_path / "x.csv", "--timeline") == 0
     assert predict(tiny_run, inputs, "--out", tmp_path / "x.parquet", "--timeline") == 0
-    assert predict(tiny_run, inputs, "--out", tmp_path / "out", "--timeline", "--format", "both") == 0
+    assert predict(tiny_run, inputs, "--out", tmp_path / "out", "--timeline", "--out-format", "both") == 0
     header, *rows = read_rows(tmp_path / "x.csv")
     want = [{k: (float(v) if k in ("confidence", "start_s", "end_s") else v) if v else None for k, v in zip(header, row)}
             for row in rows]
@@ -235,7 +235,7 @@ def test_parquet_without_pyarrow_names_the_extra(tiny_run, inputs, tmp_path, mon
     for name in ("pyarrow", "pyarrow.parquet"):
         monkeypatch.setitem(sys.modules, name, None)  # import fails
     monkeypatch.setattr(embed_command, "load", lambda *a, **k: pytest.fail("the model was loaded before the check"))
-    for args in (["predict", "--out", tmp_path / "x.parquet"], ["predict", "--out", tmp_path / "out", "--format", "both"],
+    for args in (["predict", "--out", tmp_path / "x.parquet"], ["predict", "--out", tmp_path / "out", "--out-format", "both"],
                  ["embed", "--out", tmp_path / "emb.parquet"]):
         assert main([args[0], str(tiny_run.run_dir), str(inputs), *map(str, args[1:])]) == 2
         assert PARQUET_INSTALL in capsys.readouterr().err
@@ -266,8 +266,8 @@ def test_torchrun_with_one_output_file_is_refused(tiny_run, inputs, tmp_path, mo
 @pytest.mark.parametrize("args, says", [
     (["--out", "{tmp}/afile"], "is a file"),
     (["--out", "{tmp}/out", "--submission"], "--submission writes one CSV file"),
-    (["--out", "{tmp}/x.csv", "--format", "parquet"], "--format and --retry-errors are for --out DIR"),
-    (["--out", "{tmp}/x.csv", "--retry-errors"], "--format and --retry-errors are for --out DIR"),
+    (["--out", "{tmp}/x.csv", "--out-format", "parquet"], "--out-format and --retry-errors are for --out DIR"),
+    (["--out", "{tmp}/x.csv", "--retry-errors"], "--out-format and --retry-errors are for --out DIR"),
     (["--out", "{tmp}/x.parquet", "--submission"], "--submission writes CSV"),
     (["--out", "{tmp}/x.v2"], "or a folder (an existing one, or a new name without a suffix)"),
 ])

@@ -23,7 +23,8 @@ from audioclf import train
 from audioclf.augment import SpecAugment
 from audioclf.cv import cross_validate
 from audioclf.model import AudioResNet
-from audioclf.train import Session, evaluate_split, fit, make_optimizer, param_groups, train_one_epoch
+from audioclf.optim import make_optimizer, param_groups
+from audioclf.train import Session, evaluate_split, fit, train_one_epoch
 
 pytestmark = pytest.mark.slow
 
@@ -175,10 +176,10 @@ def test_flags_override_yaml_and_preset(tmp_path, synth_dir):
     y = tmp_path / "c.yaml"
     y.write_text("train:\n  epochs: 7\n  lr: 0.01\naugment:\n  time_mask_width: 40\n")
     args = build_parser().parse_args(["train", str(synth_dir), "--out", "x", "--config", str(y), "--lr", "0.002",
-                                      "--preset", "seed"])
+                                      "--preset", "tutorial"])
     cfg = config_from_args(args)
     assert cfg.train.epochs == 7 and cfg.train.lr == 0.002 and cfg.augment.time_mask_width == 40
-    assert cfg.train.scheduler == "plateau" and cfg.preset == "seed"
+    assert cfg.train.scheduler == "plateau" and cfg.preset == "tutorial"
     y.write_text("train:\n  epoch: 7\n")
     with pytest.raises(AudioclfError, match="unknown config key"):
         config_from_args(build_parser().parse_args(["train", str(synth_dir), "--out", "x", "--config", str(y)]))

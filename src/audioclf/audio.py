@@ -14,7 +14,7 @@ import io
 import os
 import tarfile
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional, Union
+from typing import Iterable, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 import soundfile as sf
@@ -77,6 +77,12 @@ MEMBER_SEP = "#"  # between a tar's path and a member's name in a source path
 class TarMember(NamedTuple):
     offset: int  # bytes from the start of the tar to the member's data
     size: int  # bytes
+    kind: str = "file"  # or "symlink", "hardlink", "device", "fifo": no data of its own to read
+
+
+def _member_kind(m: tarfile.TarInfo) -> str:
+    return ("file" if m.isreg() else "symlink" if m.issym() else "hardlink" if m.islnk()
+            else "device" if m.isdev() and not m.isfifo() else "fifo" if m.isfifo() else "")
 
 
 class SourceStat(NamedTuple):
@@ -111,14 +117,16 @@ def split_member(path) -> Optional[tuple[str, str]]:
 
 
 def tar_index(tar) -> dict[str, TarMember]:
-    """Name -> :class:`TarMember` of every regular file in the uncompressed tar ``tar``, in tar order.
+    """Name -> :class:`TarMember` of every member of the uncompressed tar ``tar`` but folders, in tar order
+    (links and devices have their ``kind``, and nothing to read).
 
     Read from the headers alone (the data is skipped, not read) and kept per process, keyed by the tar's
     size and mtime: decoding workers look members up without rescanning, and a rewritten tar is read
     again. Forked DataLoader workers inherit the index their parent built.
 
     Raises:
-        AudioclfError: naming ``tar``, when it cannot be read or is not an uncompressed tar.
+        AudioclfError: naming ``tar``, when it cannot be read or is not an uncompressed tar, or when it holds
+            one name twice (a later member would silently replace the first).
     """
     try:
         st = os.stat(tar)
@@ -133,7 +141,16 @@ def _cached_tar_index(tar: str, size: int, mtime_ns: int) -> dict[str, TarMember
         # "r:" reads uncompressed tars only: a member of a compressed one cannot be reached without
         # decompressing everything before it, for every clip.
         with tarfile.open(tar, "r:") as t:
-            return {m.name: TarMember(m.offset_data, m.size) for m in t if m.isreg()}
+            members = {}
+            for m in t:
+                kind = _member_kind(m)
+                if not kind:
+                    continue  # a folder
+                if m.name in members:
+                    raise AudioclfError(f"{tar}: holds the member {m.name!r} twice, so one sample would silently "
+                                        f"replace another; write the shard again with each name once")
+                members[m.name] = TarMember(m.offset_data, m.size if kind == "file" else 0, kind)
+            return members
     except tarfile.ReadError as e:
         raise AudioclfError(f"{tar}: not an uncompressed tar archive ({e}); shards must be plain .tar files "
                             f"(decompress .tar.gz shards first)") from None
@@ -150,6 +167,9 @@ def read_member(tar, name: str) -> bytes:
     entry = tar_index(tar).get(name)
     if entry is None:
         raise AudioclfError(f"{member_path(tar, name)}: the tar has no member {name!r}")
+    if entry.kind != "file":
+        raise AudioclfError(f"{member_path(tar, name)}: a {entry.kind} member, not a file; shards hold the bytes "
+                            f"of each file (audioclf shard writes them so)")
     try:
         with open(tar, "rb") as f:
             f.seek(entry.offset)
@@ -246,7 +266,17 @@ def audio_format(path) -> str:
         return f.format
 
 
-def stream_audio(path, sample_rate: int, block_s: float = 30.0) -> Iterator[np.ndarray]:
+BLOCK_S = 30.0  # seconds of audio stream_audio decodes at once
+
+
+def decoding_bytes(path, block_s: float = BLOCK_S) -> int:
+    """Bytes of float32 samples that decoding ``path`` holds at once (:func:`stream_audio`'s block, at the
+    file's own rate and channels; a short file whole), read from its header."""
+    with _open(path) as f:
+        return 4 * f.channels * min(f.frames, int(block_s * f.samplerate))
+
+
+def stream_audio(path, sample_rate: int, block_s: float = BLOCK_S) -> Iterator[np.ndarray]:
     """Yield consecutive mono float32 blocks of ``path`` at ``sample_rate``; memory stays at one block.
 
     Concatenating the blocks gives (to within resampler edge effects) ``load_audio(path, sample_rate)``.
@@ -323,7 +353,7 @@ def settled_windows(n_samples: int, window: int, hop: int) -> int:
 
 def inference_windows(wave: torch.Tensor, window: int, hop: int) -> torch.Tensor:
     """The windows a model classifies in one recording, ``(k, window)``, at :func:`window_starts`
-    (``predict.sliding_windows`` streams the same ones).
+    (:func:`sliding_windows` streams the same ones).
 
     Training caches the features of exactly these windows, each peak-normalised on its own, so a model
     sees in training what it sees in prediction.
@@ -335,3 +365,55 @@ def find_audio_files(root) -> list[Path]:
     """All audio files below ``root`` (recursive), sorted for a stable order."""
     root = Path(root)
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+
+
+# ---------------------------------------------------------------------------------------------- streamed windows
+
+def sliding_windows(blocks: Iterable[np.ndarray], window: int, hop: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Cut consecutive 1-D blocks of one recording into windows, assembled across block boundaries.
+
+    Args:
+        blocks (iterable of np.ndarray): consecutive pieces of the recording, any lengths.
+        window (int): samples per window.
+        hop (int): samples between window starts.
+
+    Yields ``(start sample, window)`` at ``audio.window_starts`` of the whole recording, each window as
+    soon as the audio decoded so far settles it. Memory holds one block plus one window.
+    """
+    buf, buf_start, done = np.zeros(0, np.float32), 0, 0
+    for block in blocks:
+        buf = np.concatenate([buf, block])
+        end = buf_start + len(buf)
+        # every start but the last is settled: the last may be a centred or end-aligned window that
+        # more audio would move
+        settled = settled_windows(end, window, hop)
+        for start in range(done * hop, settled * hop, hop):
+            yield start, buf[start - buf_start:start - buf_start + window]
+        done = settled
+        # keep what the next window on the hop grid, or a final end-aligned one, can still need
+        keep_from = max(buf_start, min(done * hop, end - window))
+        buf, buf_start = buf[keep_from - buf_start:], keep_from
+    for start in window_starts(buf_start + len(buf), window, hop)[done:]:
+        yield start, fix_length(buf[start - buf_start:start - buf_start + window], window)
+
+
+def count_windows(n_samples: int, window: int, hop: int) -> int:
+    """How many windows :func:`prepare` gives a recording of ``n_samples`` samples, without decoding it."""
+    return settled_windows(n_samples, window, hop) + 1
+
+
+class FileWindows:
+    """The windows of a long file, streamed when iterated. Holds only the path, so a loader worker can
+    hand it to the main process, which then reads the file while the model runs."""
+
+    def __init__(self, path: str, sample_rate: int, window: int, hop: int):
+        self.path, self.sample_rate, self.window, self.hop = path, sample_rate, window, hop
+
+    def _blocks(self) -> Iterator[np.ndarray]:
+        for block in stream_audio(self.path, self.sample_rate):
+            if not np.isfinite(block).all():
+                raise AudioclfError(f"{self.path}: the audio holds NaN or infinite samples")
+            yield block
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        return sliding_windows(self._blocks(), self.window, self.hop)

@@ -85,7 +85,8 @@ _PINNED_SHA256 = {
 BACKBONES: dict[str, Backbone] = {
     "resnet18": Backbone(
         "resnet18", "resnet", "ResNet-18 on log-mels (ImageNet weights or from scratch; the original tutorial's "
-        "network)", "imagenet", 1000, "resnet18-f37072fd.pth", "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+        "network)", "imagenet", 1000, "resnet18-f37072fd.pth",
+        "https://download.pytorch.org/models/resnet18-f37072fd.pth",
         sha256_prefix="f37072fd"),  # torchvision's ResNet18_Weights.IMAGENET1K_V1 (a test checks they agree)
     **{name: Backbone(
         name, "mobilenet", f"EfficientAT MobileNet, width {width}, AudioSet-pretrained", "audioset", 527, file,

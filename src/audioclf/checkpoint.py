@@ -28,6 +28,7 @@ export, or a config edited by hand, are refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Optional, Sequence
@@ -37,7 +38,7 @@ import torch
 from ._version import __version__
 from .config import RunConfig
 from .errors import AudioclfError
-from .fileio import atomic_path, read_parsed, sha256
+from .fileio import atomic_path, read_parsed, sha256, torch_load
 from .model import build_network
 
 FORMAT = 1  # of a checkpoint; bump when a checkpoint written by this version can no longer be read by older code
@@ -45,15 +46,26 @@ EXPORT_FORMAT = 2  # config.json's format_version; bump likewise for exports (2:
 RUN_CHECKPOINT = "best.pt"  # what a run directory means as a model
 CONFIG_FILE = "config.json"  # an export's config, beside its model file
 SAFETENSORS_FILE = "model.safetensors"
+ONNX_EXPORT_FILE = "model.onnx"
 BOUND_KEY = "audioclf_config"  # safetensors metadata: the config and labels the weights were exported with
+CHECKPOINT_BOUND_KEY = "config_sha256"  # a checkpoint's: the digest of its config and labels
 
 
 # --- writing checkpoints -----------------------------------------------------------------------------
 
+def _config_digest(state: dict) -> str:
+    """sha256 of the config and labels in ``state``: stored with the weights, so that an edit to either is seen."""
+    text = json.dumps({"config": state.get("config"), "labels": state.get("labels")}, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def save_checkpoint(state: dict, path) -> None:
-    """Write ``state`` to ``path`` atomically, stamped with the format and the audioclf version."""
+    """Write ``state`` to ``path`` atomically, stamped with the format, the audioclf version and the digest
+    of its config and labels (:data:`CHECKPOINT_BOUND_KEY`), which :func:`load_checkpoint` checks."""
+    state = {k: v for k, v in state.items() if k != CHECKPOINT_BOUND_KEY}
     with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, "audioclf_version": __version__, **state}, tmp)
+        torch.save({"format": FORMAT, "audioclf_version": __version__, **state,
+                    CHECKPOINT_BOUND_KEY: _config_digest(state)}, tmp)
 
 
 def inference_state(model: torch.nn.Module, config: RunConfig, labels: list[str], extra: Optional[dict] = None) -> dict:
@@ -111,6 +123,10 @@ def model_from_checkpoint(ckpt: dict, source="the checkpoint") -> tuple[torch.nn
     labels = ckpt["labels"]
     if not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels) or len(set(labels)) < 2:
         raise AudioclfError(f"{source}: labels must be a list of at least 2 distinct class names, got {labels!r:.80}")
+    bad = [x for x in labels if any("\ud800" <= ch <= "\udfff" for ch in x)]  # bytes of a name that is not UTF-8
+    if bad:
+        raise AudioclfError(f"{source}: the class name {bad[0]!r} is not valid UTF-8 text; audioclf writes class "
+                            f"names to CSV, JSON and HTTP answers: train again with the class renamed")
     model = build_network(config.model, len(labels), config.features.n_mels)
     _check_weights(model, ckpt["model"], source, f"{config.model.backbone}, {len(labels)} labels, "
                                                  f"n_mels={config.features.n_mels}")
@@ -145,6 +161,10 @@ def resolve_checkpoint(model_path) -> Path:
     if p.is_dir():
         if (p / RUN_CHECKPOINT).is_file():
             return p / RUN_CHECKPOINT
+        if (p / ONNX_EXPORT_FILE).is_file():
+            raise AudioclfError(f"{p}: an ONNX export, which audioclf does not run; run {p / ONNX_EXPORT_FILE} with "
+                                f"onnxruntime, or give audioclf the run directory, its .pt, or a safetensors export "
+                                f"(audioclf export RUN_DIR --format safetensors --out DIR)")
         raise AudioclfError(f"{p}: no best.pt in this folder; pass a run directory made by 'audioclf train' or a .pt file")
     if not p.is_file():
         raise AudioclfError(f"{p}: no such model file or run directory")
@@ -154,14 +174,15 @@ def resolve_checkpoint(model_path) -> Path:
 def load_checkpoint(model_path, map_location="cpu") -> dict:
     """Read a checkpoint (run dir or ``.pt``) safely and check it is one this version understands."""
     path = resolve_checkpoint(model_path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch.load fails on a damaged or foreign file with many error types (KeyError for text)
-        reason = (str(e).splitlines() or [type(e).__name__])[0]  # an empty file raises a bare EOFError
-        raise AudioclfError(f"{path}: not a readable audioclf checkpoint ({reason})") from None
+    ckpt = torch_load(path, "audioclf checkpoint", map_location)
     if not isinstance(ckpt, dict) or "format" not in ckpt or "config" not in ckpt:
         raise AudioclfError(f"{path}: not an audioclf checkpoint (a bare state dict? it must hold config and labels)")
     check_format(path, "checkpoint", ckpt)
+    bound = ckpt.get(CHECKPOINT_BOUND_KEY)
+    if bound is not None and bound != _config_digest(ckpt):  # checkpoints saved before the binding have none
+        raise AudioclfError(f"{path}: its config or labels were changed after it was saved ({CHECKPOINT_BOUND_KEY} "
+                            f"does not match them), but the weights were trained with the saved ones; restore the "
+                            f"file, or train again with the settings you want")
     return ckpt
 
 

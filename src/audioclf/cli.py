@@ -8,54 +8,48 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import math
+import os
 import sys
-from pathlib import Path
-from typing import Optional
+
+import yaml
 
 from ._version import __version__
-from .config import PRESETS, SECTIONS, Setting, load_yaml, resolve, settings
+from .backbones import DEFAULT_BACKBONE
+from .config import PRESET_ALIASES, PRESETS, SECTIONS, load_yaml, resolve
 from .errors import AudioclfError
+from .flags import Deprecated, add_option_args, add_setting_args, common_flags, given_options, is_quiet
+from .options import PredictOptions, ServeLimits
+from .rundir import RunDir
+from .settings import settings
+
+# the output kinds of predict --out DIR and of export (commands.predict and export hold the same lists: a
+# test checks that they agree, so that --help does not import torch to read them)
+PREDICT_OUT_FORMATS = ("csv", "parquet", "both")
+EXPORT_FORMATS = ("onnx", "safetensors")
 
 log = logging.getLogger("audioclf")
 
+DESCRIPTION = """\
+Train, evaluate, serve and export audio classifiers.
+
+audioclf learns the classes of a labelled audio dataset (a folder per class, a CSV manifest, ESC-50,
+UrbanSound8K or WebDataset shards): by default it fine-tunes a small AudioSet-pretrained MobileNet
+(mn04_as) on log-mel spectrograms. The trained model then classifies files and folders, serves an HTTP
+API, or is exported to ONNX or safetensors."""
+
+EPILOG = """\
+examples:
+  audioclf demo                                        synthetic data: train, evaluate, in a minute or two
+  audioclf train my_sounds/ --out runs/mine            a folder per class, the pretrained default
+  audioclf train my_sounds/ --out runs/x --print-config   the configuration it would train with
+  audioclf predict runs/mine clips/ --out preds.csv    classify files and folders
+  audioclf serve runs/mine                             HTTP API and web page on http://127.0.0.1:8000
+
+'audioclf COMMAND --help' lists a command's options. -v and -q may also follow the command."""
 
 _DATA_HELP = ("dataset: a folder per class, a CSV manifest, an ESC-50/UrbanSound8K root, or WebDataset shards (a "
               "folder, a .tar or a pattern such as shards-{000..009}.tar)")
-NO_REJECT_HELP = ("always answer one of the trained classes: never 'unknown' (which the model's rule, fitted "
-                  "on its validation clips, answers for sounds unlike any of them)")
-
-# settings whose flags exclude each other: a weights file is loaded, so it cannot go with another choice
-_EXCLUSIVE = ("pretrained", "weights_path")
-
-
-def _setting_kwargs(s: Setting) -> dict:
-    """``add_argument`` keywords for setting ``s``: its type, choices and help as config.py declares them."""
-    help = s.help.replace("%", "%%")  # argparse formats help with %
-    if s.kind is bool:
-        return {"action": argparse.BooleanOptionalAction, "help": help}
-    return {"type": s.kind, "choices": s.choices, "help": help}
-
-
-def _add_setting_args(p: argparse.ArgumentParser, only: Optional[tuple] = None, skip: tuple = (),
-                      sections: Optional[dict] = None) -> None:
-    """A flag for each config setting that has one (``only`` those, or all but ``skip``; of ``sections``,
-    default RunConfig's), generated from its declaration; a flag not given is None and leaves the config
-    as it is."""
-    for section, cls in (sections or SECTIONS).items():
-        chosen = [s for s in settings(cls) if s.flag and (only is None or s.name in only) and s.name not in skip]
-        if not chosen:
-            continue
-        group = p.add_argument_group(f"{section} settings") if only is None else p
-        exclusive = group.add_mutually_exclusive_group() if any(s.name in _EXCLUSIVE for s in chosen) else None
-        for s in chosen:
-            (exclusive if s.name in _EXCLUSIVE else group).add_argument(s.flag, dest=s.name, **_setting_kwargs(s))
-        if any(s.name == "pretrained" for s in chosen):
-            exclusive.add_argument("--no-pretrained", action="store_const", const="none", dest="pretrained",
-                                   help="the same as --pretrained none: random initialisation, the from-scratch "
-                                        "recipe")
-
 
 class _RefuseFold(argparse.Action):
     """``cv`` picks each fold's test and validation folds itself: a fold flag is an error that says so."""
@@ -69,11 +63,16 @@ class _RefuseFold(argparse.Action):
 def _add_run_args(p: argparse.ArgumentParser, skip: tuple = ()) -> None:
     """What train and cv share: the data, the config's sources and every setting's flag (but ``skip``)."""
     p.add_argument("data", help=_DATA_HELP)
-    p.add_argument("--config", help="YAML config file (flags override it)")
-    p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="named recipe (default: the default recipe; seed = the original notebook)")
+    p.add_argument("--config", help="YAML config file; flags override it (default: none)")
+    p.add_argument("--preset", choices=sorted([*PRESETS, *PRESET_ALIASES]),
+                   help="named recipe: default (the pretrained default backbone and its recipe) or tutorial (the "
+                        "original tutorial's ResNet-18 recipe); seed is tutorial's old name, deprecated "
+                        "(default: default)")
     p.add_argument("--out", required=True, help="run directory")
-    _add_setting_args(p, skip=skip)
+    p.add_argument("--print-config", action="store_true",
+                   help="print the configuration the run would use (preset, the backbone's front end and recipe, "
+                        "YAML file and flags applied) as YAML, and exit without training")
+    add_setting_args(p, skip=skip)
 
 
 def _guess_format(data: str) -> str:
@@ -83,7 +82,7 @@ def _guess_format(data: str) -> str:
 
 def _resumed_run_config(args: argparse.Namespace):
     """With --resume, the config the run started with (a flag not given again keeps its value); else None."""
-    last = Path(args.out) / "last.pt"
+    last = RunDir(args.out).last
     if not getattr(args, "resume", False) or not last.is_file():
         return None  # fit says what is missing
     from .checkpoint import load_checkpoint
@@ -106,9 +105,18 @@ def config_from_args(args: argparse.Namespace):
     return resolve(args.preset, args.config, overrides, base=base)
 
 
+def _print_config(args) -> bool:
+    """With --print-config, print the resolved configuration as YAML; whether it did (then nothing runs)."""
+    if args.print_config:
+        print(yaml.safe_dump(config_from_args(args).to_dict(), sort_keys=False), end="")
+    return args.print_config
+
+
 def cmd_train(args) -> int:
     from .train import fit
 
+    if _print_config(args):
+        return 0
     summary = fit(config_from_args(args), args.out, resume=args.resume, overwrite=args.overwrite)
     if _first_process():
         print(f"best validation loss {summary['best_val_loss']:.4f} at epoch {summary['best_epoch']}; "
@@ -119,6 +127,8 @@ def cmd_train(args) -> int:
 def cmd_cv(args) -> int:
     from .cv import cross_validate
 
+    if _print_config(args):
+        return 0
     summary = cross_validate(config_from_args(args), args.out, folds=args.folds)
     if _first_process():
         print(summary["table"])
@@ -128,7 +138,7 @@ def cmd_cv(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    r = run_demo(args.out, quiet=args.quiet)
+    r = run_demo(args.out, quiet=is_quiet(args))
     print(r["eval"]["report"])
     print(f"\nrun directory: {r['run_dir']} (config.yaml, metrics.csv, curves.png, best.pt)\n"
           f"evaluation:    {r['eval_dir']} (metrics.json, predictions.csv, confusion_matrix.png)\n"
@@ -141,8 +151,8 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate
 
     data = DataConfig(root=args.data, format=args.format or _guess_format(args.data), esc10=bool(args.esc10))
-    metrics = evaluate(args.model, data, fold=args.fold, out_dir=args.out, device=args.device,
-                       batch_size=args.batch_size, quiet=args.quiet)
+    metrics = evaluate(args.model, data, fold=args.fold, out_dir=args.out, quiet=is_quiet(args),
+                       **given_options(args, PredictOptions))
     print(metrics["report"])
     return 0
 
@@ -157,7 +167,7 @@ def cmd_shard(args) -> int:
         raise AudioclfError(f"--max-shard-mb {args.max_shard_mb}: must be a number > 0 (MiB)")
     limits = {"samples_per_shard": args.samples_per_shard,
               "max_shard_bytes": None if args.max_shard_mb is None else round(args.max_shard_mb * 2**20)}
-    r = write_shards(load_clips(data), args.out, quiet=args.quiet, **{k: v for k, v in limits.items() if v is not None})
+    r = write_shards(load_clips(data), args.out, quiet=is_quiet(args), **{k: v for k, v in limits.items() if v is not None})
     print(f"{len(r['shards'])} shard(s), {r['samples']} samples, {len(r['skipped'])} skipped: {r['out']}")
     return 0
 
@@ -165,27 +175,23 @@ def cmd_shard(args) -> int:
 def cmd_predict(args) -> int:
     from .commands.predict import run_predict
 
-    return run_predict(args.model, args.paths, out=args.out, top_k=args.top_k, batch_size=args.batch_size,
-                       device=args.device, window_s=args.window, hop_s=args.hop, timeline=args.timeline,
-                       submission=args.submission, out_format=args.format, retry_errors=args.retry_errors,
-                       quiet=args.quiet, reject=not args.no_reject)
+    return run_predict(args.model, args.paths, out=args.out, timeline=args.timeline, submission=args.submission,
+                       out_format=args.out_format, retry_errors=args.retry_errors, quiet=is_quiet(args),
+                       **given_options(args, PredictOptions))
 
 
 def cmd_serve(args) -> int:
     from .serve import serve
 
-    limits = {k: getattr(args, k) for k in ("max_upload_mb", "max_audio_s", "max_windows", "timeout_s", "cors_origin",
-                                            "max_connections")}
-    serve(args.model, host=args.host, port=args.port, device=args.device, reject=not args.no_reject,
-          **{k: v for k, v in limits.items() if v is not None})
+    serve(args.model, **given_options(args, PredictOptions), **given_options(args, ServeLimits))
     return 0
 
 
 def cmd_export(args) -> int:
     from .export import export
 
-    path = export(args.model, args.format, args.out)
-    print(f"exported {args.format}: {path}")
+    path = export(args.model, args.out_format, args.out)
+    print(f"exported {args.out_format}: {path}")
     return 0
 
 
@@ -214,17 +220,17 @@ def cmd_backbones(args) -> int:
 def cmd_embed(args) -> int:
     from .commands.embed import run_embed
 
-    r = run_embed(args.model, args.paths, out=args.out, batch_size=args.batch_size, device=args.device,
-                  quiet=args.quiet)
-    print(f"{r['n_files']} embeddings of dimension {r['dim']}: {r['out']}")
-    return 0
+    r = run_embed(args.model, args.paths, out=args.out, quiet=is_quiet(args), **given_options(args, PredictOptions))
+    failed = f"; {r['failed']} file(s) failed, left out (see the warnings)" if r["failed"] else ""
+    print(f"{r['n_files']} embeddings of dimension {r['dim']}: {r['out']}{failed}")
+    return 1 if r["failed"] else 0
 
 
 def cmd_tag(args) -> int:
     from .commands.detect import run_tag
 
-    return run_tag(args.paths, backbone=args.backbone, weights=args.weights, top_k=args.top_k, out=args.out,
-                   device=args.device, batch_size=args.batch_size, quiet=args.quiet)
+    return run_tag(args.paths, backbone=args.backbone, weights=args.weights, out=args.out, quiet=is_quiet(args),
+                   **given_options(args, PredictOptions))
 
 
 def cmd_detect(args) -> int:
@@ -234,8 +240,8 @@ def cmd_detect(args) -> int:
     overrides = {s.name: getattr(args, s.name) for s in settings(DetectConfig) if getattr(args, s.name) is not None}
     ignore = [x.strip() for x in (args.ignore or "").split(",") if x.strip()]
     return run_detect(args.model, args.inputs, out=args.out, tune_on=args.tune, ignore=ignore, plot_dir=args.plot,
-                      params=args.params, overrides=overrides, weights=args.weights, device=args.device,
-                      batch_size=args.batch_size, quiet=args.quiet)
+                      params=args.params, overrides=overrides, weights=args.weights, quiet=is_quiet(args),
+                      **given_options(args, PredictOptions))
 
 
 def cmd_evaluate_events(args) -> int:
@@ -244,24 +250,21 @@ def cmd_evaluate_events(args) -> int:
     return run_evaluate_events(args.reference, args.estimated, out=args.out)
 
 
-def _add_event_parsers(sub) -> None:
-    """tag, detect and evaluate-events."""
+def _add_event_parsers(command) -> None:
+    """tag, detect and evaluate-events (``command(name, help, func)`` makes a sub-command's parser)."""
     from .audioset import tagging_backbones
     from .events import DetectConfig
 
-    p = sub.add_parser("tag", help="AudioSet tags (527 classes) of audio files, without training")
+    p = command("tag", "AudioSet tags (527 classes) of audio files, without training", cmd_tag)
     p.add_argument("paths", nargs="+", help="audio files, folders (recursive) or .txt files listing paths")
-    p.add_argument("--backbone", default="mn04_as", choices=tagging_backbones(), help="AudioSet tagger (default mn04_as)")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=tagging_backbones(),
+                   help=f"AudioSet tagger (default: {DEFAULT_BACKBONE})")
     p.add_argument("--weights", help="local copy of the backbone's official weights (default: torch hub cache or "
                                      "download)")
-    p.add_argument("--top-k", type=int, default=3, help="tags per file (default 3)")
-    p.add_argument("--out", help="also write the tags to this .csv (path, rank, label, prob)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_tag)
+    p.add_argument("--out", help="also write the tags to this .csv (path, rank, label, prob) (default: none)")
+    add_option_args(p, PredictOptions, only=("top_k", "batch_size", "device"))
 
-    p = sub.add_parser("detect", help="sound events with onsets and offsets (DCASE TSV)")
+    p = command("detect", "sound events with onsets and offsets (DCASE TSV)", cmd_detect)
     p.add_argument("model", help="run directory, .pt checkpoint, safetensors export, or an AudioSet backbone's name "
                                  "(mn04_as: AudioSet's 527 classes, no training)")
     p.add_argument("inputs", nargs="*", help="audio files, folders (recursive) or .txt files listing paths")
@@ -273,121 +276,100 @@ def _add_event_parsers(sub) -> None:
     p.add_argument("--plot", metavar="DIR", help="a PNG per file: probability tracks and events over the spectrogram")
     p.add_argument("--params", help="detect settings JSON to read (instead of the model's), or to write with --tune")
     p.add_argument("--weights", help="with an AudioSet backbone's name: a local copy of its official weights")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
-    _add_setting_args(p, sections={"detect": DetectConfig})
-    p.set_defaults(func=cmd_detect)
+    add_option_args(p, PredictOptions, only=("batch_size", "device"))
+    add_setting_args(p, sections={"detect": DetectConfig})
 
-    p = sub.add_parser("evaluate-events", help="event- and segment-based F1, error rate and PSDS (sed_eval)")
+    p = command("evaluate-events", "event- and segment-based F1, error rate and PSDS (sed_eval)", cmd_evaluate_events)
     p.add_argument("reference", help="true events, DCASE TSV (filename onset offset event_label)")
     p.add_argument("estimated", help="detected events, DCASE TSV (with a score column for PSDS)")
-    p.add_argument("--out", help="write the metrics to this JSON file")
-    p.set_defaults(func=cmd_evaluate_events)
+    p.add_argument("--out", help="write the metrics to this JSON file (default: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="audioclf", description=__doc__.splitlines()[0])
+    common = common_flags()
+    parser = argparse.ArgumentParser(prog="audioclf", description=DESCRIPTION, epilog=EPILOG, parents=[common],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"audioclf {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a classifier on a dataset")
+    def command(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    p = command("train", "train a classifier on a dataset", cmd_train)
     _add_run_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue from RUN_DIR/last.pt; only --epochs, --device, --quiet, --num-workers, --cache-dir and "
                         "--deterministic may differ from the run's start")
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("cv", help="k-fold cross-validation over the dataset's folds")
+    p = command("cv", "k-fold cross-validation over the dataset's folds", cmd_cv)
     _add_run_args(p, skip=("val_fold", "test_fold"))
     p.add_argument("--folds", type=int, nargs="+", help="test folds to run (default: all)")
     for flag in ("--val-fold", "--test-fold"):
         p.add_argument(flag, nargs="?", action=_RefuseFold, help=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_cv)
 
-    p = sub.add_parser("demo", help="make a synthetic dataset, train on it, evaluate")
-    p.add_argument("--out", default="runs/demo", help="where the data and the run go (default runs/demo)")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_demo)
+    p = command("demo", "make a synthetic dataset, train on it, evaluate", cmd_demo)
+    p.add_argument("--out", default="runs/demo", help="where the data and the run go (default: runs/demo)")
 
-    p = sub.add_parser("evaluate", help="metrics, per-clip predictions and a confusion matrix")
+    p = command("evaluate", "metrics, per-clip predictions and a confusion matrix", cmd_evaluate)
     p.add_argument("model", help="run directory or .pt checkpoint")
     p.add_argument("data", help=_DATA_HELP)
-    _add_setting_args(p, only=("format", "esc10"))
-    p.add_argument("--fold", type=int, help="evaluate this fold only")
-    p.add_argument("--out", help="output folder (default MODEL_DIR/eval)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_evaluate)
+    add_setting_args(p, only=("format", "esc10"))
+    p.add_argument("--fold", type=int, help="evaluate this fold only (default: every clip)")
+    p.add_argument("--out", help="output folder (default: MODEL_DIR/eval)")
+    add_option_args(p, PredictOptions, only=("batch_size", "device"))
 
-    p = sub.add_parser("shard", help="write a dataset as WebDataset tar shards (audio, label, fold, group)")
+    p = command("shard", "write a dataset as WebDataset tar shards (audio, label, fold, group)", cmd_shard)
     p.add_argument("data", help=_DATA_HELP)
     p.add_argument("--out", required=True, help="folder for the shards and their dataset.json")
-    _add_setting_args(p, only=("format", "esc10"))
-    p.add_argument("--samples-per-shard", type=int, help="most samples in one shard (default 500)")
-    p.add_argument("--max-shard-mb", type=float, help="about the largest shard, in MiB (default 256)")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_shard)
+    add_setting_args(p, only=("format", "esc10"))
+    p.add_argument("--samples-per-shard", type=int, help="most samples in one shard (default: 500)")
+    p.add_argument("--max-shard-mb", type=float, help="about the largest shard, in MiB (default: 256)")
 
-    p = sub.add_parser("predict", help="classify audio files, folders or lists of paths")
+    p = command("predict", "classify audio files, folders or lists of paths", cmd_predict)
     p.add_argument("model", help="run directory, .pt checkpoint or exported safetensors folder")
     p.add_argument("paths", nargs="+", help="audio files, folders (recursive), .txt files listing paths, or - for "
                    "one file on stdin")
     p.add_argument("--out", help="output .csv, .json or .parquet file (default: CSV on stdout), or a folder (existing, "
                    "or a new name without a suffix): resumable, and shared among torchrun's processes; the rows go to "
                    "DIR/parts as they come and are merged into DIR/predictions.csv")
-    p.add_argument("--format", choices=["csv", "parquet", "both"],
+    p.add_argument("--out-format", choices=PREDICT_OUT_FORMATS,
                    help="with --out DIR: predictions.csv (default), predictions.parquet or both")
+    p.add_argument("--format", choices=PREDICT_OUT_FORMATS, dest="out_format", action=Deprecated, new="--out-format",
+                   help="deprecated spelling of --out-format (--format names the dataset layout elsewhere)")
     p.add_argument("--retry-errors", action="store_true",
                    help="with --out DIR: classify again the files done with an error (a rerun otherwise skips every "
                         "file with a row in DIR/parts, failed ones included)")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--window", type=float, help="sliding-window length in s (default: training duration)")
-    p.add_argument("--hop", type=float, help="sliding-window hop in s (default: half the window)")
+    add_option_args(p, PredictOptions)
     p.add_argument("--timeline", action="store_true", help="add per-window rows (start, end, label, confidence)")
     p.add_argument("--submission", action="store_true", help="write an ID,Class CSV")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--no-reject", action="store_true", help=NO_REJECT_HELP)
-    p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("serve", help="HTTP API and web page for a trained model")
-    p.add_argument("model")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-upload-mb", type=float, help="largest upload in MiB, else 413 (default 50)")
-    p.add_argument("--max-audio-s", type=float, help="longest decoded audio in s, else 413 (default 600)")
-    p.add_argument("--max-windows", type=int, help="most sliding windows per request, else 422 (default 2000)")
-    p.add_argument("--timeout-s", type=float, help="seconds a client may stall: headers, body, idle (default 10)")
-    p.add_argument("--max-connections", type=int, help="open connections before requests get 503 (default 64)")
-    p.add_argument("--cors-origin", help="let pages from this one origin call the API (default: none)")
-    p.add_argument("--no-reject", action="store_true", help=NO_REJECT_HELP)
-    p.set_defaults(func=cmd_serve)
+    p = command("serve", "HTTP API and web page for a trained model", cmd_serve)
+    p.add_argument("model", help="run directory, .pt checkpoint or exported safetensors folder")
+    add_option_args(p, PredictOptions, only=("device", "reject"))
+    add_option_args(p.add_argument_group("server and limits"), ServeLimits)
 
-    p = sub.add_parser("backbones", help="list the backbones, their front ends and weight status")
-    p.set_defaults(func=cmd_backbones)
+    p = command("backbones", "list the backbones, their front ends and weight status", cmd_backbones)
 
-    p = sub.add_parser("embed", help="penultimate-layer embeddings of audio files, for search and clustering")
+    p = command("embed", "penultimate-layer embeddings of audio files, for search and clustering", cmd_embed)
     p.add_argument("model", help="run directory, .pt checkpoint or exported safetensors folder")
     p.add_argument("paths", nargs="+", help="audio files, folders (recursive) or .txt files listing paths")
     p.add_argument("--out", required=True, help="emb.npy (an .npy array plus emb.paths.txt) or emb.parquet")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_embed)
+    add_option_args(p, PredictOptions, only=("batch_size", "device"))
 
-    _add_event_parsers(sub)
+    _add_event_parsers(command)
 
-    p = sub.add_parser("export", help="export to ONNX or safetensors")
-    p.add_argument("model")
-    p.add_argument("--format", choices=["onnx", "safetensors"], required=True)
+    p = command("export", "export to ONNX or safetensors", cmd_export)
+    p.add_argument("model", help="run directory, .pt checkpoint or exported safetensors folder")
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--out-format", choices=EXPORT_FORMATS,
+                      help="onnx: the whole graph, waveform to probabilities; safetensors: the weights and config "
+                           "(no default: give one)")
+    kind.add_argument("--format", choices=EXPORT_FORMATS, dest="out_format", action=Deprecated, new="--out-format",
+                      help="deprecated spelling of --out-format (--format names the dataset layout elsewhere)")
     p.add_argument("--out", required=True, help="output folder")
-    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -400,7 +382,8 @@ def _first_process() -> bool:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     first = _first_process()  # under torchrun, rank 0 speaks for the job; the others only warn
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO if first else logging.WARNING,
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO if first else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)

@@ -4,16 +4,15 @@ The resolved ``RunConfig`` is written to the run directory before training start
 checkpoint. At inference time the saved :class:`FeatureConfig` is the only source of feature settings,
 so training and prediction can never disagree about how audio becomes a spectrogram.
 
-Each setting is declared once, as a dataclass field made by :func:`setting`: its default, help text,
-command-line flag and allowed values. The checks below and the CLI's flags (``cli.py``) are generated
-from those declarations; only the rules that relate two settings are written out by hand.
+Each setting is declared once, as a dataclass field made by :func:`~audioclf.settings.setting`: its default,
+help text, command-line flag and allowed values. The checks and the CLI's flags (``cli.py``) are generated
+from those declarations; only the rules that relate two settings are written out by hand here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
+import logging
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -25,95 +24,12 @@ import yaml
 from ._version import __version__
 from .backbones import BACKBONE_NAMES, BACKBONES, DEFAULT_BACKBONE
 from .errors import AudioclfError
-from .fileio import read_parsed
+from .fileio import read_yaml
+from .settings import (DEVICES, _check_choice, _check_range, _check_settings, check_device, name_sections,  # noqa: F401
+                       setting, settings)  # settings: read from here too
 
+log = logging.getLogger(__name__)
 
-def _check_range(name: str, value, low=None, high=None, *, low_open=False):
-    if value is None:
-        return
-    # NaN compares False with every bound, so it would pass the checks below: refuse it (and inf) first
-    if isinstance(value, float) and not math.isfinite(value):
-        allowed = " and ".join(f"{op} {b}" for op, b in ((">" if low_open else ">=", low), ("<=", high)) if b is not None)
-        raise AudioclfError(f"{name}={value!r} is not a finite number: it must be {allowed or 'finite'}")
-    if low is not None and (value < low or (low_open and value == low)):
-        op = ">" if low_open else ">="
-        raise AudioclfError(f"{name}={value!r} is out of range: it must be {op} {low}")
-    if high is not None and value > high:
-        raise AudioclfError(f"{name}={value!r} is out of range: it must be <= {high}")
-
-
-def _check_choice(name: str, value, choices):
-    if value not in choices:
-        raise AudioclfError(f"Unsupported {name}={value!r}; choose one of {', '.join(map(repr, choices))}")
-
-
-def setting(default: Any, *, help: str, flag: Optional[str] = None, yaml_only: Optional[str] = None,
-            low=None, high=None, low_open: bool = False, choices: Optional[tuple] = None):
-    """A config field with everything the rest of audioclf needs to know about it, in one place.
-
-    Args:
-        default: The value when neither a preset, a backbone, YAML nor a flag sets it. The one default.
-        help (str): What the setting does, with its unit; the CLI's help text.
-        flag (str, optional): Its command-line flag. (Default: ``--`` and the name with dashes)
-        yaml_only (str, optional): Why the setting has no flag; it is then set in a YAML config only.
-        low, high (optional): Inclusive bounds of the allowed range; ``None`` = unbounded. Bounds that
-            depend on another setting are checked by the section's ``__post_init__`` instead.
-        low_open (bool, optional): ``low`` itself is not allowed. (Default: ``False``)
-        choices (tuple, optional): Allowed values of a ``str`` setting whose choices live elsewhere (the
-            backbone registry); a ``Literal`` annotation gives its choices itself.
-    """
-    if flag is not None and yaml_only is not None:
-        raise TypeError("a setting has a flag or a reason to be YAML-only, not both")
-    return field(default=default, metadata={"help": help, "flag": flag, "yaml_only": yaml_only, "low": low,
-                                            "high": high, "low_open": low_open, "choices": choices})
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One declared setting, as :func:`settings` reads it from a config section's field."""
-
-    section: str  # "features", ...: its place in RunConfig and in a YAML file
-    name: str
-    kind: type  # bool, int, float or str: what one value is, once an Optional is unwrapped
-    optional: bool  # None is allowed
-    choices: Optional[tuple]
-    default: Any
-    help: str
-    flag: Optional[str]  # None: YAML only
-    yaml_only: Optional[str]
-    low: Any
-    high: Any
-    low_open: bool
-
-
-@functools.cache
-def settings(cls: type) -> tuple[Setting, ...]:
-    """The settings of config section ``cls`` (:class:`FeatureConfig`, ...), in declaration order."""
-    hints = typing.get_type_hints(cls)
-    # a section outside RunConfig (events.DetectConfig, saved apart) names itself
-    section = next((name for name, tp in SECTIONS.items() if tp is cls), None) or cls.SECTION
-    out = []
-    for f in dataclasses.fields(cls):
-        tp, optional = hints[f.name], False
-        if typing.get_origin(tp) in (typing.Union, types.UnionType):
-            args = [t for t in typing.get_args(tp) if t is not type(None)]
-            tp, optional = args[0], len(args) < len(typing.get_args(tp))
-        choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else f.metadata["choices"]
-        kind = type(choices[0]) if typing.get_origin(tp) is Literal else tp
-        m = f.metadata
-        flag = None if m["yaml_only"] else m["flag"] or "--" + f.name.replace("_", "-")
-        out.append(Setting(section, f.name, kind, optional, choices, f.default, m["help"], flag, m["yaml_only"],
-                           m["low"], m["high"], m["low_open"]))
-    return tuple(out)
-
-
-def _check_settings(section) -> None:
-    """The rules a setting declares for itself: a value among its choices, within its range, finite."""
-    for s in settings(type(section)):
-        value = getattr(section, s.name)
-        if s.choices is not None and not (s.optional and value is None):
-            _check_choice(s.name, value, s.choices)
-        _check_range(s.name, value, s.low, s.high, low_open=s.low_open)
 
 # why the front-end constants of a backbone have no flags
 _FRONT_END = ("one of a pretrained backbone's front-end constants (backbones.py): set it in YAML to train from "
@@ -137,7 +53,7 @@ class FeatureConfig:
     peak_normalize: bool = setting(True, help="scale each clip (each window, at inference) to a peak of 1 "
                                               "before the STFT")
     # The settings below exist so that a pretrained backbone's own front end is one FeatureConfig
-    # (backbones.py); their defaults are the seed's librosa features.
+    # (backbones.py); their defaults are the original tutorial's librosa features.
     window: Literal["periodic", "symmetric"] = setting("periodic", yaml_only=_FRONT_END, help="Hann window kind")
     preemphasis: float = setting(0.0, yaml_only=_FRONT_END, low=0.0, high=0.999,
                                  help="y[t] = x[t] - preemphasis * x[t-1] before the STFT; 0 = off")
@@ -209,7 +125,7 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    # the dataclass default is the seed's network; the "default" preset, what the CLI runs, picks
+    # the dataclass default is the original tutorial's network; the "default" preset, what the CLI runs, picks
     # backbones.DEFAULT_BACKBONE
     backbone: str = setting("resnet18", choices=BACKBONE_NAMES, help="network, with its own front end and "
                             "fine-tuning recipe (list them: audioclf backbones)")
@@ -263,7 +179,7 @@ class TrainConfig:
     epochs: int = setting(30, help="training epochs", low=1, high=100000)
     batch_size: int = setting(16, help="examples per optimiser step", low=1, high=65536)
     lr: Optional[float] = setting(None, low=0.0, high=10.0, low_open=True, help="peak learning rate (default: "
-                                  "the recipe's, 1e-4 with ImageNet weights, 1e-3 from scratch)")
+                                  "the backbone's; ResNet-18: 1e-4 with ImageNet weights, 1e-3 from scratch)")
     weight_decay: float = setting(1e-3, help="AdamW weight decay", low=0.0, high=10.0)
     patience: int = setting(15, help="epochs without a better validation loss before stopping (0 = never stop "
                                      "early)", low=0, high=100000)
@@ -274,7 +190,7 @@ class TrainConfig:
     # numpy's and scikit-learn's seeds are 32-bit
     seed: int = setting(42, help="seed of every random draw: splits, initialisation, augmentation", low=0,
                         high=2**32 - 1)
-    device: str = setting("auto", help="auto, cpu, cuda or cuda:N")
+    device: str = setting("auto", help=DEVICES)
     amp: bool = setting(True, help="mixed precision: bf16/fp16 on CUDA, bf16 on CPUs that compute it natively")
     quiet: bool = setting(False, help="no progress bars")
     # after training, on the best model's validation clips (trust.py): the share of known clips the
@@ -290,8 +206,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_settings(self)
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise AudioclfError(f"Unsupported device={self.device!r}; choose auto, cpu, cuda or cuda:N")
+        check_device(self.device)
 
 
 @dataclass
@@ -322,6 +237,7 @@ class RunConfig:
         setting since removed is dropped where it was off, and refused where it was on."""
         d = {**d, **{sec: {**before, **d.get(sec, {})} for sec, before in _BEFORE_THE_SETTING.items()}}
         d["model"] = {k: v for k, v in d["model"].items() if k != "arch"}  # always "resnet18", now `backbone`
+        d["preset"] = PRESET_ALIASES.get(d.get("preset"), d.get("preset", "default"))
         return from_dict(cls, _without_removed_settings(d))
 
     def save_yaml(self, path) -> None:
@@ -330,6 +246,7 @@ class RunConfig:
 
 # The config sections, by their name in RunConfig and in a YAML file
 SECTIONS: dict[str, type] = {name: tp for name, tp in typing.get_type_hints(RunConfig).items() if name != "preset"}
+name_sections(SECTIONS)
 _SECTION_NAMES = tuple(SECTIONS)
 
 # How audioclf behaved before each of these settings existed (see RunConfig.from_saved)
@@ -374,8 +291,9 @@ def _refuse_removed(what: str, instead: str) -> None:
 # Named recipes: overrides applied on top of the defaults, before a YAML file and flags.
 PRESETS: dict[str, dict] = {
     "default": {"model": {"backbone": DEFAULT_BACKBONE}},
-    # The seed notebook: plateau schedule, lr 1e-4, batch 16, 25 epochs, patience 5, one mask of each kind.
-    "seed": {
+    # The original tutorial's notebook: plateau schedule, lr 1e-4, batch 16, 25 epochs, patience 5, one mask of
+    # each kind.
+    "tutorial": {
         "features": {"peak_normalize": False},
         "train": {"lr": 1e-4, "batch_size": 16, "epochs": 25, "patience": 5, "scheduler": "plateau",
                   "warmup_epochs": 0, "label_smoothing": 0.0},
@@ -385,6 +303,8 @@ PRESETS: dict[str, dict] = {
         "model": {"backbone": "resnet18", "dropout": 0.0},
     },
 }
+# Old names of presets, still accepted with a warning
+PRESET_ALIASES = {"seed": "tutorial"}
 
 
 def _type_ok(value, tp) -> bool:
@@ -436,7 +356,7 @@ def merge(base: dict, override: dict) -> dict:
 
 def load_yaml(path) -> dict:
     path = Path(path)
-    d = read_parsed(path, yaml.safe_load, yaml.YAMLError, "config file", "YAML")
+    d = read_yaml(path)
     if d is not None and not isinstance(d, dict):
         raise AudioclfError(f"config file {path} must hold a mapping of sections (data:, train:, ...), "
                             f"not a {type(d).__name__}")
@@ -463,6 +383,9 @@ def resolve(preset: Optional[str] = "default", yaml_path=None, overrides: Option
     user = merge(load_yaml(yaml_path) if yaml_path else {}, overrides or {})
     if base is None:
         preset = preset or "default"
+        if preset in PRESET_ALIASES:
+            log.warning("preset %r is deprecated: it is called %r now", preset, PRESET_ALIASES[preset])
+            preset = PRESET_ALIASES[preset]
         if preset not in PRESETS:
             raise AudioclfError(f"Unknown preset={preset!r}; choose one of {', '.join(PRESETS)}")
         user = merge(PRESETS[preset], user)

@@ -24,7 +24,7 @@ from .data import load_clips, write_folds
 from .errors import AudioclfError
 from .evaluate import plot_confusion_matrix
 from .fileio import write_text_atomic
-from .rundir import RUN_ONLY, check_out_dir, config_diff
+from .rundir import RUN_ONLY, RunDir, check_out_dir, config_diff
 from .train import fit
 
 log = logging.getLogger(__name__)
@@ -80,18 +80,19 @@ def _run_fold(config: RunConfig, run: Path, k: int, classes: list[str]) -> dict:
     """Train (or reuse) the run with test fold ``k``: its summary, with ``fold`` and its confusion matrix
     over all ``classes``."""
     fold_config = replace(config, data=replace(config.data, test_fold=k, val_fold=None))
-    if (run / "summary.json").is_file() and (run / "test_metrics.json").is_file():
-        s = json.loads((run / "summary.json").read_text())
+    files = RunDir(run)
+    if files.summary.is_file() and files.test_metrics.is_file():
+        s = json.loads(files.summary.read_text())
         _check_same_recipe(s.get("requested_config"), fold_config, run)
-        log.info("fold %d already done (%s); reusing it", k, run / "summary.json")
+        log.info("fold %d already done (%s); reusing it", k, files.summary)
     else:
         t0 = time.perf_counter()
         s = fit(fold_config, run, overwrite=True)  # an unfinished fold starts again, as it always has
         s["train_s"] = time.perf_counter() - t0
         s["requested_config"] = fold_config.to_dict()
-        write_text_atomic(run / "summary.json", json.dumps(s, indent=1))
+        write_text_atomic(files.summary, json.dumps(s, indent=1))
     s["fold"] = k
-    s["confusion_matrix"] = _full_confusion_matrix(json.loads((run / "test_metrics.json").read_text()), classes)
+    s["confusion_matrix"] = _full_confusion_matrix(json.loads(files.test_metrics.read_text()), classes)
     return s
 
 

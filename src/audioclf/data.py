@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
@@ -28,6 +29,15 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------- sources
 
+def _is_utf8(name: str) -> bool:
+    """Whether a file name decoded by Python (bytes that are not UTF-8 become surrogates) is valid UTF-8."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def read_folder(root) -> ClipSet:
     """``ROOT/<class name>/**/<clip>``: one sub-folder per class, class names sorted. Symlinks that lead
     to no file are listed in ``skipped`` with the reason."""
@@ -35,6 +45,16 @@ def read_folder(root) -> ClipSet:
     if not root.is_dir():
         raise AudioclfError(f"{root}: not a folder (format 'folder' wants ROOT/<class>/<clips>)")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    undecodable = [d.name for d in class_dirs if not _is_utf8(d.name)]
+    if undecodable:  # decided once, here: a class name is written to CSV, JSON and HTTP answers, all UTF-8
+        shown = undecodable[0].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise AudioclfError(f"{root}: the class folder name {shown!r} is not valid UTF-8 (\\xNN: bytes that are "
+                            f"not); class names go into CSV, JSON and the API, so rename the folder")
+    hidden = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(".")
+                    and any(f.suffix.lower() in AUDIO_EXTENSIONS for f in p.iterdir()))
+    if hidden:
+        log.warning("%s: folder(s) %s hold audio but are hidden (a name starting with '.'), so they are not classes; "
+                    "rename them to use them", root, ", ".join(hidden))
     classes, clips, skipped = [], [], []
     for d in class_dirs:
         files = []
@@ -227,7 +247,7 @@ def split_clips(clips: Sequence[Clip], *, val_fold: Optional[int] = None, test_f
         val = [c for c in rest if c.fold == val_fold]
         train = [c for c in rest if c.fold != val_fold]
     else:
-        train, val = group_split(rest, val_split, seed)
+        train, val = group_split(rest, val_split, seed, classes)
     if not train or not val:
         raise AudioclfError(f"the split leaves {len(train)} training and {len(val)} validation clips; both need "
                             f"clips (add data, or change val_fold/val_split)")
@@ -241,11 +261,35 @@ def split_clips(clips: Sequence[Clip], *, val_fold: Optional[int] = None, test_f
     return {"train": train, "val": val, "test": test}
 
 
-def group_split(clips: Sequence[Clip], val_split: float, seed: int) -> tuple[list[Clip], list[Clip]]:
-    """Stratified by label, whole groups to one side; about ``val_split`` of the clips go to validation.
-    A class with a single group stays in training: in validation the model could not have learnt it."""
+def _stratified_group_folds(labels: Sequence[int], groups: Sequence, n_splits: int, seed: int, need: str, fix: str,
+                            classes: Optional[Sequence[str]] = None):
+    """sklearn's ``StratifiedGroupKFold(n_splits).split``, with its two complaints made ours: fewer clips in
+    every class than ``n_splits`` is an AudioclfError that gives each class's count and what ``need`` (the
+    split) needs, and ``fix``; fewer in some classes is a warning naming them, not sklearn's UserWarning with
+    its source path."""
     from sklearn.model_selection import StratifiedGroupKFold
 
+    counts = Counter(labels)
+    name = (lambda k: classes[k]) if classes else (lambda k: f"label {k}")
+    per_class = ", ".join(f"{name(k)}: {n}" for k, n in sorted(counts.items()))
+    if all(n < n_splits for n in counts.values()):
+        raise AudioclfError(f"too few clips for {need}: it splits each class {n_splits} ways, so a class needs at least "
+                            f"{n_splits} clips; clips per class: {per_class}. Add clips, or {fix}")
+    short = [f"{name(k)} ({n})" for k, n in sorted(counts.items()) if n < n_splits]
+    if short:
+        log.warning("class(es) %s have fewer than %d clips, so %s cannot stratify them evenly", ", ".join(short),
+                    n_splits, need)
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)  # said above, in our words
+        yield from splitter.split(np.zeros(len(labels)), labels, groups)
+
+
+def group_split(clips: Sequence[Clip], val_split: float, seed: int,
+                classes: Optional[Sequence[str]] = None) -> tuple[list[Clip], list[Clip]]:
+    """Stratified by label, whole groups to one side; about ``val_split`` of the clips go to validation.
+    A class with a single group stays in training: in validation the model could not have learnt it.
+    ``classes`` (label -> name) names classes in messages."""
     n_splits = max(2, int(round(1 / val_split)))
     groups = [c.group_key for c in clips]
     groups_of: dict[int, set] = {}
@@ -257,24 +301,25 @@ def group_split(clips: Sequence[Clip], val_split: float, seed: int) -> tuple[lis
         if n_groups < n_splits:
             raise AudioclfError(f"only {n_groups} group(s){where}: too few for a {val_split:.0%} validation split "
                                 f"that keeps groups apart; add data or give a val_fold")
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    _, val_idx = next(splitter.split(np.zeros(len(pool)), [clips[i].label for i in pool], [groups[i] for i in pool]))
+    _, val_idx = next(_stratified_group_folds([clips[i].label for i in pool], [groups[i] for i in pool], n_splits, seed,
+                                              f"a {val_split:.0%} validation split",
+                                              "give a larger val_split or a val_fold", classes))
     val = {pool[j] for j in val_idx}
     return [c for i, c in enumerate(clips) if i not in val], [clips[i] for i in sorted(val)]
 
 
-def assign_folds(clips: Sequence[Clip], n_folds: int, seed: int) -> list[int]:
+def assign_folds(clips: Sequence[Clip], n_folds: int, seed: int, classes: Optional[Sequence[str]] = None) -> list[int]:
     """Fold 1..``n_folds`` of each clip: stratified by label, whole groups (a clip without one is its own
-    group) in one fold, so cross-validation never tests on a recording it trained on."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
+    group) in one fold, so cross-validation never tests on a recording it trained on. ``classes`` (label ->
+    name) names classes in messages."""
     groups = [c.group_key for c in clips]
     if n_folds < 2 or len(set(groups)) < n_folds:
         raise AudioclfError(f"n_folds={n_folds}: need at least 2 folds and no more folds than the "
                             f"{len(set(groups))} group(s) in the data")
     fold = np.zeros(len(clips), dtype=int)
-    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for k, (_, test) in enumerate(splitter.split(np.zeros(len(clips)), [c.label for c in clips], groups), 1):
+    folds = _stratified_group_folds([c.label for c in clips], groups, n_folds, seed, f"{n_folds} folds",
+                                    "ask for fewer folds (n_folds)", classes)
+    for k, (_, test) in enumerate(folds, 1):
         fold[test] = k
     return fold.tolist()
 
@@ -283,7 +328,7 @@ def write_folds(clipset: ClipSet, path, n_folds: int, seed: int) -> Path:
     """Write ``clipset`` with :func:`assign_folds`' folds as a CSV manifest (``path,label,fold,group``,
     the layout ``read_csv`` reads) and return its path."""
     path = Path(path)
-    folds = assign_folds(clipset.clips, n_folds, seed)
+    folds = assign_folds(clipset.clips, n_folds, seed, clipset.classes)
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:  # as read_csv reads it
         w = csv.writer(f)
         w.writerow(["path", "label", "fold", "group"])

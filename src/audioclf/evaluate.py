@@ -17,7 +17,9 @@ import numpy as np
 from .config import DataConfig
 from .data import load_clips
 from .errors import AudioclfError
+from .fileio import check_output
 from .metrics import classification_metrics
+from .options import PredictOptions
 from .predict import load
 from .rundir import EVAL_FILES, write_predictions
 from .trust import expected_calibration_error, plot_reliability, softmax
@@ -59,8 +61,8 @@ def _default_out_dir(model_path) -> Path:
     return p / "eval" if p.is_dir() else p.with_name(f"{p.stem}-eval")
 
 
-def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=None, device: str = "auto",
-             batch_size: int = 32, quiet: bool = False) -> dict:
+def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=None,
+             device: str = PredictOptions.device, batch_size: int = PredictOptions.batch_size, quiet: bool = False) -> dict:
     """Evaluate a trained model on a labelled dataset.
 
     Args:
@@ -87,6 +89,7 @@ def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=N
         AudioclfError: when the dataset has a class the model does not know, the fold has no clips,
             or no clip can be read.
     """
+    out_dir = check_output(out_dir if out_dir else _default_out_dir(model_path), folder=True)
     clf = load(model_path, device, batch_size=batch_size, reject=False)
     clipset = load_clips(data)
     unknown = [name for name in clipset.classes if name not in clf.labels]
@@ -120,7 +123,6 @@ def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=N
     uncalibrated = softmax(clf.temperature * np.log(np.clip(probs, 1e-30, None)))
     metrics.update(ece=expected_calibration_error(probs, y_true), ece_uncalibrated=expected_calibration_error(
         uncalibrated, y_true), temperature=clf.temperature)
-    out_dir = Path(out_dir) if out_dir else _default_out_dir(model_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics.update(skipped=skipped, out_dir=str(out_dir))
     metrics_json, predictions_csv, matrix_png, report_txt = (out_dir / name for name in EVAL_FILES)

@@ -4,8 +4,9 @@
   when its onset is within 200 ms and its offset within max(200 ms, 20 % of the reference's length);
 - segment-based F1 and error rate (sed_eval) on 1-s segments;
 - PSDS (sed_scores_eval, DCASE's PSDS1 scenario: detection and ground-truth tolerance 0.7, alpha_st 1, up to
-  100 false positives per hour), when the events carry scores: the score tracks are rebuilt from the
-  events, so the sweep runs over the events' scores, not over the raw probabilities.
+  100 false positives per hour) over the reference's classes, when the events carry scores: the score
+  tracks are rebuilt from the events, so the sweep runs over the events' scores, not over the raw
+  probabilities.
 
 Micro averages over all events (segments) of all files; error rate = (substitutions + deletions +
 insertions) / reference events.
@@ -120,7 +121,11 @@ def psds(reference: Sequence, estimated: Sequence, durations: dict) -> Optional[
     except ImportError as e:
         raise AudioclfError(f"PSDS needs sed_scores_eval ({e.name} is not installed): pip install 'audioclf[events]'") \
             from None
-    labels = sorted({e.event_label for e in reference} | {e.event_label for e in estimated})
+    # PSDS is defined over the reference's classes: estimated events of other classes do not enter it
+    labels = sorted({e.event_label for e in reference})
+    estimated = [e for e in estimated if e.event_label in labels]
+    if not labels or len({e.score for e in estimated}) < 2:
+        return None
     scores, truth = {}, {f: [] for f in durations}
     for e in reference:
         truth[e.filename].append((e.onset, e.offset, e.event_label))
@@ -165,7 +170,7 @@ def table(metrics: dict) -> str:
         lines.append(f"{kind + '-based':<24}{metrics[kind + '_f1']:>7.3f}{metrics[kind + '_precision']:>11.3f}"
                      f"{metrics[kind + '_recall']:>8.3f}{metrics[kind + '_error_rate']:>12.3f}")
     psds1 = metrics.get("psds1")
-    lines.append(f"PSDS1: {psds1:.3f}" if psds1 is not None else "PSDS1: - (the events carry no scores to sweep)")
+    lines.append(f"PSDS1: {psds1:.3f}" if psds1 is not None else "PSDS1: - (no event scores to sweep in the reference's classes)")
     lines.append(f"{metrics['n_reference']} reference and {metrics['n_estimated']} estimated events in "
                  f"{metrics['n_files']} files")
     if metrics.get("class_wise"):

@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .checkpoint import BOUND_KEY, CONFIG_FILE, EXPORT_FORMAT, RUN_CHECKPOINT, SAFETENSORS_FILE, load_model, saved_extras
+from .checkpoint import (BOUND_KEY, CONFIG_FILE, EXPORT_FORMAT, ONNX_EXPORT_FILE, RUN_CHECKPOINT, SAFETENSORS_FILE,
+                         load_model, saved_extras)
 from .config import FeatureConfig, _check_choice
 from .errors import AudioclfError
-from .fileio import atomic_path, sha256
+from .fileio import atomic_path, check_output, sha256
 from .features import LogMel
 from .model import WaveformClassifier
 from .trust import TRUST_KEYS
@@ -40,7 +41,7 @@ from .trust import TRUST_KEYS
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "safetensors")
-ONNX_FILE = "model.onnx"
+ONNX_FILE = ONNX_EXPORT_FILE
 ONNX_OPSET = 18  # STFT needs >= 17; 18 is what the dynamo exporter emits natively
 ONNX_ATOL = 1e-4  # largest probability difference from PyTorch an export may show
 
@@ -67,10 +68,11 @@ def export(model_path, format: str = "safetensors", out_dir="export") -> Path:
         The written model file (``model.safetensors`` or ``model.onnx``).
     """
     _check_choice("format", format, FORMATS)
-    out = Path(out_dir)
-    if (out / RUN_CHECKPOINT).is_file():
-        raise AudioclfError(f"{out} holds {RUN_CHECKPOINT}, a training run: export into a folder of its own "
+    if (Path(out_dir) / RUN_CHECKPOINT).is_file():
+        raise AudioclfError(f"{out_dir} holds {RUN_CHECKPOINT}, a training run: export into a folder of its own "
                             f"(a model path must mean one model)")
+    source = Path(model_path)  # an export exported into its own folder would be written over as it is read
+    out = check_output(out_dir, folder=True, inputs=[source if source.is_dir() else source.parent])
     model, config, labels = load_model(model_path)
     # the temperature and unknown rule: audioclf.load applies them from config.json; the ONNX graph holds the temperature
     trust = saved_extras(model_path, TRUST_KEYS)

@@ -10,6 +10,8 @@ The ``predict`` and ``embed`` commands around this live in :mod:`audioclf.comman
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -19,13 +21,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .audio import (audio_duration_s, default_hop, fix_length, load_audio, resample, settled_windows, stream_audio,
-                    window_starts)
+from .audio import (FileWindows, audio_duration_s, count_windows, default_hop, fix_length, load_audio,  # noqa: F401
+                    resample, sliding_windows)  # count_windows, sliding_windows: predict's API before they moved
 from .checkpoint import load_model, saved_extras
 from .config import FeatureConfig, RunConfig
 from .errors import AudioclfError
 from .model import WaveformClassifier, activation
-from .runtime import auto_workers, cpu_threads_beside, resolve_device
+from .options import PredictOptions
+from .runtime import auto_workers, cpu_threads_beside, dying_with_parent, resolve_device
 from .trust import TRUST_KEYS, UNKNOWN, known_score, read_trust
 
 log = logging.getLogger(__name__)
@@ -36,39 +39,6 @@ class LimitError(AudioclfError):
 
 
 # ---------------------------------------------------------------------------------------------- windows
-
-def sliding_windows(blocks: Iterable[np.ndarray], window: int, hop: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Cut consecutive 1-D blocks of one recording into windows, assembled across block boundaries.
-
-    Args:
-        blocks (iterable of np.ndarray): consecutive pieces of the recording, any lengths.
-        window (int): samples per window.
-        hop (int): samples between window starts.
-
-    Yields ``(start sample, window)`` at ``audio.window_starts`` of the whole recording, each window as
-    soon as the audio decoded so far settles it. Memory holds one block plus one window.
-    """
-    buf, buf_start, done = np.zeros(0, np.float32), 0, 0
-    for block in blocks:
-        buf = np.concatenate([buf, block])
-        end = buf_start + len(buf)
-        # every start but the last is settled: the last may be a centred or end-aligned window that
-        # more audio would move
-        settled = settled_windows(end, window, hop)
-        for start in range(done * hop, settled * hop, hop):
-            yield start, buf[start - buf_start:start - buf_start + window]
-        done = settled
-        # keep what the next window on the hop grid, or a final end-aligned one, can still need
-        keep_from = max(buf_start, min(done * hop, end - window))
-        buf, buf_start = buf[keep_from - buf_start:], keep_from
-    for start in window_starts(buf_start + len(buf), window, hop)[done:]:
-        yield start, fix_length(buf[start - buf_start:start - buf_start + window], window)
-
-
-def count_windows(n_samples: int, window: int, hop: int) -> int:
-    """How many windows :func:`prepare` gives a recording of ``n_samples`` samples, without decoding it."""
-    return settled_windows(n_samples, window, hop) + 1
-
 
 def _limited(windows: Iterable[tuple[int, np.ndarray]], name: str, window: int, sample_rate: int,
              max_duration_s: Optional[float], max_windows: Optional[int]) -> Iterator[tuple[int, np.ndarray]]:
@@ -84,23 +54,6 @@ def _limited(windows: Iterable[tuple[int, np.ndarray]], name: str, window: int, 
         if max_end is not None and start > 0 and start + window > max_end:
             raise LimitError(f"{name}: longer than the limit of {max_duration_s:g} s of audio")
         yield start, w
-
-
-class _FileWindows:
-    """The windows of a long file, streamed when iterated. Holds only the path, so a loader worker can
-    hand it to the main process, which then reads the file while the model runs."""
-
-    def __init__(self, path: str, sample_rate: int, window: int, hop: int):
-        self.path, self.sample_rate, self.window, self.hop = path, sample_rate, window, hop
-
-    def _blocks(self) -> Iterator[np.ndarray]:
-        for block in stream_audio(self.path, self.sample_rate):
-            if not np.isfinite(block).all():
-                raise AudioclfError(f"{self.path}: the audio holds NaN or infinite samples")
-            yield block
-
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
-        return sliding_windows(self._blocks(), self.window, self.hop)
 
 
 @dataclass
@@ -172,7 +125,7 @@ def prepare(audio, sample_rate: Optional[int], features: FeatureConfig, window: 
         n_samples = wave.shape[0]
         duration_s = n_samples / sr
     if count_windows(n_samples, window, hop) > 1:
-        windows = _FileWindows(name, sr, window, hop) if wave is None else sliding_windows([wave], window, hop)
+        windows = FileWindows(name, sr, window, hop) if wave is None else sliding_windows([wave], window, hop)
         return _Source(name, duration_s, windows)
     if wave is None:
         wave = load_audio(name, sr)
@@ -217,8 +170,9 @@ class Classifier:
     in [-1, 1]; an array's ``sample_rate`` (Hz) defaults to the training sample rate.
     """
 
-    def __init__(self, model: torch.nn.Module, config: RunConfig, labels: Sequence[str], *, device="auto",
-                 batch_size: int = 32, trust: Optional[dict] = None, reject: bool = True):
+    def __init__(self, model: torch.nn.Module, config: RunConfig, labels: Sequence[str], *,
+                 device: str = PredictOptions.device, batch_size: int = PredictOptions.batch_size,
+                 trust: Optional[dict] = None, reject: bool = PredictOptions.reject):
         if batch_size < 1:
             raise AudioclfError(f"batch_size={batch_size} must be >= 1")
         self.labels = list(labels)
@@ -258,7 +212,7 @@ class Classifier:
         return labels[0] if one else labels
 
     def classify(self, audio, sample_rate: Optional[int] = None, *, window_s: Optional[float] = None,
-                 hop_s: Optional[float] = None, timeline: bool = False, top_k: int = 3) -> dict:
+                 hop_s: Optional[float] = None, timeline: bool = False, top_k: int = PredictOptions.top_k) -> dict:
         """Classify one input (file path or waveform).
 
         Args:
@@ -280,7 +234,7 @@ class Classifier:
         return result
 
     def classify_steps(self, audio, sample_rate: Optional[int] = None, *, window_s: Optional[float] = None,
-                       hop_s: Optional[float] = None, timeline: bool = False, top_k: int = 3,
+                       hop_s: Optional[float] = None, timeline: bool = False, top_k: int = PredictOptions.top_k,
                        batch_size: Optional[int] = None, max_duration_s: Optional[float] = None,
                        max_windows: Optional[int] = None) -> Iterator[Optional[dict]]:
         """:meth:`classify`, one forward pass at a time: yields ``None`` after each batch of windows, then
@@ -314,7 +268,7 @@ class Classifier:
         if max_duration_s is not None or max_windows is not None:
             source.windows = _limited(source.windows, source.name, window, self.config.features.sample_rate,
                                       max_duration_s, max_windows)
-        for done in self._run([source], self._net.frames if frames else None, batch_size=batch_size, steps=True):
+        for done in self._run([source], self._frames if frames else None, batch_size=batch_size, steps=True):
             if done is None:
                 yield None
         if source.error is not None:
@@ -322,7 +276,7 @@ class Classifier:
         yield source
 
     def classify_files(self, paths: Sequence, *, window_s: Optional[float] = None, hop_s: Optional[float] = None,
-                       timeline: bool = False, top_k: int = 3, num_workers: Optional[int] = None,
+                       timeline: bool = False, top_k: int = PredictOptions.top_k, num_workers: Optional[int] = None,
                        quiet: bool = False) -> Iterator[dict]:
         """:meth:`classify` for many files, decoded by background DataLoader workers while the model runs.
 
@@ -362,16 +316,18 @@ class Classifier:
     def logits(self, audio, sample_rate: Optional[int] = None) -> np.ndarray:
         """The network's raw outputs (before the temperature and the softmax), averaged over a long input's
         windows: ``(n_classes,)`` for one input, ``(n, n_classes)`` for a list of them."""
-        return self._window_means(audio, sample_rate, lambda wave: self.model(self._net.logmel(wave)),
-                                  len(self.labels))
+        return self._window_means(audio, sample_rate, self.model, len(self.labels))
 
     # -- the one inference path
 
-    def _embed(self, wave: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(self._net.logmel(wave))
+    def _embed(self, logmel: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(logmel)
+
+    def _frames(self, logmel: torch.Tensor) -> torch.Tensor:
+        return activation(self._net.task)(self.model.frame_logits(logmel) / self.temperature)
 
     def _window_means(self, audio, sample_rate: Optional[int], head=None, width: int = 0) -> np.ndarray:
-        """``head`` (a batch of windows to one row each; default: class probabilities) on every window of
+        """``head`` (a batch of log-mels to one row each; default: class probabilities) on every window of
         every input, averaged over each input's windows: ``(d,)`` for one input, ``(n, d)`` for a list of
         them, ``(0, width)`` for an empty list. Raises the error of the first input that cannot be read."""
         one = not isinstance(audio, (list, tuple))
@@ -394,7 +350,8 @@ class Classifier:
         workers = (auto_workers() if len(paths) > 2 else 0) if num_workers is None else num_workers
         return torch.utils.data.DataLoader(
             _PrepareFiles(paths, self.config.features, window, hop), batch_size=None, num_workers=workers,
-            prefetch_factor=self.batch_size if workers else None)  # a batch of short clips stays queued
+            prefetch_factor=self.batch_size if workers else None,  # a batch of short clips stays queued
+            worker_init_fn=dying_with_parent())
 
     def _run_loaded(self, loader: torch.utils.data.DataLoader, head=None) -> Iterator[_Source]:
         """:meth:`_run` over a file loader, with the model's CPU threads leaving the decoding workers their
@@ -408,7 +365,7 @@ class Classifier:
         whatever source they come from; yield each source, in input order, once all its windows are done,
         and with ``steps`` also ``None`` after each forward pass.
 
-        ``head`` maps a batch of windows to one row each (default: class probabilities); its rows are
+        ``head`` maps a batch of log-mels to one row each (default: class probabilities); its rows are
         collected in each source's ``rows``."""
         batch_size = batch_size or self.batch_size
         pending: deque[_Source] = deque()
@@ -445,27 +402,33 @@ class Classifier:
             return
         x = torch.from_numpy(np.stack([w for _, _, w in batch])).to(self.device)  # (batch, window samples)
         with torch.inference_mode():
-            out = (head or self._probs_and_scores)(x)
+            logmel = self._net.logmel(x)  # (batch, n_mels, frames)
+            finite = torch.isfinite(logmel).flatten(1).all(1).cpu().numpy()
+            out = (head or self._probs_and_scores)(logmel)
         rows, scores = out if isinstance(out, tuple) else (out, None)
         rows = rows.float().cpu().numpy()  # (batch, n_classes or embedding size)
-        for i, ((source, start, _), row) in enumerate(zip(batch, rows)):
+        for i, ((source, start, _), row, ok) in enumerate(zip(batch, rows, finite)):
+            if not (ok and np.isfinite(row).all()) and source.error is None:
+                # samples far outside [-1, 1] (a float file of 1e30) overflow the features: no answer, not NaN
+                at = start / self.config.features.sample_rate
+                source.error = AudioclfError(f"{source.name}: its features are not finite (window at {at:.2f} s): "
+                                             f"samples far outside [-1, 1] overflow them; check the file")
             source.starts.append(start)
             source.rows.append(row)
             if scores is not None:
                 source.scores.append(float(scores[i]))
         batch.clear()
 
-    def _probs_and_scores(self, wave: torch.Tensor):
-        """The default head: class probabilities, with each window's known-class score when the rule needs
-        one that the probabilities do not give (energy, embedding)."""
+    def _probs_and_scores(self, logmel: torch.Tensor):
+        """The default head: class probabilities (the temperature applied), with each window's known-class
+        score when the rule needs one that the probabilities do not give (energy, embedding)."""
         r = self.rejector
+        logits = self.model(logmel)
+        probs = activation(self._net.task)(logits / self.temperature)
         if r is None or r.kind == "msp":
-            return self._net(wave)
-        mel = self._net.logmel(wave)
-        logits = self.model(mel)
-        emb = self.model.embed(mel) if r.needs_embedding else None
-        score = known_score(r.kind, logits, emb, r.means, self.temperature).cpu()
-        return activation(self.config.train.task)(logits / self.temperature), score
+            return probs
+        emb = self.model.embed(logmel) if r.needs_embedding else None
+        return probs, known_score(r.kind, logits, emb, r.means, self.temperature).cpu()
 
     def _decide(self, source: _Source) -> tuple[str, Optional[float]]:
         """(label, known-class score) of a whole input: ``"unknown"`` when the rule rejects it; the score is
@@ -483,10 +446,12 @@ class Classifier:
         """Window and hop in samples; defaults: the training duration and half of it."""
         f = self.config.features
         window_s = f.duration_s if window_s is None else window_s
-        if not 0 < window_s <= 3600:
-            raise AudioclfError(f"window_s={window_s!r} is out of range: it must be in (0, 3600] seconds")
-        if hop_s is not None and not 0 < hop_s:
-            raise AudioclfError(f"hop_s={hop_s!r} is out of range: it must be > 0 seconds")
+        for name, value in (("window_s", window_s), ("hop_s", 1.0 if hop_s is None else hop_s)):
+            # NaN fails every comparison and inf overflows the sample count: name them before the range
+            if not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise AudioclfError(f"{name}={value!r} must be a finite number of seconds in (0, 3600]")
+            if not 0 < value <= 3600:
+                raise AudioclfError(f"{name}={value!r} is out of range: it must be in (0, 3600] seconds")
         window = f.window_samples(window_s)
         # the default hop is the one the training cache used: the same windows in both
         return window, default_hop(window) if hop_s is None else max(1, int(round(hop_s * f.sample_rate)))
@@ -513,8 +478,8 @@ class Classifier:
         return out
 
 
-def load(model, device: str = "auto", *, batch_size: int = 32, weights_path: Optional[str] = None,
-         reject: bool = True) -> Classifier:
+def load(model, device: str = PredictOptions.device, *, batch_size: int = PredictOptions.batch_size,
+         weights_path: Optional[str] = None, reject: bool = PredictOptions.reject) -> Classifier:
     """A :class:`Classifier` from a run directory, ``.pt`` checkpoint or exported safetensors folder, or an
     AudioSet backbone's name (``mn04_as``): its pretrained 527-class tagger (:mod:`audioclf.audioset`), with
     its official weights from ``weights_path`` or the torch hub cache. A trained model comes with its

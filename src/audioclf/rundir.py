@@ -2,8 +2,8 @@
 
 ``claim(out, resume, overwrite)`` checks that ``out`` can become a run directory before any work starts,
 locks it (``LOCK_FILE``, holding the pid) so that no second training writes into it, and refuses to mix a
-new run with an earlier one: ``resume`` continues it, ``overwrite`` first removes its outputs (``RUN_FILES``,
-and the evaluations and exports of the old model) and nothing else.
+new run with an earlier one: ``resume`` continues it, ``overwrite`` first removes its outputs
+(``RunDir.outputs``, and the evaluations and exports of the old model) and nothing else.
 
 ``resumed_config`` decides which settings a resumed run may change (``RESUMABLE``); ``config_diff`` and
 ``RUN_ONLY`` also tell cross-validation whether a finished fold was trained by the same recipe.
@@ -12,27 +12,106 @@ and the evaluations and exports of the old model) and nothing else.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 from .config import RunConfig
 from .errors import AudioclfError
-from .fileio import atomic_path
+from .fileio import atomic_path, csv_cell, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".audioclf.lock"
-# what a training writes into its run directory; --overwrite removes these (and earlier evaluations and
-# exports of the old model) and nothing else
-RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "summary.json", "test_metrics.json", "test_predictions.csv",
-             "config.yaml", "labels.json", "curves.png", "skipped.csv", "train.log")
 # what evaluate writes into its output folder (MODEL_DIR/eval by default)
 EVAL_FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "report.txt")
-_EARLIER_RUN = ("best.pt", "last.pt", "metrics.csv", "summary.json", "test_metrics.json")  # worth keeping
+# the columns of metrics.csv: one row per epoch, train_one_epoch's and evaluate_split's floats
+METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "epoch_s", "clips_per_s"]
+
+
+class RunDir:
+    """The files of one run directory, by what they hold, and their writers: the one place their names are
+    written. ``RunDir(out).best`` is ``out/best.pt``."""
+
+    def __init__(self, path):
+        self.path = p = Path(path)
+        self.best = p / "best.pt"  # the best epoch's model: what inference reads
+        self.last = p / "last.pt"  # everything --resume needs
+        self.metrics = p / "metrics.csv"  # a row per epoch (METRIC_FIELDS)
+        self.summary = p / "summary.json"  # what fit returns
+        self.test_metrics = p / "test_metrics.json"  # the test fold's, as audioclf evaluate scores it
+        self.test_predictions = p / "test_predictions.csv"
+        self.config = p / "config.yaml"  # the resolved config, written before the first epoch
+        self.labels = p / "labels.json"
+        self.curves = p / "curves.png"
+        self.skipped = p / "skipped.csv"  # clips the feature store could not read, and why
+        self.log = p / "train.log"
+
+    def outputs(self) -> list[Path]:
+        """What a training writes here; --overwrite removes these (and earlier evaluations and exports of
+        the old model) and nothing else."""
+        return [self.best, self.last, self.metrics, self.summary, self.test_metrics, self.test_predictions,
+                self.config, self.labels, self.curves, self.skipped, self.log]
+
+    def earlier_run(self) -> list[Path]:
+        """The outputs of an earlier run worth keeping: a new run is refused without --resume or --overwrite."""
+        return [p for p in (self.best, self.last, self.metrics, self.summary, self.test_metrics) if p.exists()]
+
+    def write_config(self, config: RunConfig, classes: list[str]) -> None:
+        config.save_yaml(self.config)
+        write_text_atomic(self.labels, json.dumps(classes, indent=1))
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        with atomic_path(self.metrics) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, METRIC_FIELDS)
+            w.writeheader()
+            w.writerows({k: r[k] for k in METRIC_FIELDS} for r in rows)
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics.is_file():
+            return []
+        with open(self.metrics) as f:
+            return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+
+    def write_skipped(self, skipped: list[tuple[str, str]]) -> None:
+        with open(self.skipped, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:  # names as on disk
+            w = csv.writer(f)
+            w.writerow(["path", "reason"])
+            w.writerows(skipped)
+        if skipped:
+            log.warning("%d clip(s) skipped, listed in %s", len(skipped), self.skipped)
+
+    def write_test(self, metrics: dict, rows: Iterable[tuple[str, str, str, float]]) -> None:
+        """The test fold's ``metrics`` (:func:`audioclf.metrics.classification_metrics`) and per-clip
+        ``rows`` (see :func:`write_predictions`)."""
+        write_predictions(self.test_predictions, rows)
+        write_text_atomic(self.test_metrics, json.dumps(metrics, indent=2) + "\n")
+
+    def finish(self, summary: dict) -> None:
+        """What a run writes last: curves.png from metrics.csv, and summary.json."""
+        plot_curves(self.metrics, self.curves)
+        write_text_atomic(self.summary, json.dumps(summary, indent=1))
+
+    @contextmanager
+    def logging_to_file(self) -> Iterator[None]:
+        """Copy the library's log to train.log while the block runs."""
+        root = logging.getLogger("audioclf")
+        self.path.mkdir(parents=True, exist_ok=True)
+        h = logging.FileHandler(self.log, encoding="utf-8", errors="backslashreplace")  # file names need not be UTF-8
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(h)
+        if root.level == logging.NOTSET or root.level > logging.INFO:
+            root.setLevel(logging.INFO)
+        try:
+            yield
+        finally:
+            root.removeHandler(h)
+            h.close()
 
 # settings that change where or how loudly a run goes, not what it learns
 RUN_ONLY = {("train", "quiet"), ("train", "device"), ("train", "deterministic"), ("data", "num_workers"),
@@ -45,14 +124,34 @@ RESUMABLE = RUN_ONLY | {("train", "epochs")}
 def claim(out: Path, resume: bool, overwrite: bool) -> Iterator[None]:
     """Make ``out`` this run's directory for as long as the block runs.
 
+    A run that fails before its first checkpoint removes the folders it made, so a bad data path or flag
+    leaves no empty ``out`` behind.
+
     Raises:
         AudioclfError: when ``out`` cannot be a folder we write to, another training holds it, both
             ``resume`` and ``overwrite`` are given, or it holds an earlier run and neither is.
     """
+    made = _first_missing(out)
     check_out_dir(out)
-    with _lock(out):
-        _clear_earlier_run(out, resume, overwrite)
-        yield
+    try:
+        with _lock(out):
+            _clear_earlier_run(out, resume, overwrite)
+            yield
+    except BaseException:
+        # a run that fails before its first checkpoint (bad data, no weights) has nothing to resume: the
+        # folders it made go too, so the next attempt does not find an earlier run
+        if made is not None and not RunDir(out).last.exists():
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+
+
+def _first_missing(out: Path) -> Optional[Path]:
+    """The outermost folder of ``out`` that does not exist yet (``out`` itself, or one above it); None if
+    ``out`` exists."""
+    missing = None
+    while not out.exists() and out != out.parent:
+        missing, out = out, out.parent
+    return missing
 
 
 def check_out_dir(out: Path) -> None:
@@ -113,16 +212,16 @@ def _clear_earlier_run(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to mix a new run with an earlier one in ``out``; with ``overwrite``, remove the earlier outputs."""
     if resume and overwrite:
         raise AudioclfError(f"--resume continues the run in {out} and --overwrite replaces it: give one of them")
-    earlier = [name for name in _EARLIER_RUN if (out / name).exists()]
+    earlier = RunDir(out).earlier_run()
     if resume or not earlier:
         return
     if not overwrite:
-        raise AudioclfError(f"{out} holds an earlier run ({', '.join(earlier)}); continue it with --resume, "
-                            f"replace it with --overwrite, or choose another --out")
+        raise AudioclfError(f"{out} holds an earlier run ({', '.join(p.name for p in earlier)}); continue it with "
+                            f"--resume, replace it with --overwrite, or choose another --out")
     from .checkpoint import CONFIG_FILE, SAFETENSORS_FILE
     from .export import ONNX_FILE
 
-    old = [out / name for name in RUN_FILES] + [out / "eval" / name for name in EVAL_FILES]
+    old = RunDir(out).outputs() + [out / "eval" / name for name in EVAL_FILES]
     if (out / SAFETENSORS_FILE).exists() or (out / ONNX_FILE).exists():  # an export of the old model
         old += [out / SAFETENSORS_FILE, out / ONNX_FILE, out / CONFIG_FILE]
     removed = [p for p in old if p.is_file()]
@@ -181,4 +280,31 @@ def write_predictions(path, rows: Iterable[tuple[str, str, str, float]]) -> None
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["path", "true", "predicted", "confidence", "correct"])
-        w.writerows([clip, true, pred, f"{conf:.4f}", int(pred == true)] for clip, true, pred, conf in rows)
+        w.writerows([csv_cell(clip), csv_cell(true), csv_cell(pred), f"{conf:.4f}", int(pred == true)]
+                    for clip, true, pred, conf in rows)
+
+
+def plot_curves(metrics_csv: Path, out_png: Path) -> None:
+    """Loss, accuracy and learning rate by epoch, from metrics.csv, as a PNG. A bare ``Figure`` renders with
+    Agg and leaves pyplot's state (a notebook's backend) alone."""
+    from matplotlib.figure import Figure
+
+    with open(metrics_csv) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    ep = [int(r["epoch"]) for r in rows]
+    col = {k: [float(r[k]) for r in rows] for k in METRIC_FIELDS[1:]}
+    fig = Figure(figsize=(13, 3.8), layout="tight")
+    axes = fig.subplots(1, 3)
+    axes[0].plot(ep, col["train_loss"], label="train"), axes[0].plot(ep, col["val_loss"], label="validation")
+    axes[0].set_title("loss"), axes[0].legend()
+    axes[1].plot(ep, col["train_acc"], label="train"), axes[1].plot(ep, col["val_acc"], label="validation")
+    axes[1].plot(ep, col["val_f1"], label="validation macro-F1", linestyle="--")
+    axes[1].set_title("accuracy"), axes[1].set_ylim(0, 1.02), axes[1].legend()
+    axes[2].plot(ep, col["lr"]), axes[2].set_title("learning rate")
+    if min(col["lr"]) > 0:
+        axes[2].set_yscale("log")
+    for a in axes:
+        a.set_xlabel("epoch"), a.grid(alpha=0.3)
+    fig.savefig(out_png, dpi=100)

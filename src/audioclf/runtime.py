@@ -4,7 +4,9 @@ and torchrun's process group. Training and inference both take these decisions f
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import sys
 from datetime import timedelta
 from typing import Iterator, Optional
 
@@ -59,6 +61,35 @@ def auto_workers(main_process_busy: bool = True) -> int:
     if cores <= 1:
         return 0
     return cores - 1 if main_process_busy else cores
+
+
+def worker_dies_with_parent(parent_pid: int, _worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn`` (bind ``parent_pid`` with functools.partial): the worker is killed when
+    the process that started it dies, even by SIGKILL, which gives it no chance to stop its workers; else an
+    orphaned worker blocked on a full pipe lives on, holding its memory, deaf to SIGTERM.
+    Linux's ``prctl(PR_SET_PDEATHSIG)``; elsewhere a thread that watches the parent's pid."""
+    import signal
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    else:
+        def watch():
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+def dying_with_parent() -> functools.partial:
+    """The ``worker_init_fn`` for this process's DataLoaders: :func:`worker_dies_with_parent`."""
+    return functools.partial(worker_dies_with_parent, os.getpid())
 
 
 @contextlib.contextmanager
@@ -126,3 +157,24 @@ def broadcast(value, device: torch.device):
     holder = [value]
     dist.broadcast_object_list(holder, src=0, device=device if device.type == "cuda" else None)
     return holder[0]
+
+
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool) -> Iterator[None]:
+    """Deterministic kernels while the block runs, when ``enabled``; the previous settings afterwards, so a
+    library caller's process is left as it was."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    # cuBLAS sums reproducibly only with a fixed workspace; read when CUDA first runs a matmul
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # warn_only: an op without a deterministic kernel (CUDA's adaptive pooling backward) warns, not stops
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]

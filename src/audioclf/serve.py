@@ -20,7 +20,6 @@ deleted once answered.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.resources
 import importlib.util
 import logging
@@ -32,26 +31,27 @@ from pathlib import Path
 from typing import Optional
 
 from ._version import __version__
-from .audio import AUDIO_EXTENSIONS, audio_duration_s, default_hop
-from .config import _check_range
+from .audio import AUDIO_EXTENSIONS, audio_duration_s, decoding_bytes, default_hop
 from .errors import AudioclfError
+from .options import PredictOptions, ServeLimits, check_origin  # noqa: F401 (check_origin: serve's API)
 
 try:
     import uvicorn
     from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
     from fastapi.concurrency import run_in_threadpool
     from fastapi.middleware.cors import CORSMiddleware
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi.responses import HTMLResponse, Response
     from pydantic import BaseModel
-    from uvicorn.protocols.http.h11_impl import H11Protocol
 except ImportError as e:
     raise AudioclfError(f"serving needs {e.name}, which is not installed: pip install 'audioclf[serve]'") from None
 if importlib.util.find_spec("python_multipart") is None and importlib.util.find_spec("multipart") is None:
     raise AudioclfError("serving needs python-multipart for file uploads: pip install 'audioclf[serve]'")
 
+# the guards below the app (serve's API too: tests and benchmarks reach them through this module)
+from .serve_guards import MIB, BodyLimits, DecodingBudget, HeaderDeadlineProtocol, uvicorn_options  # noqa: E402,F401
+
 log = logging.getLogger(__name__)
 
-MIB = 1024 * 1024
 # Room for the multipart boundary and part headers around a file of exactly the size limit.
 MULTIPART_SLACK = 64 * 1024
 # window_s a client may ask for: from this, up to this or the model's own window if longer
@@ -68,10 +68,16 @@ STEP_WINDOWS = 2
 CLIENT_CLOSED = 499
 # Seconds a client may stay silent: before its request's headers are complete, between parts of its
 # body, and idle between requests
-TIMEOUT_S = 10.0
-# Open connections (requests included) before new requests get 503: each request may hold an upload,
-# twice over on disk (the upload spool and its decodable copy)
-MAX_CONNECTIONS = 64
+TIMEOUT_S = ServeLimits.timeout_s
+# Open connections (requests included) before new requests get 503
+MAX_CONNECTIONS = ServeLimits.max_connections
+MAX_CLIENT_CONNECTIONS = ServeLimits.max_client_connections
+# Decoded audio the whole server may hold in flight, in MiB of float32 samples (a request holds one
+# decoding block of its file, at the file's own rate and channels: 30 s of 384 kHz is 44 MiB): past it a
+# request waits for others to finish (up to --timeout-s, then 503); a request alone is always served
+MAX_DECODING_MB = ServeLimits.max_decoding_mb
+# seconds a client may ask for as hop_s at most (past the end of any audio the server accepts)
+MAX_HOP_S = 3600.0
 # What the page may load: itself, its inline style and script, and the blob: URL of the chosen file.
 PAGE_CSP = ("default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
             "media-src blob:; img-src data:; object-src 'none'; base-uri 'none'")
@@ -125,81 +131,6 @@ class Labels(BaseModel):
     labels: list[str]
 
 
-class BodyLimits:
-    """ASGI middleware: answer 413 to a request body over ``max_bytes``, 408 to one that stalls.
-
-    A declared ``Content-Length`` over the limit is refused before a byte is read; a body without one
-    (chunked) is counted as it streams in and refused as soon as it passes the limit. While a body is
-    still arriving, each read waits at most ``timeout_s``: a client that sends headers and then
-    nothing is dropped instead of holding a connection and a worker.
-    """
-
-    def __init__(self, app, max_bytes: int, max_upload_mb: float, timeout_s: float):
-        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
-        self.detail = f"upload too large: the limit is {max_upload_mb:g} MB (audioclf serve --max-upload-mb)"
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_bytes:
-            return await JSONResponse({"detail": self.detail}, status_code=413)(scope, receive, send)
-        received, more_body = 0, True
-
-        async def limited_receive():
-            nonlocal received, more_body
-            if not more_body:  # after the body only a disconnect can come, whenever the client goes
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), self.timeout_s)
-            except asyncio.TimeoutError:
-                # Raised inside FastAPI's body parsing, which passes HTTPExceptions through to its handler.
-                raise HTTPException(408, f"the request body stalled: nothing arrived for {self.timeout_s:g} s "
-                                         f"(audioclf serve --timeout-s)") from None
-            more_body = message.get("more_body", False) and message["type"] == "http.request"
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise HTTPException(413, self.detail)
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-
-class HeaderDeadlineProtocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, with a deadline for a request's headers.
-
-    uvicorn times out a connection only once it has answered a request, and any byte restarts the wait: a
-    client that connects and sends nothing, or a header a byte at a time, would hold the connection for
-    ever. Here a request's headers must be complete ``config.timeout_keep_alive`` seconds after the
-    connection opens or the previous answer is sent.
-    """
-
-    deadline: Optional[asyncio.TimerHandle] = None
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        self._arm()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._arm()
-
-    def connection_lost(self, exc) -> None:
-        if self.deadline is not None:
-            self.deadline.cancel()
-        super().connection_lost(exc)
-
-    def _arm(self) -> None:
-        if self.deadline is not None:
-            self.deadline.cancel()
-        waiting_after = self.cycle  # a new cycle starts when the next request's headers are complete
-        self.deadline = self.loop.call_later(self.timeout_keep_alive, self._expire, waiting_after)
-
-    def _expire(self, waiting_after) -> None:
-        if self.cycle is waiting_after and not self.transport.is_closing():
-            self.transport.close()
-
-
 def _upload_suffix(filename: Optional[str]) -> str:
     """The client's extension when it is a known audio one (a hint for the decoder), else none."""
     suffix = Path(filename or "").suffix.lower()
@@ -225,17 +156,10 @@ def _add_offline_docs(app: "FastAPI") -> None:
         return get_swagger_ui_html(openapi_url=app.openapi_url, title="audioclf API", **assets)
 
 
-def _check_number(name: str, value, low, high, *, low_open: bool = False) -> None:
-    """``_check_range``, and NaN or infinity refused (they pass every comparison)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise AudioclfError(f"{name}={value!r} must be a finite number, {'>' if low_open else '>='} {low:g} "
-                            f"and <= {high:g}")
-    _check_range(name, value, low, high, low_open=low_open)
-
-
-def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_audio_s: float = 600.0,
-               max_windows: int = 2000, timeout_s: float = TIMEOUT_S, cors_origin: Optional[str] = None,
-               reject: bool = True) -> FastAPI:
+def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: str = PredictOptions.device, *,
+               max_audio_s: float = ServeLimits.max_audio_s, max_windows: int = ServeLimits.max_windows,
+               timeout_s: float = TIMEOUT_S, cors_origin: Optional[str] = ServeLimits.cors_origin,
+               max_decoding_mb: float = MAX_DECODING_MB, reject: bool = PredictOptions.reject) -> FastAPI:
     """The serving app for ``model``: a :class:`~audioclf.predict.Classifier`, or anything
     :func:`audioclf.load` reads (run directory, ``.pt``, safetensors export), loaded here, once.
 
@@ -248,13 +172,14 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
         timeout_s (float): seconds a request body may stall before it gets 408. (Default: ``TIMEOUT_S``, 10)
         cors_origin (str, optional): the one origin whose pages may call the API from a browser.
             (Default: none, same-origin only)
+        max_decoding_mb (float): decoded audio in flight across all requests, in MiB; past it requests
+            wait (503 after ``timeout_s``). (Default: ``MAX_DECODING_MB``, 256)
     """
     from .predict import Classifier, LimitError, count_windows, load
 
-    _check_number("max_upload_mb", max_upload_mb, 0.0, 1e6, low_open=True)
-    _check_number("max_audio_s", max_audio_s, 0.0, 1e6, low_open=True)
-    _check_number("max_windows", max_windows, 1, 10**6)
-    _check_number("timeout_s", timeout_s, 0.0, 3600.0, low_open=True)
+    ServeLimits(max_upload_mb=max_upload_mb, max_audio_s=max_audio_s, max_windows=max_windows, timeout_s=timeout_s,
+                cors_origin=cors_origin, max_decoding_mb=max_decoding_mb)  # refuses a value out of its range
+    budget = DecodingBudget(int(max_decoding_mb * MIB), timeout_s)
     clf = model if isinstance(model, Classifier) else load(model, device, reject=reject)
     labels, features = list(clf.labels), clf.config.features
     sr, max_window_s = features.sample_rate, max(MAX_WINDOW_S, features.duration_s)
@@ -269,6 +194,11 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
         """The client's window and hop checked against the server's ranges: (window_s, window, hop), in
         seconds and samples; a hop left out is the Classifier's default."""
         window_s = features.duration_s if window_s is None else window_s
+        for name, value in (("window_s", window_s), ("hop_s", hop_s)):
+            if value is not None and not math.isfinite(value):
+                raise HTTPException(422, f"{name}={value} must be a finite number of seconds")
+        if hop_s is not None and hop_s > MAX_HOP_S:
+            raise HTTPException(422, f"hop_s={hop_s:g} is out of range: this server allows at most {MAX_HOP_S:g} s")
         if not MIN_WINDOW_S <= window_s <= max_window_s:
             raise HTTPException(422, f"window_s={window_s:g} is out of range: this server allows "
                                      f"{MIN_WINDOW_S:g} to {max_window_s:g} s")
@@ -278,9 +208,10 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
         window = round(window_s * sr)
         return window_s, window, default_hop(window) if hop_s is None else max(1, round(hop_s * sr))
 
-    def open_upload(upload: UploadFile, shown: str, tmp: Path, window: int, hop: int) -> Path:
+    def open_upload(upload: UploadFile, shown: str, tmp: Path, window: int, hop: int) -> tuple[Path, int]:
         """In a worker thread: copy the upload to ``tmp``, check from its header that it opens and fits the
-        limits, before the model's turn. ``shown`` names it in messages."""
+        limits, before the model's turn; returns it and the bytes its decoding holds. ``shown`` names it in
+        messages."""
         path = tmp / f"upload{_upload_suffix(upload.filename)}"
         with open(path, "wb") as f:
             shutil.copyfileobj(upload.file, f)
@@ -298,7 +229,7 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
             raise HTTPException(422, f"{shown}: window_s={window / sr:g} and hop_s={hop / sr:g} give {n} windows over "
                                      f"{duration_s:.1f} s; the limit is {max_windows} (audioclf serve "
                                      f"--max-windows): use a longer hop_s")
-        return path
+        return path, decoding_bytes(path)
 
     def step(steps) -> Optional[dict]:
         """In a worker thread: one model step of a request, holding the model for that step only."""
@@ -323,9 +254,11 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
                       file: Optional[UploadFile] = File(None, description="audio file: WAV, FLAC, OGG, MP3, ..."),
                       timeline: bool = Query(False, description="add per-window predictions (sliding window)"),
                       top_k: int = Query(3, ge=1, description="classes to return, most probable first"),
-                      window_s: Optional[float] = Query(None, gt=0, description="sliding-window length in s "
+                      window_s: Optional[float] = Query(None, gt=0, allow_inf_nan=False,
+                                                        description="sliding-window length in s "
                                                         "for long files (default: the training duration)"),
-                      hop_s: Optional[float] = Query(None, gt=0, description="seconds between window starts "
+                      hop_s: Optional[float] = Query(None, gt=0, allow_inf_nan=False,
+                                                     description="seconds between window starts "
                                                      "(default: half the window)")):
         """Classify one uploaded audio file."""
         if file is None:
@@ -333,15 +266,16 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
         window_s, window, hop = check_window(window_s, hop_s)
         shown = Path(file.filename or "upload").name  # for messages only, never a path
         with tempfile.TemporaryDirectory(prefix="audioclf-upload-") as tmp:
-            path = await run_in_threadpool(open_upload, file, shown, Path(tmp), window, hop)
+            path, decoded = await run_in_threadpool(open_upload, file, shown, Path(tmp), window, hop)
             steps = clf.classify_steps(path, timeline=timeline, top_k=min(top_k, len(labels)), window_s=window_s,
                                        hop_s=hop_s, batch_size=max(1, step_samples // window),
                                        max_duration_s=max_audio_s, max_windows=max_windows)
             try:
-                while (result := await run_in_threadpool(step, steps)) is None:
-                    if await request.is_disconnected():
-                        log.info("%s: the client disconnected; classification cancelled", shown)
-                        return Response(status_code=CLIENT_CLOSED)
+                async with budget.hold(decoded, shown):
+                    while (result := await run_in_threadpool(step, steps)) is None:
+                        if await request.is_disconnected():
+                            log.info("%s: the client disconnected; classification cancelled", shown)
+                            return Response(status_code=CLIENT_CLOSED)
                 return result
             except LimitError as e:
                 raise HTTPException(413, str(e).replace(str(path), shown)) from None
@@ -375,13 +309,14 @@ def create_app(model, max_upload_mb: float = 50.0, device: str = "auto", *, max_
         hop = round((window_s / 2 if frames else detect_config.hop_s) * sr)
         shown = Path(file.filename or "upload").name
         with tempfile.TemporaryDirectory(prefix="audioclf-upload-") as tmp:
-            path = await run_in_threadpool(open_upload, file, shown, Path(tmp), window, hop)
+            path, decoded = await run_in_threadpool(open_upload, file, shown, Path(tmp), window, hop)
             steps = track_steps(clf, path, detect_config, batch_size=max(1, step_samples // window),
                                 max_duration_s=max_audio_s, max_windows=max_windows)
             try:
-                while (result := await run_in_threadpool(step, steps)) is None:
-                    if await request.is_disconnected():
-                        return Response(status_code=CLIENT_CLOSED)
+                async with budget.hold(decoded, shown):
+                    while (result := await run_in_threadpool(step, steps)) is None:
+                        if await request.is_disconnected():
+                            return Response(status_code=CLIENT_CLOSED)
             except LimitError as e:
                 raise HTTPException(413, str(e).replace(str(path), shown)) from None
             except AudioclfError as e:
@@ -418,22 +353,17 @@ def _detect_config(model):
     return DetectConfig.from_dict(saved or {})
 
 
-def serve(model_path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          max_connections: int = MAX_CONNECTIONS, **limits) -> None:
+def serve(model_path, host: str = ServeLimits.host, port: int = ServeLimits.port, device: str = PredictOptions.device,
+          max_connections: int = MAX_CONNECTIONS, max_client_connections: int = MAX_CLIENT_CONNECTIONS,
+          reject: bool = PredictOptions.reject, **limits) -> None:
     """Load the model and serve it with uvicorn on ``host:port`` until interrupted; ``limits`` are
     :func:`create_app`'s keyword arguments. ``timeout_s`` also bounds how long a connection may wait
     for a request's headers and stay idle between requests; past ``max_connections`` open connections,
-    requests get 503."""
-    _check_number("port", port, 0, 65535)
-    _check_number("max_connections", max_connections, 1, 10**5)
-    app = create_app(model_path, device=device, **limits)
+    a new one displaces the one idle longest (requests get 503 only when none is idle); one client address
+    may hold ``max_client_connections``."""
+    ServeLimits(host=host, port=port, max_connections=max_connections, max_client_connections=max_client_connections,
+                **limits)
+    app = create_app(model_path, device=device, reject=reject, **limits)
     log.info("serving %s on http://%s:%d (web page at /, API docs at /docs)", model_path, host, port)
     uvicorn.run(app, host=host, port=port, log_level="info",
-                **uvicorn_options(limits.get("timeout_s", TIMEOUT_S), max_connections))
-
-
-def uvicorn_options(timeout_s: float, max_connections: int = MAX_CONNECTIONS) -> dict:
-    """uvicorn settings that bound what clients can hold: ``max_connections`` open connections (requests
-    beyond get 503), each silent for at most ``timeout_s`` before its request's headers are complete, and
-    as long idle between requests."""
-    return {"http": HeaderDeadlineProtocol, "timeout_keep_alive": timeout_s, "limit_concurrency": max_connections}
+                **uvicorn_options(limits.get("timeout_s", TIMEOUT_S), max_connections, max_client_connections))

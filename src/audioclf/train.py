@@ -15,11 +15,8 @@ Cross-validation, which calls ``fit`` once per fold, is ``cv.py``.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
-import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
@@ -40,20 +37,15 @@ from .calibrate import fit_trust, store_trust
 from .config import RunConfig, TrainConfig
 from .data import ClipSet, load_clips, split_clips
 from .errors import AudioclfError
-from .fileio import atomic_path, write_text_atomic
 from .metrics import classification_metrics, macro_f1
 from .model import build_model, place_model
-from .rundir import claim, resumed_config, write_predictions
-from .runtime import amp_dtype, broadcast, dist_info, process_group, resolve_device
+from .optim import make_optimizer, make_scheduler
+from .rundir import RunDir, claim, resumed_config
+from .runtime import amp_dtype, broadcast, deterministic_kernels, dist_info, process_group, resolve_device
 from .store import FeatureBank
 from .trust import expected_calibration_error, softmax
 
 log = logging.getLogger(__name__)
-
-METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "epoch_s", "clips_per_s"]
-# layers whose weights scale and shift normalised activations: weight decay would only pull them towards 0
-NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm,
-               nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
 # ------------------------------------------------------------------------------------------- fit
@@ -67,27 +59,27 @@ def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = Fals
     holds an earlier run is refused unless ``resume`` (continue it: only ``rundir.RESUMABLE`` settings may
     differ from its ``last.pt``) or ``overwrite`` (remove its outputs first).
     """
-    out = Path(out_dir)
-    with claim(out, resume, overwrite) if dist_info()[0] == 0 else nullcontext():  # rank 0 owns the run directory
+    run = RunDir(out_dir)
+    with claim(run.path, resume, overwrite) if dist_info()[0] == 0 else nullcontext():  # rank 0 owns the run directory
         # --- resume: last.pt's config wins, so the run continues as it started
-        ckpt = _last_checkpoint(out) if resume else None
+        ckpt = _last_checkpoint(run) if resume else None
         if ckpt is not None:
-            config = resumed_config(RunConfig.from_saved(ckpt["config"]), config, out)
+            config = resumed_config(RunConfig.from_saved(ckpt["config"]), config, run.path)
         # --- set up: processes and device, seed, train.log, kernels; all undone when the run ends
-        with _session(config.train, out) as s:
+        with _session(config.train, run) as s:
             # --- clips, then the model: its weights are fetched (or refused) before the cache build, which can take minutes
-            clipset = _load_clips(config, ckpt, out)
+            clipset = _load_clips(config, ckpt, run.path)
             model, pretrained, config = _build_model(config, len(clipset.classes))
             t = config.train
             # --- data: the feature store (each rank builds its share of the shards) -> train/val/test split
-            bank = _feature_bank(clipset, config, s, out)
+            bank = _feature_bank(clipset, config, s, run)
             splits = _split(bank, clipset, config)
             train_idx, val_idx = bank.indices(splits["train"]), bank.indices(splits["val"])
             # --- model on the data: normalisation from the training clips, device, channels-last, DDP
             ddp = _place_model(model, bank, train_idx, config, s)
             _log_recipe(config, pretrained, s)
             if s.master:
-                _write_run_config(out, config, clipset.classes)
+                run.write_config(config, clipset.classes)
             # --- optimiser, loss, schedule
             decay_all = ckpt is not None and len(ckpt["optimizer"]["param_groups"]) == 1  # started before groups
             opt = make_optimizer(model, t, s.device, decay_all=decay_all)
@@ -97,9 +89,9 @@ def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = Fals
             scaler = torch.amp.GradScaler(enabled=s.amp == torch.float16)
             specaug = SpecAugment(config.augment, features=config.features)
             # --- state, from scratch or from last.pt; there is always a last.pt to resume from
-            progress, rows = _restore(ckpt, model, opt, scheduler, out)
+            progress, rows = _restore(ckpt, model, opt, scheduler, run)
             if s.master and ckpt is None:
-                _save_checkpoints(out, model, config, clipset.classes, opt, scheduler, progress, improved=False)
+                _save_checkpoints(run, model, config, clipset.classes, opt, scheduler, progress, improved=False)
 
             stopped_early = False
             for epoch in range(progress.epoch + 1, t.epochs + 1):
@@ -122,28 +114,20 @@ def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = Fals
                 _log_epoch(rows[-1], improved)
                 # --- checkpoint: best by validation loss, last for --resume
                 if s.master:
-                    _write_metrics(out / "metrics.csv", rows)
-                    _save_checkpoints(out, model, config, clipset.classes, opt, scheduler, progress, improved)
+                    run.write_metrics(rows)
+                    _save_checkpoints(run, model, config, clipset.classes, opt, scheduler, progress, improved)
                 # --- early stopping
-                if t.patience and progress.bad_epochs >= t.patience:
-                    log.info("early stop: validation loss has not improved for %d epochs (best %.4f at epoch %d)",
-                             progress.bad_epochs, progress.best_val_loss, progress.best_epoch)
+                if progress.early_stop(t.patience):
                     stopped_early = True
                     break
 
             summary = {"best_val_loss": progress.best_val_loss, "best_epoch": progress.best_epoch,
                        "epochs_run": progress.epoch, "stopped_early": stopped_early, "pretrained": pretrained, "lr": t.lr}
-            # --- temperature and "unknown" rule: fitted on the best model's validation outputs, kept in best.pt
-            if s.master:
-                model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
-                store_trust(out / "best.pt", fit_trust(model, bank, train_idx, val_idx, config, len(clipset.classes), s.device))
-            # --- test fold: the best model on clips it never saw, from the same cache
-            if splits["test"]:
-                summary.update(_test_fold(model, bank, splits["test"], out, s, config, clipset.classes))
+            # --- temperature and "unknown" rule of best.pt (validation clips), then the test fold (clips never seen)
+            summary.update(_calibrate_and_test(model, bank, splits, run, s, config, clipset.classes))
             # --- curves and summary
             if s.master:
-                plot_curves(out / "metrics.csv", out / "curves.png")
-                write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
+                run.finish(summary)
             return summary
 
 
@@ -249,51 +233,7 @@ def _check_finite(value: float, what: str, lr: float) -> None:
                             f"or check the data for NaN/Inf")
 
 
-# ------------------------------------------------------------------------------------------- optimiser
-
-def make_optimizer(model: nn.Module, t: TrainConfig, device: torch.device, decay_all: bool = False) -> torch.optim.Optimizer:
-    """AdamW as ``t`` (a TrainConfig with its lr resolved) says, in the two groups of :func:`param_groups`.
-
-    ``decay_all``: one group, every parameter decayed, as audioclf trained before the groups; a run
-    started then resumes with it, as it started.
-    """
-    groups = [{"params": list(model.parameters())}] if decay_all else param_groups(model, t.weight_decay)
-    # fused: one kernel over all 11M parameters; the per-tensor loop cost 65 ms a step on 2 CPU cores
-    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, fused=device.type in ("cpu", "cuda"))
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: ``[decayed, not decayed]``, as nanoGPT and timm make them.
-
-    Weight decay pulls a weight towards 0; on a convolution's or linear layer's weight matrix that
-    regularises, but on a bias or a norm layer's scale and shift it only fights the data. So the
-    parameters of ``NORM_LAYERS`` and every parameter with fewer than 2 dimensions (biases, scalars)
-    get ``weight_decay`` 0; the rest get ``weight_decay``. Each group keeps ``model.parameters()``' order.
-    """
-    no_decay = {id(p) for m in model.modules() for p in m.parameters(recurse=False)
-                if isinstance(m, NORM_LAYERS) or p.ndim < 2}
-    params = list(model.parameters())
-    return [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
-
-
-def make_scheduler(opt: torch.optim.Optimizer, config: RunConfig, steps_per_epoch: int):
-    """(scheduler, steps_per_batch): per-batch schedules step every batch, plateau once per epoch."""
-    t = config.train
-    total = t.epochs * steps_per_epoch
-    if t.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2), False
-    if t.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=total), True
-    warmup = t.warmup_epochs * steps_per_epoch
-
-    def cosine(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, cosine), True
-
+# ------------------------------------------------------------------------------------------- sampling
 
 def class_balance(labels: torch.Tensor, n_classes: int, balance: str,
                   device: torch.device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -364,33 +304,35 @@ class Progress:
             self.bad_epochs += 1
         return improved
 
+    def early_stop(self, patience: int) -> bool:
+        """Whether ``patience`` epochs (0: never) have passed without a better validation loss; says so."""
+        if not patience or self.bad_epochs < patience:
+            return False
+        log.info("early stop: validation loss has not improved for %d epochs (best %.4f at epoch %d)",
+                 self.bad_epochs, self.best_val_loss, self.best_epoch)
+        return True
 
-def _last_checkpoint(out: Path) -> dict:
-    if not (out / "last.pt").is_file():
-        raise AudioclfError(f"--resume: {out / 'last.pt'} does not exist; start a new run without --resume")
-    return load_checkpoint(out / "last.pt")
+
+def _last_checkpoint(run: RunDir) -> dict:
+    if not run.last.is_file():
+        raise AudioclfError(f"--resume: {run.last} does not exist; start a new run without --resume")
+    return load_checkpoint(run.last)
 
 
 @contextmanager
-def _session(t: TrainConfig, out: Path) -> Iterator[Session]:
+def _session(t: TrainConfig, run: RunDir) -> Iterator[Session]:
     """Join the other processes, pick the device, seed, copy the log to train.log and switch kernels as
     ``t`` says; leave the process as it was when the run ends, however it ends."""
     rank, _, world = dist_info()
-    with process_group(resolve_device(t.device)) as device:
+    with process_group(resolve_device(t.device)) as device, deterministic_kernels(t.deterministic):
         torch.manual_seed(t.seed)
         s = Session(rank, world, device, amp_dtype(device) if t.amp else None, t.quiet or rank != 0)
-        handler = _log_to_file(out / "train.log") if s.master else None
-        restore_kernels = _deterministic_kernels(t.deterministic)
-        try:
-            yield s
-        except KeyboardInterrupt:
-            log.warning("interrupted: %s holds the last completed epoch; continue with --resume", out / "last.pt")
-            raise
-        finally:
-            restore_kernels()
-            if handler is not None:
-                logging.getLogger("audioclf").removeHandler(handler)
-                handler.close()
+        with run.logging_to_file() if s.master else nullcontext():
+            try:
+                yield s
+            except KeyboardInterrupt:
+                log.warning("interrupted: %s holds the last completed epoch; continue with --resume", run.last)
+                raise
 
 
 def _load_clips(config: RunConfig, ckpt: Optional[dict], out: Path) -> ClipSet:
@@ -413,14 +355,14 @@ def _build_model(config: RunConfig, n_classes: int) -> tuple[nn.Module, bool, Ru
     return model, pretrained, replace(config, train=t, model=m)
 
 
-def _feature_bank(clipset: ClipSet, config: RunConfig, s: Session, out: Path) -> FeatureBank:
+def _feature_bank(clipset: ClipSet, config: RunConfig, s: Session, run: RunDir) -> FeatureBank:
     """The clips' feature store: under DDP each rank builds its share of the shards, then every rank opens
     the whole store; rank 0 lists the clips it could not read in skipped.csv."""
     bank = FeatureBank.build(clipset, config.features, cache_dir=config.data.cache_dir, device=s.device,
                              num_workers=config.data.num_workers, strict=config.data.strict, quiet=s.quiet,
                              distributed=s.world > 1)
     if s.master:
-        _write_skipped(out / "skipped.csv", bank.skipped)
+        run.write_skipped(bank.skipped)
     if s.device.type == "cuda":
         bank.to_device(s.device, max_bytes=4 * 2**30)  # a small store whole on the GPU: batches never cross PCIe
     return bank
@@ -457,7 +399,7 @@ def _log_recipe(config: RunConfig, pretrained: bool, s: Session) -> None:
              f", mixed precision {str(s.amp).removeprefix('torch.')}" if s.amp else "")
 
 
-def _restore(ckpt: Optional[dict], model: nn.Module, opt, scheduler, out: Path) -> tuple[Progress, list[dict]]:
+def _restore(ckpt: Optional[dict], model: nn.Module, opt, scheduler, run: RunDir) -> tuple[Progress, list[dict]]:
     """(progress, metrics.csv rows so far): fresh, or from ``ckpt`` (last.pt), whose state is loaded
     into the model, optimiser and schedule."""
     if ckpt is None:
@@ -466,8 +408,8 @@ def _restore(ckpt: Optional[dict], model: nn.Module, opt, scheduler, out: Path) 
     opt.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     progress = Progress(**{f.name: ckpt[f.name] for f in fields(Progress)})
-    rows = [r for r in _read_metrics(out / "metrics.csv") if r["epoch"] <= progress.epoch]
-    log.info("resumed from %s at epoch %d", out / "last.pt", progress.epoch)
+    rows = [r for r in run.read_metrics() if r["epoch"] <= progress.epoch]
+    log.info("resumed from %s at epoch %d", run.last, progress.epoch)
     return progress, rows
 
 
@@ -477,21 +419,33 @@ def _log_epoch(row: dict, improved: bool) -> None:
              row["epoch_s"], row["clips_per_s"], "  *" if improved else "")
 
 
-def _save_checkpoints(out: Path, model: nn.Module, config: RunConfig, classes: list[str], opt, scheduler,
+def _save_checkpoints(run: RunDir, model: nn.Module, config: RunConfig, classes: list[str], opt, scheduler,
                       progress: Progress, improved: bool) -> None:
     """last.pt (everything --resume needs) and, when ``improved``, best.pt (what inference needs)."""
     state = inference_state(model, config, classes, {"optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
                                                      **asdict(progress)})
     if improved:
-        save_checkpoint({k: state[k] for k in ("config", "labels", "model", "epoch", "best_val_loss")}, out / "best.pt")
-    save_checkpoint(state, out / "last.pt")
+        save_checkpoint({k: state[k] for k in ("config", "labels", "model", "epoch", "best_val_loss")}, run.best)
+    save_checkpoint(state, run.last)
 
 
-def _test_fold(model: nn.Module, bank: FeatureBank, clips: list, out: Path, s: Session, config: RunConfig,
+def _calibrate_and_test(model: nn.Module, bank: FeatureBank, splits: dict, run: RunDir, s: Session, config: RunConfig,
+                        classes: list[str]) -> dict:
+    """Fit best.pt's temperature and unknown rule on the validation clips and store them in it
+    (:mod:`audioclf.calibrate`; rank 0), then score it on the test fold, if any (:func:`_test_fold`)."""
+    if s.master:
+        model.load_state_dict(load_checkpoint(run.best)["model"])
+        store_trust(run.best, fit_trust(model, bank, bank.indices(splits["train"]), bank.indices(splits["val"]), config,
+                                        len(classes), s.device))
+    return _test_fold(model, bank, splits["test"], run, s, config, classes) if splits["test"] else {}
+
+
+def _test_fold(model: nn.Module, bank: FeatureBank, clips: list, run: RunDir, s: Session, config: RunConfig,
                classes: list[str]) -> dict:
     """Score best.pt on the test fold's clips as ``audioclf evaluate`` does (:func:`classification_metrics`);
-    rank 0 writes test_metrics.json and test_predictions.csv. Returns ``test_acc``, ``test_f1``, ``test_n``."""
-    best = load_checkpoint(out / "best.pt") if s.master or s.world == 1 else None
+    rank 0 writes test_metrics.json and test_predictions.csv (probabilities calibrated as inference gives them).
+    Returns ``test_acc``, ``test_f1``, ``test_n``, ``test_ece``."""
+    best = load_checkpoint(run.best) if s.master or s.world == 1 else None
     best = broadcast(best, s.device)
     model.load_state_dict(best["model"])
     idx = bank.indices(clips)
@@ -504,101 +458,10 @@ def _test_fold(model: nn.Module, bank: FeatureBank, clips: list, out: Path, s: S
                "ece": expected_calibration_error(probs, labels.numpy()), **calibration, "temperature": temperature}
     if s.master:
         pred = probs.argmax(1)
-        write_predictions(out / "test_predictions.csv", [(bank.clips[i].path, classes[y], classes[k], p[k]) for i, y, k, p
-                                                         in zip(idx.tolist(), labels.tolist(), pred.tolist(), probs)])
-        write_text_atomic(out / "test_metrics.json", json.dumps(metrics, indent=2) + "\n")
+        run.write_test(metrics, [(bank.clips[i].path, classes[y], classes[k], p[k])
+                                 for i, y, k, p in zip(idx.tolist(), labels.tolist(), pred.tolist(), probs)])
     log.info("test fold %s: accuracy %.4f, macro-F1 %.4f, ECE %.4f (%.4f before temperature scaling) (%d clips)",
              config.data.test_fold, metrics["accuracy"], metrics["macro_f1"], metrics["ece"],
              metrics["ece_uncalibrated"], metrics["n_clips"])
     return {"test_acc": metrics["accuracy"], "test_f1": metrics["macro_f1"], "test_n": metrics["n_clips"],
             "test_ece": metrics["ece"]}
-
-
-# ------------------------------------------------------------------------------------------- run outputs
-
-def _write_run_config(out: Path, config: RunConfig, classes: list[str]) -> None:
-    config.save_yaml(out / "config.yaml")
-    write_text_atomic(out / "labels.json", json.dumps(classes, indent=1))
-
-
-def _write_metrics(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, METRIC_FIELDS)
-        w.writeheader()
-        w.writerows({k: r[k] for k in METRIC_FIELDS} for r in rows)
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
-
-
-def plot_curves(metrics_csv: Path, out_png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(metrics_csv) as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return
-    ep = [int(r["epoch"]) for r in rows]
-    col = {k: [float(r[k]) for r in rows] for k in METRIC_FIELDS[1:]}
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    axes[0].plot(ep, col["train_loss"], label="train"), axes[0].plot(ep, col["val_loss"], label="validation")
-    axes[0].set_title("loss"), axes[0].legend()
-    axes[1].plot(ep, col["train_acc"], label="train"), axes[1].plot(ep, col["val_acc"], label="validation")
-    axes[1].plot(ep, col["val_f1"], label="validation macro-F1", linestyle="--")
-    axes[1].set_title("accuracy"), axes[1].set_ylim(0, 1.02), axes[1].legend()
-    axes[2].plot(ep, col["lr"]), axes[2].set_title("learning rate")
-    if min(col["lr"]) > 0:
-        axes[2].set_yscale("log")
-    for a in axes:
-        a.set_xlabel("epoch"), a.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-
-
-def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:  # names as on disk
-        w = csv.writer(f)
-        w.writerow(["path", "reason"])
-        w.writerows(skipped)
-    if skipped:
-        log.warning("%d clip(s) skipped, listed in %s", len(skipped), path)
-
-
-def _log_to_file(path: Path) -> logging.Handler:
-    """Copy the library's log to the run directory (removed again when the run ends)."""
-    root = logging.getLogger("audioclf")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")  # file names need not be UTF-8
-    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(h)
-    if root.level == logging.NOTSET or root.level > logging.INFO:
-        root.setLevel(logging.INFO)
-    return h
-
-
-def _deterministic_kernels(enabled: bool):
-    """Switch to deterministic kernels when ``enabled``; return a callable that restores the previous
-    settings, so a library caller's process is left as it was."""
-    if not enabled:
-        return lambda: None
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    # cuBLAS sums reproducibly only with a fixed workspace; read when CUDA first runs a matmul
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    # warn_only: an op without a deterministic kernel (CUDA's adaptive pooling backward) warns, not stops
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-
-    def restore():
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
-
-    return restore

@@ -35,7 +35,7 @@ from .audio import (AUDIO_EXTENSIONS, audio_duration_s, audio_format, member_pat
                     source_stat, split_member, tar_index)
 from .clips import Clip, ClipSet
 from .errors import AudioclfError
-from .fileio import atomic_path
+from .fileio import atomic_path, check_output
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ SHARD_PATTERN = "shard-{:06d}.tar"
 
 # webdataset's own split of a member name into sample key and extension: the key ends at the first dot
 # of the base name, so keys must hold no dots (and ours hold no slashes either)
+MAX_SHARDS = 100_000  # shards one brace pattern may name
+MAX_META_BYTES = 64 * 1024  # the largest .json or .cls member read
+MAX_META_DEPTH = 32  # nested objects and lists in a .json member
 _KEY_AND_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _REMOTE = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]*://|pipe:)")
 _UNSAFE_IN_KEY = re.compile(r"[^A-Za-z0-9_-]+")
@@ -120,8 +123,7 @@ def write_shards(clipset: ClipSet, out_dir, *, samples_per_shard: int = 500, max
 
 def _prepare_out_dir(out: Path) -> None:
     """Refuse a file or another shard set; clear what an interrupted ``write_shards`` left in ``out``."""
-    if out.exists() and not out.is_dir():
-        raise AudioclfError(f"--out {out}: is a file; give a folder for the shards")
+    check_output(out, folder=True)
     if not out.is_dir():
         return
     index = out / INDEX_NAME
@@ -327,9 +329,12 @@ def _folder_shards(folder: Path) -> tuple[list[str], Optional[dict]]:
 
 
 def _expand(pattern: str) -> list[str]:
-    """The files a brace pattern (or a plain path) names; each must exist."""
+    """The files a brace pattern (or a plain path) names; each must exist. At most MAX_SHARDS of them, counted
+    as the pattern expands: ``{0..999999999}`` names a billion."""
     from braceexpand import braceexpand
 
+    if _pattern_size(pattern) > MAX_SHARDS:  # braceexpand lists a zero-padded range whole before yielding
+        raise AudioclfError(f"{pattern}: names more than {MAX_SHARDS} shards; narrow the pattern's ranges")
     try:
         paths = list(braceexpand(pattern))
     except ValueError as e:  # unbalanced braces
@@ -340,6 +345,26 @@ def _expand(pattern: str) -> list[str]:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise AudioclfError(f"{missing[0]}{more}: no such shard file{where}")
     return paths
+
+
+_INNERMOST = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(-?\d+|[A-Za-z])\.\.(-?\d+|[A-Za-z])(?:\.\.(-?\d+))?$")
+
+
+def _pattern_size(pattern: str) -> int:
+    """How many names a brace pattern expands to, from its text alone (nested groups count as the product of
+    their sizes, an upper bound): each innermost ``{a..b[..step]}`` or ``{x,y,...}``, then those around it."""
+    size = 1
+    while (m := _INNERMOST.search(pattern)) is not None:
+        body, count = m.group(1), 1
+        if r := _RANGE.match(body):
+            first, last = (int(x) if x.lstrip("-").isdigit() else ord(x) for x in r.group(1, 2))
+            count = abs(last - first) // max(1, abs(int(r.group(3) or 1))) + 1
+        elif "," in body:
+            count = body.count(",") + 1
+        size *= count
+        pattern = pattern[:m.start()] + "_" + pattern[m.end():]
+    return size
 
 
 def _load_index(path: Path, allow_incomplete: bool = False) -> Optional[dict]:
@@ -368,8 +393,41 @@ def _samples(tar: str) -> Iterable[tuple[str, dict[str, str]]]:
     for name in tar_index(tar):
         m = _KEY_AND_EXT.match(name)
         if m is not None:
-            samples.setdefault(m.group(1), {})[m.group(2).lower()] = name
+            members, ext = samples.setdefault(m.group(1), {}), m.group(2).lower()
+            if ext in members:  # x.wav and x.WAV: one would silently replace the other
+                raise AudioclfError(f"{tar}: sample {m.group(1)!r} holds .{ext} twice ({members[ext]} and {name}); "
+                                    f"write the shard again with each member once")
+            members[ext] = name
     return samples.items()
+
+
+def _metadata(tar: str, name: str) -> Union[str, bytes]:
+    """The bytes of a metadata member (``.json``, ``.cls``), or why they are not read: a link or device
+    member, or one larger than MAX_META_BYTES."""
+    entry = tar_index(tar)[name]
+    if entry.kind != "file":
+        return f"its {name} is a {entry.kind} member, not a file"
+    if entry.size > MAX_META_BYTES:
+        return f"its {name} is {entry.size} bytes; a metadata member holds at most {MAX_META_BYTES}"
+    return read_member(tar, name)
+
+
+def _too_deep(text: str, limit: int) -> bool:
+    """Whether JSON ``text`` nests objects and lists more than ``limit`` deep (brackets in strings ignored),
+    checked before parsing, which recurses."""
+    depth, in_string, escaped = 0, False, False
+    for ch in text:
+        if in_string:
+            escaped, in_string = (not escaped and ch == "\\"), in_string and (escaped or ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
 
 
 def _read_sample(tar: str, key: str, members: dict[str, str],
@@ -380,19 +438,33 @@ def _read_sample(tar: str, key: str, members: dict[str, str],
         return f"no audio member (one of {', '.join(AUDIO_EXTENSIONS)})"
     if len(audio) > 1:
         return f"more than one audio member ({', '.join(audio)}); a sample holds exactly one"
+    kind = tar_index(tar)[members[audio[0]]].kind
+    if kind != "file":
+        return f"its audio {members[audio[0]]} is a {kind} member, not a file; shards hold each clip's bytes"
     meta = {}
     if "json" in members:
+        data = _metadata(tar, members["json"])
+        if isinstance(data, str):
+            return data
         try:
-            meta = json.loads(read_member(tar, members["json"]))
-        except (UnicodeDecodeError, ValueError) as e:
+            text = data.decode("utf-8")
+            if _too_deep(text, MAX_META_DEPTH):
+                return f"its .json nests more than {MAX_META_DEPTH} deep"
+            meta = json.loads(text)
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             return f"its .json is not valid JSON ({e})"
         if not isinstance(meta, dict):
             return f"its .json is a {type(meta).__name__}, not an object with a \"label\""
     label = meta.get("label")
     if label is None and "cls" in members:
-        label = read_member(tar, members["cls"]).decode("utf-8", "replace").strip()
+        data = _metadata(tar, members["cls"])
+        if isinstance(data, str):
+            return data
+        label = data.decode("utf-8", "replace").strip()
         if not (label.isascii() and label.isdigit()):
             return f"its .cls holds {label[:20]!r}, not a class index"
+        if len(label) > 9:  # int() of thousands of digits is refused by Python, and slow before that
+            return f"its .cls holds a {len(label)}-digit number, not a class index"
         label = int(label)
     if label is None:
         return "no label: neither a .json with a \"label\" nor a .cls"

@@ -19,7 +19,7 @@ import torch
 
 from .backbones import BACKBONES, Backbone
 from .errors import AudioclfError
-from .fileio import sha256
+from .fileio import sha256, torch_load
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +34,27 @@ def status(name: str) -> str:
     return "cached" if hub_path(BACKBONES[name]).is_file() else "downloadable"
 
 
-def _check_hash(path: Path, backbone: Backbone) -> None:
+def _pinned(backbone: Backbone) -> str:
     # a full pinned digest is its own prefix, so one comparison serves both
-    pinned = backbone.sha256 or backbone.sha256_prefix
-    if not pinned:
+    return backbone.sha256 or backbone.sha256_prefix
+
+
+def _check_hash(path: Path, backbone: Backbone, given: bool = False) -> None:
+    """The file is the official one of ``backbone``, else an AudioclfError that says whose it is when it is
+    another backbone's official file; ``given`` (a --weights file, not the cache's) is never to be deleted."""
+    if not _pinned(backbone):
         return
     digest = sha256(path)
-    if not digest.startswith(pinned):
-        official = pinned if backbone.sha256 else f"{pinned}..."
-        raise AudioclfError(f"{path}: sha256 {digest} is not that of the official {backbone.weights_file} "
-                            f"({official}); the file is damaged or a different model. Delete it, or "
-                            f"download {backbone.weights_url} again")
+    if digest.startswith(_pinned(backbone)):
+        return
+    other = next((name for name, b in BACKBONES.items() if _pinned(b) and digest.startswith(_pinned(b))), None)
+    if other is not None:
+        raise AudioclfError(f"{path}: the official weights of {other}, not of {backbone.name}; give --backbone "
+                            f"{other}, or the {backbone.name} file {backbone.weights_file} ({backbone.weights_url})")
+    official = f"{_pinned(backbone)}{'' if backbone.sha256 else '...'}"
+    todo = f"give that file ({backbone.weights_url})" if given else f"delete it, or download {backbone.weights_url} again"
+    raise AudioclfError(f"{path}: sha256 {digest} is not that of the official {backbone.weights_file} ({official}): "
+                        f"another model's weights, or a damaged copy; {todo}")
 
 
 def _download(url: str, dest: Path, timeout_s: float = 60.0) -> None:
@@ -76,9 +86,11 @@ def weights_file(name: str, weights_path: Optional[str] = None, download: bool =
     b = BACKBONES[name]
     if weights_path:
         path = Path(weights_path)
+        if path.is_dir():
+            raise AudioclfError(f"--weights {path}: a folder; give the weights file itself ({b.weights_file})")
         if not path.is_file():
             raise AudioclfError(f"--weights {path}: no such file")
-        _check_hash(path, b)
+        _check_hash(path, b, given=True)
         return path
     path = hub_path(b)
     if not path.is_file():
@@ -100,11 +112,7 @@ def weights_file(name: str, weights_path: Optional[str] = None, download: bool =
 def load_state_dict(name: str, weights_path: Optional[str] = None) -> dict:
     """Backbone ``name``'s pretrained state dict (see :func:`weights_file` for where it comes from)."""
     path = weights_file(name, weights_path)
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load fails on a damaged or foreign file with many error types
-        reason = (str(e).splitlines() or [type(e).__name__])[0]  # the safe loader's own message runs to pages
-        raise AudioclfError(f"{path}: cannot load {name} weights ({reason})") from None
+    sd = torch_load(path, f"{name} weights file")
     sd = sd.get("state_dict", sd.get("model", sd)) if isinstance(sd, dict) else sd
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise AudioclfError(f"{path}: not a state dict of tensors")

@@ -20,6 +20,7 @@ from ..errors import AudioclfError
 from ..events import (DetectConfig, check_ignore, find_events, probability_track, read_config_file, read_events,
                       save_config, saved_config, tune, write_events)
 from ..fileio import write_text_atomic
+from ..options import PredictOptions
 from .predict import collect_paths
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ PLOT_CLASSES = 5  # tracks drawn per plot: the classes that reach the highest pr
 PLOT_COLUMNS = 3000  # most spectrogram columns in a plot, whatever the recording's length
 
 
-def load_detector(model, *, weights: Optional[str] = None, device: str = "auto", batch_size: int = 32):
+def load_detector(model, *, weights: Optional[str] = None, device: str = PredictOptions.device,
+                  batch_size: int = PredictOptions.batch_size):
     """A Classifier from a saved model or an AudioSet backbone's name (``weights``: its local file)."""
     from ..predict import load
 
@@ -38,8 +40,9 @@ def load_detector(model, *, weights: Optional[str] = None, device: str = "auto",
         raise AudioclfError(str(e).replace("weights_path is", "--weights is")) from None
 
 
-def run_tag(paths: Sequence, *, backbone: str, weights: Optional[str], top_k: int, out: Optional[str],
-            device: str, batch_size: int, quiet: bool) -> int:
+def run_tag(paths: Sequence, *, backbone: str, weights: Optional[str], out: Optional[str],
+            top_k: int = PredictOptions.top_k, device: str = PredictOptions.device,
+            batch_size: int = PredictOptions.batch_size, quiet: bool = False) -> int:
     """Print (and with ``out``, write as ``path,rank,label,prob`` CSV) the top AudioSet tags of each file."""
     from ..audioset import tagging_backbones
 
@@ -75,8 +78,8 @@ def detect_config(model, params: Optional[str], overrides: dict) -> DetectConfig
 
 def run_detect(model, inputs: Sequence, *, out: Optional[str], tune_on: Optional[Sequence[str]] = None,
                ignore: Sequence[str] = (), plot_dir: Optional[str] = None, params: Optional[str] = None,
-               overrides: Optional[dict] = None, weights: Optional[str] = None, device: str = "auto",
-               batch_size: int = 32, quiet: bool = False) -> int:
+               overrides: Optional[dict] = None, weights: Optional[str] = None, device: str = PredictOptions.device,
+               batch_size: int = PredictOptions.batch_size, quiet: bool = False) -> int:
     """``audioclf detect``: tune the post-processing on validation recordings, then detect events in
     ``inputs`` and write them to ``out`` (DCASE TSV)."""
     if inputs and not out:
@@ -111,6 +114,11 @@ def run_detect(model, inputs: Sequence, *, out: Optional[str], tune_on: Optional
 
 
 def _tune(clf, model, config: DetectConfig, tune_on: Sequence[str], ignore, params, quiet) -> DetectConfig:
+    from ..audioset import is_backbone_name
+
+    if params is None and is_backbone_name(model):
+        raise AudioclfError(f"{model} is a pretrained backbone, not a run: name a file for the tuned settings with "
+                            f"--params detect.json (and pass it again when detecting)")
     audio, events_tsv = tune_on
     paths = collect_paths([audio])
     names = [Path(p).name for p in paths]
@@ -123,11 +131,6 @@ def _tune(clf, model, config: DetectConfig, tune_on: Sequence[str], ignore, para
     tracks = {name: probability_track(clf, str(p), config)
               for name, p in tqdm(list(zip(names, paths)), desc="tracks", unit="file", disable=True if quiet else None)}
     best, metrics = tune(tracks, clf.labels, reference, config, ignore=ignore, quiet=quiet)
-    from ..audioset import is_backbone_name
-
-    if params is None and is_backbone_name(model):
-        raise AudioclfError(f"{model} is a pretrained backbone, not a run: name a file for the tuned settings with "
-                            f"--params detect.json (and pass it again when detecting)")
     written = save_config(best, None if params else model, params)
     print(f"tuned on {len(paths)} files: event F1 {metrics['event_f1']:.3f}, segment F1 {metrics['segment_f1']:.3f} "
           f"with {json.dumps(asdict(best))}; saved in {', '.join(map(str, written))}")

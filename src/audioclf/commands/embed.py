@@ -10,17 +10,24 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import AudioclfError
-from ..fileio import atomic_path, require_pyarrow, write_parquet
+from ..fileio import atomic_path, check_output, require_pyarrow, write_parquet
+from ..options import PredictOptions
 from ..predict import load
 from .predict import collect_paths
 
 
-def _check_out(out: Path) -> None:
-    """Refuse an ``--out`` that cannot hold embeddings, before any model work."""
+def _outputs(out: Path) -> list[Path]:
+    """The files ``write_embeddings`` writes for ``out``."""
+    return [out, out.with_suffix(".paths.txt")] if out.suffix == ".npy" else [out]
+
+
+def _check_out(out: Path, inputs: Sequence = ()) -> None:
+    """Refuse an ``--out`` that cannot hold embeddings, or that would overwrite an input (the paths file
+    beside a ``.npy`` included), before any model work."""
     if out.suffix not in (".npy", ".parquet"):
         raise AudioclfError(f"--out {out}: write embeddings to a .npy or .parquet file")
-    if not out.parent.is_dir():
-        raise AudioclfError(f"--out {out}: folder {out.parent} does not exist")
+    for path in _outputs(out):
+        check_output(path, inputs=inputs)
     if out.suffix == ".parquet":
         require_pyarrow()
 
@@ -33,13 +40,13 @@ def write_embeddings(out, paths: Sequence[str], emb: np.ndarray) -> Path:
         return write_parquet(out, {"path": list(paths), "embedding": list(emb.astype(np.float32))}, {"path": str})
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         np.save(f, emb.astype(np.float32))
-    with atomic_path(out.with_suffix(".paths.txt")) as tmp:
+    with atomic_path(_outputs(out)[1]) as tmp:
         tmp.write_text("".join(f"{p}\n" for p in paths))
     return out
 
 
-def run_embed(model, paths: Sequence[str], *, out, batch_size: int = 32, device: str = "auto",
-              quiet: bool = False) -> dict:
+def run_embed(model, paths: Sequence[str], *, out, batch_size: int = PredictOptions.batch_size,
+              device: str = PredictOptions.device, quiet: bool = False) -> dict:
     """``audioclf embed``: the embedding of every path, written to ``out``.
 
     Args:
@@ -51,10 +58,23 @@ def run_embed(model, paths: Sequence[str], *, out, batch_size: int = 32, device:
         quiet (bool, optional): no progress bar. (Default: ``False``)
 
     Returns:
-        dict: ``out`` (Path), ``n_files`` and ``dim``; a file that cannot be read has a row of NaN.
+        dict: ``out`` (Path), ``n_files`` (embeddings written), ``failed`` (files that could not be read,
+        each named in a warning and left out of ``out``) and ``dim``.
+
+    Raises:
+        AudioclfError: before any model work, for an ``out`` that cannot be written or is an input, or for
+            inputs that are not files; when no file could be read.
     """
     _check_out(Path(out))
     files = collect_paths(paths)
+    _check_out(Path(out), [*paths, *files])
+    missing = [p for p in files if not p.is_file()]
+    if missing:
+        raise AudioclfError(f"{len(missing)} of {len(files)} input(s) are not files, e.g. {missing[0]}: give "
+                            f"existing audio files (a row for a missing file would be a made-up embedding)")
     emb = load(model, device=device, batch_size=batch_size).embed_files(files, quiet=quiet)
-    written = write_embeddings(out, [str(p) for p in files], emb)
-    return {"out": written, "n_files": len(files), "dim": emb.shape[1]}
+    ok = np.isfinite(emb).all(axis=1)  # embed_files gives a file that failed a row of NaN: not an embedding
+    if not ok.any():
+        raise AudioclfError(f"none of the {len(files)} file(s) could be embedded, e.g. {files[0]}; see the warnings")
+    written = write_embeddings(out, [str(p) for p, good in zip(files, ok) if good], emb[ok])
+    return {"out": written, "n_files": int(ok.sum()), "failed": int((~ok).sum()), "dim": emb.shape[1]}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import re
 import sys
 import tempfile
@@ -20,7 +19,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 from ..audio import AUDIO_EXTENSIONS, find_audio_files
 from ..errors import AudioclfError
-from ..fileio import atomic_path, require_pyarrow, write_parquet
+from ..fileio import atomic_path, check_output, csv_cell, require_pyarrow, write_parquet
+from ..options import PredictOptions
 from ..predict import load
 from ..runtime import barrier, broadcast, dist_info, process_group, resolve_device
 from .parts import PARTS, PartWriter, new_run_id, part_path, read_parts
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 STDIN = ("-", "/dev/stdin")
 FILE_KINDS = (".csv", ".json", ".parquet")  # --out suffixes that name one file; other names are folders
-FORMATS = {"csv": ("csv",), "parquet": ("parquet",), "both": ("csv", "parquet")}  # --format, for --out DIR
+FORMATS = {"csv": ("csv",), "parquet": ("parquet",), "both": ("csv", "parquet")}  # --out-format, for --out DIR
 NUMBERS = ("confidence", "start_s", "end_s")  # CSV columns that hold numbers: floats in Parquet
 OPTIONS = "options.json"  # in --out DIR: the options its parts were made with
 
@@ -78,21 +78,7 @@ def _check_out(out: Path) -> None:
     if out.is_dir():
         raise AudioclfError(f"--out {out} is a folder; name a .csv, .json or .parquet file, or a folder without a "
                             f"suffix for --out DIR")
-    folder = out.parent
-    if not folder.is_dir():
-        raise AudioclfError(f"--out {out}: the folder {folder} does not exist"
-                            + (" (it is a file)" if folder.exists() else ""))
-    if not os.access(folder, os.W_OK):
-        raise AudioclfError(f"--out {out}: the folder {folder} is not writable")
-
-
-def _check_not_an_input(out: Path, inputs: Iterable[Path]) -> None:
-    """Refuse an ``--out`` that is one of the inputs: writing it would destroy that input."""
-    target = out.resolve()
-    for p in inputs:
-        if p.resolve() == target or (out.exists() and p.exists() and os.path.samefile(p, out)):
-            raise AudioclfError(f"--out {out} is also an input ({p}): writing it would destroy that input; "
-                                f"choose another file")
+    check_output(out)
 
 
 def _read_stdin(folder: Path) -> Path:
@@ -129,7 +115,7 @@ def _write_csv(f, results: Iterable[dict], timeline: bool) -> None:
     w = csv.DictWriter(f, _csv_fields(timeline), restval="", lineterminator="\n")
     w.writeheader()
     for r in results:
-        w.writerows(_csv_rows(r))
+        w.writerows({k: csv_cell(v) for k, v in row.items()} for row in _csv_rows(r))
 
 
 def _write_parquet(out: Path, fields: list[str], rows: Iterable[list[str]]) -> None:
@@ -145,7 +131,7 @@ def _write_submission(f, results: Iterable[dict]) -> None:
     w = csv.writer(f, lineterminator="\n")
     w.writerow(["ID", "Class"])
     for r in results:  # a failed file keeps its row, with no class, so the IDs stay complete
-        w.writerow([Path(r["path"]).name, r.get("label", "")])
+        w.writerow([csv_cell(Path(r["path"]).name), csv_cell(r.get("label", ""))])
 
 
 def _write_json(f, results: Iterable[dict], labels: list[str]) -> None:
@@ -161,10 +147,11 @@ def _write_json(f, results: Iterable[dict], labels: list[str]) -> None:
     f.write("\n")
 
 
-def run_predict(model, paths: Sequence[str], *, out: Optional[str] = None, top_k: int = 3, batch_size: int = 32,
-                device: str = "auto", window_s: Optional[float] = None, hop_s: Optional[float] = None,
-                timeline: bool = False, submission: bool = False, out_format: Optional[str] = None,
-                retry_errors: bool = False, quiet: bool = False, reject: bool = True) -> int:
+def run_predict(model, paths: Sequence[str], *, out: Optional[str] = None, top_k: int = PredictOptions.top_k,
+                batch_size: int = PredictOptions.batch_size, device: str = PredictOptions.device,
+                window_s: Optional[float] = None, hop_s: Optional[float] = None, timeline: bool = False,
+                submission: bool = False, out_format: Optional[str] = None, retry_errors: bool = False,
+                quiet: bool = False, reject: bool = PredictOptions.reject) -> int:
     """``audioclf predict``: classify every path and write CSV (default, to stdout without ``out``), JSON or
     Parquet (``out`` ending in ``.json`` or ``.parquet``), an ``ID,Class`` submission, or, with ``out`` a
     folder, resumable parts merged into ``out/predictions.csv`` (:func:`predict_to_folder`).
@@ -201,7 +188,7 @@ def run_predict(model, paths: Sequence[str], *, out: Optional[str] = None, top_k
                             f"{out_path or 'stdout'}: give --out DIR, a folder, where each process writes its own "
                             f"part and rank 0 merges them into DIR/predictions.csv")
     if out_format is not None or retry_errors:
-        raise AudioclfError(f"--format and --retry-errors are for --out DIR (a folder); --out {out_path or '(stdout)'} "
+        raise AudioclfError(f"--out-format and --retry-errors are for --out DIR (a folder); --out {out_path or '(stdout)'} "
                             f"is one file, whose suffix chooses its format")
     kind = out_path.suffix.lower() if out_path else ".csv"
     if kind not in FILE_KINDS:
@@ -220,7 +207,7 @@ def run_predict(model, paths: Sequence[str], *, out: Optional[str] = None, top_k
         shown = {g: a for g, a in zip(given, paths) if a in STDIN}  # the temp file is "-" in the output
         files = collect_paths(given)
         if out_path:
-            _check_not_an_input(out_path, [*map(Path, paths), *files])
+            check_output(out_path, inputs=[*map(Path, paths), *files])
         clf = load(model, device, batch_size=batch_size, reject=reject)
         results = clf.classify_files(files, window_s=window_s, hop_s=hop_s, timeline=timeline, top_k=top_k,
                                      quiet=quiet)
@@ -296,12 +283,11 @@ def _check_folder(folder: Path) -> None:
 
 def _make_folder(folder: Path) -> None:
     """Make ``--out DIR`` and its parts folder, or refuse it, before any model work."""
+    check_output(folder / PARTS, folder=True)
     try:
         (folder / PARTS).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise AudioclfError(f"--out {folder}: cannot create the folder ({e.strerror})") from None
-    if not os.access(folder / PARTS, os.W_OK):
-        raise AudioclfError(f"--out {folder}: the folder is not writable")
 
 
 def _check_options(folder: Path, options: dict) -> None:
@@ -373,7 +359,7 @@ def _merge(folder: Path, names: list[str], fields: list[str], formats: tuple, ru
         with atomic_path(folder / "predictions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f, lineterminator="\n")
             w.writerow(fields)
-            w.writerows(rows)
+            w.writerows([csv_cell(cell) for cell in row] for row in rows)
     if "parquet" in formats:
         _write_parquet(folder / "predictions.parquet", fields, rows)
     now = sum(new for new, _ in latest.values())
@@ -382,9 +368,10 @@ def _merge(folder: Path, names: list[str], fields: list[str], formats: tuple, ru
 
 
 def predict_to_folder(model, paths: Sequence[str], folder: Path, *, out_format: Optional[str] = None,
-                      retry_errors: bool = False, top_k: int = 3, batch_size: int = 32, device: str = "auto",
+                      retry_errors: bool = False, top_k: int = PredictOptions.top_k,
+                      batch_size: int = PredictOptions.batch_size, device: str = PredictOptions.device,
                       window_s: Optional[float] = None, hop_s: Optional[float] = None, timeline: bool = False,
-                      quiet: bool = False, reject: bool = True) -> int:
+                      quiet: bool = False, reject: bool = PredictOptions.reject) -> int:
     """``audioclf predict --out DIR``: resumable prediction, shared among torchrun's processes.
 
     Every process collects the same inputs in the same order and skips the files that ``DIR/parts`` already
@@ -409,7 +396,7 @@ def predict_to_folder(model, paths: Sequence[str], folder: Path, *, out_format: 
             that differ from those the folder's parts were made with.
     """
     if out_format not in (None, *FORMATS):
-        raise AudioclfError(f"Unsupported --format {out_format}; choose {', '.join(FORMATS)}")
+        raise AudioclfError(f"Unsupported --out-format {out_format}; choose {', '.join(FORMATS)}")
     formats = FORMATS[out_format or "csv"]
     if any(a in STDIN for a in paths):
         raise AudioclfError("stdin ('-') cannot be classified into --out DIR: a rerun could not tell whether it was "

@@ -1,0 +1,84 @@
+"""The options of running a trained model, declared as the run's settings are (:func:`audioclf.config.setting`):
+each with its one default, help text, flag and allowed range. The CLI generates the flags of ``predict``,
+``evaluate``, ``embed`` and ``serve`` from these declarations, and the library functions take their defaults
+from them (``top_k: int = PredictOptions.top_k``), so a default is written once.
+
+``PredictOptions``  how a model classifies: top_k, batch size, device, sliding window and hop
+``ServeLimits``     where ``audioclf serve`` listens and the bounds of every request it answers
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+from urllib.parse import urlsplit
+
+from .errors import AudioclfError
+from .settings import DEVICES, _check_settings, check_device, setting
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How a trained model classifies audio: shared by predict, evaluate, embed, serve and the Python API."""
+
+    SECTION = "predict"
+
+    top_k: int = setting(3, help="how many of the best classes to list per file", low=1, high=10**6)
+    batch_size: int = setting(32, help="windows per forward pass", low=1, high=65536)
+    device: str = setting("auto", help=DEVICES)
+    window_s: Optional[float] = setting(None, flag="--window", help="sliding-window length in s (default: the "
+                                                                    "training duration)")
+    hop_s: Optional[float] = setting(None, flag="--hop", help="sliding-window hop in s (default: half the window)")
+    reject: bool = setting(True, help="answer 'unknown' for sounds unlike every trained class (the model's rule, "
+                                      "fitted on its validation clips); --no-reject: always a trained class")
+
+    def __post_init__(self):
+        _check_settings(self)
+        check_device(self.device)
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """Where ``audioclf serve`` listens, and the bounds of every request: a request's work and memory are
+    bounded by these, never by the client's parameters."""
+
+    SECTION = "serve"
+
+    host: str = setting("127.0.0.1", help="address to listen on (0.0.0.0: every network interface)")
+    port: int = setting(8000, help="TCP port to listen on", low=0, high=65535)
+    max_upload_mb: float = setting(50.0, help="largest upload in MiB, else 413", low=0.0, high=1e6, low_open=True)
+    max_audio_s: float = setting(600.0, help="longest decoded audio in s, else 413", low=0.0, high=1e6,
+                                 low_open=True)
+    max_windows: int = setting(2000, help="most sliding windows per request, else 422", low=1, high=10**6)
+    timeout_s: float = setting(10.0, help="seconds a client may stall: headers, body, idle", low=0.0, high=3600.0,
+                               low_open=True)
+    # each open connection may hold an upload, twice over on disk (the upload spool and its decodable copy)
+    max_connections: int = setting(64, help="open connections before requests get 503", low=1, high=10**5)
+    # so one client cannot take every slot with half-open connections
+    max_client_connections: int = setting(16, help="open connections from one client address; more are closed "
+                                                   "at once", low=1, high=10**5)
+    max_decoding_mb: float = setting(256.0, help="decoded audio in flight across all requests, in MiB; past it "
+                                                 "requests wait, then 503", low=0.0, high=1e6, low_open=True)
+    cors_origin: Optional[str] = setting(None, help="let pages from this one origin (scheme://host[:port]) call the "
+                                                    "API (default: none)")
+
+    def __post_init__(self):
+        _check_settings(self)
+        if self.cors_origin is not None:
+            check_origin(self.cors_origin)
+
+
+def check_origin(origin: str) -> str:
+    """``origin`` as a browser sends it (``scheme://host[:port]``, http or https, no path), else AudioclfError:
+    a CORS origin that no browser can send lets no page in, silently."""
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query
+            or parts.fragment or parts.username or parts.password or origin != f"{parts.scheme}://{parts.netloc}"):
+        raise AudioclfError(f"--cors-origin {origin!r} is not an origin: give scheme://host[:port] with http or "
+                            f"https and nothing after it, e.g. https://example.org or http://localhost:3000")
+    del port  # read only so that a bad port is refused above
+    return origin
