@@ -100,3 +100,13 @@ def test_rejector_scores_numpy_like_torch():
     r = Rejector("energy", 0.0, 0.95, temperature=2.0)
     z = np.array([[1.0, 2.0, 3.0]])
     assert r.score(z)[0] == pytest.approx(2.0 * np.log(np.exp(0.5) + np.exp(1.0) + np.exp(1.5)), rel=1e-5)
+
+
+@pytest.mark.parametrize("saved", [{"temperature": 0.0}, {"temperature": float("nan")}, {"temperature": "1"},
+                                   {"reject": {"score": "msp", "threshold": None, "keep_known": 0.95}},
+                                   {"reject": {"score": "mahalanobis", "threshold": 0.5, "keep_known": 0.95}},
+                                   {"reject": {"score": "embedding", "threshold": 0.5, "keep_known": 0.95}},
+                                   {"reject": {"score": "msp", "threshold": 0.5, "keep_known": 2}}, {"reject": "msp"}])
+def test_a_damaged_saved_rule_is_refused_with_the_model_named(saved):
+    with pytest.raises(AudioclfError, match="run/best.pt"):
+        read_trust(saved, "run/best.pt")

@@ -495,4 +495,5 @@ def load(model, device: str = PredictOptions.device, *, batch_size: int = Predic
     else:
         net, config, labels = load_model(model)
         trust = saved_extras(model, TRUST_KEYS)
+        read_trust(trust, model)  # a damaged rule is refused naming the model's file
     return Classifier(net, config, labels, device=device, batch_size=batch_size, trust=trust, reject=reject)

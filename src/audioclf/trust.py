@@ -204,12 +204,23 @@ def keep_threshold(scores, keep: float) -> float:
     return float(s[len(s) - math.ceil(keep * len(s) - 1e-9)])
 
 
-def read_trust(saved: dict) -> tuple[float, Optional[Rejector]]:
+def read_trust(saved: dict, source="the model") -> tuple[float, Optional[Rejector]]:
     """(temperature, rule) stored in a checkpoint dict or an export's config.json: ``(1.0, None)`` for a model
-    saved before audioclf fitted them, or a multilabel one."""
-    t = float(saved.get("temperature", 1.0))
-    reject = saved.get("reject")
-    return t, (Rejector.from_dict(reject, t) if reject else None)
+    saved before audioclf fitted them, or a multilabel one. Damaged values are an AudioclfError naming ``source``."""
+    t, reject = saved.get("temperature", 1.0), saved.get("reject")
+    number = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+    if not (number(t) and t > 0):
+        raise AudioclfError(f"{source}: temperature={t!r} must be a positive finite number")
+    if reject is None:
+        return float(t), None
+    means = reject.get("class_means") if isinstance(reject, dict) else None
+    if not (isinstance(reject, dict) and reject.get("score") in SCORES and number(reject.get("threshold"))
+            and number(reject.get("keep_known")) and 0 < reject["keep_known"] <= 1
+            and (reject["score"] != "embedding" or isinstance(means, list) and means)):
+        raise AudioclfError(f"{source}: its unknown rule {str(reject)[:80]!r} is damaged: it needs score (one of "
+                            f"{', '.join(SCORES)}), a finite threshold, keep_known in (0, 1], and class_means for "
+                            f"the embedding score; load it with reject=False (--no-reject), or fit it again")
+    return float(t), Rejector.from_dict(reject, float(t))
 
 
 def trust_keys(temperature: float, rejector: Optional[Rejector]) -> dict:
