@@ -1,6 +1,7 @@
 """The accuracy benchmark's recipes and FSDD protocol (what they run, not how fast)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +79,67 @@ def test_scale_benchmark_measures_every_part(tmp_path):
     assert 0 < r["share_store"] < 1 and 0 < r["share_memory"] < 1 and r["step_ms"] > 0
     assert r["extract_clips_per_s_1"] > 0 and r["extract_scaling"] > 0
     assert not list(tmp_path.glob("audioclf-scale-*"))  # its temporary stores and clips are gone
+
+
+@pytest.fixture(scope="module")
+def openset():
+    spec = importlib.util.spec_from_file_location("bench_openset", ROOT / "benchmarks" / "openset.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def fake_esc50(root: Path, n_classes: int = 12, per_class: int = 8) -> Path:
+    """An ESC-50 layout (audio/, meta/esc50.csv) of synthetic 1-s clips, folds 1-4, one src_file per clip."""
+    import csv
+
+    import soundfile as sf
+    from audioclf.demo import SYNTH_CLASSES, synth_clip
+
+    rng = np.random.default_rng(0)
+    (root / "audio").mkdir(parents=True)
+    (root / "meta").mkdir()
+    rows = []
+    for c in range(n_classes):
+        for i in range(per_class):
+            name = f"{i % 4 + 1}-{c}{i}-A-{c}.wav"
+            wave = np.roll(synth_clip(SYNTH_CLASSES[c % 5], rng, 16000, 1.0), 1000 * c) * (0.3 + 0.1 * (c // 5))
+            sf.write(root / "audio" / name, wave, 16000)
+            rows.append({"filename": name, "fold": i % 4 + 1, "target": c, "category": f"class{c:02d}",
+                         "esc10": "False", "src_file": f"{c}{i}", "take": "A"})
+    with open(root / "meta" / "esc50.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
+def test_openset_splits_are_seeded_and_the_manifest_holds_the_known_classes_only(openset, tmp_path):
+    classes = [f"c{i:02d}" for i in range(50)]
+    known, unknown = openset.class_split(classes, 0)
+    assert len(unknown) == 10 and len(known) == 40 and not set(known) & set(unknown)
+    assert openset.class_split(classes, 0) == (known, unknown) and openset.class_split(classes, 1)[1] != unknown
+    root = fake_esc50(tmp_path / "esc")
+    rows = openset.read_meta(root)
+    known = [f"class{c:02d}" for c in range(6)]
+    clips = load_clips(resolve(overrides={"data": {"root": str(openset.known_manifest(root, rows, known, tmp_path / "k.csv")),
+                                                   "format": "csv"}}).data)
+    assert clips.classes == known and len(clips.clips) == 6 * 8
+    assert {c.fold for c in clips.clips} == {1, 2, 3, 4} and all(c.group for c in clips.clips)
+
+
+@pytest.mark.slow
+def test_openset_benchmark_trains_scores_and_reuses_its_runs(openset, tmp_path, capsys):
+    root = fake_esc50(tmp_path / "esc")
+    argv = [str(root), "--backbone", "resnet18", "--epochs", "2", "--test-folds", "4", "--splits", "0",
+            "--out", str(tmp_path / "out"), "--json"]
+    assert openset.main(argv) == 0
+    (r,) = json.loads(capsys.readouterr().out)
+    assert r["n_known"] == 2 * 2 and r["n_unknown"] == 10 * 2  # fold 4 of 12 classes: 2 known, 10 unknown
+    for name in ("msp", "energy", "embedding"):
+        assert 0 <= r[name]["auroc"] <= 1 and 0 <= r[name]["fpr95"] <= 1
+    assert 0 <= r["ece_after"] <= 1
+    summary = tmp_path / "out" / "resnet18" / "split0" / "fold4" / "summary.json"
+    written = summary.stat().st_mtime_ns
+    assert openset.main(argv) == 0
+    assert summary.stat().st_mtime_ns == written  # the finished run is reused, not trained again
