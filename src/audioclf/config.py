@@ -197,7 +197,7 @@ class TrainConfig:
     # "unknown" rule keeps, and its score (msp, energy or embedding: docs/trust.md measures them)
     keep_known: float = setting(0.95, low=0.0, high=1.0, low_open=True, help="share of known validation clips "
                                 "the unknown rule keeps; below its threshold an input is answered 'unknown'")
-    reject_score: Literal["msp", "energy", "embedding"] = setting("msp", help="score of the unknown rule: maximum "
+    reject_score: Literal["msp", "energy", "embedding"] = setting("embedding", help="score of the unknown rule: maximum "
                                                                   "calibrated probability, energy, or cosine "
                                                                   "similarity to the nearest class mean")
     # the same seed gives the same model on CUDA too, at some speed; CPU runs are reproducible without it
