@@ -64,8 +64,10 @@ def fit_temperature(logits, labels, *, max_iter: int = 200) -> float:
 
 
 def softmax(logits, temperature: float = 1.0) -> np.ndarray:
-    """``softmax(logits / temperature)`` over the last axis, as numpy."""
-    return torch.softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64) / temperature, -1).numpy()
+    """``softmax(logits / temperature)`` over the last axis, as numpy, in the logits' precision (float32 logits
+    then give the probabilities inference gives)."""
+    z = torch.as_tensor(np.asarray(logits))
+    return torch.softmax((z if z.is_floating_point() else z.double()) / temperature, -1).numpy()
 
 
 def reliability(probs, labels, n_bins: int = N_BINS) -> dict:
