@@ -31,14 +31,20 @@ from audioclf.config import resolve
 from audioclf.train import fit
 
 N_UNKNOWN = 10
+N_PSEUDO = 8  # known classes that play unknown inside the training folds, where the score is chosen
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 
 
-def class_split(classes: list[str], seed: int) -> tuple[list[str], list[str]]:
-    """(known, unknown) class names: ``N_UNKNOWN`` drawn at random by ``seed``."""
+def class_split(classes: list[str], seed: int, n_unknown: int = N_UNKNOWN) -> tuple[list[str], list[str]]:
+    """(known, unknown) class names: ``n_unknown`` drawn at random by ``seed``."""
     order = np.random.default_rng(seed).permutation(len(classes))
-    unknown = sorted(classes[i] for i in order[:N_UNKNOWN])
+    unknown = sorted(classes[i] for i in order[:n_unknown])
     return [c for c in classes if c not in unknown], unknown
+
+
+def inner_fold(test_fold: int, folds) -> int:
+    """The fold that plays test fold inside the training folds of ``test_fold`` (the last of the others)."""
+    return max(f for f in folds if f != test_fold)
 
 
 def read_meta(root: Path) -> list[dict]:
@@ -47,7 +53,8 @@ def read_meta(root: Path) -> list[dict]:
 
 
 def known_manifest(root: Path, rows: list[dict], known: list[str], path: Path) -> Path:
-    """A CSV manifest (``audioclf train --format csv``) of the known classes' clips, folds and groups."""
+    """A CSV manifest (``audioclf train --format csv``) of the known classes' clips (of ``rows``), folds and
+    groups."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -73,6 +80,28 @@ def train_run(manifest: Path, run: Path, test_fold: int, backbone: str, weights,
                                         "model": model, "train": train})
     fit(cfg, run, overwrite=True)
     return run
+
+
+def run_outputs(run: Path, root: Path, rows: list[dict], known: list[str], test_fold: int) -> dict:
+    """The run's logits and embeddings (``train_*``, ``val_*`` as training split its clips; ``test_*`` of the
+    ``test_fold`` clips of ``rows``, labels -1 for those of a class not in ``known``), cached in the run dir."""
+    cache = run / "openset_outputs.npz"
+    if cache.is_file():
+        return dict(np.load(cache))
+    from audioclf.calibrate import run_outputs as split_outputs
+    from audioclf.predict import load
+
+    out = {}
+    for split, arrays in split_outputs(run, device="cpu").items():
+        if split != "test":
+            out.update({f"{split}_{k}": a.numpy() for k, a in zip(("logits", "emb", "labels"), arrays)})
+    clf = load(run, device="cpu", reject=False)
+    test = [r for r in rows if int(r["fold"]) == test_fold]
+    paths = [str(root / "audio" / r["filename"]) for r in test]
+    out.update(test_logits=clf.logits(paths), test_emb=clf.embed(paths),
+               test_labels=np.array([clf.labels.index(r["category"]) if r["category"] in known else -1 for r in test]))
+    np.savez(cache, **out)
+    return out
 
 
 def score_run(run: Path, root: Path, rows: list[dict], known: list[str], test_fold: int) -> dict:
@@ -121,6 +150,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     rows = read_meta(args.esc50)
     classes = sorted({r["category"] for r in rows})
+    folds = sorted({int(r["fold"]) for r in rows})
     results = []
     for seed in args.splits:
         known, unknown = class_split(classes, seed)
@@ -128,6 +158,11 @@ def main(argv=None) -> int:
         manifest = known_manifest(args.esc50, rows, known, base / "known.csv")
         for fold in args.test_folds:
             t0 = time.perf_counter()
+            # the score is chosen on a model of the training folds alone, N_PSEUDO of its known classes unknown
+            inner_rows = [r for r in rows if int(r["fold"]) != fold]
+            inner_known = class_split(known, seed, N_PSEUDO)[0]
+            select = train_run(known_manifest(args.esc50, inner_rows, inner_known, base / f"select{fold}.csv"),
+                               base / f"select{fold}", inner_fold(fold, folds), args.backbone, args.weights, args.epochs)
             run = train_run(manifest, base / f"fold{fold}", fold, args.backbone, args.weights, args.epochs)
             if args.train_only:
                 continue

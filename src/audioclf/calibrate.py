@@ -95,6 +95,26 @@ def calibrate_run(run_dir, *, refit: bool = False, score: Optional[str] = None, 
     t = config.train
     config = replace(config, train=replace(t, reject_score=score or t.reject_score,
                                            keep_known=keep_known or t.keep_known))
+    bank, idx, dev = _run_bank(run_dir, config, labels, device)
+    keys = fit_trust(model.to(dev), bank, idx["train"], idx["val"], config, len(labels), dev)
+    store_trust(path, {**keys, "config": config.to_dict()})
+    read_trust(keys)  # what inference will read back must parse
+    return keys
+
+
+def run_outputs(run_dir, device: str = "auto") -> dict:
+    """``{"train"|"val"|"test": (logits, embeddings, labels)}`` of the finished run in ``run_dir`` (see
+    :func:`bank_outputs`), its clips split as training split them; a split without clips is left out."""
+    path = Path(run_dir) / RUN_CHECKPOINT
+    if not path.is_file():
+        raise AudioclfError(f"{run_dir}: no {RUN_CHECKPOINT}; give a finished training run's folder")
+    model, config, labels = model_from_checkpoint(load_checkpoint(path), path)
+    bank, idx, dev = _run_bank(run_dir, config, labels, device)
+    return {k: bank_outputs(model.to(dev), bank, i, dev) for k, i in idx.items() if len(i)}
+
+
+def _run_bank(run_dir, config: RunConfig, labels: list, device: str):
+    """(feature bank, ``{"train"|"val"|"test": clip indices}``, device) of a run, rebuilt from its saved config."""
     dev = resolve_device(device)
     clipset = load_clips(config.data)
     if clipset.classes != labels:
@@ -104,8 +124,4 @@ def calibrate_run(run_dir, *, refit: bool = False, score: Optional[str] = None, 
     d = config.data
     splits = split_clips(bank.clips, val_fold=d.val_fold, test_fold=d.test_fold, val_split=d.val_split,
                          seed=config.train.seed, classes=clipset.classes)
-    keys = fit_trust(model.to(dev), bank, bank.indices(splits["train"]), bank.indices(splits["val"]), config,
-                     len(labels), dev)
-    store_trust(path, {**keys, "config": config.to_dict()})
-    read_trust(keys)  # what inference will read back must parse
-    return keys
+    return bank, {k: bank.indices(v) for k, v in splits.items()}, dev
