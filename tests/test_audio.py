@@ -1,4 +1,5 @@
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -298,3 +299,58 @@ def test_source_stat_follows_a_rewritten_tar(tmp_path, write_wav):
         source_stat(f"{tar}#other.wav")
     with pytest.raises(FileNotFoundError):
         source_stat(tmp_path / "missing.wav")
+
+
+# ---------------------------------------------------------------------------------------------- PyAV: m4a, webm, mp4
+
+def encode_with_pyav(path, container: str, codec: str, wave: np.ndarray, sample_rate: int, **options) -> None:
+    """``wave`` (mono) encoded by FFmpeg through PyAV, as a browser's recorder or a phone would."""
+    av = pytest.importorskip("av")
+    with av.open(str(path), mode="w", format=container, options=options) as out:
+        stream = out.add_stream(codec, rate=sample_rate)
+        stream.layout = "mono"
+        step = stream.codec_context.frame_size or 1024
+        for start in range(0, len(wave), step):
+            frame = av.AudioFrame.from_ndarray(wave[None, start:start + step], format="flt", layout="mono")
+            frame.sample_rate, frame.pts = sample_rate, start
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+
+
+@pytest.mark.parametrize("name, container, codec, options", [
+    ("browser.webm", "webm", "libopus", {"live": "1"}),  # as MediaRecorder writes it: no duration in the header
+    ("phone.m4a", "ipod", "aac", {}),
+    ("video.mp4", "mp4", "aac", {}),
+])
+def test_pyav_decodes_what_soundfile_cannot(tmp_path, name, container, codec, options):
+    sr = 48000
+    wave = (0.5 * np.sin(2 * np.pi * 440 * np.arange(2 * sr) / sr)).astype(np.float32)
+    path = tmp_path / name
+    encode_with_pyav(path, container, codec, wave, sr, **options)
+    with pytest.raises(sf.LibsndfileError):
+        sf.info(str(path))  # soundfile alone cannot
+    assert audio_duration_s(path) == pytest.approx(2.0, abs=0.05)
+    got = load_audio(path, 16000)
+    assert len(got) == pytest.approx(32000, abs=800) and got.dtype == np.float32
+    spectrum = np.abs(np.fft.rfft(got[4000:20000]))
+    assert np.fft.rfftfreq(16000, 1 / 16000)[np.argmax(spectrum)] == pytest.approx(440, abs=2)  # the tone, at its pitch
+    assert np.sqrt(np.mean(got[4000:20000] ** 2)) == pytest.approx(0.5 / np.sqrt(2), rel=0.1)  # and its level
+    streamed = np.concatenate(list(stream_audio(path, 16000, block_s=0.3)))
+    np.testing.assert_allclose(streamed[:30000], got[:30000], atol=2e-3)
+    assert find_audio_files(tmp_path) == [path]
+
+
+def test_without_pyav_the_error_names_the_extra(tmp_path, monkeypatch):
+    path = tmp_path / "clip.m4a"
+    path.write_bytes(b"\x00\x00\x00\x18ftypM4A " + b"\x00" * 64)
+    monkeypatch.setitem(sys.modules, "av", None)  # import fails
+    with pytest.raises(AudioclfError, match=r"clip.m4a: soundfile cannot decode it .*audioclf\[av\]"):
+        load_audio(path, 16000)
+
+
+def test_garbage_is_refused_by_both_decoders(tmp_path):
+    pytest.importorskip("av")
+    path = tmp_path / "noise.webm"
+    path.write_bytes(b"not a media file at all" * 20)
+    with pytest.raises(AudioclfError, match="noise.webm: soundfile cannot decode it .*nor can FFmpeg"):
+        audio_duration_s(path)

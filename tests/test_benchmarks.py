@@ -143,3 +143,31 @@ def test_openset_benchmark_trains_scores_and_reuses_its_runs(openset, tmp_path, 
     written = summary.stat().st_mtime_ns
     assert openset.main(argv) == 0
     assert summary.stat().st_mtime_ns == written  # the finished run is reused, not trained again
+
+
+def test_polyphonic_mixtures_hold_two_or_three_distinct_classes(write_wav, tmp_path):
+    import csv
+
+    import soundfile as sf
+
+    from audioclf.clips import Clip
+
+    spec = importlib.util.spec_from_file_location("bench_polyphonic", ROOT / "benchmarks" / "polyphonic.py")
+    poly = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(poly)
+    rng = np.random.default_rng(0)
+    clips = [Clip(str(write_wav((rng.standard_normal(16000) * 0.1 * (k + 1)).astype(np.float32), 16000,
+                                name=f"c{label}_{k}.wav")), label, 4) for label in range(5) for k in range(2)]
+    names = [f"class{i}" for i in range(5)]
+    manifest = poly.make_mixtures(clips, names, tmp_path / "mix", n_per_size=4, seed=1)
+    with open(manifest) as f:
+        rows = list(csv.DictReader(f))
+    assert [len(r["labels"].split(";")) for r in rows] == [2] * 4 + [3] * 4
+    assert all(len(set(r["labels"].split(";"))) == len(r["labels"].split(";")) for r in rows)  # distinct classes
+    wave, sr = sf.read(tmp_path / "mix" / rows[0]["path"])
+    assert sr == poly.SAMPLE_RATE and len(wave) == int(poly.SAMPLE_RATE * poly.DURATION_S) and np.abs(wave).max() <= 1
+    stamp = manifest.stat().st_mtime_ns
+    assert poly.make_mixtures(clips, names, tmp_path / "mix", n_per_size=4, seed=1).stat().st_mtime_ns == stamp  # reused
+    # the loudness of a clip is that of its active part, whatever silence pads it
+    burst = np.concatenate([np.zeros(30 * 1024), np.ones(2048) * 0.5, np.zeros(30 * 1024)])  # on the frame grid
+    assert poly.active_rms(burst) == pytest.approx(0.5, rel=0.05)

@@ -16,6 +16,7 @@ from audioclf.checkpoint import load_model, load_safetensors
 from audioclf.cli import main as cli_main
 from audioclf.config import AudioclfError
 from audioclf.export import export
+from audioclf.fileio import FILE_MODE
 from audioclf.features import LogMel
 from audioclf.model import WaveformClassifier
 
@@ -42,6 +43,9 @@ def test_safetensors_folder_holds_weights_and_config(safetensors_dir, model_path
     meta = json.loads((safetensors_dir / "config.json").read_text())
     assert meta["format"] == "safetensors" and meta["labels"] == LABELS
     assert meta["audioclf_version"] == audioclf.__version__ and meta["config"] == config.to_dict()
+    # the weights are as readable as config.json: the umask's mode, not the 0600 safetensors creates
+    modes = {(safetensors_dir / name).stat().st_mode & 0o777 for name in ("model.safetensors", "config.json")}
+    assert modes == {FILE_MODE} and FILE_MODE & 0o044  # readable by others under the usual umask (022)
 
 
 def test_safetensors_loads_to_identical_predictions(safetensors_dir, model_path):
@@ -136,3 +140,29 @@ def test_cli_export_from_an_export(safetensors_dir, tmp_path, capsys):
     assert str(tmp_path / "model.safetensors") in capsys.readouterr().out
     again, first = load_file(tmp_path / "model.safetensors"), load_file(safetensors_dir / "model.safetensors")
     assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+
+
+def test_onnx_int8_is_smaller_and_close_to_fp32(onnx_dir, model_path, tmp_path, capsys):
+    assert cli_main(["export", str(model_path), "--out-format", "onnx", "--quantize", "int8", "--out", str(tmp_path)]) == 0
+    assert "exported onnx int8" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert meta["quantize"] == "int8" and meta["input"] == "waveform" and 0 < meta["quantize_max_abs_diff"] < 0.1
+    assert (tmp_path / "model.onnx").stat().st_size < 0.4 * (onnx_dir / "model.onnx").stat().st_size  # 4x fewer bytes a weight
+
+    waves = np.stack([clip(kind, seed=i) for i, kind in enumerate(KINDS)])
+    fp32, int8 = onnx_probs(onnx_dir, waves), onnx_probs(tmp_path, waves)
+    np.testing.assert_allclose(int8.sum(axis=1), 1, atol=1e-4)
+    assert 0 < np.abs(int8 - fp32).max() < 0.1  # quantized (not a copy), and still the same model
+    assert not list(tmp_path.glob("*.fp32")) and not list(tmp_path.glob(".*tmp*"))  # no intermediate left behind
+    import onnx
+
+    nodes = onnx.load(str(tmp_path / "model.onnx")).graph.node
+    front_end = [n.op_type for n in nodes if "logmel.mel.fb" in n.input]
+    assert "ConvInteger" in {n.op_type for n in nodes} and front_end == ["MatMul"]  # the network quantized, not the mel filterbank
+
+
+def test_quantize_is_for_onnx_only(model_path, tmp_path):
+    with pytest.raises(AudioclfError, match="quantize=int8 is for ONNX"):
+        export(model_path, "safetensors", tmp_path, quantize="int8")
+    with pytest.raises(AudioclfError, match="quantize='int4'"):
+        export(model_path, "onnx", tmp_path, quantize="int4")

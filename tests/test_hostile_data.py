@@ -364,20 +364,21 @@ def test_training_lists_odd_names_and_dead_links_in_skipped_csv(tmp_path, capfd)
 
     root = two_class_folder(tmp_path / "data", per_class=4)
     for k in range(4):
-        wav(root / BAD / f"{BAD}{k}.wav", 800.0, seed=k)
+        wav(root / "odd" / f"{BAD}{k}.wav", 800.0, seed=k)  # file names that are not UTF-8 (class names must be)
     broken = root / "low" / f"{BAD}broken.wav"
     broken.write_bytes(b"RIFF not audio")
     (root / "high" / "dangling.wav").symlink_to(tmp_path / "gone.wav")
     config = resolve(overrides={
         "features": {"sample_rate": SR, "duration_s": 0.5}, "model": {"backbone": "resnet18", "pretrained": "none"},
         "data": {"root": str(root), "format": "folder", "val_split": 0.25, "num_workers": 0},
-        "train": {"epochs": 1, "batch_size": 4, "quiet": True, "seed": 0}})
+        # fp32: under bf16 autocast this tiny from-scratch run could diverge on some CPUs
+        "train": {"epochs": 1, "batch_size": 4, "quiet": True, "seed": 0, "amp": False}})
     fit(config, tmp_path / "run")
     with open(tmp_path / "run" / "skipped.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
         rows = {r["path"]: r["reason"] for r in csv.DictReader(f)}
     assert rows.keys() == {str(broken), str(root / "high" / "dangling.wav")}  # the names as on disk
     assert "cannot decode" in rows[str(broken)] and rows[str(root / "high" / "dangling.wav")].startswith("broken symlink")
-    assert BAD in json.loads((tmp_path / "run" / "labels.json").read_text())
+    assert "odd" in json.loads((tmp_path / "run" / "labels.json").read_text())
     assert "Logging error" not in capfd.readouterr().err
 
 

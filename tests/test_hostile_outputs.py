@@ -43,7 +43,7 @@ FILES = [("{file}/x.{ext}", "(it is a file)"), ("/proc/x.{ext}", "cannot write i
 
 def _command(name: str, run, data, wav, out: str) -> list[str]:
     return {"shard": ["shard", str(data), "--out", out],
-            "export": ["export", str(run), "--format", "safetensors", "--out", out],
+            "export": ["export", str(run), "--out-format", "safetensors", "--out", out],
             "evaluate": ["evaluate", str(run), str(data), "--out", out],
             "predict-dir": ["predict", str(run), str(wav), "--out", out],
             "predict": ["predict", str(run), str(wav), "--out", out],
@@ -88,10 +88,10 @@ def test_data_loss_embed_never_writes_over_its_list_of_paths(tiny_run, tmp_path,
 def test_data_loss_export_never_writes_over_the_export_it_reads(tiny_run, tmp_path, capsys):
     pytest.importorskip("safetensors")
     first = tmp_path / "exp"
-    assert main(["export", str(tiny_run.run_dir), "--format", "safetensors", "--out", str(first)]) == 0
+    assert main(["export", str(tiny_run.run_dir), "--out-format", "safetensors", "--out", str(first)]) == 0
     capsys.readouterr()
     before = (first / "model.safetensors").read_bytes()
-    assert main(["export", str(first), "--format", "safetensors", "--out", str(first)]) == 2
+    assert main(["export", str(first), "--out-format", "safetensors", "--out", str(first)]) == 2
     one_line_error(capsys, "is also an input")
     assert (first / "model.safetensors").read_bytes() == before
 

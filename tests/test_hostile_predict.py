@@ -199,3 +199,90 @@ def test_a_file_without_read_permission_is_reported_as_such(clf, tone_wav):
                 clf.classify(path)
         assert "permission denied" in result["error"] and "locked.wav" in result["error"]
         assert clf.classify(path)["label"] == "tone"  # readable again
+
+
+# ---------------------------------------------------------------------------------------------- issue 21
+
+def test_poor_messages_truncated_wav_is_an_error_for_that_file(tiny_run, tmp_path, capsys):
+    full = (tiny_run.data_dir / "tone" / "tone_000.wav").read_bytes()
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(full[:3000])  # the header still declares a whole second
+    aiff = tmp_path / "cut.aiff"
+    sf.write(aiff, clip("tone"), 16000)
+    aiff.write_bytes(aiff.read_bytes()[:5000])
+    assert main(["predict", str(tiny_run.run_dir), str(cut), str(aiff), "--quiet"]) == 1
+    rows = rows_of(capsys.readouterr().out)
+    assert all(r["error"].startswith(f"{r['path']}: truncated: its header declares") for r in rows), rows
+
+
+def test_non_finite_features_are_an_error_for_that_file_cli_and_api(tiny_run, tmp_path, capsys):
+    import numpy as np
+    import torch
+
+    from audioclf.checkpoint import save_checkpoint
+
+    ckpt = torch.load(tiny_run.run_dir / "best.pt", weights_only=True)
+    ckpt["config"]["features"]["peak_normalize"] = False  # as trained without it: the samples reach the features
+    model = tmp_path / "loud.pt"
+    save_checkpoint({k: v for k, v in ckpt.items() if k not in ("format", "audioclf_version")}, model)
+    huge = np.full(16000, 1e30, np.float32)
+    huge[::2] *= -1
+    path = tmp_path / "huge.wav"
+    sf.write(path, huge, 16000, subtype="FLOAT")
+    tone_wav = tiny_run.data_dir / "tone" / "tone_000.wav"
+    assert main(["predict", str(model), str(path), str(tone_wav), "--quiet"]) == 0
+    cap = capsys.readouterr()
+    bad, good = rows_of(cap.out)
+    assert "its features or the model's output are not finite" in bad["error"] and not bad["confidence"]
+    assert good["label"] == "tone" and not good["error"]
+    clf = audioclf.load(model, device="cpu")
+    with pytest.raises(AudioclfError, match="its features or the model's output are not finite"):
+        clf.classify(path)
+    with pytest.raises(AudioclfError, match="its features or the model's output are not finite"):
+        clf.predict_proba(huge, 16000)
+
+
+def test_embed_of_a_missing_file_is_an_error_not_a_nan_row(tiny_run, tmp_path, capsys):
+    out = tmp_path / "emb.npy"
+    tone_wav = tiny_run.data_dir / "tone" / "tone_000.wav"
+    assert main(["embed", str(tiny_run.run_dir), str(tone_wav), str(tmp_path / "missing.wav"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 of 2 input(s) are not files, e.g." in err and "missing.wav" in err, err
+    assert not out.exists()
+
+
+def test_undecodable_names_differing_only_in_their_bytes_stay_distinct(tiny_run, tmp_path, capsys, caplog):
+    import logging
+    import shutil
+
+    caplog.set_level(logging.INFO, logger="audioclf")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = [b"a\xff.wav", b"a\xfe.wav", b"a\\xff.wav", b"a\\\xff.wav"]  # the last two print alike unless escaped
+    for name in names:
+        shutil.copy(tiny_run.data_dir / "tone" / "tone_000.wav", os.fsencode(folder) + b"/" + name)
+    out = tmp_path / "out"
+    assert main(["predict", str(tiny_run.run_dir), str(folder), "--out", str(out), "--quiet"]) == 0
+    rows = rows_of((out / "predictions.csv").read_text())
+    assert len({r["path"] for r in rows}) == len(rows) == 4, rows
+    assert "4 classified now" in caplog.text
+    assert main(["predict", str(tiny_run.run_dir), str(folder), "--quiet"]) == 0
+    assert len({r["path"] for r in rows_of(capsys.readouterr().out)}) == 4
+
+
+def test_silently_wrong_parts_carry_their_options_and_are_checked_on_merge(tiny_run, tmp_path, capsys):
+    wav = tiny_run.data_dir / "tone" / "tone_000.wav"
+    out = tmp_path / "out"
+    assert main(["predict", str(tiny_run.run_dir), str(wav), "--out", str(out), "--quiet"]) == 0
+    (out / "options.json").unlink()  # the folder's record is gone: each part still knows its options
+    assert main(["predict", str(tiny_run.run_dir), str(wav), "--out", str(out), "--quiet", "--top-k", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "made with other options: top_k=2 (the part has 3)" in err, err
+    part = next((out / "parts").glob("part-*.csv"))
+    part.write_text(part.read_text().replace(',"tone",', ',"=evil",'))  # a label that is not a model class
+    assert main(["predict", str(tiny_run.run_dir), str(wav), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "has the label '=evil', not one of the model's classes" in err, err
+    part.write_text("".join(part.read_text().splitlines(keepends=True)[1:]))  # a part with no options at all
+    assert main(["predict", str(tiny_run.run_dir), str(wav), "--out", str(out), "--quiet"]) == 2
+    assert "holds no record of the options it was made with" in capsys.readouterr().err

@@ -371,4 +371,6 @@ def test_poor_messages_cors_origin_is_validated(model_path, monkeypatch, capsys,
     assert main(["serve", str(model_path), "--cors-origin", origin]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not an origin" in err and "Traceback" not in err
-    assert serve_module.check_origin("http://localhost:3000") == "http://localhost:3000"
+    from audioclf.options import check_origin
+
+    assert check_origin("http://localhost:3000") == "http://localhost:3000"

@@ -227,7 +227,7 @@ def test_cv_trains_an_unfinished_fold_again_and_reuses_finished_ones(synth_dir, 
 
 
 def test_the_demo_can_be_run_again(tmp_path, monkeypatch):
-    def one_epoch(data_dir, quiet=False):
+    def one_epoch(data_dir, quiet=False, weights_path=None):
         return resolve(overrides={**TINY, "data": {"root": str(data_dir), "format": "folder", "val_split": 0.25}})
 
     def fewer_clips(root, n_per_class=24, **kw):

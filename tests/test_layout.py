@@ -194,3 +194,42 @@ def test_the_run_directory_names_its_files_in_one_place():
                         if isinstance(n, ast.Constant) and n.value in names})
              for m in ("train", "cv", "cli", "demo", "evaluate")}
     assert not {m: v for m, v in found.items() if v}, f"run-directory file names outside rundir.py: {found}"
+
+
+def _third_party_imports() -> dict[str, str]:
+    """Top-level module -> the package file that imports it, for every import of a module outside the
+    standard library and audioclf, at the top or inside a function."""
+    import sys
+
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            for name in names:
+                top = name.split(".")[0]
+                if top and top != "audioclf" and top not in sys.stdlib_module_names:
+                    found.setdefault(top, path.name)
+    return found
+
+
+def test_every_import_is_declared_and_librosa_is_only_for_the_tests():
+    import importlib.metadata as md
+    import re
+
+    tomllib = __import__("pytest").importorskip("tomllib")
+    project = tomllib.loads((PACKAGE.parents[1] / "pyproject.toml").read_text())["project"]
+    requirement = re.compile(r"^[A-Za-z0-9._-]+")
+    norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731 (PEP 503 names)
+    runtime = {norm(requirement.match(r)[0]) for r in project["dependencies"]}
+    extras = {norm(requirement.match(r)[0]) for name, reqs in project["optional-dependencies"].items() if name != "dev"
+              for r in reqs if not r.startswith("audioclf")}
+    assert "librosa" not in runtime | extras and "scipy" in runtime
+    declared = runtime | extras
+    # what a declared package brings with it (pydantic with fastapi) counts as declared through it
+    brought = {norm(requirement.match(r)[0]) for d in declared for r in (md.requires(d) or []) if "extra ==" not in r}
+    providers = md.packages_distributions()
+    for module, where in _third_party_imports().items():
+        dists = {norm(d) for d in providers.get(module, [module])}
+        assert dists & (declared | brought), f"{where} imports {module}, which pyproject.toml does not declare"
+        assert module != "librosa", f"{where} imports librosa, a test-only dependency"

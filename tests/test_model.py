@@ -14,7 +14,7 @@ from audioclf.backbones import BACKBONES
 from audioclf.config import AudioclfError, FeatureConfig, ModelConfig
 from audioclf.features import LogMel
 from audioclf.fileio import sha256
-from audioclf.model import AudioResNet, WaveformClassifier, build_model
+from audioclf.model import FAMILIES, AudioMobileNet, AudioResNet, WaveformClassifier, build_model, place_model
 
 RESNET18 = BACKBONES["resnet18"]
 
@@ -158,7 +158,7 @@ def test_corrupt_cached_weights(torch_home, offline, unpinned, caplog):
     path = torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     path.parent.mkdir(parents=True)
     path.write_bytes(b"\xc3" + bytes(range(256)) * 8)
-    with pytest.raises(AudioclfError, match="resnet18-f37072fd.pth: cannot load resnet18 weights"):
+    with pytest.raises(AudioclfError, match="resnet18-f37072fd.pth: not a readable resnet18 weights file"):
         build_model(ModelConfig(pretrained="imagenet"), n_classes=3, n_mels=80)
     _, pretrained = build_model(ModelConfig(pretrained="auto"), n_classes=3, n_mels=80)
     assert pretrained is False and "from scratch instead" in caplog.text
@@ -168,7 +168,7 @@ def test_corrupt_cached_weights(torch_home, offline, unpinned, caplog):
 def test_unreadable_weights_path_names_the_file(tmp_path, unpinned, content):
     path = tmp_path / "weights.pth"
     path.write_bytes(content)
-    with pytest.raises(AudioclfError, match="weights.pth: cannot load resnet18 weights") as e:
+    with pytest.raises(AudioclfError, match="weights.pth: not a readable resnet18 weights file") as e:
         weights.load_state_dict("resnet18", str(path))
     assert "\n" not in str(e.value)
     # An explicit file is never silently replaced by scratch training, even with "auto".
@@ -272,3 +272,36 @@ def test_amp_dtype_uses_bf16_on_cpu_only_where_it_is_native(monkeypatch):
 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", gone)
     assert amp_dtype(cpu) is None  # a torch without the private probe: fp32, not a crash
+
+
+@pytest.mark.parametrize("name, cls", [("resnet18", AudioResNet), ("mn04_as", AudioMobileNet)])
+def test_the_family_table_builds_and_places_each_backbone(name, cls):
+    config = ModelConfig(backbone=name, pretrained="none")
+    assert BACKBONES[name].family in FAMILIES
+    model, pretrained = build_model(config, n_classes=3, n_mels=32 if name == "resnet18" else 128)
+    assert isinstance(model, cls) and not pretrained
+    read = []
+
+    def frames():  # the training clips' features: read only where the family fits something to them
+        for k in range(3):
+            read.append(k)
+            yield torch.randn(32, 20) * 3 + k
+
+    place_model(model, config, frames(), torch.device("cpu"))
+    assert next(model.parameters()).device.type == "cpu"
+    if name == "resnet18":
+        assert read == [0, 1, 2] and model.norm.mean.abs().sum() > 0  # its input standardisation was fitted
+    else:
+        assert read == []  # the MobileNets' front end normalises with fixed numbers
+
+
+def test_each_family_loads_its_own_pretrained_weights():
+    sd = AudioResNet(1000, 80, 0.0).backbone.state_dict()  # the shape of torchvision's file, 1-channel stem
+    sd["conv1.weight"] = sd["conv1.weight"].repeat(1, 3, 1, 1)
+    model = FAMILIES["resnet"].load_pretrained(AudioResNet(5, 80, 0.0), sd, "resnet18")
+    assert torch.equal(model.backbone.layer1[0].conv1.weight, sd["layer1.0.conv1.weight"])
+    mn = AudioMobileNet(5, 0.4, 0.0)
+    official = AudioMobileNet(527, 0.4, 0.0).net.state_dict()
+    FAMILIES["mobilenet"].load_pretrained(mn, official, "mn04_as")
+    first = next(iter(official))
+    assert torch.equal(mn.net.state_dict()[first], official[first])

@@ -11,9 +11,10 @@ from _serving import clip
 
 import audioclf
 from audioclf import predict
-from audioclf.audio import CROP_SLACK, fix_length, inference_windows, window_starts
+from audioclf import windows as windows_module
+from audioclf.audio import fix_length
 from audioclf.cli import main
-from audioclf.config import AudioclfError, FeatureConfig
+from audioclf.config import AudioclfError
 from audioclf.demo import synth_clip
 from audioclf.features import LogMel
 
@@ -28,56 +29,6 @@ def read_csv(path_or_text):
     return list(csv.DictReader(io.StringIO(text)))
 
 
-# ---------------------------------------------------------------------------------------------- windows
-
-@pytest.mark.parametrize("block", [1, 7, 100, 1000])
-def test_sliding_windows_do_not_depend_on_block_boundaries(block):
-    wave = np.arange(1000, dtype=np.float32)
-    blocks = [wave[i:i + block] for i in range(0, len(wave), block)]
-    got = list(predict.sliding_windows(blocks, window=300, hop=150))
-    starts = [s for s, _ in got]
-    assert starts == [0, 150, 300, 450, 600, 700]  # the last one ends exactly at the end
-    for s, w in got:
-        np.testing.assert_array_equal(w, wave[s:s + 300])
-
-
-def test_sliding_windows_pad_a_short_recording_and_stop_at_an_exact_end():
-    (start, w), = predict.sliding_windows([np.ones(100, np.float32)], window=300, hop=150)
-    assert start == 0 and w.shape == (300,) and w[:100].all() and not w[100:].any()
-    assert [s for s, _ in predict.sliding_windows([np.ones(600, np.float32)], 300, 150)] == [0, 150, 300]
-
-
-def _ramp_blocks(wave: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
-    """``wave`` in blocks of random lengths (empty ones too), as a decoder might hand it over."""
-    cuts = np.sort(rng.integers(0, len(wave) + 1, size=rng.integers(0, 6)))
-    return np.split(wave, cuts)
-
-
-@pytest.mark.parametrize("window, hop", [(1, 1), (7, 1), (7, 3), (7, 7), (7, 10), (300, 150), (300, 149), (300, 301),
-                                         (1000, 250), (1000, 999)])
-def test_streamed_counted_and_batched_windows_agree(window, hop):
-    """The three users of ``audio.window_starts``: the streamed windows (``sliding_windows``), the count the
-    server checks before decoding (``count_windows``) and the windows training caches (``inference_windows``)
-    give the same windows, and ``prepare`` classifies the same samples."""
-    rng = np.random.default_rng(window * 1000 + hop)
-    slack = int(window * (1 + CROP_SLACK))
-    lengths = {0, 1, window - 1, window, window + 1, slack, slack + 1, 2 * window, 2 * window + 1, 3 * window + hop,
-               5 * window + 3, window + 4 * hop, window + 4 * hop - 1, window + 4 * hop + 1, *rng.integers(1, 6000, 4)}
-    for n in sorted(x for x in lengths if x >= 0):
-        wave = np.arange(1, n + 1, dtype=np.float32)  # no zeros: padding shows
-        starts = window_starts(n, window, hop)
-        expected = [fix_length(wave[s:s + window], window) for s in starts]
-
-        streamed = list(predict.sliding_windows(_ramp_blocks(wave, rng), window, hop))
-        assert [s for s, _ in streamed] == starts, n
-        np.testing.assert_array_equal(np.stack([w for _, w in streamed]), np.stack(expected))
-        assert predict.count_windows(n, window, hop) == len(starts)
-        np.testing.assert_array_equal(inference_windows(torch.from_numpy(wave), window, hop).numpy(), np.stack(expected))
-        if n:  # an empty waveform is refused before any window
-            source = predict.prepare(wave, None, FeatureConfig(), window, hop)  # at its own rate: as it is
-            np.testing.assert_array_equal(np.stack([w for _, w in source.windows]), np.stack(expected))
-
-
 # ---------------------------------------------------------------------------------------------- Python API
 
 def test_api_numpy_waveform_and_torch_tensor(clf, tiny_run):
@@ -87,7 +38,7 @@ def test_api_numpy_waveform_and_torch_tensor(clf, tiny_run):
     assert p.shape == (3,) and p.sum() == pytest.approx(1, abs=1e-5)
     assert clf.predict(tone) == "tone" == clf.labels[p.argmax()]
     np.testing.assert_allclose(clf.predict_proba(torch.from_numpy(tone)), p, atol=1e-6)
-    np.testing.assert_allclose(clf.predict_proba(np.stack([tone, tone])), p, atol=1e-6)  # (channels, time)
+    np.testing.assert_allclose(clf.predict_proba(np.stack([tone, tone]), batch=False), p, atol=1e-6)  # (channels, time)
     # another sample rate is resampled to the training rate
     assert clf.predict(synth_clip("noise", np.random.default_rng(1), 44100, 1.0), sample_rate=44100) == "noise"
 
@@ -95,6 +46,22 @@ def test_api_numpy_waveform_and_torch_tensor(clf, tiny_run):
     assert batch.shape == (3, 3)
     np.testing.assert_allclose(batch[0], p, atol=1e-5)
     assert clf.predict([tone, clip("noise", 2)]) == ["tone", "noise"]
+
+
+def test_two_dimensional_input_says_whether_rows_are_clips_or_channels(clf):
+    two = np.stack([clip("tone", 0), clip("noise", 2)])  # two mono clips, or one stereo clip: the same shape
+    with pytest.raises(AudioclfError, match=r"ambiguous.*batch=True.*batch=False"):
+        clf.predict_proba(two)
+    with pytest.raises(AudioclfError, match="ambiguous"):
+        clf.embed(torch.from_numpy(two))
+    rows = clf.predict_proba(two, batch=True)
+    assert rows.shape == (2, 3)
+    np.testing.assert_allclose(rows, clf.predict_proba(list(two)), atol=1e-6)
+    assert clf.predict(two, batch=True) == ["tone", "noise"]
+    np.testing.assert_allclose(clf.predict_proba(two, batch=False), clf.predict_proba(two.mean(axis=0)), atol=1e-6)
+    assert clf.embed(torch.from_numpy(two), batch=True).shape[0] == 2
+    with pytest.raises(AudioclfError, match=r"batch=True needs .*shape \(\d+,\)"):
+        clf.predict_proba(two[0], batch=True)
 
 
 def test_short_clip_is_padded_exactly_as_in_training(clf):
@@ -161,7 +128,7 @@ def test_timeline_of_a_60_second_file_shows_the_class_change(clf, tiny_run, tmp_
     path = tmp_path / "long.wav"
     sf.write(path, np.concatenate(clips("tone") + clips("noise")), 16000)
     # a long file is streamed, never decoded whole
-    monkeypatch.setattr(predict, "load_audio", lambda *a: pytest.fail("a long file was decoded whole"))
+    monkeypatch.setattr(windows_module, "load_audio", lambda *a: pytest.fail("a long file was decoded whole"))
 
     result = clf.classify(path, timeline=True)
     windows = result["windows"]
@@ -171,13 +138,16 @@ def test_timeline_of_a_60_second_file_shows_the_class_change(clf, tiny_run, tmp_
     assert np.mean([w["label"] == "tone" for w in windows if w["end_s"] <= 30]) >= 0.9
     assert np.mean([w["label"] == "noise" for w in windows if w["start_s"] >= 30]) >= 0.9
 
-    out = tmp_path / "timeline.csv"
+    out = tmp_path / "long.csv"
     assert main(["predict", str(tiny_run.run_dir), str(path), "--timeline", "--out", str(out), "--quiet"]) == 0
-    rows = read_csv(out)
-    assert list(rows[0]) == ["path", "label", "confidence", "top_k", "error", "start_s", "end_s"]
-    assert rows[0]["start_s"] == "" and rows[0]["top_k"]
-    window_rows = [{"start_s": float(r["start_s"]), "end_s": float(r["end_s"]), "label": r["label"]} for r in rows[1:]]
+    (row,) = read_csv(out)  # the per-file table: one row for the file, as without --timeline
+    assert list(row) == ["path", "label", "confidence", "label_1", "prob_1", "label_2", "prob_2", "label_3", "prob_3",
+                         "error"]
+    rows = read_csv(tmp_path / "long.timeline.csv")  # the timeline: a table of its own
+    assert list(rows[0]) == ["path", "start_s", "end_s", "label", "prob"] and {r["path"] for r in rows} == {str(path)}
+    window_rows = [{"start_s": float(r["start_s"]), "end_s": float(r["end_s"]), "label": r["label"]} for r in rows]
     assert len(window_rows) == 119 and change_point(window_rows) == pytest.approx(30, abs=1)
+    assert [float(r["prob"]) for r in rows] == pytest.approx([w["confidence"] for w in windows], abs=1e-4)
 
 
 def change_point(windows) -> float:
@@ -196,13 +166,33 @@ def test_predict_files_and_folders_to_csv(tiny_run, tmp_path):
     assert main(["predict", str(tiny_run.run_dir), str(tiny_run.data_dir / "noise"), str(one),
                  "--out", str(out), "--top-k", "2", "--batch-size", "5", "--quiet"]) == 0
     rows = read_csv(out)
-    assert list(rows[0]) == ["path", "label", "confidence", "top_k", "error"]
+    assert list(rows[0]) == ["path", "label", "confidence", "label_1", "prob_1", "label_2", "prob_2", "error"]
     assert len(rows) == 13 and rows[-1]["path"] == str(one)
     assert sum(r["label"] == "noise" for r in rows[:12]) >= 11 and rows[-1]["label"] == "tone"
     for r in rows:
-        top = [t.split(":") for t in r["top_k"].split(";")]
-        assert len(top) == 2 and top[0][0] == r["label"] and float(top[0][1]) == pytest.approx(float(r["confidence"]))
-        assert r["error"] == ""
+        assert r["label_1"] == r["label"] and r["prob_1"] == r["confidence"] and r["label_2"] not in ("", r["label"])
+        assert float(r["prob_1"]) >= float(r["prob_2"]) and r["error"] == ""
+    assert not (tmp_path / "preds.timeline.csv").exists()
+
+
+def test_probs_gives_one_column_per_class_in_label_order(tiny_run, clf, tmp_path, capsys):
+    files = sorted((tiny_run.data_dir / "chirp").glob("*.wav"))[:3]
+    assert main(["predict", str(tiny_run.run_dir), *map(str, files), "--probs", "--top-k", "1", "--quiet"]) == 0
+    rows = read_csv(capsys.readouterr().out)
+    assert list(rows[0]) == ["path", "label", "confidence", "label_1", "prob_1", "p_chirp", "p_noise", "p_tone", "error"]
+    for r, f in zip(rows, files):
+        probs = [float(r[f"p_{c}"]) for c in tiny_run.labels]
+        assert probs == pytest.approx(clf.predict_proba(str(f)).tolist(), abs=1e-4) and sum(probs) == pytest.approx(1, abs=1e-3)
+        assert r["label"] == tiny_run.labels[int(np.argmax(probs))]
+
+
+def test_timeline_on_stdout_is_the_timeline_table(tiny_run, capsys):
+    one = tiny_run.data_dir / "tone" / "tone_000.wav"
+    assert main(["predict", str(tiny_run.run_dir), str(one), "--timeline", "--window", "0.5", "--quiet"]) == 0
+    rows = read_csv(capsys.readouterr().out)
+    assert [list(r.values()) for r in rows] == [[str(one), "0.000", "0.500", rows[0]["label"], rows[0]["prob"]],
+                                                [str(one), "0.250", "0.750", rows[1]["label"], rows[1]["prob"]],
+                                                [str(one), "0.500", "1.000", rows[2]["label"], rows[2]["prob"]]]
 
 
 def test_predict_csv_to_stdout_from_a_list_file(tiny_run, tmp_path, capsys):

@@ -4,6 +4,7 @@ shared among torchrun's processes (two gloo processes on the CPU here), merged t
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import re
@@ -20,15 +21,17 @@ from _models import tiny_run  # noqa: F401 (a fixture)
 from audioclf.cli import main
 from audioclf.commands import embed as embed_command
 from audioclf.commands import predict as predict_command
-from audioclf.commands.parts import PartWriter, list_parts, part_path, read_part
+from audioclf.commands.parts import META, PartWriter, list_parts, part_path, read_part
+from audioclf.commands.predict import timeline_path
+from audioclf.commands.tables import is_number
 from audioclf.config import AudioclfError
 from audioclf.fileio import PARQUET_INSTALL
 from audioclf.runtime import process_group
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SUMMARY = re.compile(r"(\d+) classified now, (\d+) skipped as done, (\d+) failed")
-FIELDS = ["path", "label", "confidence", "top_k", "error"]
-TIMELINE_FIELDS = FIELDS + ["start_s", "end_s"]
+FIELDS = ["path", "label", "confidence", "label_1", "prob_1", "label_2", "prob_2", "label_3", "prob_3", "error"]
+PART_FIELDS = FIELDS + ["start_s", "end_s", "prob"]  # a part's columns with --timeline
 
 
 @pytest.fixture(scope="module")
@@ -67,25 +70,22 @@ def assert_close_rows(got: list[list[str]], want: list[list[str]]) -> None:
     """The same rows, numbers within one step of their 4th decimal: windows batched with other files' windows
     (another process, another share) can round the other way."""
     assert len(got) == len(want) and got[0] == want[0]
+    numbers = [is_number(f) for f in want[0]]
     for g, w in zip(got[1:], want[1:]):
-        row = dict(zip(want[0], g))
-        ref = dict(zip(want[0], w))
-        assert {k: v for k, v in row.items() if k not in ("confidence", "top_k")} == \
-               {k: v for k, v in ref.items() if k not in ("confidence", "top_k")}
-        assert (row["confidence"] == "") == (ref["confidence"] == "")
-        if row["confidence"]:
-            assert float(row["confidence"]) == pytest.approx(float(ref["confidence"]), abs=2e-4)
-        top, top_ref = [t.split(":") for t in row["top_k"].split(";") if t], [t.split(":") for t in ref["top_k"].split(";") if t]
-        assert [t[0] for t in top] == [t[0] for t in top_ref]
-        assert [float(t[1]) for t in top] == pytest.approx([float(t[1]) for t in top_ref], abs=2e-4)
+        assert [c for c, n in zip(g, numbers) if not n] == [c for c, n in zip(w, numbers) if not n]
+        assert [c == "" for c in g] == [c == "" for c in w]
+        assert [float(c) for c, n in zip(g, numbers) if n and c] == \
+               pytest.approx([float(c) for c, n in zip(w, numbers) if n and c], abs=2e-4)
 
 
-def write_part(folder: Path, run_id: str, records: list[list[list[str]]], fields: list[str], torn: str = "") -> Path:
-    """A part as an earlier run left it: each file's window rows, then its own row; then ``torn``, the start
-    of a line that a kill cut short."""
+def write_part(folder: Path, run_id: str, records: list[list[list[str]]], fields: list[str], meta: dict,
+               torn: str = "") -> Path:
+    """A part as an earlier run left it: its options and labels (``meta``), each file's window rows, then its
+    own row; then ``torn``, the start of a line that a kill cut short."""
     path = part_path(folder, run_id, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
+        f.write(META + json.dumps(meta) + "\n")
         w = csv.writer(f, lineterminator="\n")
         w.writerow(fields)
         for own, *windows in records:
@@ -94,16 +94,16 @@ def write_part(folder: Path, run_id: str, records: list[list[list[str]]], fields
     return path
 
 
-def records_of(rows: list[list[str]]) -> list[list[list[str]]]:
-    """Merged CSV rows (own row, then its window rows) grouped per file."""
-    start = rows[0].index("start_s") if "start_s" in rows[0] else None
-    out = []
-    for row in rows[1:]:
-        if start is not None and row[start]:
-            out[-1].append(row)
-        else:
-            out.append([row])
-    return out
+def records_of(csv_out: Path) -> list[list[list[str]]]:
+    """The rows of ``--out x.csv`` (and ``x.timeline.csv`` if there is one) as a part holds them: per file, its
+    own row, then its window rows, in the part's columns."""
+    header, *rows = read_rows(csv_out)
+    windows = read_rows(timeline_path(csv_out))[1:] if timeline_path(csv_out).exists() else []
+    if not windows:
+        return [[row] for row in rows]
+    pad = len(header) - 2  # a window row: path, label, then empty cells to start_s, end_s, prob
+    return [[row + ["", "", ""]] + [[w[0], w[3]] + [""] * pad + w[1:3] + w[4:] for w in windows if w[0] == row[0]]
+            for row in rows]
 
 
 # ---------------------------------------------------------------------------------------------- one process
@@ -114,10 +114,14 @@ def test_folder_out_gives_the_rows_of_a_csv_out(tiny_run, inputs, tmp_path, time
     assert predict(tiny_run, inputs, "--out", tmp_path / "x.csv", *flags) == 0
     assert predict(tiny_run, inputs, "--out", tmp_path / "new" / "out", *flags) == 0  # a new name: made
     want = read_rows(tmp_path / "x.csv")
-    assert read_rows(tmp_path / "new" / "out" / "predictions.csv") == want
-    assert len(records_of(want)) == 13 and len(want) > (13 if timeline else 12)
+    assert read_rows(tmp_path / "new" / "out" / "predictions.csv") == want and len(want) == 14 and want[0] == FIELDS
+    assert (tmp_path / "x.timeline.csv").exists() == timeline == (tmp_path / "new" / "out" / "timeline.csv").exists()
+    if timeline:
+        windows = read_rows(tmp_path / "x.timeline.csv")
+        assert read_rows(tmp_path / "new" / "out" / "timeline.csv") == windows and len(windows) == 13  # the broken one has none
     ((run, part),) = list_parts(tmp_path / "new" / "out")
-    assert [rec[0][0] for rec in read_part(part, want[0])] == [rec[0][0] for rec in records_of(want)]
+    records = list(read_part(part, PART_FIELDS if timeline else FIELDS))
+    assert records == records_of(tmp_path / "x.csv")
 
 
 def test_a_rerun_skips_what_is_done_errors_included_unless_retried(tiny_run, inputs, tmp_path, caplog):
@@ -127,7 +131,7 @@ def test_a_rerun_skips_what_is_done_errors_included_unless_retried(tiny_run, inp
     assert predict(tiny_run, inputs, "--out", out) == 0
     assert summary(caplog.text) == (13, 0, 1)
     first = read_rows(out / "predictions.csv")
-    assert "zz_broken.wav" in first[-1][0] and first[-1][4]
+    assert "zz_broken.wav" in first[-1][0] and first[-1][-1]
 
     caplog.clear()
     assert predict(tiny_run, inputs, "--out", out) == 0
@@ -145,19 +149,21 @@ def test_a_rerun_skips_what_is_done_errors_included_unless_retried(tiny_run, inp
 def test_a_killed_run_resumes_with_the_files_it_did_not_finish(tiny_run, inputs, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="audioclf")
     assert predict(tiny_run, inputs, "--out", tmp_path / "x.csv", "--timeline") == 0
-    want = read_rows(tmp_path / "x.csv")
-    records = records_of(want)
+    records = records_of(tmp_path / "x.csv")
     out = tmp_path / "out"
     # five files done; the sixth's window rows written, its own row cut mid-line
     six_own, *six_windows = records[5]
     torn = "".join(f"{','.join(w)}\n" for w in six_windows) + ",".join(six_own)[:25]
-    write_part(out, "20000101T000000000000Z", records[:5], TIMELINE_FIELDS, torn=torn)
+    meta = {"model": str(tiny_run.run_dir.resolve()), "top_k": 3, "window_s": None, "hop_s": None, "timeline": True,
+            "probs": False, "labels": tiny_run.labels}
+    write_part(out, "20000101T000000000000Z", records[:5], PART_FIELDS, meta, torn=torn)
 
     assert predict(tiny_run, inputs, "--out", out, "--timeline") == 0
     assert summary(caplog.text) == (8, 5, 1)
-    assert_close_rows(read_rows(out / "predictions.csv"), want)
+    assert_close_rows(read_rows(out / "predictions.csv"), read_rows(tmp_path / "x.csv"))
+    assert_close_rows(read_rows(out / "timeline.csv"), read_rows(tmp_path / "x.timeline.csv"))
     run, newest = list_parts(out)[-1]
-    assert [rec[0][0] for rec in read_part(newest, TIMELINE_FIELDS)] == [rec[0][0] for rec in records[5:]]
+    assert [rec[0][0] for rec in read_part(newest, PART_FIELDS)] == [rec[0][0] for rec in records[5:]]
 
 
 def test_a_rerun_with_other_options_is_refused(tiny_run, inputs, tmp_path, capsys):
@@ -180,18 +186,18 @@ def test_options_the_classifier_refuses_are_not_kept_for_the_rerun(tiny_run, inp
 # ---------------------------------------------------------------------------------------------- part files
 
 def test_part_reader_leaves_out_a_torn_tail(tmp_path):
-    fields = TIMELINE_FIELDS
+    fields = PART_FIELDS
     path = tmp_path / "part.csv"
     with PartWriter(path, fields) as part:
-        part.write([{"path": "a\r.wav", "label": "x", "confidence": "0.5000", "start_s": "0.000", "end_s": "1.000"},
-                    {"path": "a\r.wav", "label": "x", "confidence": "0.5000", "top_k": "x:0.5000"}])
+        part.write([{"path": "a\r.wav", "label": "x", "start_s": "0.000", "end_s": "1.000", "prob": "0.5000"},
+                    {"path": "a\r.wav", "label": "x", "confidence": "0.5000", "label_1": "x", "prob_1": "0.5000"}])
         part.write([{"path": "b.wav", "error": "b.wav: broken\non two lines"}])
     whole = path.read_bytes()
     assert [[r[0] for r in rec] for rec in read_part(path, fields)] == [["a\r.wav", "a\r.wav"], ["b.wav"]]
     for tail in ('c.wav,y,0.9', '"c\n.wav",y', 'd.wav,,,,"d: cut\n'):  # cut mid-line, in quotes, after a quoted newline
         path.write_bytes(whole + tail.encode())
         assert [rec[0][0] for rec in read_part(path, fields)] == ["a\r.wav", "b.wav"]
-    path.write_bytes(whole + b"c.wav,,,,an error,,\n")  # the same line, whole: it counts
+    path.write_bytes(whole + ",".join(["c.wav"] + [""] * 8 + ["an error", "", "", ""]).encode() + b"\n")  # whole: it counts
     assert [rec[0][0] for rec in read_part(path, fields)] == ["a\r.wav", "b.wav", "c.wav"]
     with pytest.raises(AudioclfError, match="other options"):
         list(read_part(path, FIELDS))
@@ -221,14 +227,15 @@ def test_parquet_holds_the_csv_rows(tiny_run, inputs, tmp_path):
     assert predict(tiny_run, inputs, "--out", tmp_path / "x.csv", "--timeline") == 0
     assert predict(tiny_run, inputs, "--out", tmp_path / "x.parquet", "--timeline") == 0
     assert predict(tiny_run, inputs, "--out", tmp_path / "out", "--timeline", "--out-format", "both") == 0
-    header, *rows = read_rows(tmp_path / "x.csv")
-    want = [{k: (float(v) if k in ("confidence", "start_s", "end_s") else v) if v else None for k, v in zip(header, row)}
-            for row in rows]
-    for path in (tmp_path / "x.parquet", tmp_path / "out" / "predictions.parquet"):
-        table = pq.read_table(path)
-        assert table.column_names == header and str(table.schema.field("confidence").type) == "double"
-        assert table.to_pylist() == want
-    assert read_rows(tmp_path / "out" / "predictions.csv") == [header, *rows]
+    for table_name, csv_path in (("predictions", tmp_path / "x.csv"), ("timeline", tmp_path / "x.timeline.csv")):
+        header, *rows = read_rows(csv_path)
+        want = [{k: (float(v) if is_number(k) else v) if v else None for k, v in zip(header, row)} for row in rows]
+        for path in (tmp_path / f"x{'.timeline' * (table_name == 'timeline')}.parquet",
+                     tmp_path / "out" / f"{table_name}.parquet"):
+            table = pq.read_table(path)
+            assert table.column_names == header and table.to_pylist() == want
+            assert {str(table.schema.field(f).type) for f in header if is_number(f)} == {"double"}
+        assert read_rows(tmp_path / "out" / f"{table_name}.csv") == [header, *rows]
 
 
 def test_parquet_without_pyarrow_names_the_extra(tiny_run, inputs, tmp_path, monkeypatch, capsys, no_model):
@@ -316,8 +323,9 @@ def test_two_gloo_processes_give_the_rows_of_one_process(tiny_run, inputs, tmp_p
     assert "rank 1 of 2" not in r.stderr  # rank 0 speaks for the job; the parts below show rank 1's share
     assert summary(r.stderr) == (13, 0, 1)
     assert_close_rows(read_rows(out / "predictions.csv"), want)
-    names = [[rec[0][0] for rec in read_part(path, TIMELINE_FIELDS)] for _, path in list_parts(out)]
-    everyone = [rec[0][0] for rec in records_of(want)]
+    assert_close_rows(read_rows(out / "timeline.csv"), read_rows(tmp_path / "x.timeline.csv"))
+    names = [[rec[0][0] for rec in read_part(path, PART_FIELDS)] for _, path in list_parts(out)]
+    everyone = [row[0] for row in want[1:]]
     assert names == [everyone[0::2], everyone[1::2]]  # every second file each, one part per process
 
     # the failed file again: the first process takes it, the second has none and must still reach the barrier

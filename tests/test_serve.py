@@ -21,6 +21,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 import audioclf  # noqa: E402
 from audioclf import serve as serve_module  # noqa: E402
 from audioclf.config import AudioclfError  # noqa: E402
+from audioclf.fileio import sha256  # noqa: E402
+from audioclf.predict import Classifier  # noqa: E402
 from audioclf.serve import create_app  # noqa: E402
 
 from _serving import (DURATION_S, LABELS, SAMPLE_RATE, classifier, clip, live_server,  # noqa: E402,F401
@@ -45,12 +47,16 @@ def assert_still_serving(client):
     assert r.status_code == 200, r.text
 
 
-def test_health_and_labels(client, classifier):
+def test_health_and_labels(client, classifier, model_path):
     health = client.get("/health").json()
-    assert health == {"status": "ok", "audioclf_version": audioclf.__version__, "n_classes": len(LABELS),
-                      "sample_rate": SAMPLE_RATE, "window_s": DURATION_S, "device": "cpu",
-                      "max_upload_mb": MAX_UPLOAD_MB}
+    assert health == {"status": "ok", "audioclf_version": audioclf.__version__, "backbone": "resnet18",
+                      "task": "multiclass", "classes": LABELS, "n_classes": len(LABELS),
+                      "weights_sha256": sha256(model_path), "sample_rate": SAMPLE_RATE, "window_s": DURATION_S,
+                      "device": "cpu", "max_upload_mb": MAX_UPLOAD_MB, "max_audio_s": 600.0, "max_windows": 2000}
+    assert len(health["weights_sha256"]) == 64
     assert client.get("/labels").json() == {"labels": list(classifier.labels)}
+    built = Classifier(classifier.model, classifier.config, LABELS, device="cpu")  # no file behind it
+    assert TestClient(create_app(built)).get("/health").json()["weights_sha256"] is None
 
 
 def test_page_docs_and_openapi(client):
@@ -64,7 +70,7 @@ def test_page_docs_and_openapi(client):
     assert docs.status_code == 200
     assert "cdn" not in docs.text  # Swagger UI from the swagger-ui-bundle package: the docs work offline
     assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
-    assert {"/predict", "/health", "/labels"} <= set(client.get("/openapi.json").json()["paths"])
+    assert {"/predict", "/predict_batch", "/embed", "/health", "/labels"} <= set(client.get("/openapi.json").json()["paths"])
 
 
 @pytest.mark.parametrize("kind", ["tone", "noise", "clicks"])
@@ -73,7 +79,7 @@ def test_predict_matches_classifier(client, classifier, kind, tmp_path):
     r = post_wav(client, wav_bytes(wave))
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"label", "confidence", "top_k", "duration_s"}
+    assert set(body) == {"label", "confidence", "probs", "top_k", "duration_s"}
     top = body["top_k"]
     assert len(top) == 3 and all(set(t) == {"label", "prob"} for t in top)
     probs = [t["prob"] for t in top]
@@ -84,6 +90,64 @@ def test_predict_matches_classifier(client, classifier, kind, tmp_path):
     want = classifier.classify(tmp_path / "clip.wav", top_k=3)  # same file through the Python API
     assert [t["label"] for t in top] == [t["label"] for t in want["top_k"]]
     np.testing.assert_allclose(probs, [t["prob"] for t in want["top_k"]], atol=1e-5)
+    assert list(body["probs"]) == LABELS  # the full vector, in the order of /labels
+    np.testing.assert_allclose(list(body["probs"].values()), want["probs"], atol=1e-5)
+
+
+def post_files(client, files: list[tuple[str, bytes]], **params):
+    return client.post("/predict_batch", params=params, files=[("files", (name, data, "audio/wav")) for name, data in files])
+
+
+def test_predict_batch_gives_one_result_per_file_in_order(client, classifier):
+    waves = {"a.wav": clip("tone", seed=1), "b.wav": clip("noise", seed=2), "c.wav": clip("chirp", seed=3, duration_s=3.0)}
+    files = [(name, wav_bytes(w)) for name, w in waves.items()] + [("broken.wav", b"RIFF not audio" * 10)]
+    r = post_files(client, files, top_k=2, timeline=1)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [item["file"] for item in results] == ["a.wav", "b.wav", "c.wav", "broken.wav"]
+    for item, wave in zip(results, waves.values()):
+        want = classifier.classify(wave, top_k=2, timeline=True)
+        assert set(item) == {"file", "result"} and item["result"]["label"] == want["label"]
+        np.testing.assert_allclose(list(item["result"]["probs"].values()), want["probs"], atol=1e-5)
+        assert len(item["result"]["top_k"]) == 2 and len(item["result"]["windows"]) == len(want["windows"])
+    assert set(results[3]) == {"file", "error"} and "broken.wav" in results[3]["error"]  # the others still classified
+    assert post_files(client, []).status_code in (400, 422)
+    assert_still_serving(client)
+
+
+def test_predict_a_browser_recording(client, classifier, tmp_path):
+    """Browsers record webm/opus (MediaRecorder), without a duration in the header: decoded through PyAV."""
+    from test_audio import encode_with_pyav
+
+    path = tmp_path / "recording.webm"
+    encode_with_pyav(path, "webm", "libopus", clip("tone", duration_s=2.0), SAMPLE_RATE, live="1")
+    r = client.post("/predict", files={"file": ("recording.webm", path.read_bytes(), "audio/webm")})
+    assert r.status_code == 200, r.text
+    want = classifier.classify(path)
+    assert r.json()["label"] == want["label"] and r.json()["duration_s"] == pytest.approx(2.0, abs=0.05)
+    np.testing.assert_allclose(list(r.json()["probs"].values()), want["probs"], atol=1e-5)
+
+
+def test_predict_batch_limits_hold_for_the_files_together(classifier):
+    # each file alone fits the 5 s limit; together they do not
+    with TestClient(create_app(classifier, max_audio_s=5.0, max_windows=40)) as c:
+        three = wav_bytes(clip("tone", duration_s=3.0))
+        assert post_files(c, [("one.wav", three)]).status_code == 200
+        r = post_files(c, [("one.wav", three), ("two.wav", three)])
+        assert r.status_code == 413 and "two.wav" in r.json()["detail"] and "other files" in r.json()["detail"]
+        r = post_files(c, [(f"{i}.wav", wav_bytes(clip("tone", duration_s=0.5))) for i in range(9)], window_s=0.1)
+        assert r.status_code == 422 and "the limit is 40" in r.json()["detail"]
+
+
+def test_embed_matches_classifier(client, classifier):
+    wave = clip("clicks", seed=4, duration_s=2.5)
+    r = client.post("/embed", files={"file": ("x.wav", wav_bytes(wave), "audio/wav")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["dim"] == len(body["embedding"]) == 512 and body["duration_s"] == pytest.approx(2.5, abs=1e-3)
+    np.testing.assert_allclose(body["embedding"], classifier.embed(wave), rtol=1e-4, atol=1e-5)
+    assert client.post("/embed").status_code == 400
+    assert client.post("/embed", files={"file": ("x.wav", b"not audio", "audio/wav")}).status_code == 415
 
 
 def test_predict_top_k(client):

@@ -19,7 +19,7 @@ from audioclf.checkpoint import load_checkpoint
 from audioclf.cli import build_parser, config_from_args
 from audioclf.config import AudioclfError, resolve
 from audioclf.demo import make_synthetic_dataset
-from audioclf import train
+from audioclf import rundir, train
 from audioclf.augment import SpecAugment
 from audioclf.cv import cross_validate
 from audioclf.model import AudioResNet
@@ -282,7 +282,7 @@ class _Bank:
         self.labels = torch.arange(n) % 2
         self.x = torch.randn(n, n_mels, n_frames, generator=g) + 3.0 * self.labels[:, None, None]
 
-    def batch(self, indices, *, random_crop=False, generator=None):
+    def batch(self, indices, *, random_crop=False, generator=None, multi_hot=False):
         return self.x[indices], self.labels[indices]
 
 
@@ -304,8 +304,20 @@ def test_train_one_epoch_and_evaluate_split_return_plain_floats():
     assert 0 <= out["train_acc"] <= 1 and out["train_loss"] > 0 and out["clips_per_s"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it stepped
     val = evaluate_split(model, bank, torch.arange(24), s, batch_size=16)
-    assert set(val) == {"val_loss", "val_acc", "val_f1"} and all(type(v) is float for v in val.values())
+    assert set(val) == {"val_loss", "val_acc", "val_f1", "val_map"} and all(type(v) is float for v in val.values())
     assert not model.training  # evaluated in eval mode
     logits = model(bank.x)
     assert val["val_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, bank.labels).item(), rel=1e-5)
     assert val["val_acc"] == pytest.approx((logits.argmax(1) == bank.labels).float().mean().item())
+
+
+def test_plot_curves_leaves_a_notebooks_matplotlib_alone(tmp_path):
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text(",".join(rundir.METRIC_FIELDS) + "\n1,0.001,1.2,0.4,1.1,0.5,0.45,3.0,10.0\n"
+                       "2,0.0005,0.9,0.6,1.0,0.6,0.55,3.0,10.0\n")
+    code = ("import sys, matplotlib; matplotlib.use('svg'); from audioclf.rundir import plot_curves; "
+            f"plot_curves({str(metrics)!r}, {str(tmp_path / 'curves.png')!r}); "
+            "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["svg", "False"]  # the notebook's backend, and no pyplot figure manager behind its back
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

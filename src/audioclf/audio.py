@@ -1,5 +1,8 @@
 """Audio I/O: decode with soundfile, mix to mono, resample with soxr, pad or crop to a fixed length.
 
+soundfile (libsndfile) decodes WAV, FLAC, OGG/Vorbis, Opus in Ogg and MP3. What it cannot (m4a/AAC, webm/opus as
+browsers record it, mp4 audio) goes to PyAV, whose wheels bundle FFmpeg: the optional extra ``audioclf[av]``.
+
 Everything here works on 1-D ``float32`` numpy arrays in [-1, 1] at a known sample rate (Hz).
 
 An audio source is a file path, or a member of an uncompressed tar (a WebDataset shard) written as
@@ -12,9 +15,10 @@ import errno
 import functools
 import io
 import os
+import re
 import tarfile
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Optional, Union
+from typing import Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 import soundfile as sf
@@ -23,7 +27,8 @@ import torch
 
 from .errors import AudioclfError
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au", ".opus")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au", ".opus", ".m4a", ".aac", ".mp4", ".webm")
+AV_INSTALL = 'pip install "audioclf[av]"'
 
 
 def link_problem(path) -> Optional[str]:
@@ -61,12 +66,99 @@ def _open(path) -> sf.SoundFile:
     return _decoder(os.fsencode(path), path)
 
 
-def _decoder(source: Union[bytes, io.BytesIO], name) -> sf.SoundFile:
+# libsndfile's report of a chunk whose declared size passes the end of the file: "data : 32000 (should be 2956)"
+_SHORT_CHUNK = re.compile(r"^\s*(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
+
+
+def _decoder(source: Union[bytes, io.BytesIO], name) -> Union[sf.SoundFile, "AVFile"]:
+    """soundfile's decoder for ``source``, else PyAV's."""
     try:
-        return sf.SoundFile(source)
+        f = sf.SoundFile(source)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioclfError(f"{name}: soundfile cannot decode it ({getattr(e, 'error_string', e)}); "
-                            f"readable formats: {', '.join(sorted(sf.available_formats()))}") from None
+        reason = f"soundfile cannot decode it ({getattr(e, 'error_string', e)})"
+    else:
+        short = _SHORT_CHUNK.search(f.extra_info)
+        if short and int(short[1]) > int(short[2]):
+            # libsndfile reads what is there without a word: a truncated WAV would be classified as its start
+            f.close()
+            raise AudioclfError(f"{name}: truncated: its header declares {int(short[1])} bytes of audio, the file "
+                                f"holds {int(short[2])}; copy or export it again")
+        return f
+    try:
+        import av
+    except ImportError:
+        raise AudioclfError(f"{name}: {reason}; m4a/AAC, webm and mp4 audio need PyAV: {AV_INSTALL}") from None
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    try:
+        return AVFile(av.open(source if isinstance(source, io.BytesIO) else os.fsdecode(source)), name)
+    except av.FFmpegError as e:
+        raise AudioclfError(f"{name}: {reason}, nor can FFmpeg ({e}); readable formats: "
+                            f"{', '.join(sorted(sf.available_formats()))}, and what FFmpeg reads") from None
+
+
+class AVFile:
+    """The part of ``soundfile.SoundFile`` audioclf reads (``frames``, ``samplerate``, ``channels``, ``format``,
+    ``read``), over the first audio stream of a PyAV container.
+
+    ``frames`` comes from the container's header; a file without a duration in its header (webm as browsers
+    record it) is decoded once to count them.
+    """
+
+    def __init__(self, container, name):
+        import av
+
+        self.name, self._container = name, container
+        if not container.streams.audio:
+            container.close()
+            raise AudioclfError(f"{name}: the file holds no audio stream")
+        self._stream = container.streams.audio[0]
+        self.samplerate, self.channels = self._stream.codec_context.sample_rate, self._stream.codec_context.channels
+        self.format = container.format.name.split(",")[0].upper()
+        if container.duration is not None:
+            self.frames = round(container.duration / av.time_base * self.samplerate)
+        else:
+            self.frames = sum(f.samples for f in self._decode())
+            container.seek(0)
+        self._frames, self._pending = self._decode(), np.zeros((0, self.channels), np.float32)
+
+    def _decode(self) -> Iterator:
+        import av
+
+        try:
+            yield from self._container.decode(self._stream)
+        except av.FFmpegError as e:
+            raise AudioclfError(f"{self.name}: decoding failed part-way ({e})") from None
+
+    def read(self, frames: int = -1, dtype: str = "float32", always_2d: bool = True) -> np.ndarray:
+        """Up to ``frames`` (all when -1) samples from where the last read stopped: ``(time, channels)`` float32."""
+        parts, have = [self._pending], len(self._pending)
+        while frames < 0 or have < frames:
+            frame = next(self._frames, None)
+            if frame is None:
+                break
+            x = frame.to_ndarray().astype(np.float32, copy=False)
+            if frame.format.is_planar:  # (channels, time)
+                x = x.T
+            else:  # interleaved: (1, time * channels)
+                x = x.reshape(-1, len(frame.layout.channels))
+            if frame.format.name.startswith(("s16", "s32")):  # integer samples to [-1, 1]
+                x = x / np.float32(2 ** (8 * frame.format.bytes - 1))
+            parts.append(x)
+            have += len(x)
+        out = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        end = len(out) if frames < 0 else frames
+        self._pending = out[end:]
+        return out[:end]
+
+    def close(self) -> None:
+        self._container.close()
+
+    def __enter__(self) -> "AVFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------------------------- tar members
@@ -234,8 +326,8 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return soxr.resample(wave, orig_sr, target_sr, quality="HQ").astype(np.float32, copy=False)
 
 
-def load_audio(path, sample_rate: int) -> np.ndarray:
-    """Decode ``path`` to mono float32 at ``sample_rate`` Hz.
+def decode(path) -> tuple[np.ndarray, int]:
+    """Decode ``path`` as stored: ``(time, channels)`` float32 samples and the file's sample rate (Hz).
 
     Raises:
         AudioclfError: naming the file, when it is missing, empty, undecodable, has no samples,
@@ -251,6 +343,12 @@ def load_audio(path, sample_rate: int) -> np.ndarray:
         raise AudioclfError(f"{path}: the file holds zero samples of audio")
     if not np.isfinite(wave).all():
         raise AudioclfError(f"{path}: the audio holds NaN or infinite samples")
+    return wave, orig_sr
+
+
+def load_audio(path, sample_rate: int) -> np.ndarray:
+    """Decode ``path`` to mono float32 at ``sample_rate`` Hz (the errors of :func:`decode`)."""
+    wave, orig_sr = decode(path)
     return resample(to_mono(wave), orig_sr, sample_rate)
 
 
@@ -353,7 +451,7 @@ def settled_windows(n_samples: int, window: int, hop: int) -> int:
 
 def inference_windows(wave: torch.Tensor, window: int, hop: int) -> torch.Tensor:
     """The windows a model classifies in one recording, ``(k, window)``, at :func:`window_starts`
-    (:func:`sliding_windows` streams the same ones).
+    (``windows.sliding_windows`` streams the same ones).
 
     Training caches the features of exactly these windows, each peak-normalised on its own, so a model
     sees in training what it sees in prediction.
@@ -365,55 +463,3 @@ def find_audio_files(root) -> list[Path]:
     """All audio files below ``root`` (recursive), sorted for a stable order."""
     root = Path(root)
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
-
-
-# ---------------------------------------------------------------------------------------------- streamed windows
-
-def sliding_windows(blocks: Iterable[np.ndarray], window: int, hop: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Cut consecutive 1-D blocks of one recording into windows, assembled across block boundaries.
-
-    Args:
-        blocks (iterable of np.ndarray): consecutive pieces of the recording, any lengths.
-        window (int): samples per window.
-        hop (int): samples between window starts.
-
-    Yields ``(start sample, window)`` at ``audio.window_starts`` of the whole recording, each window as
-    soon as the audio decoded so far settles it. Memory holds one block plus one window.
-    """
-    buf, buf_start, done = np.zeros(0, np.float32), 0, 0
-    for block in blocks:
-        buf = np.concatenate([buf, block])
-        end = buf_start + len(buf)
-        # every start but the last is settled: the last may be a centred or end-aligned window that
-        # more audio would move
-        settled = settled_windows(end, window, hop)
-        for start in range(done * hop, settled * hop, hop):
-            yield start, buf[start - buf_start:start - buf_start + window]
-        done = settled
-        # keep what the next window on the hop grid, or a final end-aligned one, can still need
-        keep_from = max(buf_start, min(done * hop, end - window))
-        buf, buf_start = buf[keep_from - buf_start:], keep_from
-    for start in window_starts(buf_start + len(buf), window, hop)[done:]:
-        yield start, fix_length(buf[start - buf_start:start - buf_start + window], window)
-
-
-def count_windows(n_samples: int, window: int, hop: int) -> int:
-    """How many windows :func:`prepare` gives a recording of ``n_samples`` samples, without decoding it."""
-    return settled_windows(n_samples, window, hop) + 1
-
-
-class FileWindows:
-    """The windows of a long file, streamed when iterated. Holds only the path, so a loader worker can
-    hand it to the main process, which then reads the file while the model runs."""
-
-    def __init__(self, path: str, sample_rate: int, window: int, hop: int):
-        self.path, self.sample_rate, self.window, self.hop = path, sample_rate, window, hop
-
-    def _blocks(self) -> Iterator[np.ndarray]:
-        for block in stream_audio(self.path, self.sample_rate):
-            if not np.isfinite(block).all():
-                raise AudioclfError(f"{self.path}: the audio holds NaN or infinite samples")
-            yield block
-
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
-        return sliding_windows(self._blocks(), self.window, self.hop)

@@ -243,13 +243,19 @@ class RandomGain(nn.Module):
             return x
         db = (torch.rand(x.shape[0], generator=self.generator) * 2 - 1) * self.max_db
         gain = (10 ** (db / 10)).to(x.device, x.dtype).view(-1, *([1] * (x.ndim - 1)))
-        c = self.features
-        y = x * c.scale - c.offset
-        if c.compression == "log1p":
-            y = torch.log1p(torch.expm1(y) * gain)
-        else:
-            y = torch.log((torch.exp(y) - LOG_FLOOR).clamp_min(0) * gain + LOG_FLOOR)
-        return (y + c.offset) / c.scale
+        return from_power(to_power(x, self.features) * gain, self.features)
+
+
+def to_power(x: torch.Tensor, features: FeatureConfig) -> torch.Tensor:
+    """Features -> the mel power they were made from: ``features``' affine map and compression undone."""
+    y = x * features.scale - features.offset
+    return torch.expm1(y) if features.compression == "log1p" else (torch.exp(y) - LOG_FLOOR).clamp_min(0)
+
+
+def from_power(power: torch.Tensor, features: FeatureConfig) -> torch.Tensor:
+    """Mel power -> features, as ``features`` make them (the inverse of :func:`to_power`)."""
+    y = torch.log1p(power) if features.compression == "log1p" else torch.log(power + LOG_FLOOR)
+    return (y + features.offset) / features.scale
 
 
 class SpecAugment(nn.Module):
@@ -299,17 +305,55 @@ class SpecAugment(nn.Module):
         return x.masked_fill(masks[0] | masks[1] if len(masks) == 2 else masks[0], 0.0)
 
 
+def mix(x: torch.Tensor, y: torch.Tensor, fraction: float, max_db: float, features: FeatureConfig,
+        generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum a ``fraction`` of the examples with another clip of the batch, at a random level difference,
+    and give each sum the union of the two clips' classes: a model trained on clips of one sound each
+    learns that several can be present at once (multilabel only).
+
+    The sum is made in mel power, which adds as the power of two summed waveforms does (their cross term
+    averages out), so it holds for every front end (see :func:`to_power`). Each example's partner comes
+    from a random cyclic order of the batch, so no clip is mixed with itself.
+
+    Args:
+        x (torch.Tensor): ``(batch, n_mels, frames)`` features.
+        y (torch.Tensor): ``(batch, classes)`` multi-hot targets.
+        fraction (float): share of the examples mixed, in [0, 1]; ``0`` turns it off.
+        max_db (float): the partner is scaled by a gain in ``[-max_db, +max_db]`` dB (of power).
+        features (FeatureConfig): how the features were made.
+        generator (torch.Generator, optional): Source of randomness (CPU). (Default: the global RNG)
+
+    Returns:
+        the features, mixed where drawn (same shape), and the targets, united where mixed.
+    """
+    batch = x.shape[0]
+    if fraction <= 0 or batch < 2:
+        return x, y
+    chosen = torch.rand(batch, generator=generator) < fraction
+    db = (torch.rand(batch, generator=generator) * 2 - 1) * max_db
+    cycle = torch.randperm(batch, generator=generator)
+    partner = torch.empty_like(cycle)
+    partner[cycle] = cycle.roll(-1)  # each example's successor in the random cycle
+    rows = chosen.nonzero().squeeze(1)
+    gain = (10 ** (db[rows] / 10)).to(x.device, x.dtype).view(-1, 1, 1)
+    rows, partner = rows.to(x.device), partner[rows].to(x.device)
+    x, y = x.clone(), y.clone()
+    x[rows] = from_power(to_power(x[rows], features) + gain * to_power(x[partner], features), features)
+    y[rows] = torch.maximum(y[rows], y[partner])
+    return x, y
+
+
 def mixup(x: torch.Tensor, y: torch.Tensor, n_classes: int, alpha: float,
           generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mix each example with a random partner from the batch (Zhang et al., 2018).
 
     Args:
-        x: (batch, ...) features. y: (batch,) integer labels.
+        x: (batch, ...) features. y: (batch,) integer labels, or (batch, n_classes) multi-hot targets.
     Returns:
-        mixed x (same shape) and soft targets (batch, n_classes). With ``alpha <= 0`` the input is
-        returned with one-hot targets.
+        mixed x (same shape) and soft targets (batch, n_classes), each mixed with the same weight as its
+        features. With ``alpha <= 0`` the input is returned with one-hot (or the given) targets.
     """
-    target = torch.nn.functional.one_hot(y, n_classes).to(x.dtype)
+    target = torch.nn.functional.one_hot(y, n_classes).to(x.dtype) if y.ndim == 1 else y.to(x.dtype)
     if alpha <= 0:
         return x, target
     lam = _beta(alpha, x.shape[0], generator)
@@ -323,7 +367,7 @@ def _beta(alpha: float, n: int, generator: Optional[torch.Generator]) -> torch.T
     """Beta(alpha, alpha) samples by inverse CDF of uniform draws from ``generator`` (exact, one draw per
     sample, any alpha): torch's Beta and Gamma samplers take no generator, so would not be seedable.
     Rejection methods such as Johnk's stall for alpha above ~8 (acceptance falls like 4**-alpha)."""
-    from scipy.special import betaincinv  # scipy comes with librosa and scikit-learn
+    from scipy.special import betaincinv
 
     u = torch.rand(n, generator=generator, dtype=torch.float64)
     return torch.from_numpy(betaincinv(alpha, alpha, u.numpy())).float()

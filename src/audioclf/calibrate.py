@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,9 +21,11 @@ from .checkpoint import RUN_CHECKPOINT, load_checkpoint, model_from_checkpoint, 
 from .config import RunConfig
 from .data import load_clips, split_clips
 from .errors import AudioclfError
+from .metrics import classification_metrics
 from .runtime import resolve_device
 from .store import FeatureBank
-from .trust import class_means, fit_rejector, fit_temperature, read_trust, trust_keys
+from .trust import (class_means, expected_calibration_error, fit_rejector, fit_temperature, read_trust, softmax,
+                    trust_keys)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,14 @@ def fit_trust(model: nn.Module, bank: FeatureBank, train_idx: torch.Tensor, val_
              "of %d validation clips)", temperature, _nll(logits, labels, 1.0), _nll(logits, labels, temperature),
              rule.kind, rule.threshold, 100 * rule.keep(logits, emb).mean(), len(val_idx))
     return trust_keys(temperature, rule)
+
+
+def calibrated_metrics(logits: torch.Tensor, labels: np.ndarray, classes: list, temperature: float) -> tuple:
+    """(:func:`classification_metrics` of ``softmax(logits / temperature)``, the probabilities inference gives,
+    with ``ece``, ``ece_uncalibrated`` (at T = 1) and ``temperature``; those probabilities ``(clips, classes)``)."""
+    probs = softmax(logits, temperature)
+    return {**classification_metrics(labels, probs, classes), "ece": expected_calibration_error(probs, labels),
+            "ece_uncalibrated": expected_calibration_error(softmax(logits), labels), "temperature": temperature}, probs
 
 
 def _nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:

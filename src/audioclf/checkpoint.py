@@ -15,13 +15,15 @@ it.
 
 Checkpoint keys: ``format`` (int), ``audioclf_version``, ``config`` (RunConfig as a dict), ``labels`` (class
 names) and ``model`` (state dict, normalisation statistics included): what :func:`inference_state` holds.
+A multilabel model's ``best.pt`` adds ``thresholds``: each class's decision threshold (floats, labels order).
 Training adds ``epoch`` and ``best_val_loss``, and in ``last.pt`` also ``optimizer``, ``scheduler``,
 ``best_epoch`` and ``bad_epochs`` for ``--resume``; every random draw of an epoch comes from generators
 seeded by (seed, epoch, rank), so no RNG state is saved. The network (``config.model.backbone``) and its
 front end come from the file, never from flags.
 
 An export's ``config.json`` holds ``format`` (``"safetensors"`` or ``"onnx"``), ``format_version``,
-``audioclf_version``, ``config`` and ``labels``; a safetensors export adds ``weights_sha256``, and its
+``audioclf_version``, ``config``, ``labels`` and, for a multilabel model, ``thresholds`` (left out of the
+binding below, so that they may be tuned by hand); a safetensors export adds ``weights_sha256``, and its
 weights' metadata hold the config and labels under ``audioclf_config``, so that weights replaced after
 export, or a config edited by hand, are refused.
 """
@@ -30,6 +32,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -40,6 +45,8 @@ from .config import RunConfig
 from .errors import AudioclfError
 from .fileio import atomic_path, read_parsed, sha256, torch_load
 from .model import build_network
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1  # of a checkpoint; bump when a checkpoint written by this version can no longer be read by older code
 EXPORT_FORMAT = 2  # config.json's format_version; bump likewise for exports (2: weights and config bound)
@@ -113,9 +120,39 @@ def read_config(saved: dict, source) -> RunConfig:
                             f"not a {type(saved['config']).__name__}") from None
 
 
-def model_from_checkpoint(ckpt: dict, source="the checkpoint") -> tuple[torch.nn.Module, RunConfig, list[str]]:
-    """Rebuild the trained model (eval mode, CPU), its config and class names from a checkpoint dict,
-    refusing (AudioclfError naming ``source``, the file) a config, labels or weights that do not agree."""
+@dataclass
+class SavedModel:
+    """A saved model, rebuilt: it unpacks (and indexes) as ``(model, config, labels)``."""
+
+    model: torch.nn.Module  # eval mode, on the CPU
+    config: RunConfig
+    labels: list[str]
+    thresholds: Optional[list[float]] = None  # a multilabel model's per-class decision thresholds
+
+    def __iter__(self):
+        return iter((self.model, self.config, self.labels))
+
+    def __getitem__(self, i):
+        return (self.model, self.config, self.labels)[i]
+
+
+def read_thresholds(saved: dict, labels: list[str], source) -> Optional[list[float]]:
+    """``saved["thresholds"]`` (None when absent), refused unless it is one number in [0, 1] per label."""
+    found = saved.get("thresholds")
+    if found is None:
+        return None
+    ok = isinstance(found, (list, tuple)) and len(found) == len(labels) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and 0 <= x <= 1 for x in found)
+    if not ok:
+        raise AudioclfError(f"{source}: thresholds must be a list of {len(labels)} numbers in [0, 1], one per "
+                            f"label, got {found!r:.80}")
+    return [float(x) for x in found]
+
+
+def model_from_checkpoint(ckpt: dict, source="the checkpoint") -> SavedModel:
+    """Rebuild the trained model (eval mode, CPU), its config, class names and decision thresholds from a
+    checkpoint dict, refusing (AudioclfError naming ``source``, the file) a config, labels, weights or
+    thresholds that do not agree."""
     missing = [k for k in ("config", "labels", "model") if k not in ckpt]
     if missing:
         raise AudioclfError(f"{source}: not an audioclf model: no {', '.join(missing)}")
@@ -131,7 +168,11 @@ def model_from_checkpoint(ckpt: dict, source="the checkpoint") -> tuple[torch.nn
     _check_weights(model, ckpt["model"], source, f"{config.model.backbone}, {len(labels)} labels, "
                                                  f"n_mels={config.features.n_mels}")
     model.load_state_dict(ckpt["model"])
-    return model.eval(), config, list(labels)
+    thresholds = read_thresholds(ckpt, labels, source)
+    if config.train.task == "multilabel" and thresholds is None:
+        log.warning("%s holds no decision thresholds (its training did not finish): each tag is called at "
+                    "probability 0.5", source)
+    return SavedModel(model.eval(), config, list(labels), thresholds)
 
 
 def _check_weights(model: torch.nn.Module, state, source, described: str) -> None:
@@ -217,7 +258,7 @@ def is_safetensors_export(path) -> bool:
     return True
 
 
-def load_safetensors(path) -> tuple[torch.nn.Module, RunConfig, list[str]]:
+def load_safetensors(path) -> SavedModel:
     """Rebuild the model (eval mode, CPU), its config and class names from a safetensors export (its folder
     or its weights file), refusing weights and a config that do not belong together."""
     weights = Path(path) if Path(path).is_file() else Path(path) / SAFETENSORS_FILE
@@ -238,7 +279,8 @@ def load_safetensors(path) -> tuple[torch.nn.Module, RunConfig, list[str]]:
         raise AudioclfError(f"{weights}: not a readable safetensors file ({e})") from None
     if meta["format_version"] >= 2:  # exports before version 2 carry no binding
         _check_bound(meta, weights, stored)
-    return model_from_checkpoint({"config": meta["config"], "labels": meta["labels"], "model": state}, weights)
+    return model_from_checkpoint({"config": meta["config"], "labels": meta["labels"], "model": state,
+                                  "thresholds": meta.get("thresholds")}, weights)
 
 
 def _check_bound(meta: dict, weights: Path, stored) -> None:
@@ -269,9 +311,16 @@ def _differences(a, b, where: str = "") -> list[str]:
 
 # --- any saved model ---------------------------------------------------------------------------------
 
-def load_model(model_path, map_location="cpu") -> tuple[torch.nn.Module, RunConfig, list[str]]:
-    """Model (eval mode, CPU), config and class names from a run directory, a ``.pt`` checkpoint or a
-    safetensors export (its folder or its ``.safetensors`` file)."""
+def weights_file(model_path) -> Path:
+    """The file :func:`load_model` reads the weights of ``model_path`` from: a ``.pt`` or ``.safetensors``."""
+    if is_safetensors_export(model_path):
+        return Path(model_path) if Path(model_path).is_file() else Path(model_path) / SAFETENSORS_FILE
+    return resolve_checkpoint(model_path)
+
+
+def load_model(model_path, map_location="cpu") -> SavedModel:
+    """Model (eval mode, CPU), config, class names (and thresholds) from a run directory, a ``.pt``
+    checkpoint or a safetensors export (its folder or its ``.safetensors`` file)."""
     if is_safetensors_export(model_path):
         return load_safetensors(model_path)
     path = resolve_checkpoint(model_path)

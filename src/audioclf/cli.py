@@ -19,7 +19,7 @@ from .backbones import DEFAULT_BACKBONE
 from .config import PRESET_ALIASES, PRESETS, SECTIONS, load_yaml, resolve
 from .errors import AudioclfError
 from .flags import Deprecated, add_option_args, add_setting_args, common_flags, given_options, is_quiet
-from .options import PredictOptions, ServeLimits
+from .options import AuditOptions, PredictOptions, ServeLimits
 from .rundir import RunDir
 from .settings import settings
 
@@ -140,7 +140,8 @@ def cmd_demo(args) -> int:
 
     r = run_demo(args.out, quiet=is_quiet(args))
     print(r["eval"]["report"])
-    print(f"\nrun directory: {r['run_dir']} (config.yaml, metrics.csv, curves.png, best.pt)\n"
+    print(f"\nmodel:         {r['model']}" + (f"\n               {r['fallback']}" if r["fallback"] else ""))
+    print(f"run directory: {r['run_dir']} (config.yaml, metrics.csv, curves.png, best.pt)\n"
           f"evaluation:    {r['eval_dir']} (metrics.json, predictions.csv, confusion_matrix.png)\n"
           f"next: audioclf predict {r['run_dir']} {r['test_dir'] / 'tone'} | audioclf serve {r['run_dir']}")
     return 0
@@ -175,9 +176,9 @@ def cmd_shard(args) -> int:
 def cmd_predict(args) -> int:
     from .commands.predict import run_predict
 
-    return run_predict(args.model, args.paths, out=args.out, timeline=args.timeline, submission=args.submission,
-                       out_format=args.out_format, retry_errors=args.retry_errors, quiet=is_quiet(args),
-                       **given_options(args, PredictOptions))
+    return run_predict(args.model, args.paths, out=args.out, timeline=args.timeline, probs=args.probs,
+                       submission=args.submission, out_format=args.out_format, retry_errors=args.retry_errors,
+                       quiet=is_quiet(args), **given_options(args, PredictOptions))
 
 
 def cmd_serve(args) -> int:
@@ -190,8 +191,8 @@ def cmd_serve(args) -> int:
 def cmd_export(args) -> int:
     from .export import export
 
-    path = export(args.model, args.out_format, args.out)
-    print(f"exported {args.out_format}: {path}")
+    path = export(args.model, args.out_format, args.out, quantize=args.quantize)
+    print(f"exported {args.out_format}{' ' + args.quantize if args.quantize else ''}: {path}")
     return 0
 
 
@@ -224,6 +225,26 @@ def cmd_embed(args) -> int:
     failed = f"; {r['failed']} file(s) failed, left out (see the warnings)" if r["failed"] else ""
     print(f"{r['n_files']} embeddings of dimension {r['dim']}: {r['out']}{failed}")
     return 1 if r["failed"] else 0
+
+
+def cmd_audit(args) -> int:
+    from .commands.audit import run_audit
+    from .config import DataConfig
+
+    data = DataConfig(root=args.data, format=args.format or _guess_format(args.data), esc10=bool(args.esc10))
+    r = run_audit(data, out=args.out, probs=args.probs, weights_path=args.weights_path, quiet=is_quiet(args),
+                  **given_options(args, AuditOptions), **given_options(args, PredictOptions))
+    print("\n".join(r["summary"]) + f"\nreport: {r['out'] / 'audit.md'} (and audit.json, PNGs)")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .commands.explain import run_explain
+
+    r = run_explain(args.model, args.file, out=args.out, label=args.label, **given_options(args, PredictOptions))
+    window = f"{r['start_s']:.2f}-{r['start_s'] + r['window_s']:.2f} s"  # the window explained
+    print(f"{r['label']} {r['score']:.4f} ({window}): {r['out']}")
+    return 0
 
 
 def cmd_tag(args) -> int:
@@ -310,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--val-fold", "--test-fold"):
         p.add_argument(flag, nargs="?", action=_RefuseFold, help=argparse.SUPPRESS)
 
-    p = command("demo", "make a synthetic dataset, train on it, evaluate", cmd_demo)
+    p = command("demo", "make a synthetic dataset, fine-tune the default backbone on it, evaluate", cmd_demo)
     p.add_argument("--out", default="runs/demo", help="where the data and the run go (default: runs/demo)")
 
     p = command("evaluate", "metrics, per-clip predictions and a confusion matrix", cmd_evaluate)
@@ -334,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "one file on stdin")
     p.add_argument("--out", help="output .csv, .json or .parquet file (default: CSV on stdout), or a folder (existing, "
                    "or a new name without a suffix): resumable, and shared among torchrun's processes; the rows go to "
-                   "DIR/parts as they come and are merged into DIR/predictions.csv")
+                   "DIR/parts as they come and are merged into DIR/predictions.csv. Columns: path, label, confidence, "
+                   "label_1, prob_1, ... (the --top-k best), error")
     p.add_argument("--out-format", choices=PREDICT_OUT_FORMATS,
                    help="with --out DIR: predictions.csv (default), predictions.parquet or both")
     p.add_argument("--format", choices=PREDICT_OUT_FORMATS, dest="out_format", action=Deprecated, new="--out-format",
@@ -343,7 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --out DIR: classify again the files done with an error (a rerun otherwise skips every "
                         "file with a row in DIR/parts, failed ones included)")
     add_option_args(p, PredictOptions)
-    p.add_argument("--timeline", action="store_true", help="add per-window rows (start, end, label, confidence)")
+    p.add_argument("--timeline", action="store_true", help="also write the timeline table, one row per sliding "
+                   "window (path, start_s, end_s, label, prob): x.timeline.csv beside --out x.csv, DIR/timeline.csv "
+                   "with --out DIR, nested in .json; on stdout it replaces the per-file table")
+    p.add_argument("--probs", action="store_true", help="add one probability column per class (p_<class>, in the "
+                   "model's label order) to the per-file table")
     p.add_argument("--submission", action="store_true", help="write an ID,Class CSV")
 
     p = command("serve", "HTTP API and web page for a trained model", cmd_serve)
@@ -359,6 +385,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="emb.npy (an .npy array plus emb.paths.txt) or emb.parquet")
     add_option_args(p, PredictOptions, only=("batch_size", "device"))
 
+    p = command("audit", "check a dataset: counts, unreadable, silent and clipped clips, duplicates and leakage, "
+                         "likely label errors", cmd_audit)
+    p.add_argument("data", help=_DATA_HELP)
+    p.add_argument("--out", required=True, help="folder for audit.md, audit.json and the PNGs")
+    add_setting_args(p, only=("format", "esc10", "weights_path"))
+    add_option_args(p, AuditOptions)
+    p.add_argument("--probs", help="out-of-fold probabilities for the label-error search: an audioclf cv folder, or "
+                   "a CSV (path and one column per class, as the audit's own oof_probs.csv); default: a linear probe "
+                   "on the embeddings, cross-validated over the folds")
+    add_option_args(p, PredictOptions, only=("batch_size", "device"))
+
+    p = command("explain", "draw where in time and frequency the model's evidence for a class lies", cmd_explain)
+    p.add_argument("model", help="run directory, .pt checkpoint or exported safetensors folder")
+    p.add_argument("file", help="audio file")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--label", help="class to explain (default: the predicted one)")
+    add_option_args(p, PredictOptions, only=("batch_size", "device"))
+
     _add_event_parsers(command)
 
     p = command("export", "export to ONNX or safetensors", cmd_export)
@@ -370,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--format", choices=EXPORT_FORMATS, dest="out_format", action=Deprecated, new="--out-format",
                       help="deprecated spelling of --out-format (--format names the dataset layout elsewhere)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quantize", choices=["int8"], help="ONNX only: 8-bit weights (onnxruntime dynamic "
+                   "quantization), a file about 2.6x smaller (default: fp32)")
     return parser
 
 

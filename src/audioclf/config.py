@@ -95,6 +95,10 @@ class FeatureConfig:
         return 1 + self.n_samples // self.hop_length
 
 
+# augment.mix when unset, by train.task: a multiclass target cannot hold the two classes of a mix
+MIX_DEFAULT = {"multiclass": 0.0, "multilabel": 0.5}
+
+
 @dataclass
 class AugmentConfig:
     """Training-only augmentation. SpecAugment widths are upper bounds: each mask draws its width."""
@@ -118,6 +122,9 @@ class AugmentConfig:
                                  low=0.0, high=100.0)
     gain_db: float = setting(0.0, help="random gain in [-gain_db, +gain_db] dB, applied to the features (0 = off)",
                              low=0.0, high=60.0)
+    mix: Optional[float] = setting(None, low=0.0, high=1.0, help="fraction of training examples summed with another "
+                                   "clip, labels united (default: " + ", ".join(f"{v:g} {k}" for k, v in MIX_DEFAULT.items()) + ")")
+    mix_db: float = setting(6.0, low=0.0, high=60.0, help="a mixed-in clip's gain: random in [-mix_db, +mix_db] dB")
 
     def __post_init__(self):
         _check_settings(self)
@@ -193,6 +200,9 @@ class TrainConfig:
     device: str = setting("auto", help=DEVICES)
     amp: bool = setting(True, help="mixed precision: bf16/fp16 on CUDA, bf16 on CPUs that compute it natively")
     quiet: bool = setting(False, help="no progress bars")
+    logger: Literal["csv", "tensorboard", "mlflow"] = setting(
+        "csv", help="where the metrics go besides RUN_DIR/metrics.csv: csv (nowhere else), tensorboard "
+                    "(RUN_DIR/tensorboard) or mlflow (RUN_DIR/mlruns, or MLFLOW_TRACKING_URI)")
     # after training, on the best model's validation clips (trust.py): the share of known clips the
     # "unknown" rule keeps, and its score (msp, energy or embedding: docs/trust.md measures them)
     keep_known: float = setting(0.95, low=0.0, high=1.0, low_open=True, help="share of known validation clips "
@@ -222,6 +232,8 @@ class RunConfig:
         # a section built, then changed, must still hold allowed values (never NaN or infinite)
         for name in SECTIONS:
             _check_settings(getattr(self, name))
+        if self.augment.mix and self.train.task != "multilabel":  # a multiclass target holds one class
+            raise AudioclfError(f"augment.mix={self.augment.mix!r} sums two clips, labels united: use --task multilabel")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,5 +1,9 @@
 """Datasets: where clips come from and how they are split.
 
+A clip holds one class (a folder, ESC-50, UrbanSound8K, a manifest's ``label`` column) or, in a multilabel
+manifest (a ``labels`` column: class names joined by ``;``), several or none. A folder layout cannot say
+that a clip holds several classes; either kind trains as ``multilabel``.
+
 Flow: ``load_clips`` (folder / csv / esc50 / urbansound8k / webdataset shards, ``webdata.py``) ->
 ``store.FeatureBank.build`` (the features, on disk once per dataset and feature config) -> ``split_clips``
 (folds, or a stratified split that keeps every group on one side) -> ``store.FeatureBank.batch`` (crop, collate).
@@ -13,12 +17,12 @@ import os
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from .audio import AUDIO_EXTENSIONS, link_problem, source_exists
-from .clips import Clip, ClipSet
+from .clips import LABEL_SEPARATOR, Clip, ClipSet
 from .config import DataConfig
 from .errors import AudioclfError
 from .fileio import atomic_path
@@ -75,8 +79,9 @@ def read_folder(root) -> ClipSet:
     return ClipSet(clips, classes, skipped)
 
 
-def _read_table(path, required: Sequence[str]) -> list[tuple[int, dict]]:
-    """(line number, row) of each row of a UTF-8 CSV that has the ``required`` columns."""
+def _read_table(path, required: Sequence[str], either: Sequence[str] = ()) -> list[tuple[int, dict]]:
+    """(line number, row) of each row of a UTF-8 CSV that has the ``required`` columns, and at least one
+    of ``either`` when given."""
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -94,6 +99,8 @@ def _read_table(path, required: Sequence[str]) -> list[tuple[int, dict]]:
         raise AudioclfError(f"{path}: the CSV is empty; it needs a header line ({', '.join(required)}) "
                             f"and one row per clip")
     missing = [c for c in required if c not in columns]
+    if either and not set(either) & set(columns):
+        missing.append(" or ".join(either))
     if missing:
         raise AudioclfError(f"{path}: missing column(s) {', '.join(missing)}; "
                             f"needed: {', '.join(required)}; found: {', '.join(columns)}")
@@ -109,8 +116,9 @@ def _int(value, what: str, path) -> int:
         raise AudioclfError(f"{path}: {what}={value!r} is not an integer") from None
 
 
-# One metadata row: audio file, class name, fold, group, line in the metadata file.
-Row = tuple[Path, str, Optional[int], Optional[str], int]
+# One metadata row: audio file, class name (or a multilabel row's class names, sorted), fold, group, line in
+# the metadata file.
+Row = tuple[Path, Union[str, tuple[str, ...]], Optional[int], Optional[str], int]
 
 
 def _one_row_per_file(rows: list[Row], source) -> list[Row]:
@@ -119,7 +127,7 @@ def _one_row_per_file(rows: list[Row], source) -> list[Row]:
     group it is an error: it would carry two answers, or be tested on what it was trained on."""
     by_file: dict[str, list[Row]] = {}
     for row in rows:
-        if not row[1].strip():
+        if isinstance(row[1], str) and not row[1].strip():  # a multilabel row may hold no class: no target sound
             raise AudioclfError(f"{source} line {row[4]}: the label of {row[0]} is empty; every row needs one")
         by_file.setdefault(os.path.realpath(row[0]), []).append(row)
     conflicts, repeats = [], []
@@ -148,12 +156,12 @@ def _from_rows(rows: list[Row], source, classes: Optional[list[str]] = None) -> 
     """Metadata rows -> ClipSet (``source``: the metadata file, for messages); rows whose file is missing
     are listed in ``skipped``."""
     rows = _one_row_per_file(rows, source)
-    classes = classes or sorted({name for _, name, _, _, _ in rows})
+    classes = classes or sorted({n for _, name, _, _, _ in rows for n in _names(name)})
     index = {name: i for i, name in enumerate(classes)}
     clips, skipped = [], []
     for path, name, fold, group, _ in rows:
         if source_exists(path):  # a file, or a tar member (cv's folds.csv of a shard set lists those)
-            clips.append(Clip(os.path.realpath(path), index[name], fold, group))
+            clips.append(_clip(os.path.realpath(path), name, fold, group, index))
         else:
             skipped.append((os.path.abspath(path), link_problem(path) or "file listed in the metadata is missing"))
     if skipped:
@@ -161,16 +169,37 @@ def _from_rows(rows: list[Row], source, classes: Optional[list[str]] = None) -> 
     return ClipSet(clips, classes, skipped)
 
 
+def _names(name: Union[str, tuple[str, ...]]) -> tuple[str, ...]:
+    return (name,) if isinstance(name, str) else name
+
+
+def _clip(path: str, name: Union[str, tuple[str, ...]], fold, group, index: dict[str, int]) -> Clip:
+    """A clip of one class (``name`` a str), or of a multilabel row's classes (a tuple, maybe empty)."""
+    if isinstance(name, str):
+        return Clip(path, index[name], fold, group)
+    tags = tuple(sorted(index[n] for n in name))
+    return Clip(path, tags[0] if tags else -1, fold, group, tags)
+
+
+def split_labels(cell: str) -> tuple[str, ...]:
+    """A ``labels`` cell's class names: split at ``;``, blanks around them dropped, sorted, each once; an
+    empty cell holds none (a clip with no target sound)."""
+    return tuple(sorted({n.strip() for n in (cell or "").split(LABEL_SEPARATOR) if n.strip()}))
+
+
 def read_csv(path) -> ClipSet:
-    """A manifest with columns ``path,label`` and optional ``fold``, ``group``; relative paths resolve
-    against the CSV's folder. The same file listed twice must have the same label, fold and group."""
+    """A manifest with columns ``path`` and ``label`` (one class name) or ``labels`` (class names joined
+    by ``;``, any number, empty for a clip without a target sound: a multilabel dataset), and optional
+    ``fold``, ``group``; relative paths resolve against the CSV's folder. The same file listed twice must
+    have the same label(s), fold and group."""
     path = Path(path)
     items = []
-    for line, r in _read_table(path, ["path", "label"]):
+    for line, r in _read_table(path, ["path"], either=["label", "labels"]):
         if not (r["path"] or "").strip():
             raise AudioclfError(f"{path} line {line}: the path is empty; every row names an audio file")
         fold = _int(r["fold"], "fold", path) if r.get("fold") not in (None, "") else None
-        items.append((path.parent / r["path"], r["label"] or "", fold, r.get("group") or None, line))
+        name = split_labels(r["labels"]) if "labels" in r else r["label"] or ""
+        items.append((path.parent / r["path"], name, fold, r.get("group") or None, line))
     return _from_rows(items, path)
 
 
@@ -217,13 +246,18 @@ def load_clips(config: DataConfig) -> ClipSet:
 
 
 def check_classes(clipset: ClipSet, where) -> None:
-    counts = Counter(c.label for c in clipset.clips)
+    counts = class_counts(clipset.clips)
     if len(clipset.classes) < 2:
         raise AudioclfError(f"{where}: found {len(clipset.classes)} class(es) {clipset.classes}; a classifier "
                             f"needs at least 2 (one sub-folder or label value per class)")
     empty = [name for i, name in enumerate(clipset.classes) if counts[i] == 0]
     if empty:
         raise AudioclfError(f"{where}: class(es) {', '.join(empty)} have no readable clips; add clips or remove the class")
+
+
+def class_counts(clips: Sequence[Clip]) -> Counter:
+    """Clips per class index, each clip counted once for every class it holds."""
+    return Counter(t for c in clips for t in c.targets)
 
 
 # ---------------------------------------------------------------------------------------------- splits
@@ -251,8 +285,8 @@ def split_clips(clips: Sequence[Clip], *, val_fold: Optional[int] = None, test_f
     if not train or not val:
         raise AudioclfError(f"the split leaves {len(train)} training and {len(val)} validation clips; both need "
                             f"clips (add data, or change val_fold/val_split)")
-    in_train = Counter(c.label for c in train)
-    unvalidated = sorted(set(in_train) - {c.label for c in val})
+    in_train = class_counts(train)
+    unvalidated = sorted(set(in_train) - set(class_counts(val)))
     if unvalidated:
         log.warning("class(es) %s have no validation clips, so validation says nothing about them (a class with "
                     "a single clip or recording can never be in validation); add clips to them",
@@ -325,14 +359,15 @@ def assign_folds(clips: Sequence[Clip], n_folds: int, seed: int, classes: Option
 
 
 def write_folds(clipset: ClipSet, path, n_folds: int, seed: int) -> Path:
-    """Write ``clipset`` with :func:`assign_folds`' folds as a CSV manifest (``path,label,fold,group``,
-    the layout ``read_csv`` reads) and return its path."""
+    """Write ``clipset`` with :func:`assign_folds`' folds as a CSV manifest (``path,label,fold,group``, or
+    ``path,labels,fold,group`` for a multilabel one: the layouts ``read_csv`` reads) and return its path."""
     path = Path(path)
     folds = assign_folds(clipset.clips, n_folds, seed, clipset.classes)
+    multi = clipset.multilabel
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:  # as read_csv reads it
         w = csv.writer(f)
-        w.writerow(["path", "label", "fold", "group"])
-        w.writerows([c.path, clipset.classes[c.label], k, c.group_key]
-                    for c, k in zip(clipset.clips, folds))
+        w.writerow(["path", "labels" if multi else "label", "fold", "group"])
+        w.writerows([c.path, LABEL_SEPARATOR.join(clipset.classes[t] for t in c.targets) if multi
+                     else clipset.classes[c.label], k, c.group_key] for c, k in zip(clipset.clips, folds))
     log.info("no folds in the dataset: %d stratified group folds written to %s", n_folds, path)
     return path

@@ -18,15 +18,16 @@ from .config import DataConfig
 from .data import load_clips
 from .errors import AudioclfError
 from .fileio import check_output
-from .metrics import classification_metrics
+from .metrics import classification_metrics, multilabel_metrics, per_class_table, plot_pr_curves
 from .options import PredictOptions
 from .predict import load
-from .rundir import EVAL_FILES, write_predictions
+from .rundir import EVAL_FILES, TAG_EVAL_FILES, write_predictions, write_tag_predictions
 from .trust import expected_calibration_error, plot_reliability, softmax
 
 log = logging.getLogger(__name__)
 
 RELIABILITY_PNG = "reliability.png"
+
 
 def plot_confusion_matrix(cm, labels: Sequence[str], path) -> None:
     """Save a row-normalised confusion matrix (row = true class, so the diagonal is per-class recall) as
@@ -76,14 +77,19 @@ def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=N
         quiet (bool, optional): no progress bar. (Default: ``False``)
 
     Writes ``metrics.json``, ``predictions.csv``, ``confusion_matrix.png``, ``reliability.png`` and
-    ``report.txt`` to ``out_dir``. Unreadable clips are skipped and listed under ``skipped``. The model's
-    probabilities are its calibrated ones; ``ece_uncalibrated`` is their ECE before temperature scaling.
-    Every clip gets one of the model's classes: the unknown rule is off here.
+    ``report.txt`` to ``out_dir``. The model's probabilities are its calibrated ones; ``ece_uncalibrated`` is
+    their ECE before temperature scaling. Every clip gets one of the model's classes: the unknown rule is off
+    here. A multilabel model, or a multilabel dataset (a manifest with a ``labels`` column: a multiclass model
+    is then scored with its softmax probabilities), is scored as tags instead
+    (:func:`audioclf.metrics.multilabel_metrics` at the model's thresholds): ``metrics.json`` with ``mAP``,
+    ``micro_f1``, ``macro_f1`` and per-class AP; ``predictions.csv`` with one probability column per class
+    (:func:`write_tag_predictions`); ``pr_curves.png``; ``report.txt`` with the per-class table. Unreadable
+    clips are skipped and listed under ``skipped``.
 
     Returns:
-        dict: the metrics of :func:`classification_metrics`, plus ``ece``, ``ece_uncalibrated`` (15 bins),
-        ``temperature``, ``skipped`` (list of ``{"path",
-        "reason"}``), ``out_dir`` and ``report`` (the text of ``report.txt``).
+        dict: the metrics of :func:`classification_metrics` plus ``ece``, ``ece_uncalibrated`` (15 bins) and
+        ``temperature`` (or :func:`multilabel_metrics`), plus ``skipped`` (list of ``{"path", "reason"}``),
+        ``out_dir`` and ``report`` (the text of ``report.txt``).
 
     Raises:
         AudioclfError: when the dataset has a class the model does not know, the fold has no clips,
@@ -105,18 +111,15 @@ def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=N
 
     index = {name: i for i, name in enumerate(clf.labels)}
     skipped = [{"path": p, "reason": r} for p, r in clipset.skipped]
+    if clf.multilabel or clipset.multilabel:
+        return _evaluate_tags(clf, clipset, clips, skipped, out_dir, quiet, f"model: {model_path}\ndata: "
+                              f"{_where(data, fold)}\n")
     rows, y_true, probs = [], [], []
-    for clip, r in zip(clips, clf.classify_files([c.path for c in clips], quiet=quiet)):
-        if r["error"]:
-            log.warning("skipping clip: %s", r["error"])
-            skipped.append({"path": clip.path, "reason": r["error"]})
-            continue
+    for clip, r in _classified(clf, clips, skipped, quiet):
         true = clipset.classes[clip.label]
         y_true.append(index[true])
         probs.append(r["probs"])
         rows.append((clip.path, true, r["label"], r["confidence"]))
-    if not rows:
-        raise AudioclfError(f"none of the {len(clips)} clips could be read; see the warnings above for each file's reason")
 
     metrics = classification_metrics(y_true, np.array(probs), clf.labels)
     # softmax(T * log p) undoes the temperature exactly for a one-window clip (log p = logits / T + const)
@@ -137,14 +140,56 @@ def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=N
     return metrics
 
 
+def _classified(clf, clips: list, skipped: list[dict], quiet: bool) -> list[tuple]:
+    """``(clip, classify result)`` of each clip that could be read; the others join ``skipped``, with a warning."""
+    done = []
+    for clip, r in zip(clips, clf.classify_files([c.path for c in clips], quiet=quiet)):
+        if r["error"]:
+            log.warning("skipping clip: %s", r["error"])
+            skipped.append({"path": clip.path, "reason": r["error"]})
+        else:
+            done.append((clip, r))
+    if not done:
+        raise AudioclfError(f"none of the {len(clips)} clips could be read; see the warnings above for each file's reason")
+    return done
+
+
+def _evaluate_tags(clf, clipset, clips: list, skipped: list[dict], out_dir: Path, quiet: bool, header: str) -> dict:
+    """:func:`evaluate` of tags: every class of a clip (several, one or none) against the model's probabilities."""
+    index = {name: i for i, name in enumerate(clf.labels)}
+    done = _classified(clf, clips, skipped, quiet)
+    y_true = np.zeros((len(done), len(clf.labels)), dtype=int)
+    for k, (clip, _) in enumerate(done):
+        y_true[k, [index[clipset.classes[t]] for t in clip.targets]] = 1
+    probs = np.array([r["probs"] for _, r in done])
+    metrics = multilabel_metrics(y_true, probs, clf.labels, clf.thresholds)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics.update(task=clf.config.train.task, skipped=skipped, out_dir=str(out_dir))
+    metrics_json, predictions_csv, pr_png, report_txt = (out_dir / name for name in TAG_EVAL_FILES)
+    metrics_json.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_tag_predictions(predictions_csv, [c.path for c, _ in done], y_true, probs, clf.labels, clf.thresholds)
+    plot_pr_curves(y_true, probs, clf.labels, pr_png)
+    scored = "" if clf.multilabel else " (a multiclass model: its softmax probabilities)"
+    metrics["report"] = (f"{header}clips: {metrics['n_clips']} evaluated, {len(skipped)} skipped{scored}\n"
+                         f"mAP {metrics['mAP']:.4f}   micro F1 {metrics['micro_f1']:.4f}   macro F1 "
+                         f"{metrics['macro_f1']:.4f}   subset accuracy {metrics['subset_accuracy']:.4f}\n\n"
+                         + per_class_table(metrics))
+    report_txt.write_text(metrics["report"])
+    log.info("evaluation written to %s", out_dir)
+    return metrics
+
+
+def _where(data: DataConfig, fold) -> str:
+    return f"{data.root} ({data.format}{', fold ' + str(fold) if fold is not None else ''})"
+
+
 def _report(metrics: dict, y_true, probs, labels: list[str], model_path, data: DataConfig, fold) -> str:
     from sklearn.metrics import classification_report
 
     present = [labels.index(name) for name in metrics["labels"]]
     table = classification_report(y_true, np.argmax(probs, axis=1), labels=present, target_names=metrics["labels"],
                                   digits=4, zero_division=0)
-    where = f"{data.root} ({data.format}{', fold ' + str(fold) if fold is not None else ''})"
-    return (f"model: {model_path}\ndata: {where}\n"
+    return (f"model: {model_path}\ndata: {_where(data, fold)}\n"
             f"clips: {metrics['n_clips']} evaluated, {len(metrics['skipped'])} skipped\n"
             f"accuracy {metrics['accuracy']:.4f}   macro F1 {metrics['macro_f1']:.4f}   "
             f"top-3 accuracy {metrics['top3_accuracy']:.4f}\n"

@@ -16,18 +16,33 @@ from .errors import AudioclfError
 PARQUET_INSTALL = 'pip install "audioclf[parquet]"'
 
 
+def _umask() -> int:
+    """The process's umask. os.umask can only be read by setting it, so it is read once, at import, before
+    any thread of ours could create a file in between."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# the mode open() gives a new file; some writers (safetensors) create theirs 0600 whatever the umask
+FILE_MODE = 0o666 & ~_umask()
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temporary name next to ``path``; move it into place only when the block succeeds.
 
     A crash mid-write leaves the previous file intact, and a full disk or Ctrl-C leaves no half-written
-    temp file behind.
+    temp file behind. The file gets the mode of any new file (``0666`` less the umask), whatever the writer
+    created it with.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         yield tmp
+        if tmp.is_file():
+            os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

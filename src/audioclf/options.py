@@ -5,6 +5,7 @@ from them (``top_k: int = PredictOptions.top_k``), so a default is written once.
 
 ``PredictOptions``  how a model classifies: top_k, batch size, device, sliding window and hop
 ``ServeLimits``     where ``audioclf serve`` listens and the bounds of every request it answers
+``AuditOptions``    how ``audioclf audit`` embeds clips and decides which are near-duplicates
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urlsplit
 
+from .backbones import BACKBONES
 from .errors import AudioclfError
 from .settings import DEVICES, _check_settings, check_device, setting
 
@@ -53,7 +55,8 @@ class ServeLimits:
     timeout_s: float = setting(10.0, help="seconds a client may stall: headers, body, idle", low=0.0, high=3600.0,
                                low_open=True)
     # each open connection may hold an upload, twice over on disk (the upload spool and its decodable copy)
-    max_connections: int = setting(64, help="open connections before requests get 503", low=1, high=10**5)
+    max_connections: int = setting(64, help="open connections; past it a new one closes the one idle longest, and "
+                                            "requests get 503 only when every one holds a request", low=1, high=10**5)
     # so one client cannot take every slot with half-open connections
     max_client_connections: int = setting(16, help="open connections from one client address; more are closed "
                                                    "at once", low=1, high=10**5)
@@ -82,3 +85,27 @@ def check_origin(origin: str) -> str:
                             f"https and nothing after it, e.g. https://example.org or http://localhost:3000")
     del port  # read only so that a bad port is refused above
     return origin
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """How ``audioclf audit`` embeds clips and decides which are near-duplicates. The thresholds are measured
+    on ESC-10 with planted copies (docs/audit.md, benchmarks/audit.py)."""
+
+    SECTION = "audit"
+
+    backbone: str = setting("mn04_as", choices=tuple(n for n, b in BACKBONES.items() if b.pretrained_on == "audioset"),
+                            help="AudioSet-pretrained network whose embeddings find near-duplicate candidates and "
+                                 "feed the linear probe")
+    # planted copies scored 0.67 and up; distinct clips of one kind of sound reach 0.98, so the cosine only
+    # nominates candidates
+    near_threshold: float = setting(0.5, low=0.0, high=1.0, low_open=True,
+                                    help="cosine similarity of centred embeddings from which two clips are "
+                                         "near-duplicate candidates")
+    # planted copies scored 0.95 and up, copies already in ESC-50 0.88 and up; distinct recordings 0.66 at most
+    match_threshold: float = setting(0.8, low=0.0, high=1.0, low_open=True,
+                                     help="correlation of aligned log-mel fingerprints from which a candidate is a "
+                                          "near-duplicate")
+
+    def __post_init__(self):
+        _check_settings(self)

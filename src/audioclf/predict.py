@@ -2,9 +2,10 @@
 ``audioclf evaluate`` and the HTTP server.
 
 A clip up to the training duration is padded exactly as in training (``audio.fix_length``); a longer one
-is cut into sliding windows and gets the mean of the window probabilities. Long files are streamed block
-by block, so memory stays bounded whatever their length. Windows of many inputs share model batches.
-The ``predict`` and ``embed`` commands around this live in :mod:`audioclf.commands`.
+is cut into sliding windows (:mod:`audioclf.windows`) and gets the mean of the window probabilities (tags:
+their maximum). Windows of many inputs share model batches. The model's temperature divides its logits, and
+its unknown rule (:mod:`audioclf.trust`) answers ``unknown`` for an input below its threshold. The
+``predict`` and ``embed`` commands around this live in :mod:`audioclf.commands`.
 """
 
 from __future__ import annotations
@@ -12,143 +13,27 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-import os
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .audio import (FileWindows, audio_duration_s, count_windows, default_hop, fix_length, load_audio,  # noqa: F401
-                    resample, sliding_windows)  # count_windows, sliding_windows: predict's API before they moved
-from .checkpoint import load_model, saved_extras
-from .config import FeatureConfig, RunConfig
+from .audio import default_hop
+from .checkpoint import SavedModel, load_model, saved_extras, weights_file
+from .config import RunConfig
 from .errors import AudioclfError
+from .metrics import tags_above
 from .model import WaveformClassifier, activation
 from .options import PredictOptions
 from .runtime import auto_workers, cpu_threads_beside, dying_with_parent, resolve_device
 from .trust import TRUST_KEYS, UNKNOWN, known_score, read_trust
+from .waveforms import unbatch
+from .windows import LimitError, PrepareFiles, Source, count_windows, limited, prepare  # noqa: F401
+# LimitError, count_windows: predict's API (the server's) before the windows moved out
 
 log = logging.getLogger(__name__)
-
-
-class LimitError(AudioclfError):
-    """An input passed a limit its caller set (``max_duration_s``, ``max_windows``): the server answers 413."""
-
-
-# ---------------------------------------------------------------------------------------------- windows
-
-def _limited(windows: Iterable[tuple[int, np.ndarray]], name: str, window: int, sample_rate: int,
-             max_duration_s: Optional[float], max_windows: Optional[int]) -> Iterator[tuple[int, np.ndarray]]:
-    """``windows``, stopped with a LimitError as soon as they pass ``max_windows`` or reach past
-    ``max_duration_s``: counted as the audio decodes, so a file whose header understates its length is
-    stopped one decoding block past the limit."""
-    max_end = None if max_duration_s is None else int(max_duration_s * sample_rate)
-    for n, (start, w) in enumerate(windows, 1):
-        if max_windows is not None and n > max_windows:
-            raise LimitError(f"{name}: more than max_windows={max_windows} windows; use a longer hop_s or "
-                             f"window_s, or a shorter file")
-        # a window starting past 0 is all decoded audio; the first one may be zero padding
-        if max_end is not None and start > 0 and start + window > max_end:
-            raise LimitError(f"{name}: longer than the limit of {max_duration_s:g} s of audio")
-        yield start, w
-
-
-@dataclass
-class _Source:
-    """One input made ready for the model: its windows (a list, or a lazy stream) or why it failed."""
-
-    name: str  # file path, or "<array>"
-    duration_s: float
-    windows: Iterable[tuple[int, np.ndarray]] = ()  # (start sample, window of `window` samples)
-    error: Optional[Exception] = None
-    starts: list[int] = field(default_factory=list)  # filled in as the windows pass through the model
-    rows: list[np.ndarray] = field(default_factory=list)  # the model head's output for each window
-    scores: list[float] = field(default_factory=list)  # each window's known-class score, where a rule asks for it
-
-    def mean(self) -> np.ndarray:
-        """The rows averaged over the windows: what a long input gets as a whole."""
-        return np.mean(self.rows, axis=0)
-
-
-def as_waveform(audio, sample_rate: Optional[int], target_sr: int) -> np.ndarray:
-    """A numpy array or torch tensor, ``(time,)`` or ``(channels, time)`` in [-1, 1] at ``sample_rate`` Hz
-    (``None`` = ``target_sr``), as mono float32 at ``target_sr``."""
-    if isinstance(audio, torch.Tensor):
-        audio = audio.detach().cpu().numpy()
-    if not isinstance(audio, np.ndarray):
-        raise AudioclfError(f"Unsupported audio of type {type(audio).__name__}; pass a file path, "
-                            f"a numpy array or a torch tensor")
-    if audio.ndim == 2 and audio.shape[0] > audio.shape[1]:
-        raise AudioclfError(f"a waveform of shape {audio.shape} looks like (time, channels); "
-                            f"pass (channels, time) or (time,), e.g. wave.T")
-    if audio.ndim not in (1, 2) or audio.shape[-1] == 0:
-        raise AudioclfError(f"a waveform must be (time,) or (channels, time) with samples; got shape {audio.shape}")
-    if not np.issubdtype(audio.dtype, np.floating):
-        raise AudioclfError(f"a waveform of dtype {audio.dtype} is not float; scale it to [-1, 1] "
-                            f"(e.g. int16 / 32768) and pass float32")
-    if not np.isfinite(audio).all():
-        raise AudioclfError("the waveform holds NaN or infinite samples")
-    if sample_rate is not None and (not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0):
-        raise AudioclfError(f"sample_rate={sample_rate!r} must be a positive integer (Hz)")
-    mono = audio.mean(axis=0) if audio.ndim == 2 else audio
-    return resample(mono.astype(np.float32, copy=False), int(sample_rate or target_sr), target_sr)
-
-
-def _check_readable(path) -> None:
-    """Say so when this process may not read ``path`` (the decoder would call it undecodable). Tried with
-    open() itself: ``os.access`` (audio._open's check) asks about the real user, not the effective one that
-    a setuid or privilege-dropping server reads as."""
-    try:
-        with open(path, "rb"):
-            pass
-    except PermissionError:
-        raise AudioclfError(f"{path}: permission denied (this user may not read the file)") from None
-    except OSError:  # missing, a folder, ...: the decoder names the reason
-        pass
-
-
-def prepare(audio, sample_rate: Optional[int], features: FeatureConfig, window: int, hop: int) -> _Source:
-    """Decode or convert one input and plan its windows (``window`` and ``hop`` in samples).
-
-    A file of more than one window is not decoded here: its windows stream from disk.
-    """
-    sr = features.sample_rate
-    if isinstance(audio, (str, os.PathLike)):
-        _check_readable(audio)
-        name, wave, duration_s = str(audio), None, audio_duration_s(audio)
-        n_samples = round(duration_s * sr)  # from the header, before decoding
-    else:
-        name, wave = "<array>", as_waveform(audio, sample_rate, sr)
-        n_samples = wave.shape[0]
-        duration_s = n_samples / sr
-    if count_windows(n_samples, window, hop) > 1:
-        windows = FileWindows(name, sr, window, hop) if wave is None else sliding_windows([wave], window, hop)
-        return _Source(name, duration_s, windows)
-    if wave is None:
-        wave = load_audio(name, sr)
-    return _Source(name, duration_s, [(0, fix_length(wave, window))])
-
-
-class _PrepareFiles(torch.utils.data.Dataset):
-    """``prepare`` in DataLoader workers; an unreadable file comes back as a source with its error."""
-
-    def __init__(self, paths: Sequence, features: FeatureConfig, window: int, hop: int):
-        self.paths, self.features, self.window, self.hop = [str(p) for p in paths], features, window, hop
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i) -> _Source:
-        path = self.paths[i]
-        try:
-            return prepare(path, None, self.features, self.window, self.hop)
-        except AudioclfError as e:
-            return _Source(path, 0.0, error=e)
-        except Exception as e:  # one corrupt file must never end a long run
-            return _Source(path, 0.0, error=AudioclfError(f"{path}: {type(e).__name__}: {e}"))
 
 
 # ---------------------------------------------------------------------------------------------- classifier
@@ -162,6 +47,7 @@ class Classifier:
         labels (list of str): class names, the order of probability columns.
         device (str, optional): ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. (Default: ``"auto"``)
         batch_size (int, optional): windows per forward pass. (Default: ``32``)
+        thresholds (list of float, optional): a multilabel model's tags' thresholds. (Default: 0.5 each)
         trust (dict, optional): the model's ``temperature`` and ``reject`` rule as saved (``trust.read_trust``).
             (Default: none: temperature 1, no rule)
         reject (bool, optional): answer ``"unknown"`` for inputs below the rule's threshold. (Default: ``True``)
@@ -170,17 +56,20 @@ class Classifier:
     in [-1, 1]; an array's ``sample_rate`` (Hz) defaults to the training sample rate.
     """
 
+    weights_file: Optional[str] = None  # the file load() read the weights from; None for a model built in Python
+
     def __init__(self, model: torch.nn.Module, config: RunConfig, labels: Sequence[str], *,
-                 device: str = PredictOptions.device, batch_size: int = PredictOptions.batch_size,
+                 device: str = PredictOptions.device, batch_size: int = PredictOptions.batch_size, thresholds=None,
                  trust: Optional[dict] = None, reject: bool = PredictOptions.reject):
         if batch_size < 1:
             raise AudioclfError(f"batch_size={batch_size} must be >= 1")
         self.labels = list(labels)
         self.config = config
+        self.multilabel, self.thresholds = config.train.task == "multilabel", thresholds
         self.device = resolve_device(str(device))
         self.batch_size = batch_size
         self.temperature, rejector = read_trust(trust or {})
-        self.rejector = rejector if reject and config.train.task == "multiclass" else None
+        self.rejector = rejector if reject and not self.multilabel else None
         # channels_last: oneDNN and cuDNN convolve it fastest (1.3x on a 2-core CPU, same fp32 arithmetic)
         self._net = WaveformClassifier(config.features, model, config.train.task, self.temperature).to(
             self.device, memory_format=torch.channels_last).eval()
@@ -193,23 +82,22 @@ class Classifier:
 
     # -- public API
 
-    def predict_proba(self, audio, sample_rate: Optional[int] = None) -> np.ndarray:
+    def predict_proba(self, audio, sample_rate: Optional[int] = None, *, batch: Optional[bool] = None) -> np.ndarray:
         """Class probabilities, columns in ``labels`` order: ``(n_classes,)`` for one input, ``(n, n_classes)``
-        for a list of inputs."""
-        return self._window_means(audio, sample_rate, width=len(self.labels))
+        for a list of inputs.
 
-    def predict(self, audio, sample_rate: Optional[int] = None):
-        """The most probable label (a list of them for a list of inputs), from ``predict_proba``; ``"unknown"``
+        Args:
+            batch (bool, optional): a 2-D (or 3-D) array's first axis: ``True``, clips (one row each); ``False``,
+                one clip's channels (mixed down). Required for 2-D input, which could be either. (Default: ``None``)
+        """
+        return self._window_means(audio, sample_rate, width=len(self.labels), batch=batch)
+
+    def predict(self, audio, sample_rate: Optional[int] = None, *, batch: Optional[bool] = None):
+        """The most probable label (a list of them for several inputs), from ``predict_proba``; ``"unknown"``
         for an input the model's rule rejects."""
-        one = not isinstance(audio, (list, tuple))
-        window, hop = self._window(None, None)
-        sources = (prepare(a, sample_rate, self.config.features, window, hop) for a in ([audio] if one else audio))
-        labels = []
-        for s in self._run(sources):
-            if s.error is not None:
-                raise s.error
-            labels.append(self._decide(s)[0])
-        return labels[0] if one else labels
+        audio = unbatch(audio, batch)
+        labels = [self._decide(s)[0] for s in self._each(audio, sample_rate)]
+        return labels if isinstance(audio, (list, tuple)) else labels[0]
 
     def classify(self, audio, sample_rate: Optional[int] = None, *, window_s: Optional[float] = None,
                  hop_s: Optional[float] = None, timeline: bool = False, top_k: int = PredictOptions.top_k) -> dict:
@@ -222,9 +110,10 @@ class Classifier:
             top_k (int, optional): how many of the best classes to list. (Default: ``3``)
 
         Returns:
-            dict: ``label``, ``confidence``, ``probs`` (list, ``labels`` order), ``top_k`` (list of
-            ``{"label", "prob"}``), ``duration_s``, and with ``timeline`` ``windows`` (list of
-            ``{"start_s", "end_s", "label", "confidence"}``).
+            dict: ``label`` (``"unknown"`` when the model's rule rejects the input), ``confidence``, ``probs``
+            (list, ``labels`` order), ``top_k`` (list of ``{"label", "prob"}``), ``duration_s``, and with
+            ``timeline`` ``windows`` (list of ``{"start_s", "end_s", "label", "confidence"}``); a multilabel
+            model's also ``tags``; with a rule, its ``score`` and ``threshold``.
 
         Raises:
             AudioclfError: naming the file, when it cannot be read.
@@ -264,16 +153,15 @@ class Classifier:
         frame-level probabilities ``(steps, n_classes)`` (``WaveformClassifier.frames``). The other arguments
         are :meth:`classify_steps`'."""
         window, hop = self._window(window_s, hop_s)
-        source = prepare(audio, sample_rate, self.config.features, window, hop)
-        if max_duration_s is not None or max_windows is not None:
-            source.windows = _limited(source.windows, source.name, window, self.config.features.sample_rate,
-                                      max_duration_s, max_windows)
-        for done in self._run([source], self._frames if frames else None, batch_size=batch_size, steps=True):
-            if done is None:
-                yield None
-        if source.error is not None:
-            raise source.error
-        yield source
+        yield from self._steps(audio, sample_rate, window, hop, self._net.frames if frames else None, batch_size,
+                               max_duration_s, max_windows)
+
+    def embed_steps(self, audio, sample_rate: Optional[int] = None, *, batch_size: Optional[int] = None,
+                    max_duration_s: Optional[float] = None, max_windows: Optional[int] = None) -> Iterator[Optional[np.ndarray]]:
+        """:meth:`embed` of one input a forward pass at a time: ``None`` after each step, then ``(d,)``."""
+        window, hop = self._window(None, None)
+        for source in self._steps(audio, sample_rate, window, hop, self._embed, batch_size, max_duration_s, max_windows):
+            yield None if source is None else source.mean()
 
     def classify_files(self, paths: Sequence, *, window_s: Optional[float] = None, hop_s: Optional[float] = None,
                        timeline: bool = False, top_k: int = PredictOptions.top_k, num_workers: Optional[int] = None,
@@ -292,13 +180,12 @@ class Classifier:
         return ({"path": s.name, "error": str(s.error)} if s.error is not None else
                 {"path": s.name, "error": None, **self._summarise(s, window, timeline, top_k)} for s in sources)
 
-    def embed(self, audio, sample_rate: Optional[int] = None) -> np.ndarray:
+    def embed(self, audio, sample_rate: Optional[int] = None, *, batch: Optional[bool] = None) -> np.ndarray:
         """Embeddings for search and clustering: the network's pooled trunk features (before any classifier
         layer; 512 for resnet18, 384 for mn04_as), averaged over a long input's windows.
 
-        Returns ``(d,)`` for one input (path or waveform), ``(n, d)`` for a list of them.
-        """
-        return self._window_means(audio, sample_rate, self._embed)
+        Returns ``(d,)`` for one input, ``(n, d)`` for a list of them or a ``batch`` (:meth:`predict_proba`)."""
+        return self._window_means(audio, sample_rate, self._embed, batch=batch)
 
     def embed_files(self, paths: Sequence, *, quiet: bool = False) -> np.ndarray:
         """:meth:`embed` of many files, decoded in background workers: ``(len(paths), d)``. A file that cannot
@@ -316,31 +203,50 @@ class Classifier:
     def logits(self, audio, sample_rate: Optional[int] = None) -> np.ndarray:
         """The network's raw outputs (before the temperature and the softmax), averaged over a long input's
         windows: ``(n_classes,)`` for one input, ``(n, n_classes)`` for a list of them."""
-        return self._window_means(audio, sample_rate, self.model, len(self.labels))
+        return self._window_means(audio, sample_rate, lambda wave: self.model(self._net.logmel(wave)), len(self.labels))
 
     # -- the one inference path
 
-    def _embed(self, logmel: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(logmel)
+    def _steps(self, audio, sample_rate: Optional[int], window: int, hop: int, head, batch_size: Optional[int],
+               max_duration_s: Optional[float], max_windows: Optional[int]) -> Iterator[Optional[Source]]:
+        """One input through ``head`` (:meth:`_run`), ``batch_size`` windows a step: ``None`` after each step,
+        then the source with its rows; its error raised instead, a LimitError past the limits."""
+        source = prepare(audio, sample_rate, self.config.features, window, hop)
+        if max_duration_s is not None or max_windows is not None:
+            source.windows = limited(source.windows, source.name, window, self.config.features.sample_rate,
+                                      max_duration_s, max_windows)
+        for done in self._run([source], head, batch_size=batch_size, steps=True):
+            if done is None:
+                yield None
+        if source.error is not None:
+            raise source.error
+        yield source
 
-    def _frames(self, logmel: torch.Tensor) -> torch.Tensor:
-        return activation(self._net.task)(self.model.frame_logits(logmel) / self.temperature)
+    def _embed(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(self._net.logmel(wave))
 
-    def _window_means(self, audio, sample_rate: Optional[int], head=None, width: int = 0) -> np.ndarray:
-        """``head`` (a batch of log-mels to one row each; default: class probabilities) on every window of
+    def _window_means(self, audio, sample_rate: Optional[int], head=None, width: int = 0,
+                      batch: Optional[bool] = None) -> np.ndarray:
+        """``head`` (a batch of windows to one row each; default: class probabilities) on every window of
         every input, averaged over each input's windows: ``(d,)`` for one input, ``(n, d)`` for a list of
-        them, ``(0, width)`` for an empty list. Raises the error of the first input that cannot be read."""
-        one = not isinstance(audio, (list, tuple))
+        them (or the rows of an array, with ``batch``), ``(0, width)`` for an empty list. Raises the error
+        of the first input that cannot be read."""
+        audio = unbatch(audio, batch)
+        rows = [s.mean() if head is not None else self._pooled(s) for s in self._each(audio, sample_rate, head)]
+        if not isinstance(audio, (list, tuple)):
+            return rows[0]
+        return np.stack(rows) if rows else np.zeros((0, width), np.float32)
+
+    def _each(self, audio, sample_rate: Optional[int], head=None) -> Iterator[Source]:
+        """Each input (one, or a list) through ``head`` (:meth:`_run`) at the default windows, in order;
+        raises the error of the first input that cannot be read."""
         window, hop = self._window(None, None)
+        one = not isinstance(audio, (list, tuple))
         sources = (prepare(a, sample_rate, self.config.features, window, hop) for a in ([audio] if one else audio))
-        rows = []
         for s in self._run(sources, head):
             if s.error is not None:
                 raise s.error
-            rows.append(s.mean())
-        if one:
-            return rows[0]
-        return np.stack(rows) if rows else np.zeros((0, width), np.float32)
+            yield s
 
     def _file_loader(self, paths: Sequence, window: int, hop: int,
                      num_workers: Optional[int] = None) -> torch.utils.data.DataLoader:
@@ -349,27 +255,27 @@ class Classifier:
         # a worker process costs more to start than a couple of files cost to decode
         workers = (auto_workers() if len(paths) > 2 else 0) if num_workers is None else num_workers
         return torch.utils.data.DataLoader(
-            _PrepareFiles(paths, self.config.features, window, hop), batch_size=None, num_workers=workers,
+            PrepareFiles(paths, self.config.features, window, hop), batch_size=None, num_workers=workers,
             prefetch_factor=self.batch_size if workers else None,  # a batch of short clips stays queued
             worker_init_fn=dying_with_parent())
 
-    def _run_loaded(self, loader: torch.utils.data.DataLoader, head=None) -> Iterator[_Source]:
+    def _run_loaded(self, loader: torch.utils.data.DataLoader, head=None) -> Iterator[Source]:
         """:meth:`_run` over a file loader, with the model's CPU threads leaving the decoding workers their
         cores (on 2 cores, 2 torch threads beside 1 decoding worker ran 3x slower than 1 thread)."""
         with cpu_threads_beside(loader.num_workers, self.device):
             yield from self._run(loader, head)
 
-    def _run(self, sources: Iterable[_Source], head=None, batch_size: Optional[int] = None,
-             steps: bool = False) -> Iterator[Optional[_Source]]:
+    def _run(self, sources: Iterable[Source], head=None, batch_size: Optional[int] = None,
+             steps: bool = False) -> Iterator[Optional[Source]]:
         """Push every window of every source through the model, ``batch_size`` windows per forward pass
         whatever source they come from; yield each source, in input order, once all its windows are done,
         and with ``steps`` also ``None`` after each forward pass.
 
-        ``head`` maps a batch of log-mels to one row each (default: class probabilities); its rows are
+        ``head`` maps a batch of windows to one row each (default: :meth:`_probs_and_scores`); its rows are
         collected in each source's ``rows``."""
         batch_size = batch_size or self.batch_size
-        pending: deque[_Source] = deque()
-        batch: list[tuple[_Source, int, np.ndarray]] = []
+        pending: deque[Source] = deque()
+        batch: list[tuple[Source, int, np.ndarray]] = []
         for source in sources:
             pending.append(source)
             windows = iter(source.windows)
@@ -402,38 +308,41 @@ class Classifier:
             return
         x = torch.from_numpy(np.stack([w for _, _, w in batch])).to(self.device)  # (batch, window samples)
         with torch.inference_mode():
-            logmel = self._net.logmel(x)  # (batch, n_mels, frames)
-            finite = torch.isfinite(logmel).flatten(1).all(1).cpu().numpy()
-            out = (head or self._probs_and_scores)(logmel)
+            out = (head or self._probs_and_scores)(x)
         rows, scores = out if isinstance(out, tuple) else (out, None)
         rows = rows.float().cpu().numpy()  # (batch, n_classes or embedding size)
-        for i, ((source, start, _), row, ok) in enumerate(zip(batch, rows, finite)):
-            if not (ok and np.isfinite(row).all()) and source.error is None:
+        for i, ((source, start, _), row) in enumerate(zip(batch, rows)):
+            if not np.isfinite(row).all() and source.error is None:
                 # samples far outside [-1, 1] (a float file of 1e30) overflow the features: no answer, not NaN
                 at = start / self.config.features.sample_rate
-                source.error = AudioclfError(f"{source.name}: its features are not finite (window at {at:.2f} s): "
-                                             f"samples far outside [-1, 1] overflow them; check the file")
+                source.error = AudioclfError(f"{source.name}: its features or the model's output are not finite (window "
+                                             f"at {at:.2f} s): samples far outside [-1, 1] overflow them; check the file")
             source.starts.append(start)
             source.rows.append(row)
             if scores is not None:
                 source.scores.append(float(scores[i]))
         batch.clear()
 
-    def _probs_and_scores(self, logmel: torch.Tensor):
+    def _probs_and_scores(self, wave: torch.Tensor):
         """The default head: class probabilities (the temperature applied), with each window's known-class
         score when the rule needs one that the probabilities do not give (energy, embedding)."""
         r = self.rejector
-        logits = self.model(logmel)
-        probs = activation(self._net.task)(logits / self.temperature)
         if r is None or r.kind == "msp":
-            return probs
+            return self._net(wave)
+        logmel = self._net.logmel(wave)
+        logits = self.model(logmel)
         emb = self.model.embed(logmel) if r.needs_embedding else None
-        return probs, known_score(r.kind, logits, emb, r.means, self.temperature).cpu()
+        return (activation(self._net.task)(logits / self.temperature),
+                known_score(r.kind, logits, emb, r.means, self.temperature).cpu())
 
-    def _decide(self, source: _Source) -> tuple[str, Optional[float]]:
+    def _pooled(self, source: Source) -> np.ndarray:
+        """A whole input's class probabilities: its windows' mean (tags: their maximum)."""
+        return (np.max if self.multilabel else np.mean)(source.rows, axis=0)
+
+    def _decide(self, source: Source) -> tuple[str, Optional[float]]:
         """(label, known-class score) of a whole input: ``"unknown"`` when the rule rejects it; the score is
         None without a rule. MSP scores the mean probabilities; energy and embedding average the windows'."""
-        probs = source.mean()
+        probs = self._pooled(source)
         label = self.labels[int(probs.argmax())]
         if self.rejector is None:
             return label, None
@@ -460,20 +369,22 @@ class Classifier:
         if not isinstance(top_k, int) or top_k < 1:
             raise AudioclfError(f"top_k={top_k!r} must be an integer >= 1")
 
-    def _summarise(self, source: _Source, window: int, timeline: bool, top_k: int) -> dict:
+    def _summarise(self, source: Source, window: int, timeline: bool, top_k: int) -> dict:
         sr = self.config.features.sample_rate
-        probs = source.mean()
+        probs = self._pooled(source)
         best = np.argsort(-probs)[:top_k]
         label, score = self._decide(source)
         out = {"label": label, "confidence": float(probs[best[0]]),
                "probs": [float(p) for p in probs],
                "top_k": [{"label": self.labels[i], "prob": float(probs[i])} for i in best],
-               "duration_s": source.duration_s}
+               "duration_s": source.duration_s,
+               **({"tags": tags_above(probs, self.labels, self.thresholds)} if self.multilabel else {})}
         if score is not None:  # the top classes stay listed: the nearest known ones
             out.update(score=score, threshold=self.rejector.threshold)
         if timeline:
             out["windows"] = [{"start_s": start / sr, "end_s": min((start + window) / sr, source.duration_s),
-                               "label": self.labels[int(p.argmax())], "confidence": float(p.max())}
+                               "label": self.labels[int(p.argmax())], "confidence": float(p.max()),
+                               **({"tags": tags_above(p, self.labels, self.thresholds)} if self.multilabel else {})}
                               for start, p in zip(source.starts, source.rows)]
         return out
 
@@ -488,12 +399,17 @@ def load(model, device: str = PredictOptions.device, *, batch_size: int = Predic
 
     trust = None
     if is_backbone_name(model):
-        net, config, labels = pretrained_model(model, weights_path)
+        saved = SavedModel(*pretrained_model(model, weights_path))
+        weights = weights_path
     elif weights_path:
         raise AudioclfError(f"weights_path is for an AudioSet backbone's name (mn04_as, ...), not a trained model "
                             f"({model})")
     else:
-        net, config, labels = load_model(model)
+        saved = load_model(model)
+        weights = weights_file(model)
         trust = saved_extras(model, TRUST_KEYS)
         read_trust(trust, model)  # a damaged rule is refused naming the model's file
-    return Classifier(net, config, labels, device=device, batch_size=batch_size, trust=trust, reject=reject)
+    clf = Classifier(*saved, device=device, batch_size=batch_size, thresholds=saved.thresholds, trust=trust,
+                     reject=reject)
+    clf.weights_file = str(weights) if weights else None
+    return clf

@@ -19,19 +19,25 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
+import numpy as np
+
+from .clips import LABEL_SEPARATOR
 from .config import RunConfig
 from .errors import AudioclfError
 from .fileio import atomic_path, csv_cell, write_text_atomic
+from .metrics import DEFAULT_THRESHOLD
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".audioclf.lock"
 # what evaluate writes into its output folder (MODEL_DIR/eval by default)
 EVAL_FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "report.txt")
+TAG_EVAL_FILES = ("metrics.json", "predictions.csv", "pr_curves.png", "report.txt")  # of a multilabel model or dataset
 # the columns of metrics.csv: one row per epoch, train_one_epoch's and evaluate_split's floats
-METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "epoch_s", "clips_per_s"]
+METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "val_map", "epoch_s",
+                 "clips_per_s"]
 
 
 class RunDir:
@@ -51,12 +57,13 @@ class RunDir:
         self.curves = p / "curves.png"
         self.skipped = p / "skipped.csv"  # clips the feature store could not read, and why
         self.log = p / "train.log"
+        self.mlflow_run = p / "mlflow_run.json"  # with --logger mlflow: the MLflow run a --resume continues
 
     def outputs(self) -> list[Path]:
         """What a training writes here; --overwrite removes these (and earlier evaluations and exports of
         the old model) and nothing else."""
         return [self.best, self.last, self.metrics, self.summary, self.test_metrics, self.test_predictions,
-                self.config, self.labels, self.curves, self.skipped, self.log]
+                self.config, self.labels, self.curves, self.skipped, self.log, self.mlflow_run]
 
     def earlier_run(self) -> list[Path]:
         """The outputs of an earlier run worth keeping: a new run is refused without --resume or --overwrite."""
@@ -70,13 +77,13 @@ class RunDir:
         with atomic_path(self.metrics) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, METRIC_FIELDS)
             w.writeheader()
-            w.writerows({k: r[k] for k in METRIC_FIELDS} for r in rows)
+            w.writerows({k: r.get(k, "") for k in METRIC_FIELDS} for r in rows)  # a run resumed from before val_map
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics.is_file():
             return []
         with open(self.metrics) as f:
-            return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+            return [{k: (int(v) if k == "epoch" else float(v or "nan")) for k, v in r.items()} for r in csv.DictReader(f)]
 
     def write_skipped(self, skipped: list[tuple[str, str]]) -> None:
         with open(self.skipped, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:  # names as on disk
@@ -90,6 +97,13 @@ class RunDir:
         """The test fold's ``metrics`` (:func:`audioclf.metrics.classification_metrics`) and per-clip
         ``rows`` (see :func:`write_predictions`)."""
         write_predictions(self.test_predictions, rows)
+        write_text_atomic(self.test_metrics, json.dumps(metrics, indent=2) + "\n")
+
+    def write_test_tags(self, metrics: dict, paths: Sequence[str], y_true: np.ndarray, probs: np.ndarray,
+                        labels: Sequence[str], thresholds: Optional[Sequence[float]]) -> None:
+        """A multilabel test fold's ``metrics`` (:func:`audioclf.metrics.multilabel_metrics`) and per-clip
+        probabilities (see :func:`write_tag_predictions`)."""
+        write_tag_predictions(self.test_predictions, paths, y_true, probs, labels, thresholds)
         write_text_atomic(self.test_metrics, json.dumps(metrics, indent=2) + "\n")
 
     def finish(self, summary: dict) -> None:
@@ -114,8 +128,8 @@ class RunDir:
             h.close()
 
 # settings that change where or how loudly a run goes, not what it learns
-RUN_ONLY = {("train", "quiet"), ("train", "device"), ("train", "deterministic"), ("data", "num_workers"),
-            ("data", "cache_dir")}
+RUN_ONLY = {("train", "quiet"), ("train", "device"), ("train", "deterministic"), ("train", "logger"),
+            ("data", "num_workers"), ("data", "cache_dir")}
 # what --resume may change: the run-only settings, and how many epochs it lasts
 RESUMABLE = RUN_ONLY | {("train", "epochs")}
 
@@ -221,7 +235,7 @@ def _clear_earlier_run(out: Path, resume: bool, overwrite: bool) -> None:
     from .checkpoint import CONFIG_FILE, SAFETENSORS_FILE
     from .export import ONNX_FILE
 
-    old = RunDir(out).outputs() + [out / "eval" / name for name in EVAL_FILES]
+    old = RunDir(out).outputs() + [out / "eval" / name for name in {*EVAL_FILES, *TAG_EVAL_FILES}]
     if (out / SAFETENSORS_FILE).exists() or (out / ONNX_FILE).exists():  # an export of the old model
         old += [out / SAFETENSORS_FILE, out / ONNX_FILE, out / CONFIG_FILE]
     removed = [p for p in old if p.is_file()]
@@ -284,6 +298,33 @@ def write_predictions(path, rows: Iterable[tuple[str, str, str, float]]) -> None
                     for clip, true, pred, conf in rows)
 
 
+
+def write_tag_predictions(path, paths: Sequence[str], y_true: Optional[np.ndarray], probs: np.ndarray,
+                          labels: Sequence[str], thresholds: Optional[Sequence[float]] = None) -> None:
+    """Write multilabel predictions as CSV, atomically: ``path,true,predicted`` (class names joined by ``;``:
+    the clip's classes, and those whose probability reaches their threshold), then one probability column
+    per class, named by the class.
+
+    Args:
+        path: the CSV file.
+        paths (sequence of str): the clips.
+        y_true (np.ndarray, optional): ``(clips, classes)`` 0/1 targets; ``None`` leaves ``true`` empty.
+        probs (np.ndarray): ``(clips, classes)`` probabilities.
+        labels (sequence of str): the class names, in column order.
+        thresholds (sequence of float, optional): per class. (Default: ``metrics.DEFAULT_THRESHOLD``)
+    """
+    probs = np.asarray(probs)
+    on = probs >= (DEFAULT_THRESHOLD if thresholds is None else np.asarray(thresholds))
+    names = np.asarray(labels, dtype=object)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["path", "true", "predicted", *map(csv_cell, labels)])
+        for k, clip in enumerate(paths):
+            true = "" if y_true is None else LABEL_SEPARATOR.join(names[np.asarray(y_true[k]) > 0])
+            w.writerow([csv_cell(clip), csv_cell(true), csv_cell(LABEL_SEPARATOR.join(names[on[k]])),
+                        *(f"{p:.4f}" for p in probs[k])])
+
+
 def plot_curves(metrics_csv: Path, out_png: Path) -> None:
     """Loss, accuracy and learning rate by epoch, from metrics.csv, as a PNG. A bare ``Figure`` renders with
     Agg and leaves pyplot's state (a notebook's backend) alone."""
@@ -294,7 +335,7 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> None:
     if not rows:
         return
     ep = [int(r["epoch"]) for r in rows]
-    col = {k: [float(r[k]) for r in rows] for k in METRIC_FIELDS[1:]}
+    col = {k: [float(r.get(k) or "nan") for r in rows] for k in METRIC_FIELDS[1:]}
     fig = Figure(figsize=(13, 3.8), layout="tight")
     axes = fig.subplots(1, 3)
     axes[0].plot(ep, col["train_loss"], label="train"), axes[0].plot(ep, col["val_loss"], label="validation")

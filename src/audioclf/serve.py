@@ -1,9 +1,12 @@
 """HTTP serving: a FastAPI app over :meth:`audioclf.predict.Classifier.classify`, run with uvicorn.
 
-``POST /predict``  multipart field ``file`` -> ``{label, confidence, top_k, duration_s[, windows][, score,
-threshold]}``: ``label`` is ``unknown`` when the model's rule rejects the sound (``score`` below ``threshold``)
+``POST /predict``  multipart field ``file`` -> ``{label, confidence, probs, top_k, duration_s[, tags, windows][,
+score, threshold]}``: ``label`` is ``unknown`` when the model's rule rejects the sound (``score`` below ``threshold``)
+``POST /predict_batch``  multipart fields ``files`` (several) -> ``{results: [{file, result | error}, ...]}``
+``POST /embed``  multipart field ``file`` -> ``{embedding, dim, duration_s}``
+``POST /explain``  multipart field ``file`` (and ``?label=``) -> a PNG: where the model's evidence lies
 ``POST /detect``   multipart field ``file`` -> ``{duration_s, events: [{onset, offset, label, score}]}``
-``GET /health``, ``GET /labels``, ``GET /`` (a self-contained web page), ``/docs`` (OpenAPI).
+``GET /health`` (status and model metadata), ``GET /labels``, ``GET /`` (a web page), ``/docs`` (OpenAPI).
 
 The model is loaded once, when the app is made. Requests are classified in worker threads, so the event
 loop keeps accepting connections while the model works. The model runs one step at a time (a lock),
@@ -13,7 +16,9 @@ whose client has gone stops at the next step.
 
 Every request's work and memory are bounded by the server's limits, never by the client's parameters:
 upload size, decoded duration (read from the header before decoding, counted again while decoding),
-window and hop ranges, number of windows, and time to send headers and body. Uploads are copied into a
+window and hop ranges, number of windows, and time to send headers and body. A batch is one request: its
+files together stay within the limits of one upload, one duration and one count of windows, and they are
+classified one after another, a model step at a time like any other request. Uploads are copied into a
 fresh temporary directory under a generated name (the client's file name is never part of a path), and
 deleted once answered.
 """
@@ -33,6 +38,7 @@ from typing import Optional
 from ._version import __version__
 from .audio import AUDIO_EXTENSIONS, audio_duration_s, decoding_bytes, default_hop
 from .errors import AudioclfError
+from .fileio import sha256
 from .options import PredictOptions, ServeLimits, check_origin  # noqa: F401 (check_origin: serve's API)
 
 try:
@@ -41,9 +47,11 @@ try:
     from fastapi.concurrency import run_in_threadpool
     from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import HTMLResponse, Response
-    from pydantic import BaseModel
+
+    from .schemas import Batch, BatchItem, DetectedEvent, Detection, Embedding, Health, Labels, Prediction
 except ImportError as e:
     raise AudioclfError(f"serving needs {e.name}, which is not installed: pip install 'audioclf[serve]'") from None
+
 if importlib.util.find_spec("python_multipart") is None and importlib.util.find_spec("multipart") is None:
     raise AudioclfError("serving needs python-multipart for file uploads: pip install 'audioclf[serve]'")
 
@@ -83,52 +91,8 @@ PAGE_CSP = ("default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-i
             "media-src blob:; img-src data:; object-src 'none'; base-uri 'none'")
 
 
-class ClassProb(BaseModel):
-    label: str
-    prob: float
-
-
-class Window(BaseModel):
-    start_s: float
-    end_s: float
-    label: str
-    confidence: float
-
-
-class Prediction(BaseModel):
-    label: str
-    confidence: float
-    top_k: list[ClassProb]
-    duration_s: float
-    windows: Optional[list[Window]] = None  # only with ?timeline=1
-    score: Optional[float] = None  # known-class score of the model's unknown rule; label "unknown" below threshold
-    threshold: Optional[float] = None
-
-
-class DetectedEvent(BaseModel):
-    onset: float  # s
-    offset: float  # s
-    label: str
-    score: float
-
-
-class Detection(BaseModel):
-    duration_s: float
-    events: list[DetectedEvent]
-
-
-class Health(BaseModel):
-    status: str
-    audioclf_version: str
-    n_classes: int
-    sample_rate: int  # Hz, uploads are resampled to it
-    window_s: float  # seconds of audio the model sees at once
-    device: str
-    max_upload_mb: float
-
-
-class Labels(BaseModel):
-    labels: list[str]
+class OverLimit(HTTPException):
+    """A request over one of the server's limits (413 or 422): in a batch, the whole request is refused."""
 
 
 def _upload_suffix(filename: Optional[str]) -> str:
@@ -184,9 +148,12 @@ def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: 
     labels, features = list(clf.labels), clf.config.features
     sr, max_window_s = features.sample_rate, max(MAX_WINDOW_S, features.duration_s)
     step_samples = STEP_WINDOWS * features.n_samples
-    health = Health(status="ok", audioclf_version=__version__, n_classes=len(labels),
+    health = Health(status="ok", audioclf_version=__version__, backbone=clf.config.model.backbone,
+                    task=clf.config.train.task, classes=labels, n_classes=len(labels),
+                    weights_sha256=sha256(clf.weights_file) if clf.weights_file else None,
                     sample_rate=features.sample_rate, window_s=features.duration_s,
-                    device=str(next(clf.model.parameters()).device), max_upload_mb=max_upload_mb)
+                    device=str(next(clf.model.parameters()).device), max_upload_mb=max_upload_mb,
+                    max_audio_s=max_audio_s, max_windows=max_windows)
     page = importlib.resources.files("audioclf").joinpath("static/index.html").read_text(encoding="utf-8")
     model_lock = threading.Lock()
 
@@ -208,11 +175,12 @@ def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: 
         window = round(window_s * sr)
         return window_s, window, default_hop(window) if hop_s is None else max(1, round(hop_s * sr))
 
-    def open_upload(upload: UploadFile, shown: str, tmp: Path, window: int, hop: int) -> tuple[Path, int]:
-        """In a worker thread: copy the upload to ``tmp``, check from its header that it opens and fits the
-        limits, before the model's turn; returns it and the bytes its decoding holds. ``shown`` names it in
-        messages."""
-        path = tmp / f"upload{_upload_suffix(upload.filename)}"
+    def open_upload(upload: UploadFile, shown: str, path: Path, window: int, hop: int,
+                    used: tuple[float, int] = (0.0, 0)) -> tuple[float, int, int]:
+        """In a worker thread: copy the upload to ``path``, check from its header that it opens and fits the
+        limits (less ``used``: the seconds and windows of a batch's files before it), before the model's turn.
+        ``shown`` names it in messages. Returns its duration in seconds, its number of windows and the bytes
+        its decoding holds."""
         with open(path, "wb") as f:
             shutil.copyfileobj(upload.file, f)
         if path.stat().st_size == 0:
@@ -221,20 +189,55 @@ def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: 
             duration_s = audio_duration_s(path)
         except AudioclfError as e:
             raise HTTPException(415, str(e).replace(str(path), shown)) from None
-        if duration_s > max_audio_s:
-            raise HTTPException(413, f"{shown}: {duration_s:.1f} s of audio; the limit is {max_audio_s:g} s "
-                                     f"(audioclf serve --max-audio-s)")
+        others = f" after {used[0]:.1f} s in the batch's other files" if used[0] else ""
+        if used[0] + duration_s > max_audio_s:
+            raise OverLimit(413, f"{shown}: {duration_s:.1f} s of audio{others}; the limit is {max_audio_s:g} s "
+                                     f"a request (audioclf serve --max-audio-s)")
         n = count_windows(math.ceil(duration_s * sr), window, hop)
-        if n > max_windows:
-            raise HTTPException(422, f"{shown}: window_s={window / sr:g} and hop_s={hop / sr:g} give {n} windows over "
-                                     f"{duration_s:.1f} s; the limit is {max_windows} (audioclf serve "
+        if used[1] + n > max_windows:
+            others = f" after {used[1]} in the batch's other files" if used[1] else ""
+            raise OverLimit(422, f"{shown}: window_s={window / sr:g} and hop_s={hop / sr:g} give {n} windows over "
+                                     f"{duration_s:.1f} s{others}; the limit is {max_windows} a request (audioclf serve "
                                      f"--max-windows): use a longer hop_s")
-        return path, decoding_bytes(path)
+        return duration_s, n, decoding_bytes(path)
 
-    def step(steps) -> Optional[dict]:
+    def step(steps):
         """In a worker thread: one model step of a request, holding the model for that step only."""
         with model_lock:
             return next(steps)
+
+    async def finish(request: Request, steps, shown: str, path: Path, decoded: int):
+        """Run ``steps`` (a Classifier's ``*_steps``) to its result, a model step at a time, holding ``decoded``
+        bytes of the decoding budget; ``None`` when the client has gone (the work stops at the next step).
+        Errors name the upload, never its path."""
+        try:
+            async with budget.hold(decoded, shown):
+                while (result := await run_in_threadpool(step, steps)) is None:
+                    if await request.is_disconnected():
+                        log.info("%s: the client disconnected; classification cancelled", shown)
+                        return None
+            return result
+        except LimitError as e:
+            raise OverLimit(413, str(e).replace(str(path), shown)) from None
+        except AudioclfError as e:
+            raise HTTPException(422, str(e).replace(str(path), shown)) from None
+        finally:
+            steps.close()  # closes the file before its folder is removed
+
+    def limits_left(used: tuple[float, int] = (0.0, 0)) -> dict:
+        """What a file may still decode to, counted as it decodes: the request's limits less ``used``, the
+        seconds and windows of a batch's files before it."""
+        return {"max_duration_s": max_audio_s - used[0], "max_windows": max_windows - used[1]}
+
+    def prediction(result: dict) -> dict:
+        return {**result, "probs": dict(zip(labels, result["probs"]))}
+
+    def no_file() -> HTTPException:
+        return HTTPException(400, "no file uploaded: POST multipart/form-data with the audio in the field 'file'")
+
+    def upload_path(tmp: str, upload: UploadFile, number: str = "") -> Path:
+        """A generated name in ``tmp``: the client's name is never part of a path."""
+        return Path(tmp) / f"upload{number}{_upload_suffix(upload.filename)}"
 
     app = FastAPI(title="audioclf", version=__version__, docs_url=None,
                   description=f"Audio classification with {len(labels)} classes: {', '.join(labels)}.")
@@ -262,28 +265,117 @@ def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: 
                                                      "(default: half the window)")):
         """Classify one uploaded audio file."""
         if file is None:
-            raise HTTPException(400, "no file uploaded: POST multipart/form-data with the audio in the field 'file'")
+            raise no_file()
         window_s, window, hop = check_window(window_s, hop_s)
         shown = Path(file.filename or "upload").name  # for messages only, never a path
         with tempfile.TemporaryDirectory(prefix="audioclf-upload-") as tmp:
-            path, decoded = await run_in_threadpool(open_upload, file, shown, Path(tmp), window, hop)
+            path = upload_path(tmp, file)
+            *_, decoded = await run_in_threadpool(open_upload, file, shown, path, window, hop)
             steps = clf.classify_steps(path, timeline=timeline, top_k=min(top_k, len(labels)), window_s=window_s,
-                                       hop_s=hop_s, batch_size=max(1, step_samples // window),
-                                       max_duration_s=max_audio_s, max_windows=max_windows)
+                                       hop_s=hop_s, batch_size=max(1, step_samples // window), **limits_left())
+            result = await finish(request, steps, shown, path, decoded)
+            return Response(status_code=CLIENT_CLOSED) if result is None else prediction(result)
+
+    @app.post("/predict_batch", response_model=Batch, response_model_exclude_none=True,
+              responses={400: {"description": "no files, or an empty one"}, 408: {"description": "the body stalled"},
+                         413: {"description": "the uploads or their audio together over the server's limits"},
+                         422: {"description": "invalid parameters, or too many windows in all"}})
+    async def predict_batch(request: Request,
+                            files: list[UploadFile] = File(default_factory=list, description="audio files: repeat "
+                                                           "the field 'files' once per file"),
+                            timeline: bool = Query(False, description="add per-window predictions"),
+                            top_k: int = Query(3, ge=1, description="classes to return, most probable first"),
+                            window_s: Optional[float] = Query(None, gt=0, description="sliding-window length in s"),
+                            hop_s: Optional[float] = Query(None, gt=0, description="seconds between window starts")):
+        """Classify several uploaded files in one request: one result per file, in upload order. A file that
+        cannot be decoded gets an ``error`` and the others are still classified; the server's limits hold for
+        the files together."""
+        if not files:
+            raise HTTPException(400, "no files uploaded: POST multipart/form-data with each audio file in a field "
+                                     "named 'files'")
+        window_s, window, hop = check_window(window_s, hop_s)
+        items, used = [], (0.0, 0)
+        with tempfile.TemporaryDirectory(prefix="audioclf-upload-") as tmp:
+            for i, upload in enumerate(files):
+                shown = Path(upload.filename or f"upload{i}").name
+                path = upload_path(tmp, upload, str(i))
+                try:
+                    before = used
+                    duration_s, n, decoded = await run_in_threadpool(open_upload, upload, shown, path, window, hop, used)
+                    used = (used[0] + duration_s, used[1] + n)  # counted whether it decodes to the end or not
+                    steps = clf.classify_steps(path, timeline=timeline, top_k=min(top_k, len(labels)),
+                                               window_s=window_s, hop_s=hop_s, batch_size=max(1, step_samples // window),
+                                               **limits_left(before))
+                    result = await finish(request, steps, shown, path, decoded)
+                except OverLimit:
+                    raise  # the limits are the request's: the batch as a whole is over them
+                except HTTPException as e:  # this file only: empty, undecodable, failing part-way
+                    items.append(BatchItem(file=shown, error=e.detail))
+                    continue
+                finally:
+                    path.unlink(missing_ok=True)  # its disk back before the next file
+                if result is None:
+                    return Response(status_code=CLIENT_CLOSED)
+                items.append(BatchItem(file=shown, result=prediction(result)))
+        return Batch(results=items)
+
+    @app.post("/embed", response_model=Embedding,
+              responses={400: {"description": "no file, or an empty one"}, 408: {"description": "the body stalled"},
+                         413: {"description": "upload or audio over the server's limits"},
+                         415: {"description": "the file cannot be decoded as audio"},
+                         422: {"description": "too many windows, or audio that fails to decode part-way"}})
+    async def embed(request: Request, file: Optional[UploadFile] = File(None, description="audio file")):
+        """The embedding of one uploaded file: the network's pooled features before its classifier layer,
+        averaged over a long file's windows (for search and clustering)."""
+        if file is None:
+            raise no_file()
+        window = features.n_samples
+        shown = Path(file.filename or "upload").name
+        with tempfile.TemporaryDirectory(prefix="audioclf-upload-") as tmp:
+            path = upload_path(tmp, file)
+            duration_s, _, decoded = await run_in_threadpool(open_upload, file, shown, path, window, default_hop(window))
+            vector = await finish(request, clf.embed_steps(path, batch_size=STEP_WINDOWS, **limits_left()), shown, path,
+                                  decoded)
+            if vector is None:
+                return Response(status_code=CLIENT_CLOSED)
+            return Embedding(embedding=vector.tolist(), dim=len(vector), duration_s=duration_s)
+
+    def draw_explanation(path: Path, shown: str, label: Optional[str]) -> bytes:
+        """In a worker thread: the PNG of :func:`audioclf.explain.explain`, holding the model throughout (one
+        forward pass per occluded patch: seconds, not a few windows)."""
+        from .explain import explain, plot_explanation
+
+        with model_lock:
+            result = explain(clf, path, label=label)
+        result["path"] = shown
+        return plot_explanation(result, path.with_suffix(".png")).read_bytes()
+
+    @app.post("/explain", response_class=Response,
+              responses={200: {"content": {"image/png": {}}, "description": "the explanation, drawn"},
+                         400: {"description": "no file, or an empty one"},
+                         413: {"description": "upload or audio over the server's limits"},
+                         415: {"description": "the file cannot be decoded as audio"},
+                         422: {"description": "a label the model does not have, or audio that fails to decode"}})
+    async def explain_upload(file: Optional[UploadFile] = File(None, description="audio file: WAV, FLAC, OGG, MP3, ..."),
+                             label: Optional[str] = Query(None, description="class to explain (default: the "
+                                                          "predicted one)")):
+        """Where in time and frequency the model's evidence for a class lies: occlusion over the log-mel,
+        drawn over the spectrogram as a PNG (``audioclf explain``)."""
+        if file is None:
+            raise HTTPException(400, "no file uploaded: POST multipart/form-data with the audio in the field 'file'")
+        if label is not None and label not in labels:
+            raise HTTPException(422, f"label={label!r} is not one of the model's classes: {', '.join(labels)}")
+        shown = Path(file.filename or "upload").name
+        _, window, hop = check_window(None, None)
+        with tempfile.TemporaryDirectory(prefix="audioclf-upload-") as tmp:
+            path = upload_path(tmp, file)
+            *_, decoded = await run_in_threadpool(open_upload, file, shown, path, window, hop)
             try:
-                async with budget.hold(decoded, shown):
-                    while (result := await run_in_threadpool(step, steps)) is None:
-                        if await request.is_disconnected():
-                            log.info("%s: the client disconnected; classification cancelled", shown)
-                            return Response(status_code=CLIENT_CLOSED)
-                return result
-            except LimitError as e:
-                raise HTTPException(413, str(e).replace(str(path), shown)) from None
+                async with budget.hold(decoded, shown):  # explain decodes the whole file
+                    png = await run_in_threadpool(draw_explanation, path, shown, label)
             except AudioclfError as e:
                 raise HTTPException(422, str(e).replace(str(path), shown)) from None
-            finally:
-                steps.close()  # closes the file before its folder is removed
-
+        return Response(png, media_type="image/png")
     detect_config = _detect_config(model)
 
     @app.post("/detect", response_model=Detection,
@@ -298,7 +390,7 @@ def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: 
         from .events import check_ignore, find_events, track_steps
 
         if file is None:
-            raise HTTPException(400, "no file uploaded: POST multipart/form-data with the audio in the field 'file'")
+            raise no_file()
         try:
             ignored = check_ignore([x.strip() for x in ignore.split(",") if x.strip()], labels)
         except AudioclfError as e:
@@ -309,20 +401,12 @@ def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: 
         hop = round((window_s / 2 if frames else detect_config.hop_s) * sr)
         shown = Path(file.filename or "upload").name
         with tempfile.TemporaryDirectory(prefix="audioclf-upload-") as tmp:
-            path, decoded = await run_in_threadpool(open_upload, file, shown, Path(tmp), window, hop)
-            steps = track_steps(clf, path, detect_config, batch_size=max(1, step_samples // window),
-                                max_duration_s=max_audio_s, max_windows=max_windows)
-            try:
-                async with budget.hold(decoded, shown):
-                    while (result := await run_in_threadpool(step, steps)) is None:
-                        if await request.is_disconnected():
-                            return Response(status_code=CLIENT_CLOSED)
-            except LimitError as e:
-                raise HTTPException(413, str(e).replace(str(path), shown)) from None
-            except AudioclfError as e:
-                raise HTTPException(422, str(e).replace(str(path), shown)) from None
-            finally:
-                steps.close()
+            path = upload_path(tmp, file)
+            *_, decoded = await run_in_threadpool(open_upload, file, shown, path, window, hop)
+            steps = track_steps(clf, path, detect_config, batch_size=max(1, step_samples // window), **limits_left())
+            result = await finish(request, steps, shown, path, decoded)
+            if result is None:
+                return Response(status_code=CLIENT_CLOSED)
         _, duration_s, track = result
         events = find_events(track, labels, detect_config, filename=shown, duration_s=duration_s, ignore=ignored)
         return Detection(duration_s=duration_s, events=[DetectedEvent(onset=e.onset, offset=e.offset, label=e.event_label,

@@ -150,6 +150,9 @@ class FeatureBank:
                 self._rows[k] += n
             self.skipped += [(clipset.clips[i].path, why) for i, why in indexes[k]["skipped"]]
         self.labels = torch.tensor([c.label for c in self.clips], dtype=torch.long)
+        # (clips, classes) multi-hot of every clip's classes, for multilabel training: several or none each
+        self.targets = torch.zeros(len(self.clips), len(clipset.classes), dtype=torch.bool)
+        self.targets[[i for i, c in enumerate(self.clips) for _ in c.targets], [t for c in self.clips for t in c.targets]] = True
         self.lengths = torch.tensor(lengths, dtype=torch.long)
         self._shard, self._start = np.array(shard, dtype=np.int64), np.array(start, dtype=np.int64)
         self.nbytes = sum(self._rows.values()) * n_mels * 4
@@ -190,10 +193,11 @@ class FeatureBank:
         self._count(x.numel() * 4, 1)
         return x
 
-    def batch(self, indices: torch.Tensor, *, random_crop: bool = False,
-              generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch, n_mels, n_frames) features and (batch,) labels of clips ``indices``: of a long clip, one
-        of its windows drawn at random (training) or the middle one. On the device of :meth:`to_device`."""
+    def batch(self, indices: torch.Tensor, *, random_crop: bool = False, generator: Optional[torch.Generator] = None,
+              multi_hot: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, n_mels, n_frames) features and (batch,) labels of clips ``indices`` (``multi_hot``: their
+        (batch, classes) float ``targets``): of a long clip, one of its windows drawn at random (training) or
+        the middle one. On the device of :meth:`to_device`."""
         windows = self.lengths[indices] // self.n_frames
         if random_crop:
             pick = (torch.rand(len(indices), generator=generator) * windows).long()
@@ -205,7 +209,7 @@ class FeatureBank:
             x = self._frames[rows.to(self._frames.device)].transpose(1, 2).contiguous()
         else:
             x = torch.from_numpy(self._read(torch.as_tensor(indices).tolist(), first.tolist()))
-        return x, self.labels[indices]
+        return x, self.targets[indices].float() if multi_hot else self.labels[indices]
 
     def _read(self, indices: list[int], first: list[int]) -> np.ndarray:
         """(batch, n_mels, n_frames) windows, each copied (and transposed) once, from RAM or the maps."""

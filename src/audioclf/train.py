@@ -19,31 +19,31 @@ import logging
 import math
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields, replace
-from functools import partial
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .augment import SpecAugment, mixup
+from .augment import SpecAugment, mix, mixup
 from .backbones import BACKBONES
 from .checkpoint import inference_state, load_checkpoint, save_checkpoint
-from .calibrate import fit_trust, store_trust
+from .calibrate import calibrated_metrics, fit_trust, store_trust
 from .config import RunConfig, TrainConfig
 from .data import ClipSet, load_clips, split_clips
 from .errors import AudioclfError
-from .metrics import classification_metrics, macro_f1
+from .loggers import Tracker, open_tracker
+from .metrics import best_thresholds, multilabel_metrics
 from .model import build_model, place_model
 from .optim import make_optimizer, make_scheduler
 from .rundir import RunDir, claim, resumed_config
 from .runtime import amp_dtype, broadcast, deterministic_kernels, dist_info, process_group, resolve_device
 from .store import FeatureBank
-from .trust import expected_calibration_error, softmax
+from .tasks import mix_fraction, multilabel, n_correct, objective, split_scores
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,10 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------- fit
 
 def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = False) -> dict:
-    """Train a classifier as ``config`` says; write everything to ``out_dir``; return a summary dict
-    (best_val_loss, best_epoch, epochs_run, stopped_early, pretrained, lr, and with a test fold test_acc,
-    test_f1, test_n).
-
-    ``out_dir`` is locked while the run lasts: a second training into it is refused. A directory that
-    holds an earlier run is refused unless ``resume`` (continue it: only ``rundir.RESUMABLE`` settings may
-    differ from its ``last.pt``) or ``overwrite`` (remove its outputs first).
-    """
+    """Train a classifier as ``config`` says into the run directory ``out_dir``, locked while the run lasts;
+    return a summary dict (best_val_loss, best_epoch, epochs_run, stopped_early, pretrained, lr; with a test
+    fold test_acc, test_f1, test_n). An earlier run there is refused unless ``resume`` (continue it: only
+    ``rundir.RESUMABLE`` settings may differ from its last.pt) or ``overwrite`` (remove its outputs first)."""
     run = RunDir(out_dir)
     with claim(run.path, resume, overwrite) if dist_info()[0] == 0 else nullcontext():  # rank 0 owns the run directory
         # --- resume: last.pt's config wins, so the run continues as it started
@@ -83,8 +79,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = Fals
             # --- optimiser, loss, schedule
             decay_all = ckpt is not None and len(ckpt["optimizer"]["param_groups"]) == 1  # started before groups
             opt = make_optimizer(model, t, s.device, decay_all=decay_all)
-            class_weights, sample_weights = class_balance(bank.labels[train_idx], len(clipset.classes), config.data.balance, s.device)
-            loss_fn = partial(F.cross_entropy, weight=class_weights, label_smoothing=t.label_smoothing)
+            loss_fn, sample_weights = objective(t, bank.targets[train_idx], config.data.balance, s.device)
             scheduler, per_batch = make_scheduler(opt, config, math.ceil(math.ceil(len(train_idx) / s.world) / t.batch_size))
             scaler = torch.amp.GradScaler(enabled=s.amp == torch.float16)
             specaug = SpecAugment(config.augment, features=config.features)
@@ -103,7 +98,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = Fals
                 train = train_one_epoch(ddp, bank, order, opt, loss_fn, s, config=config, epoch=epoch,
                                         n_classes=len(clipset.classes), specaug=specaug, scaler=scaler,
                                         generator=generator, scheduler=scheduler if per_batch else None)
-                val = evaluate_split(ddp, bank, val_idx, s, t.batch_size * 2)
+                val = evaluate_split(ddp, bank, val_idx, s, t.batch_size * 2, multi_hot=multilabel(t))
                 _check_finite(val["val_loss"], f"validation loss is {val['val_loss']} at epoch {epoch}", t.lr)
                 lr = opt.param_groups[0]["lr"]
                 if not per_batch:
@@ -111,7 +106,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = Fals
                 # --- log a metrics.csv row
                 rows.append({"epoch": epoch, "lr": lr, **train, **val, "epoch_s": time.perf_counter() - t0})
                 improved = progress.update(epoch, val["val_loss"])
-                _log_epoch(rows[-1], improved)
+                _log_epoch(rows[-1], improved, s.tracker)
                 # --- checkpoint: best by validation loss, last for --resume
                 if s.master:
                     run.write_metrics(rows)
@@ -123,8 +118,8 @@ def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = Fals
 
             summary = {"best_val_loss": progress.best_val_loss, "best_epoch": progress.best_epoch,
                        "epochs_run": progress.epoch, "stopped_early": stopped_early, "pretrained": pretrained, "lr": t.lr}
-            # --- temperature and "unknown" rule of best.pt (validation clips), then the test fold (clips never seen)
-            summary.update(_calibrate_and_test(model, bank, splits, run, s, config, clipset.classes))
+            # --- best.pt: its temperature and unknown rule, or its tags' thresholds (validation clips), its test fold
+            summary.update(_score_best(model, bank, train_idx, val_idx, splits["test"], run, s, config, clipset.classes))
             # --- curves and summary
             if s.master:
                 run.finish(summary)
@@ -156,8 +151,8 @@ def train_one_epoch(model: nn.Module, bank: FeatureBank, order: torch.Tensor, op
         scheduler (optional): stepped after every batch. (Default: ``None``, for a per-epoch schedule)
 
     Returns:
-        dict: ``train_loss`` (mean over this rank's clips), ``train_acc`` (argmax against the unmixed labels)
-        and ``clips_per_s`` (all ranks together).
+        dict: ``train_loss`` (mean over this rank's clips), ``train_acc`` (:func:`tasks.n_correct` against the
+        labels before mixup) and ``clips_per_s`` (all ranks together).
 
     Raises:
         AudioclfError: when the loss is not finite: the model diverged.
@@ -170,8 +165,10 @@ def train_one_epoch(model: nn.Module, bank: FeatureBank, order: torch.Tensor, op
     bar = tqdm(range(0, len(order), t.batch_size), desc=f"epoch {epoch}/{t.epochs}", unit="batch", leave=False,
                disable=True if s.quiet else None)
     for i in bar:
-        x, y = bank.batch(order[i:i + t.batch_size], random_crop=True, generator=generator)
+        x, y = bank.batch(order[i:i + t.batch_size], random_crop=True, generator=generator, multi_hot=multilabel(t))
         x, y = x.to(s.device, non_blocking=True), y.to(s.device, non_blocking=True)
+        if multilabel(t):  # two clips summed, labels united: polyphony from single-label clips
+            x, y = mix(x, y, mix_fraction(config), config.augment.mix_db, config.features, generator)
         x, target = mixup(specaug(x), y, n_classes, config.augment.mixup_alpha, generator)
         with s.autocast():
             logits = model(x)
@@ -188,7 +185,7 @@ def train_one_epoch(model: nn.Module, bank: FeatureBank, order: torch.Tensor, op
         loss_value = loss.item()
         _check_finite(loss_value, f"training loss is {loss_value} at epoch {epoch}, batch {i // t.batch_size + 1}", t.lr)
         loss_sum += loss_value * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        correct += n_correct(logits, y)
         seen += len(y)
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
     bar.close()
@@ -197,30 +194,30 @@ def train_one_epoch(model: nn.Module, bank: FeatureBank, order: torch.Tensor, op
 
 
 def evaluate_split(model: nn.Module, bank: FeatureBank, idx: torch.Tensor, s: Session, batch_size: int,
-                   name: str = "val") -> dict:
-    """Loss, accuracy and macro-F1 (:func:`audioclf.metrics.macro_f1`) of ``model`` on clips ``idx``.
+                   name: str = "val", multi_hot: bool = False) -> dict:
+    """Loss, accuracy, macro-F1 and mAP (:func:`audioclf.tasks.split_scores`) of ``model`` on clips ``idx``,
+    against their labels or (``multi_hot``) their multi-hot targets.
 
     The clips are sharded across ranks and the predictions gathered, so every rank returns the same
-    ``{name}_loss``, ``{name}_acc`` and ``{name}_f1`` (plain floats).
+    ``{name}_loss``, ``{name}_acc``, ``{name}_f1`` and ``{name}_map`` (plain floats).
     """
-    logits, labels = predict_bank(model, bank, idx[s.rank::s.world], s, batch_size)
+    logits, labels = predict_bank(model, bank, idx[s.rank::s.world], s, batch_size, multi_hot)
     if s.world > 1:
         gathered = [None] * s.world
         dist.all_gather_object(gathered, (logits, labels))
         logits, labels = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
-    pred = logits.argmax(1)
-    return {f"{name}_loss": F.cross_entropy(logits, labels).item(), f"{name}_acc": (pred == labels).float().mean().item(),
-            f"{name}_f1": macro_f1(labels.numpy(), pred.numpy())}
+    return split_scores(logits, labels, name)
 
 
 @torch.no_grad()
-def predict_bank(model: nn.Module, bank: FeatureBank, idx: torch.Tensor, s: Session,
-                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits (clips, classes), labels (clips,))`` of clips ``idx`` of ``bank``, centre-cropped, eval mode, on CPU."""
+def predict_bank(model: nn.Module, bank: FeatureBank, idx: torch.Tensor, s: Session, batch_size: int,
+                 multi_hot: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits (clips, classes), labels (clips,) or multi-hot targets (clips, classes))`` of clips ``idx``
+    of ``bank``, centre-cropped, eval mode, on CPU."""
     model.eval()
     logits, labels = [], []
     for i in range(0, len(idx), batch_size):
-        x, y = bank.batch(idx[i:i + batch_size])
+        x, y = bank.batch(idx[i:i + batch_size], multi_hot=multi_hot)
         with s.autocast():
             logits.append(model(x.to(s.device, non_blocking=True)).float().cpu())
         labels.append(y)
@@ -234,19 +231,6 @@ def _check_finite(value: float, what: str, lr: float) -> None:
 
 
 # ------------------------------------------------------------------------------------------- sampling
-
-def class_balance(labels: torch.Tensor, n_classes: int, balance: str,
-                  device: torch.device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``(class weights for the loss, on device; per-clip sampling weights)`` of training ``labels`` as
-    ``balance`` (``data.balance``) says: ``weights`` weighs each class's loss by the inverse of its
-    frequency, ``sampler`` draws each clip with the inverse of its class's count; ``None`` where unused."""
-    counts = torch.bincount(labels, minlength=n_classes).float()
-    if balance == "weights":
-        return (counts.sum() / (n_classes * counts)).to(device), None
-    if balance == "sampler":
-        return None, (1.0 / counts)[labels]
-    return None, None
-
 
 def epoch_order(n: int, epoch: int, seed: int, rank: int = 0, world: int = 1,
                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -276,6 +260,7 @@ class Session:
     device: torch.device
     amp: Optional[torch.dtype]  # None: full precision
     quiet: bool  # no progress bars
+    tracker: Tracker = field(default_factory=Tracker)  # TensorBoard, MLflow: rank 0's; the others' log nowhere
 
     @property
     def master(self) -> bool:
@@ -327,17 +312,27 @@ def _session(t: TrainConfig, run: RunDir) -> Iterator[Session]:
     with process_group(resolve_device(t.device)) as device, deterministic_kernels(t.deterministic):
         torch.manual_seed(t.seed)
         s = Session(rank, world, device, amp_dtype(device) if t.amp else None, t.quiet or rank != 0)
+        if s.master:
+            s.tracker = open_tracker(t.logger, run.path)
+        finished = False
         with run.logging_to_file() if s.master else nullcontext():
             try:
                 yield s
+                finished = True
             except KeyboardInterrupt:
                 log.warning("interrupted: %s holds the last completed epoch; continue with --resume", run.last)
                 raise
+            finally:
+                s.tracker.close(failed=not finished)
 
 
 def _load_clips(config: RunConfig, ckpt: Optional[dict], out: Path) -> ClipSet:
     """The dataset's clips and classes; a resumed run needs the classes it was trained on."""
     clipset = load_clips(config.data)
+    if multilabel(config.train) and not clipset.multilabel:
+        log.info("%s has one class per clip: each trains as that one tag (with the mix augmentation, clips summed "
+                 "hold two); its layout (%s) cannot give a clip several classes, a CSV manifest's labels column can",
+                 config.data.root, config.data.format)
     if ckpt is not None and clipset.classes != list(ckpt["labels"]):
         raise AudioclfError(f"--resume: {config.data.root} now has the classes {', '.join(clipset.classes)}; the run in "
                             f"{out} was trained on {', '.join(ckpt['labels'])}. Resume needs the same classes: start "
@@ -375,7 +370,7 @@ def _split(bank: FeatureBank, clipset: ClipSet, config: RunConfig) -> dict:
     for name, clips in splits.items():
         if clips:
             log.info("%-5s: %s", name, clipset.describe(clips))
-    missing = set(clipset.classes) - {clipset.classes[c.label] for c in splits["train"]}
+    missing = set(clipset.classes) - {clipset.classes[k] for c in splits["train"] for k in c.targets}
     if missing:
         raise AudioclfError(f"class(es) {', '.join(sorted(missing))} have no training clips after the split; "
                             f"change val_fold/test_fold/val_split or add clips")
@@ -397,6 +392,7 @@ def _log_recipe(config: RunConfig, pretrained: bool, s: Session) -> None:
              config.model.backbone, f"pretrained on {config.model.pretrained}" if pretrained else "from scratch", t.lr,
              t.scheduler, t.epochs, t.patience, t.batch_size, s.device, f" x{s.world} processes" if s.world > 1 else "",
              f", mixed precision {str(s.amp).removeprefix('torch.')}" if s.amp else "")
+    s.tracker.start(config.to_dict())  # --logger tensorboard | mlflow: the recipe as it runs
 
 
 def _restore(ckpt: Optional[dict], model: nn.Module, opt, scheduler, run: RunDir) -> tuple[Progress, list[dict]]:
@@ -413,10 +409,11 @@ def _restore(ckpt: Optional[dict], model: nn.Module, opt, scheduler, run: RunDir
     return progress, rows
 
 
-def _log_epoch(row: dict, improved: bool) -> None:
-    log.info("epoch %3d  lr %.2e  train loss %.4f acc %.3f  val loss %.4f acc %.3f f1 %.3f  %5.1fs %6.1f clips/s%s",
-             row["epoch"], row["lr"], row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"], row["val_f1"],
-             row["epoch_s"], row["clips_per_s"], "  *" if improved else "")
+def _log_epoch(row: dict, improved: bool, tracker: Tracker) -> None:
+    tracker.log(row)
+    log.info("epoch %3d  lr %.2e  train loss %.4f acc %.3f  val loss %.4f acc %.3f f1 %.3f mAP %.3f  %5.1fs %6.1f "
+             "clips/s%s", row["epoch"], row["lr"], row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"],
+             row["val_f1"], row["val_map"], row["epoch_s"], row["clips_per_s"], "  *" if improved else "")
 
 
 def _save_checkpoints(run: RunDir, model: nn.Module, config: RunConfig, classes: list[str], opt, scheduler,
@@ -429,33 +426,52 @@ def _save_checkpoints(run: RunDir, model: nn.Module, config: RunConfig, classes:
     save_checkpoint(state, run.last)
 
 
-def _calibrate_and_test(model: nn.Module, bank: FeatureBank, splits: dict, run: RunDir, s: Session, config: RunConfig,
-                        classes: list[str]) -> dict:
-    """Fit best.pt's temperature and unknown rule on the validation clips and store them in it
-    (:mod:`audioclf.calibrate`; rank 0), then score it on the test fold, if any (:func:`_test_fold`)."""
-    if s.master:
+def _load_best(model: nn.Module, run: RunDir, s: Session) -> dict:
+    """best.pt, read by rank 0 and sent to the others, its weights loaded into ``model``."""
+    best = load_checkpoint(run.best) if s.master or s.world == 1 else None
+    best = broadcast(best, s.device)
+    model.load_state_dict(best["model"])
+    return best
+
+
+def _score_best(model: nn.Module, bank: FeatureBank, train_idx: torch.Tensor, val_idx: torch.Tensor, test: list,
+                run: RunDir, s: Session, config: RunConfig, classes: list[str]) -> dict:
+    """The last stages, on best.pt: a multilabel model's thresholds, or a multiclass model's temperature and
+    unknown rule (:mod:`audioclf.calibrate`; rank 0 stores them), then the test fold's scores (if any)."""
+    if multilabel(config.train):
+        _choose_thresholds(model, bank, val_idx, run, s, config)
+    elif s.master:
         model.load_state_dict(load_checkpoint(run.best)["model"])
-        store_trust(run.best, fit_trust(model, bank, bank.indices(splits["train"]), bank.indices(splits["val"]), config,
-                                        len(classes), s.device))
-    return _test_fold(model, bank, splits["test"], run, s, config, classes) if splits["test"] else {}
+        store_trust(run.best, fit_trust(model, bank, train_idx, val_idx, config, len(classes), s.device))
+    return _test_fold(model, bank, test, run, s, config, classes) if test else {}
+
+
+def _choose_thresholds(model: nn.Module, bank: FeatureBank, val_idx: torch.Tensor, run: RunDir, s: Session,
+                       config: RunConfig) -> None:
+    """Each class's decision threshold, the one that maximises its F1 on the validation clips
+    (:func:`audioclf.metrics.best_thresholds`) with best.pt's weights; rank 0 adds them to best.pt as
+    ``thresholds`` (a list of floats, in labels order), for predict, serve and export."""
+    best = _load_best(model, run, s)
+    logits, targets = predict_bank(model, bank, val_idx, s, config.train.batch_size * 2, multi_hot=True)
+    thresholds = best_thresholds(targets.numpy(), torch.sigmoid(logits).numpy())
+    if s.master:
+        save_checkpoint({**best, "thresholds": [float(x) for x in thresholds]}, run.best)
+    log.info("decision thresholds chosen on %d validation clips: median %.2f (%.2f-%.2f)", len(val_idx),
+             float(np.median(thresholds)), float(thresholds.min()), float(thresholds.max()))
 
 
 def _test_fold(model: nn.Module, bank: FeatureBank, clips: list, run: RunDir, s: Session, config: RunConfig,
                classes: list[str]) -> dict:
-    """Score best.pt on the test fold's clips as ``audioclf evaluate`` does (:func:`classification_metrics`);
-    rank 0 writes test_metrics.json and test_predictions.csv (probabilities calibrated as inference gives them).
-    Returns ``test_acc``, ``test_f1``, ``test_n``, ``test_ece``."""
-    best = load_checkpoint(run.best) if s.master or s.world == 1 else None
-    best = broadcast(best, s.device)
-    model.load_state_dict(best["model"])
+    """Score best.pt on the test fold's clips as ``audioclf evaluate`` does (:func:`classification_metrics`,
+    or :func:`multilabel_metrics` at best.pt's thresholds); rank 0 writes test_metrics.json and
+    test_predictions.csv. Returns ``test_acc``, ``test_f1`` (macro), ``test_n``, and for multilabel ``test_map``
+    and ``test_micro_f1``."""
+    best = _load_best(model, run, s)
     idx = bank.indices(clips)
+    if multilabel(config.train):
+        return _test_fold_multilabel(model, bank, idx, run, s, config, classes, best.get("thresholds"))
     logits, labels = predict_bank(model, bank, idx, s, config.train.batch_size * 2)
-    probs = logits.softmax(1).numpy()
-    temperature = best.get("temperature", 1.0)
-    calibration = {"ece_uncalibrated": expected_calibration_error(probs, labels.numpy())}
-    probs = softmax(logits, temperature)  # as inference gives them
-    metrics = {**classification_metrics(labels.numpy(), probs, classes),
-               "ece": expected_calibration_error(probs, labels.numpy()), **calibration, "temperature": temperature}
+    metrics, probs = calibrated_metrics(logits, labels.numpy(), classes, best.get("temperature", 1.0))
     if s.master:
         pred = probs.argmax(1)
         run.write_test(metrics, [(bank.clips[i].path, classes[y], classes[k], p[k])
@@ -465,3 +481,17 @@ def _test_fold(model: nn.Module, bank: FeatureBank, clips: list, run: RunDir, s:
              metrics["ece_uncalibrated"], metrics["n_clips"])
     return {"test_acc": metrics["accuracy"], "test_f1": metrics["macro_f1"], "test_n": metrics["n_clips"],
             "test_ece": metrics["ece"]}
+
+
+def _test_fold_multilabel(model: nn.Module, bank: FeatureBank, idx: torch.Tensor, run: RunDir, s: Session,
+                          config: RunConfig, classes: list[str], thresholds: Optional[list[float]]) -> dict:
+    logits, targets = predict_bank(model, bank, idx, s, config.train.batch_size * 2, multi_hot=True)
+    probs = torch.sigmoid(logits).numpy()
+    metrics = multilabel_metrics(targets.numpy(), probs, classes, thresholds)
+    if s.master:
+        run.write_test_tags(metrics, [bank.clips[i].path for i in idx.tolist()], targets.numpy(), probs, classes,
+                            thresholds)
+    log.info("test fold %s: mAP %.4f, micro-F1 %.4f, macro-F1 %.4f (%d clips)", config.data.test_fold, metrics["mAP"],
+             metrics["micro_f1"], metrics["macro_f1"], metrics["n_clips"])
+    return {"test_acc": metrics["subset_accuracy"], "test_f1": metrics["macro_f1"], "test_map": metrics["mAP"],
+            "test_micro_f1": metrics["micro_f1"], "test_n": metrics["n_clips"]}

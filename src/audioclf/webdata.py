@@ -3,7 +3,8 @@
 A shard is an uncompressed tar of samples. A sample is a few members that share a key (the member name
 up to the first dot of its base name, webdataset's rule): ``000042-bark_3.flac`` (the original audio
 bytes, never re-encoded), ``000042-bark_3.cls`` (the class index, as text) and ``000042-bark_3.json``
-(``{"label": class name, "fold": ..., "group": ..., "source": original path}``). ``dataset.json`` beside
+(``{"label": class name, "fold": ..., "group": ..., "source": original path}``; a multilabel clip has
+``"labels": [class names]`` instead, and no ``.cls``). ``dataset.json`` beside
 the shards holds the classes in order, the shards with their sample counts and the audioclf version.
 
 Reading never decodes audio: it indexes the tars' headers and reads the small label members. Each clip's
@@ -206,9 +207,11 @@ def _write_shard(path: Path, shard: list[_Planned], classes: list[str], first_ke
                 except (AudioclfError, OSError) as e:
                     skipped.append((p.clip.path, str(e)))
                     continue
-                meta = {"label": classes[p.clip.label], "fold": p.clip.fold, "group": p.clip.group,
-                        "source": p.clip.path}
-                tar.write({"__key__": sample_key(k, p.clip.path), p.ext: data, "cls": p.clip.label, "json": meta})
+                c = p.clip
+                label = {"label": classes[c.label]} if c.tags is None else {"labels": [classes[t] for t in c.tags]}
+                meta = {**label, "fold": c.fold, "group": c.group, "source": c.path}
+                cls = {"cls": c.label} if c.tags is None else {}
+                tar.write({"__key__": sample_key(k, c.path), p.ext: data, **cls, "json": meta})
                 written += 1
     return written
 
@@ -237,7 +240,8 @@ def read_webdataset(source: Source) -> ClipSet:
             uncompressed tars: download remote shards first.
 
     A sample's label is its ``.json``'s ``"label"`` (a class name), else its ``.cls`` (a class index,
-    named by ``dataset.json``'s classes when there is one, else by the index itself); its fold and group
+    named by ``dataset.json``'s classes when there is one, else by the index itself); a multilabel sample's
+    ``.json`` has ``"labels"``, a list of class names (several, or none); its fold and group
     come from the ``.json`` when it has them. A sample without audio or without a label is listed in
     ``skipped`` with the reason. Classes: ``dataset.json``'s order, else sorted (numbers as numbers).
 
@@ -259,14 +263,19 @@ def read_webdataset(source: Source) -> ClipSet:
     if not found:
         raise AudioclfError(f"{_describe(source)}: no sample with audio and a label in {len(tars)} shard(s)"
                             + (f"; e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else " (the tars are empty)"))
-    classes = list(given) if given is not None else sorted({str(label) for _, label, _, _ in found}, key=_class_order)
+    names = {str(n) for _, label, _, _ in found for n in (label if isinstance(label, tuple) else (label,))}
+    classes = list(given) if given is not None else sorted(names, key=_class_order)
     number = {name: i for i, name in enumerate(classes)}
     clips = []
     for path, label, fold, group in found:
-        if str(label) in number:
-            clips.append(Clip(path, number[str(label)], fold, group))
+        unknown = [n for n in (label if isinstance(label, tuple) else (label,)) if str(n) not in number]
+        if unknown:
+            skipped.append((path, f"label {unknown[0]!r} is not one of the classes in {INDEX_NAME} ({', '.join(classes)})"))
+        elif isinstance(label, tuple):
+            tags = tuple(sorted(number[n] for n in label))
+            clips.append(Clip(path, tags[0] if tags else -1, fold, group, tags))
         else:
-            skipped.append((path, f"label {label!r} is not one of the classes in {INDEX_NAME} ({', '.join(classes)})"))
+            clips.append(Clip(path, number[str(label)], fold, group))
     if skipped:
         log.warning("%d sample(s) in the shards cannot be used, e.g. %s: %s; they are left out", len(skipped), *skipped[0])
     return ClipSet(clips, classes, skipped)
@@ -432,7 +441,8 @@ def _too_deep(text: str, limit: int) -> bool:
 
 def _read_sample(tar: str, key: str, members: dict[str, str],
                  classes: Optional[list[str]]) -> Union[str, tuple[str, object, Optional[int], Optional[str]]]:
-    """(audio path, label, fold, group) of one sample, or why it cannot be used."""
+    """(audio path, label, fold, group) of one sample, or why it cannot be used; a multilabel sample's
+    label is a tuple of class names."""
     audio = [ext for ext in members if f".{ext}" in AUDIO_EXTENSIONS]
     if not audio:
         return f"no audio member (one of {', '.join(AUDIO_EXTENSIONS)})"
@@ -456,6 +466,11 @@ def _read_sample(tar: str, key: str, members: dict[str, str],
         if not isinstance(meta, dict):
             return f"its .json is a {type(meta).__name__}, not an object with a \"label\""
     label = meta.get("label")
+    if "labels" in meta:
+        names = meta["labels"]
+        if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+            return f"\"labels\" in its .json is {names!r:.60}, not a list of class names"
+        label = tuple(sorted({n.strip() for n in names}))
     if label is None and "cls" in members:
         data = _metadata(tar, members["cls"])
         if isinstance(data, str):
@@ -475,7 +490,7 @@ def _read_sample(tar: str, key: str, members: dict[str, str],
             if label >= len(classes):
                 return f"class index {label} is outside the {len(classes)} classes of {INDEX_NAME}"
             label = classes[label]
-    elif not isinstance(label, str) or not label.strip():
+    elif not isinstance(label, tuple) and (not isinstance(label, str) or not label.strip()):
         return f"label {label!r} is neither a class name nor a class index"
     fold, group = meta.get("fold"), meta.get("group")
     if fold is not None and (isinstance(fold, bool) or not isinstance(fold, int)):

@@ -152,20 +152,22 @@ def run_evaluate_events(reference: str, estimated: str, out: Optional[str] = Non
 # ---------------------------------------------------------------------------------------------- plot
 
 def _spectrogram(path, duration_s: float, sample_rate: int = 16000, n_mels: int = 64) -> np.ndarray:
-    """A log-mel image of the whole file, ``(n_mels, <= PLOT_COLUMNS)``, streamed block by block."""
-    import librosa
-
+    """A log-mel image of the whole file in dB below its peak (floor -80), ``(n_mels, <= PLOT_COLUMNS)``,
+    streamed block by block."""
     from ..audio import stream_audio
+    from ..features import mel_filterbank
 
     hop = max(256, int(np.ceil(duration_s * sample_rate / PLOT_COLUMNS)) // 256 * 256 or 256)
+    n_fft = max(1024, hop)
+    fb, window = mel_filterbank(sample_rate, n_fft, n_mels, 0.0, None), np.hanning(n_fft + 1)[:-1]  # periodic Hann
     cols = []
     for block in stream_audio(path, sample_rate, block_s=max(30.0, 64 * hop / sample_rate)):
-        usable = len(block) // hop * hop
-        if usable:
-            cols.append(librosa.feature.melspectrogram(y=block[:usable], sr=sample_rate, n_fft=max(1024, hop), hop_length=hop,
-                                                       n_mels=n_mels, center=False))
+        if len(block) >= n_fft:
+            frames = np.lib.stride_tricks.sliding_window_view(block, n_fft)[::hop]  # (frames, n_fft)
+            cols.append(fb @ (np.abs(np.fft.rfft(frames * window, axis=1)) ** 2).T)
     mel = np.concatenate(cols, axis=1) if cols else np.zeros((n_mels, 1))
-    return librosa.power_to_db(mel + 1e-10, ref=np.max)
+    db = 10 * np.log10(mel + 1e-10)
+    return np.maximum(db - db.max(), -80.0)
 
 
 def plot_detection(path, duration_s: float, track: np.ndarray, labels: Sequence[str], events, config: DetectConfig,

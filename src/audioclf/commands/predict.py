@@ -1,29 +1,35 @@
 """``audioclf predict``: which files to classify (folders, lists of paths, stdin; no URLs), checks on
-``--out`` before the model loads, the CSV, JSON, Parquet and ``ID,Class`` submission writers, and ``--out
-DIR``: resumable prediction, shared among the processes of ``torchrun`` (their part files are
-:mod:`audioclf.commands.parts`). Inference itself is :meth:`audioclf.predict.Classifier.classify_files`.
+``--out`` before the model loads, writing the results as they come (the tables and their columns are
+:mod:`audioclf.commands.tables`), and ``--out DIR``: resumable prediction, shared among the processes of
+``torchrun`` (their part files are :mod:`audioclf.commands.parts`). Inference itself is
+:meth:`audioclf.predict.Classifier.classify_files`.
+
+With ``--timeline`` the windows go to a table of their own: ``x.timeline.csv`` beside ``--out x.csv`` (or
+``.parquet``), ``DIR/timeline.csv`` beside ``DIR/predictions.csv``; on stdout it replaces the per-file table.
+JSON nests each file's windows in its result.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import re
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 from ..audio import AUDIO_EXTENSIONS, find_audio_files
 from ..errors import AudioclfError
-from ..fileio import atomic_path, check_output, csv_cell, require_pyarrow, write_parquet
+from ..fileio import atomic_path, check_output, require_pyarrow
 from ..options import PredictOptions
 from ..predict import load
 from ..runtime import barrier, broadcast, dist_info, process_group, resolve_device
-from .parts import PARTS, PartWriter, new_run_id, part_path, read_parts
+from .parts import PARTS, PartWriter, new_run_id, part_fields, part_path, read_parts
+from .tables import (TIMELINE_FIELDS, TableWriter, summary_fields, summary_row, timeline_rows, write_csv_rows, write_json,
+                     write_parquet_rows, write_submission)
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +38,9 @@ URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 STDIN = ("-", "/dev/stdin")
 FILE_KINDS = (".csv", ".json", ".parquet")  # --out suffixes that name one file; other names are folders
 FORMATS = {"csv": ("csv",), "parquet": ("parquet",), "both": ("csv", "parquet")}  # --out-format, for --out DIR
-NUMBERS = ("confidence", "start_s", "end_s")  # CSV columns that hold numbers: floats in Parquet
 OPTIONS = "options.json"  # in --out DIR: the options its parts were made with
+TABLES = ("predictions", "timeline")  # in --out DIR: the per-file table and the timeline, .csv and/or .parquet
+WINDOW_FIELDS = ["start_s", "end_s", "prob"]  # a part's columns after the per-file table's, with --timeline
 
 
 def _refuse_url(arg: str, where: str = "") -> None:
@@ -97,64 +104,20 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _csv_fields(timeline: bool) -> list[str]:
-    return ["path", "label", "confidence", "top_k", "error"] + (["start_s", "end_s"] if timeline else [])
-
-
-def _csv_rows(r: dict) -> list[dict]:
-    """The CSV rows of one result: its own row, then with a timeline one row per window."""
-    if r["error"]:
-        return [{"path": r["path"], "error": r["error"]}]
-    return [{"path": r["path"], "label": r["label"], "confidence": f"{r['confidence']:.4f}",
-             "top_k": ";".join(f"{t['label']}:{t['prob']:.4f}" for t in r["top_k"])},
-            *({"path": r["path"], "label": win["label"], "confidence": f"{win['confidence']:.4f}",
-               "start_s": f"{win['start_s']:.3f}", "end_s": f"{win['end_s']:.3f}"} for win in r.get("windows", ()))]
-
-
-def _write_csv(f, results: Iterable[dict], timeline: bool) -> None:
-    w = csv.DictWriter(f, _csv_fields(timeline), restval="", lineterminator="\n")
-    w.writeheader()
-    for r in results:
-        w.writerows({k: csv_cell(v) for k, v in row.items()} for row in _csv_rows(r))
-
-
-def _write_parquet(out: Path, fields: list[str], rows: Iterable[list[str]]) -> None:
-    """CSV rows (lists of strings in ``fields`` order) as a Parquet file: numbers as floats, empty cells null."""
-    columns: dict[str, list] = {f: [] for f in fields}
-    for row in rows:
-        for f, cell in zip(fields, row):
-            columns[f].append((float(cell) if f in NUMBERS else cell) if cell else None)
-    write_parquet(out, columns, {f: float if f in NUMBERS else str for f in fields})
-
-
-def _write_submission(f, results: Iterable[dict]) -> None:
-    w = csv.writer(f, lineterminator="\n")
-    w.writerow(["ID", "Class"])
-    for r in results:  # a failed file keeps its row, with no class, so the IDs stay complete
-        w.writerow([csv_cell(Path(r["path"]).name), csv_cell(r.get("label", ""))])
-
-
-def _write_json(f, results: Iterable[dict], labels: list[str]) -> None:
-    items = []
-    for r in results:
-        item = {"path": r["path"], "label": r.get("label"), "confidence": r.get("confidence"),
-                "probs": dict(zip(labels, r["probs"])) if "probs" in r else None,
-                "top_k": r.get("top_k"), "duration_s": r.get("duration_s"), "error": r["error"]}
-        if "windows" in r:
-            item["windows"] = r["windows"]
-        items.append(item)
-    json.dump(items, f, indent=2)
-    f.write("\n")
+def timeline_path(out: Path) -> Path:
+    """Where ``--timeline`` writes the windows beside ``--out x.csv``: ``x.timeline.csv`` (``.parquet`` alike)."""
+    return out.with_name(f"{out.stem}.timeline{out.suffix}")
 
 
 def run_predict(model, paths: Sequence[str], *, out: Optional[str] = None, top_k: int = PredictOptions.top_k,
                 batch_size: int = PredictOptions.batch_size, device: str = PredictOptions.device,
                 window_s: Optional[float] = None, hop_s: Optional[float] = None, timeline: bool = False,
-                submission: bool = False, out_format: Optional[str] = None, retry_errors: bool = False,
-                quiet: bool = False, reject: bool = PredictOptions.reject) -> int:
+                probs: bool = False, submission: bool = False, out_format: Optional[str] = None,
+                retry_errors: bool = False, quiet: bool = False, reject: bool = PredictOptions.reject) -> int:
     """``audioclf predict``: classify every path and write CSV (default, to stdout without ``out``), JSON or
     Parquet (``out`` ending in ``.json`` or ``.parquet``), an ``ID,Class`` submission, or, with ``out`` a
-    folder, resumable parts merged into ``out/predictions.csv`` (:func:`predict_to_folder`).
+    folder, resumable parts merged into ``out/predictions.csv`` (:func:`predict_to_folder`). The columns
+    are :mod:`audioclf.commands.tables`'.
 
     Args:
         model (str or Path): run directory, ``.pt`` checkpoint or exported safetensors folder.
@@ -163,7 +126,9 @@ def run_predict(model, paths: Sequence[str], *, out: Optional[str] = None, top_k
         out (str, optional): the ``.csv``, ``.json`` or ``.parquet`` file to write, or a folder: an existing
             one, or a new name without a suffix. (Default: CSV on stdout)
         top_k, batch_size, device, window_s, hop_s, timeline: as in :meth:`Classifier.classify_files`
-            and :func:`audioclf.predict.load`; ``window_s`` and ``hop_s`` in seconds.
+            and :func:`audioclf.predict.load`; ``window_s`` and ``hop_s`` in seconds. The timeline is a
+            table of its own: ``x.timeline.csv`` beside ``out`` ``x.csv``; on stdout, the only table.
+        probs (bool, optional): one probability column per class, ``p_<class>``. (Default: ``False``)
         submission (bool, optional): write ``ID,Class`` rows. (Default: ``False``)
         out_format, retry_errors: for a folder ``out`` only; see :func:`predict_to_folder`.
         quiet (bool, optional): no progress bar. (Default: ``False``)
@@ -177,7 +142,7 @@ def run_predict(model, paths: Sequence[str], *, out: Optional[str] = None, top_k
     """
     out_path = Path(out) if out else None
     options = dict(top_k=top_k, batch_size=batch_size, device=device, window_s=window_s, hop_s=hop_s,
-                   timeline=timeline, quiet=quiet, reject=reject)
+                   timeline=timeline, probs=probs, quiet=quiet, reject=reject)
     if out_path and _is_folder(out_path):
         if submission:
             raise AudioclfError(f"--submission writes one CSV file: give --out NAME.csv, not the folder {out_path}")
@@ -200,6 +165,8 @@ def run_predict(model, paths: Sequence[str], *, out: Optional[str] = None, top_k
         require_pyarrow()
     if out_path:
         _check_out(out_path)
+        if timeline and kind != ".json" and not submission:
+            _check_out(timeline_path(out_path))
     if sum(a in STDIN for a in paths) > 1:
         raise AudioclfError("stdin ('-' or /dev/stdin) can be read once: name it once")
     with tempfile.TemporaryDirectory(prefix="audioclf-stdin-") as tmp:
@@ -208,11 +175,14 @@ def run_predict(model, paths: Sequence[str], *, out: Optional[str] = None, top_k
         files = collect_paths(given)
         if out_path:
             check_output(out_path, inputs=[*map(Path, paths), *files])
+            if timeline:
+                check_output(timeline_path(out_path), inputs=[*map(Path, paths), *files])
         clf = load(model, device, batch_size=batch_size, reject=reject)
         results = clf.classify_files(files, window_s=window_s, hop_s=hop_s, timeline=timeline, top_k=top_k,
                                      quiet=quiet)
-        failed = _write_results(results, out_path, "submission" if submission else kind, clf.labels, timeline,
-                                shown)
+        failed = _write_results(results, out_path, "submission" if submission else kind, clf.labels, shown,
+                                summary=not (timeline and out_path is None), top_k=top_k, probs=probs,
+                                timeline=timeline and not submission, tags=clf.multilabel)
     log.info("%d file(s) classified, %d failed%s", len(files) - failed, failed,
              f"; wrote {out_path}" if out_path else "")
     return 1 if failed == len(files) else 0
@@ -243,25 +213,41 @@ class _Tally:
                         self.escaped)
 
 
-def _write_results(results: Iterable[dict], out: Optional[Path], kind: str, labels: list[str], timeline: bool,
-                   shown: dict) -> int:
+def _write_results(results: Iterable[dict], out: Optional[Path], kind: str, labels: list[str], shown: dict, *,
+                   summary: bool, top_k: int, probs: bool, timeline: bool, tags: bool = False) -> int:
     """Write ``results`` as they come to ``out`` (atomically; stdout when ``None``) in ``kind`` (``.csv``,
-    ``.json``, ``.parquet`` or ``submission``), with printable names (``shown`` renames the stdin temp file).
-    Returns how many files failed."""
+    ``.json``, ``.parquet`` or ``submission``), with printable names (``shown`` renames the stdin temp file):
+    for a table kind, the per-file table (when ``summary``) and with ``timeline`` the timeline table (to
+    :func:`timeline_path`). Returns how many files failed."""
     tally = _Tally()
     named = tally.shown(results, shown)
-    if kind == ".parquet":
-        fields = _csv_fields(timeline)
-        _write_parquet(out, fields, ([row.get(f, "") for f in fields] for r in named for row in _csv_rows(r)))
-    else:
-        with atomic_path(out) if out else nullcontext() as tmp:
-            with open(tmp, "w", newline="", encoding="utf-8") if out else nullcontext(sys.stdout) as f:
-                if kind == "submission":
-                    _write_submission(f, named)
-                elif kind == ".json":
-                    _write_json(f, named, labels)
-                else:
-                    _write_csv(f, named, timeline)
+    with ExitStack() as stack:
+
+        def opened(path: Optional[Path]):
+            """``path`` (stdout when ``None``) open for writing, moved into place when every table is done."""
+            if path is None:
+                return sys.stdout
+            tmp = stack.enter_context(atomic_path(path))
+            return stack.enter_context(open(tmp, "w", newline="", encoding="utf-8"))
+
+        if kind == "submission":
+            write_submission(opened(out), named)
+        elif kind == ".json":
+            write_json(opened(out), named, labels)
+        else:
+            def table(path: Optional[Path], fields: list[str]) -> TableWriter:
+                return TableWriter(fields, parquet=path) if kind == ".parquet" else TableWriter(fields, opened(path))
+
+            files = table(out, summary_fields(labels, top_k, probs, tags)) if summary else None
+            windows = table(timeline_path(out) if out else None, TIMELINE_FIELDS) if timeline else None
+            for r in named:
+                if files:
+                    files.write([summary_row(r, probs, labels)])
+                if windows:
+                    windows.write(timeline_rows(r))
+            for t in (files, windows):
+                if t:
+                    t.close()
     tally.warn_escaped()
     return tally.failed
 
@@ -315,28 +301,35 @@ def _record_options(folder: Path, options: dict) -> None:
             tmp.write_text(json.dumps(options, indent=1) + "\n", encoding="utf-8")
 
 
-def _done(folder: Path, fields: list[str], skip_run: str, retry_errors: bool) -> set[str]:
-    """The files whose latest row in ``folder``'s parts is complete (and, with ``retry_errors``, not an error)."""
+def _done(folder: Path, skip_run: str, retry_errors: bool, options: dict) -> set[str]:
+    """The files whose latest row in ``folder``'s parts is complete (and, with ``retry_errors``, not an error);
+    every part must have been made with ``options``."""
+    fields = part_fields(folder)
+    if fields is None:
+        return set()
     error = fields.index("error")
     latest = {}
-    for _, (row, *_) in read_parts(folder, fields, skip_run=skip_run):
+    for _, (row, *_) in read_parts(folder, fields, skip_run=skip_run, expected=options):
         latest[row[0]] = not (retry_errors and row[error])
     return {name for name, done in latest.items() if done}
 
 
-def _write_part(results: Iterable[dict], part: Path, fields: list[str]) -> None:
-    """Append the rows of ``results`` to the part file ``part`` as they come."""
+def _write_part(results: Iterable[dict], part: Path, labels: list[str], options: dict, tags: bool) -> None:
+    """Append the rows of ``results`` to the part file ``part`` as they come (columns: :mod:`.parts`), the
+    ``options`` and ``labels`` first; ``tags``: a multilabel model's."""
     tally = _Tally()
-    with PartWriter(part, fields) as writer:
+    top_k, probs, timeline = options["top_k"], options["probs"], options["timeline"]
+    fields = summary_fields(labels, top_k, probs, tags) + (WINDOW_FIELDS if timeline else [])
+    with PartWriter(part, fields, meta={**options, "labels": labels}) as writer:
         for r in tally.shown(results, {}):
-            rows = _csv_rows(r)
-            writer.write(rows[1:] + rows[:1])  # the file's own row last: it marks the file complete
+            writer.write(timeline_rows(r) + [summary_row(r, probs, labels)])  # the file's own row last: it marks the file complete
     tally.warn_escaped()
 
 
-def _merge(folder: Path, names: list[str], fields: list[str], formats: tuple, run_id: str) -> dict:
-    """Every part merged into ``folder/predictions.csv`` and/or ``.parquet`` (atomically): one file's rows
-    per name in ``names``, in that order, each file's latest rows (parts of a later run win).
+def _merge(folder: Path, names: list[str], formats: tuple, run_id: str, options: dict) -> dict:
+    """Every part merged into ``folder/predictions.csv`` and/or ``.parquet`` (atomically), and the windows of
+    ``--timeline`` into ``folder/timeline.csv`` and/or ``.parquet``: one file's rows per name in ``names``, in
+    that order, each file's latest rows (parts of a later run win).
 
     Returns:
         dict: ``now`` (files classified by run ``run_id``), ``before`` (done by earlier runs), ``failed``
@@ -346,7 +339,8 @@ def _merge(folder: Path, names: list[str], fields: list[str], formats: tuple, ru
         AudioclfError: when a name has no complete row in any part (its process stopped early).
     """
     wanted, latest = set(names), {}
-    for run, record in read_parts(folder, fields):
+    fields = part_fields(folder) or []
+    for run, record in read_parts(folder, fields, expected=options):
         if record[0][0] in wanted:
             latest[record[0][0]] = (run == run_id, record)
     missing = [name for name in wanted if name not in latest]
@@ -354,14 +348,20 @@ def _merge(folder: Path, names: list[str], fields: list[str], formats: tuple, ru
         raise AudioclfError(f"{len(missing)} of {len(wanted)} input(s) have no complete row in {folder / PARTS} (e.g. "
                             f"{missing[0]}): a process stopped before its share was done; run the same command again "
                             f"to classify them")
-    rows = [row for name in names for row in latest[name][1]]
-    if "csv" in formats:
-        with atomic_path(folder / "predictions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(fields)
-            w.writerows([csv_cell(cell) for cell in row] for row in rows)
-    if "parquet" in formats:
-        _write_parquet(folder / "predictions.parquet", fields, rows)
+    timeline = fields[-len(WINDOW_FIELDS):] == WINDOW_FIELDS
+    columns = fields[:-len(WINDOW_FIELDS)] if timeline else fields
+    window_columns = [fields.index(f) for f in TIMELINE_FIELDS] if timeline else []
+    tables = {"predictions": (columns, [row[:len(columns)] for name in names for row in latest[name][1][:1]])}
+    if timeline:
+        tables["timeline"] = (TIMELINE_FIELDS, [[row[i] for i in window_columns] for name in names
+                                                for row in latest[name][1][1:]])
+    for table, (header, rows) in tables.items():
+        for kind in formats:
+            if kind == "csv":
+                with atomic_path(folder / f"{table}.csv") as tmp:
+                    write_csv_rows(tmp, header, rows)
+            else:
+                write_parquet_rows(folder / f"{table}.parquet", header, rows)
     now = sum(new for new, _ in latest.values())
     error = fields.index("error")
     return {"now": now, "before": len(latest) - now, "failed": sum(bool(rec[0][error]) for _, rec in latest.values())}
@@ -371,7 +371,7 @@ def predict_to_folder(model, paths: Sequence[str], folder: Path, *, out_format: 
                       retry_errors: bool = False, top_k: int = PredictOptions.top_k,
                       batch_size: int = PredictOptions.batch_size, device: str = PredictOptions.device,
                       window_s: Optional[float] = None, hop_s: Optional[float] = None, timeline: bool = False,
-                      quiet: bool = False, reject: bool = PredictOptions.reject) -> int:
+                      probs: bool = False, quiet: bool = False, reject: bool = PredictOptions.reject) -> int:
     """``audioclf predict --out DIR``: resumable prediction, shared among torchrun's processes.
 
     Every process collects the same inputs in the same order and skips the files that ``DIR/parts`` already
@@ -379,8 +379,9 @@ def predict_to_folder(model, paths: Sequence[str], folder: Path, *, out_format: 
     of ``w`` (torchrun's ``RANK`` and ``WORLD_SIZE``; 0 of 1 without torchrun) classifies every ``w``-th of
     the others from the ``r``-th on and appends their rows to ``DIR/parts/part-<run id>-<r>.csv``, synced
     every :data:`~audioclf.commands.parts.CHUNK_ROWS` rows or :data:`~audioclf.commands.parts.CHUNK_S`
-    seconds. When all are done, process 0 merges every part into ``DIR/predictions.csv``: the rows of
-    ``--out x.csv``, one file's rows per input, in input order, a file's latest rows winning.
+    seconds. When all are done, process 0 merges every part into ``DIR/predictions.csv`` (and with
+    ``timeline`` ``DIR/timeline.csv``): the rows of ``--out x.csv`` (and ``x.timeline.csv``), one file's
+    rows per input, in input order, a file's latest rows winning.
 
     Args:
         folder (Path): the folder, made when missing.
@@ -411,14 +412,13 @@ def predict_to_folder(model, paths: Sequence[str], folder: Path, *, out_format: 
         by_name.setdefault(_printable(str(p)), p)
     rank, _, world = dist_info()
     options = {"model": str(Path(model).resolve()), "top_k": top_k, "window_s": window_s, "hop_s": hop_s,
-               "timeline": timeline}
+               "timeline": timeline, "probs": probs}
     _check_options(folder, options)
-    fields = _csv_fields(timeline)
     who = f"rank {rank} of {world}: " if world > 1 else ""
     t0 = time.perf_counter()
     with process_group(resolve_device(device)) as dev:
         run_id = broadcast(new_run_id() if rank == 0 else None, dev)
-        done = _done(folder, fields, run_id, retry_errors)
+        done = _done(folder, run_id, retry_errors, options)
         todo = [p for name, p in by_name.items() if name not in done]
         mine = todo[rank::world]
         log.info("%sclassifying %d of %d file(s); %d done before", who, len(mine), len(by_name), len(by_name) - len(todo))
@@ -428,7 +428,7 @@ def predict_to_folder(model, paths: Sequence[str], folder: Path, *, out_format: 
                                          quiet=quiet or rank != 0)  # checks its options now, before any part
             _record_options(folder, options)
             try:
-                _write_part(results, part_path(folder, run_id, rank), fields)
+                _write_part(results, part_path(folder, run_id, rank), clf.labels, options, clf.multilabel)
             except KeyboardInterrupt:
                 log.warning("interrupted: the rows so far are in %s; run the same command again to continue",
                             folder / PARTS)
@@ -436,9 +436,10 @@ def predict_to_folder(model, paths: Sequence[str], folder: Path, *, out_format: 
         barrier(dev)  # every rank, with files or without: rank 0 merges only once all parts are complete
     if rank != 0:
         return 0
-    counts = _merge(folder, [_printable(str(p)) for p in files], fields, formats, run_id)
+    counts = _merge(folder, [_printable(str(p)) for p in files], formats, run_id, options)
     elapsed = time.perf_counter() - t0
+    written = [folder / f"{t}.{f}" for t in TABLES[:1 + timeline] for f in formats]
     log.info("%d classified now, %d skipped as done, %d failed; wrote %s (%.1f s%s)", counts["now"], counts["before"],
-             counts["failed"], " and ".join(str(folder / f"predictions.{f}") for f in formats), elapsed,
+             counts["failed"], " and ".join(map(str, written)), elapsed,
              f", {counts['now'] / elapsed:.1f} files/s" if counts["now"] else "")
     return 1 if counts["failed"] == len(by_name) else 0

@@ -1,0 +1,266 @@
+"""Multilabel (tagging): the labels column, multi-hot targets, the loss, mixup and mix, thresholds, and a
+multilabel model through train, evaluate, predict, export and audioclf.load."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import audioclf
+from audioclf.augment import from_power, mix, mixup, to_power
+from audioclf.config import DataConfig, FeatureConfig, resolve
+from audioclf.errors import AudioclfError
+from audioclf.data import read_csv, write_folds
+from audioclf.evaluate import evaluate
+from audioclf.export import export
+from audioclf.tasks import class_balance, mix_fraction, n_correct, smoothed_bce
+
+from conftest import SYNTH_CLASSES, SYNTH_SAMPLE_RATE
+
+
+def _manifest(tmp_path, rows, header="path,labels"):
+    for name, _ in rows:
+        sf.write(tmp_path / name, np.zeros(1600, np.float32), 16000)
+    path = tmp_path / "tags.csv"
+    path.write_text(header + "\n" + "".join(f"{name},{labels}\n" for name, labels in rows))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ data
+
+def test_a_labels_column_holds_several_classes_or_none(tmp_path):
+    path = _manifest(tmp_path, [("a.wav", "dog;rain"), ("b.wav", " rain ; rain"), ("c.wav", ""), ("d.wav", "cat"),
+                                ("e.wav", "cat;dog"), ("f.wav", "rain"), ("g.wav", ""), ("h.wav", "cat")])
+    cs = read_csv(path)
+    assert cs.classes == ["cat", "dog", "rain"] and cs.multilabel
+    by_name = {c.path.rsplit("/", 1)[-1]: c for c in cs.clips}
+    assert by_name["a.wav"].targets == (1, 2) and by_name["b.wav"].targets == (2,)
+    assert by_name["c.wav"].targets == () and by_name["c.wav"].label == -1  # no target sound
+    # folds written for cross-validation keep the tags
+    again = read_csv(write_folds(cs, tmp_path / "folds.csv", n_folds=2, seed=0))
+    assert again.multilabel and sorted(c.targets for c in again.clips) == sorted(c.targets for c in cs.clips)
+
+
+def test_a_single_label_dataset_is_not_multilabel_and_its_targets_are_its_label(synth_dir):
+    from audioclf.data import read_folder
+
+    cs = read_folder(synth_dir)
+    assert not cs.multilabel and all(c.targets == (c.label,) for c in cs.clips)
+
+
+def test_a_manifest_needs_label_or_labels(tmp_path):
+    path = _manifest(tmp_path, [("a.wav", "dog")], header="path,class")
+    with pytest.raises(AudioclfError, match=r"missing column\(s\) label or labels"):
+        read_csv(path)
+
+
+def test_webdataset_samples_carry_their_labels(tmp_path):
+    pytest.importorskip("webdataset")
+    from audioclf.webdata import read_webdataset, write_shards
+
+    cs = read_csv(_manifest(tmp_path, [("a.wav", "dog;rain"), ("b.wav", ""), ("c.wav", "cat")]))
+    write_shards(cs, tmp_path / "shards", quiet=True)
+    back = read_webdataset(tmp_path / "shards")
+    assert back.classes == cs.classes and back.multilabel
+    assert sorted(c.targets for c in back.clips) == sorted(c.targets for c in cs.clips)
+
+
+# ------------------------------------------------------------------------------------------ loss and augmentation
+
+def test_smoothed_bce_pulls_targets_towards_one_half():
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    target = torch.tensor([[1.0, 0.0, 1.0]])
+    eps = 0.2
+    p = torch.sigmoid(logits)
+    t = torch.tensor([[0.9, 0.1, 0.9]])  # 1 - eps/2 and eps/2
+    manual = -(t * p.log() + (1 - t) * (1 - p).log()).sum(1).mean()  # summed over classes, as cross-entropy's scale
+    assert smoothed_bce(logits, target, label_smoothing=eps).item() == pytest.approx(manual.item(), rel=1e-6)
+    # the smoothed loss is smallest where each sigmoid equals its smoothed target, not at 0 or 1
+    best = torch.logit(t)
+    assert smoothed_bce(best, target, label_smoothing=eps) < smoothed_bce(best * 3, target, label_smoothing=eps)
+    # a class weight scales its column
+    w = torch.tensor([1.0, 0.0, 0.0])
+    assert smoothed_bce(logits, target, weight=w).item() == pytest.approx(
+        torch.nn.functional.binary_cross_entropy_with_logits(logits[:, :1], target[:, :1]).item(), rel=1e-6)
+
+
+def test_mixup_mixes_label_vectors_with_the_features_weight():
+    from audioclf.augment import _beta
+
+    x = torch.arange(6, dtype=torch.float32).view(6, 1, 1).expand(6, 2, 3).clone()  # example i holds i
+    y = torch.tensor([[1, 0, 0], [0, 1, 1], [0, 0, 0], [1, 1, 0], [0, 0, 1], [1, 0, 1]], dtype=torch.float32)
+    mx, target = mixup(x, y, 3, alpha=0.4, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)  # the same draws: the weights, then the partners
+    lam = _beta(0.4, 6, g)
+    lam, perm = torch.maximum(lam, 1 - lam), torch.randperm(6, generator=g)
+    assert torch.allclose(mx[:, 0, 0], lam * torch.arange(6) + (1 - lam) * perm, atol=1e-5)
+    assert torch.allclose(target, lam[:, None] * y + (1 - lam[:, None]) * y[perm], atol=1e-6)
+    assert not torch.equal(target, y)
+
+
+def test_mix_sums_powers_and_unites_labels():
+    f = FeatureConfig(sample_rate=16000, n_mels=8, compression="log", offset=4.5, scale=5.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 8, 10, generator=g) * 0.3
+    y = torch.nn.functional.one_hot(torch.arange(8) % 5, 5).float()
+    mx, my = mix(x, y, 1.0, 6.0, f, torch.Generator().manual_seed(1))
+    assert not torch.equal(mx, x)
+    for i in range(8):
+        partners = [j for j in range(8) if j != i and torch.equal(my[i], torch.maximum(y[i], y[j]))]
+        assert partners, "each mixed clip holds its own classes and its partner's"
+        # the power added is the partner's, scaled by a gain within +-6 dB
+        added = to_power(mx[i], f) - to_power(x[i], f)
+        ratios = [(added / to_power(x[j], f)).median().item() for j in partners]
+        assert any(10 ** -0.6 - 1e-3 <= r <= 10 ** 0.6 + 1e-3 and torch.allclose(
+            from_power(to_power(x[i], f) + r * to_power(x[j], f), f), mx[i], atol=1e-3) for r, j in zip(ratios, partners))
+    # a fraction of 0 changes nothing; the same generator seed gives the same mix
+    assert mix(x, y, 0.0, 6.0, f, g)[0] is x
+    a = mix(x, y, 0.5, 6.0, f, torch.Generator().manual_seed(3))
+    b = mix(x, y, 0.5, 6.0, f, torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    changed = (a[0] != x).flatten(1).any(1)
+    assert torch.equal(changed, (a[1] != y).any(1) | changed) and 0 < changed.sum() < 8
+
+
+def test_mix_is_on_by_default_for_multilabel_only():
+    assert mix_fraction(resolve(overrides={"train": {"task": "multilabel"}})) == 0.5
+    assert mix_fraction(resolve()) == 0.0
+    assert mix_fraction(resolve(overrides={"train": {"task": "multilabel"}, "augment": {"mix": 0.0}})) == 0.0
+    with pytest.raises(AudioclfError, match=r"augment.mix=0.3 sums two clips, labels united: use --task multilabel"):
+        resolve(overrides={"augment": {"mix": 0.3}})
+
+
+def test_class_balance_and_accuracy_of_multi_hot_targets():
+    targets = torch.tensor([[1, 0, 0], [1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 0, 0]], dtype=torch.bool)
+    weights, _ = class_balance(targets, "weights", torch.device("cpu"))
+    assert torch.allclose(weights, torch.tensor([5 / 9, 5 / 3, 5 / 3]))  # 5 positives over 3 classes x counts 3, 1, 1
+    _, per_clip = class_balance(targets, "sampler", torch.device("cpu"))
+    assert torch.allclose(per_clip, torch.tensor([1 / 3, 1 / 3, 1.0, 1.0, 1.0]))  # rarest class; the empty clip alone
+    logits = torch.tensor([[2.0, -1.0], [1.0, 1.0], [-1.0, -2.0]])
+    assert n_correct(logits, torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])) == 2
+    assert n_correct(logits, torch.tensor([0, 0, 1])) == 2  # integer labels: the argmax (a tie goes to the first)
+
+
+# ------------------------------------------------------------------------------------------ a multilabel model
+
+@pytest.fixture(scope="module")
+def tag_run(tmp_path_factory, synth_dir):
+    """A small multilabel model trained on single-label clips (with mix), and a CSV of mixtures."""
+    from audioclf.train import fit
+
+    root = tmp_path_factory.mktemp("tags")
+    cfg = resolve(overrides={"features": {"sample_rate": SYNTH_SAMPLE_RATE, "duration_s": 1.0},
+                             "model": {"backbone": "resnet18", "pretrained": "none"},
+                             "data": {"root": str(synth_dir), "format": "folder", "val_split": 0.25,
+                                      "cache_dir": str(root / "cache")},  # before the per-test environment
+                             "train": {"task": "multilabel", "epochs": 4, "batch_size": 8, "lr": 1e-3, "patience": 0,
+                                       "quiet": True, "seed": 3}})
+    fit(cfg, root / "run")
+    rng = np.random.default_rng(0)
+    files = {c: sorted((synth_dir / c).glob("*.wav")) for c in SYNTH_CLASSES}
+    rows = []
+    for i in range(12):
+        classes = sorted(rng.choice(SYNTH_CLASSES, size=1 + i % 2, replace=False).tolist())
+        wave = sum(sf.read(files[c][int(rng.integers(len(files[c])))], dtype="float32")[0] for c in classes)
+        sf.write(root / f"mix{i}.wav", 0.5 * wave, SYNTH_SAMPLE_RATE)
+        rows.append((f"mix{i}.wav", ";".join(classes)))
+    (root / "mix.csv").write_text("path,labels\n" + "".join(f"{p},{l}\n" for p, l in rows))
+    return root
+
+
+@pytest.mark.slow
+def test_training_saves_thresholds_and_evaluate_scores_tags(tag_run):
+    best = torch.load(tag_run / "run" / "best.pt", weights_only=True)
+    assert len(best["thresholds"]) == 3 and all(0 <= t <= 1 for t in best["thresholds"])
+    assert best["config"]["train"]["task"] == "multilabel"
+    header = (tag_run / "run" / "metrics.csv").read_text().splitlines()[0]
+    assert "val_map" in header
+
+    m = evaluate(tag_run / "run", DataConfig(root=str(tag_run / "mix.csv"), format="csv"),
+                          out_dir=tag_run / "e", quiet=True)
+    saved = json.loads((tag_run / "e" / "metrics.json").read_text())
+    assert {"mAP", "micro_f1", "macro_f1", "per_class"} <= set(saved) and saved["n_clips"] == 12
+    assert saved["mAP"] == pytest.approx(m["mAP"]) and 0 <= saved["mAP"] <= 1
+    assert saved["per_class"]["tone"]["threshold"] == pytest.approx(best["thresholds"][SYNTH_CLASSES.index("tone")])
+    with open(tag_run / "e" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["path", "true", "predicted", *SYNTH_CLASSES] and len(rows) == 12
+    assert all(0 <= float(r[c]) <= 1 for r in rows for c in SYNTH_CLASSES)
+    assert (tag_run / "e" / "pr_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "AP" in (tag_run / "e" / "report.txt").read_text()
+
+
+@pytest.mark.slow
+def test_a_labels_cell_naming_an_unknown_class_is_refused(tag_run, tmp_path):
+    path = _manifest(tmp_path, [("a.wav", "tone;whale song"), ("b.wav", "noise")])
+    with pytest.raises(AudioclfError, match=r"class\(es\) whale song are not among the model's classes"):
+        evaluate(tag_run / "run", DataConfig(root=str(path), format="csv"), out_dir=tmp_path / "e", quiet=True)
+
+
+@pytest.mark.slow
+def test_predict_lists_every_tag_above_its_threshold(tag_run):
+    clf = audioclf.load(tag_run / "run")
+    assert clf.multilabel
+    probs = clf.predict_proba(str(tag_run / "mix1.wav"))
+    r = clf.classify(str(tag_run / "mix1.wav"))
+    expected = [clf.labels[i] for i in np.argsort(-probs, kind="stable") if probs[i] >= clf.thresholds[i]]
+    assert [t["label"] for t in r["tags"]] == expected
+    assert r["probs"] == pytest.approx(probs.tolist(), abs=1e-6)
+    clf.thresholds = np.zeros(3)  # every class reaches a threshold of 0
+    assert len(clf.classify(str(tag_run / "mix1.wav"))["tags"]) == 3
+
+
+@pytest.mark.slow
+def test_exports_keep_sigmoids_and_thresholds(tag_run, tmp_path):
+    pytest.importorskip("safetensors")
+    best = torch.load(tag_run / "run" / "best.pt", weights_only=True)
+    out = export(tag_run / "run", "safetensors", tmp_path / "st")
+    assert json.loads((tmp_path / "st" / "config.json").read_text())["thresholds"] == best["thresholds"]
+    clf = audioclf.load(out.parent)
+    assert clf.multilabel and list(clf.thresholds) == best["thresholds"]
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    path = export(tag_run / "run", "onnx", tmp_path / "onnx")
+    meta = json.loads((tmp_path / "onnx" / "config.json").read_text())
+    assert meta["thresholds"] == best["thresholds"]
+    wave = sf.read(tag_run / "mix1.wav", dtype="float32")[0][None]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if meta["input"] == "waveform":
+        got = session.run(None, {"waveform": wave})[0][0]
+        assert got == pytest.approx(audioclf.load(tag_run / "run").predict_proba(wave[0]), abs=1e-3)
+        assert abs(got.sum() - 1) > 1e-3  # sigmoids, not a softmax
+
+
+@pytest.mark.slow
+def test_predict_command_writes_the_tags(tag_run, tmp_path):
+    from audioclf.commands.predict import run_predict
+
+    clf = audioclf.load(tag_run / "run")
+    expected = ";".join(f"{t['label']}:{t['prob']:.4f}" for t in clf.classify(str(tag_run / "mix1.wav"))["tags"])
+    assert run_predict(tag_run / "run", [str(tag_run / "mix1.wav")], out=str(tmp_path / "p.csv"), quiet=True) == 0
+    with open(tmp_path / "p.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["tags"] == expected
+    assert run_predict(tag_run / "run", [str(tag_run / "mix1.wav")], out=str(tmp_path / "p.json"), quiet=True) == 0
+    (item,) = json.loads((tmp_path / "p.json").read_text())
+    assert ";".join(f"{t['label']}:{t['prob']:.4f}" for t in item["tags"]) == expected
+
+
+@pytest.mark.shared_data
+def test_esc50_trains_as_multilabel_with_one_tag_per_clip(esc50_root, tmp_path):
+    from audioclf.data import load_clips
+    from audioclf.store import FeatureBank
+
+    cs = load_clips(DataConfig(root=str(esc50_root), format="esc50", esc10=True))
+    assert not cs.multilabel and len(cs.classes) == 10
+    clips = cs.clips[:6]
+    sub = type(cs)(clips, cs.classes)
+    f = FeatureConfig(sample_rate=8000, duration_s=1.0, n_mels=32, n_fft=256, hop_length=128, win_length=256)
+    bank = FeatureBank.build(sub, f, cache_dir=tmp_path, num_workers=0, quiet=True)
+    x, y = bank.batch(torch.arange(6), multi_hot=True)
+    assert y.shape == (6, 10) and torch.equal(y.argmax(1), torch.tensor([c.label for c in clips]))
+    assert torch.equal(y.sum(1), torch.ones(6))  # one tag each
+    assert torch.equal(bank.batch(torch.arange(6))[1], torch.tensor([c.label for c in clips]))
