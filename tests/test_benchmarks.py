@@ -13,12 +13,17 @@ from audioclf.data import load_clips, split_clips
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def accuracy():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "benchmarks" / "accuracy.py")
+def bench(name: str):
+    """The module of ``benchmarks/NAME.py`` (a script, not a package module)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    return bench("accuracy")
 
 
 def test_every_recipe_resolves_and_differs_from_the_default_as_named(accuracy):
@@ -83,10 +88,7 @@ def test_scale_benchmark_measures_every_part(tmp_path):
 
 @pytest.fixture(scope="module")
 def openset():
-    spec = importlib.util.spec_from_file_location("bench_openset", ROOT / "benchmarks" / "openset.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench("openset")
 
 
 def fake_esc50(root: Path, n_classes: int = 12, per_class: int = 8) -> Path:
@@ -152,9 +154,7 @@ def test_polyphonic_mixtures_hold_two_or_three_distinct_classes(write_wav, tmp_p
 
     from audioclf.clips import Clip
 
-    spec = importlib.util.spec_from_file_location("bench_polyphonic", ROOT / "benchmarks" / "polyphonic.py")
-    poly = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(poly)
+    poly = bench("polyphonic")
     rng = np.random.default_rng(0)
     clips = [Clip(str(write_wav((rng.standard_normal(16000) * 0.1 * (k + 1)).astype(np.float32), 16000,
                                 name=f"c{label}_{k}.wav")), label, 4) for label in range(5) for k in range(2)]

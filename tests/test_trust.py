@@ -1,13 +1,15 @@
 """Calibration and the unknown rule: temperature fitting, ECE, thresholds, AUROC, the reliability plot."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from audioclf.errors import AudioclfError
 from audioclf.trust import (Rejector, class_means, expected_calibration_error, fit_rejector, fit_temperature,
-                            fpr_at_tpr, known_score, plot_reliability, read_trust, reliability, roc_auc, softmax,
-                            trust_keys)
+                            fpr_at_tpr, known_score, plot_reliability, read_trust, reference_embeddings, reliability,
+                            roc_auc, softmax, trust_keys)
 
 
 def overconfident(n=2000, classes=5, scale=4.0, seed=0):
@@ -80,13 +82,29 @@ def test_auroc_and_fpr_at_95_tpr():
     assert fpr_at_tpr(known, np.array([4.0, 5.0, 50.0, -1.0])) == 0.5
 
 
-def test_rule_round_trips_through_the_saved_keys():
-    logits = np.random.default_rng(1).normal(size=(50, 4))
-    means = class_means(np.eye(4)[np.arange(50) % 4], np.arange(50) % 4, 4)
-    rule = fit_rejector("embedding", 0.9, logits, np.eye(4)[np.arange(50) % 4], means, temperature=2.0)
-    t, back = read_trust(trust_keys(2.0, rule))
-    assert t == 2.0 and back.kind == "embedding" and back.threshold == rule.threshold
-    assert torch.allclose(back.means, rule.means)
+def test_knn_score_is_cosine_to_the_kth_nearest_training_clip():
+    train = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 2.0], [-1.0, 0.0]])
+    refs = reference_embeddings("knn", train, [0, 1, 1, 2], 3)
+    assert torch.allclose(refs.norm(dim=1), torch.ones(4))
+    clips = torch.tensor([[0.0, 3.0], [1.0, 1.0]])
+    np.testing.assert_allclose(known_score("knn", torch.zeros(2, 3), clips, refs, k=1), [1.0, 0.5 ** 0.5], atol=1e-6)
+    # the first clip has two training clips straight above it, the diagonal one three at 45°
+    np.testing.assert_allclose(known_score("knn", torch.zeros(2, 3), clips, refs, k=2), [1.0, 0.5 ** 0.5], atol=1e-6)
+    np.testing.assert_allclose(known_score("knn", torch.zeros(2, 3), clips, refs, k=3), [0.0, 0.5 ** 0.5], atol=1e-6)
+    assert known_score("knn", torch.zeros(1, 3), clips[:1], refs, k=99)[0] == pytest.approx(0.0, abs=1e-6)  # k > n
+    assert reference_embeddings("msp", train, [0, 1, 1, 2], 3) is None
+
+
+@pytest.mark.parametrize("kind", ["embedding", "knn"])
+def test_rule_round_trips_through_the_saved_keys(kind):
+    rng = np.random.default_rng(1)
+    logits, emb, labels = rng.normal(size=(50, 4)), rng.normal(size=(50, 8)), np.arange(50) % 4
+    refs = reference_embeddings(kind, emb, labels, 4)
+    rule = fit_rejector(kind, 0.9, logits, emb, refs, temperature=2.0, k=3)
+    t, back = read_trust(json.loads(json.dumps(trust_keys(2.0, rule))))  # as an export's config.json holds them
+    assert t == 2.0 and back.kind == kind and back.threshold == rule.threshold
+    assert torch.allclose(back.refs, rule.refs, atol=1e-5) and (kind != "knn" or back.k == 3)
+    np.testing.assert_allclose(back.score(logits, emb), rule.score(logits, emb), atol=1e-4)
     assert read_trust({}) == (1.0, None)  # a model saved before: temperature 1, no rule
 
 
@@ -106,6 +124,9 @@ def test_rejector_scores_numpy_like_torch():
                                    {"reject": {"score": "msp", "threshold": None, "keep_known": 0.95}},
                                    {"reject": {"score": "mahalanobis", "threshold": 0.5, "keep_known": 0.95}},
                                    {"reject": {"score": "embedding", "threshold": 0.5, "keep_known": 0.95}},
+                                   {"reject": {"score": "knn", "threshold": 0.5, "keep_known": 0.95, "class_means": [[1.0]]}},
+                                   {"reject": {"score": "knn", "threshold": 0.5, "keep_known": 0.95, "k": 0,
+                                               "train_embeddings": [[1.0]]}},
                                    {"reject": {"score": "msp", "threshold": 0.5, "keep_known": 2}}, {"reject": "msp"}])
 def test_a_damaged_saved_rule_is_refused_with_the_model_named(saved):
     with pytest.raises(AudioclfError, match="run/best.pt"):

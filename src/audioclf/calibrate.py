@@ -24,8 +24,8 @@ from .errors import AudioclfError
 from .metrics import classification_metrics
 from .runtime import resolve_device
 from .store import FeatureBank
-from .trust import (class_means, expected_calibration_error, fit_rejector, fit_temperature, read_trust, softmax,
-                    trust_keys)
+from .trust import (expected_calibration_error, fit_rejector, fit_temperature, read_trust, reference_embeddings,
+                    softmax, trust_keys)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def fit_trust(model: nn.Module, bank: FeatureBank, train_idx: torch.Tensor, val_
               config: RunConfig, n_classes: int, device: torch.device) -> dict:
     """The checkpoint keys of :func:`audioclf.trust.trust_keys` for ``model`` (the best weights loaded):
     the temperature fitted on the validation clips ``val_idx`` and the rule of ``config.train.reject_score``
-    keeping ``config.train.keep_known`` of them; the class means come from the training clips ``train_idx``.
+    keeping ``config.train.keep_known`` of them; its reference embeddings come from the training clips ``train_idx``.
     A multilabel model gets neither: its "unknown" is a clip that no tag's threshold passes."""
     t = config.train
     if t.task == "multilabel":
@@ -60,11 +60,11 @@ def fit_trust(model: nn.Module, bank: FeatureBank, train_idx: torch.Tensor, val_
         return {}
     logits, emb, labels = bank_outputs(model, bank, val_idx, device)
     temperature = fit_temperature(logits, labels)
-    means = None
-    if t.reject_score == "embedding":
+    refs = None
+    if t.reject_score in ("embedding", "knn"):
         _, train_emb, train_labels = bank_outputs(model, bank, train_idx, device)
-        means = class_means(train_emb, train_labels, n_classes)
-    rule = fit_rejector(t.reject_score, t.keep_known, logits, emb, means, temperature)
+        refs = reference_embeddings(t.reject_score, train_emb, train_labels, n_classes)
+    rule = fit_rejector(t.reject_score, t.keep_known, logits, emb, refs, temperature)
     log.info("calibration: temperature %.3f (validation NLL %.4f -> %.4f); unknown below %s %.4f (keeps %.0f %% "
              "of %d validation clips)", temperature, _nll(logits, labels, 1.0), _nll(logits, labels, temperature),
              rule.kind, rule.threshold, 100 * rule.keep(logits, emb).mean(), len(val_idx))

@@ -333,7 +333,7 @@ class Classifier:
         logits = self.model(logmel)
         emb = self.model.embed(logmel) if r.needs_embedding else None
         return (activation(self._net.task)(logits / self.temperature),
-                known_score(r.kind, logits, emb, r.means, self.temperature).cpu())
+                known_score(r.kind, logits, emb, r.refs, self.temperature, r.k).cpu())
 
     def _pooled(self, source: Source) -> np.ndarray:
         """A whole input's class probabilities: its windows' mean (tags: their maximum)."""

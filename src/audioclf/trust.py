@@ -10,7 +10,8 @@ measures calibration with :func:`expected_calibration_error` and :func:`plot_rel
   ``keep_known`` of the known validation clips pass it. Scores (:data:`SCORES`): ``msp``, the calibrated
   maximum softmax probability; ``energy``, ``T * logsumexp(logits / T)`` (the negative free energy, Liu et
   al., 2020); ``embedding``, the cosine similarity of the clip's embedding to the nearest class mean of the
-  training clips.
+  training clips; ``knn``, its cosine similarity to its ``k``-th nearest training clip (deep k-nearest
+  neighbours, Sun et al., 2022), which needs every training clip's embedding saved with the model.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 
 from .errors import AudioclfError
 
-SCORES = ("msp", "energy", "embedding")
+SCORES = ("msp", "energy", "embedding", "knn")
+KNN_K = 1  # the k of the knn score: chosen by the open-set benchmark on its training folds (docs/trust.md)
 N_BINS = 15  # reliability bins of the ECE
 T_RANGE = (0.05, 20.0)  # a fitted temperature outside this says the validation outputs are degenerate
 UNKNOWN = "unknown"  # the label of a rejected input
@@ -127,25 +129,39 @@ def class_means(emb, labels, n_classes: int) -> torch.Tensor:
     return F.normalize(sums, dim=1)
 
 
+def reference_embeddings(kind: str, emb, labels, n_classes: int) -> Optional[torch.Tensor]:
+    """What a rule of ``kind`` compares a clip's embedding with, from the training clips' ``emb`` ``(clips, d)``
+    and ``labels``: the class means (``embedding``), every clip's unit-length embedding (``knn``), or None."""
+    if kind == "embedding":
+        return class_means(emb, labels, n_classes)
+    if kind == "knn":
+        return F.normalize(torch.as_tensor(np.asarray(emb), dtype=torch.float32), dim=1)
+    return None
+
+
 def known_score(kind: str, logits: torch.Tensor, emb: Optional[torch.Tensor] = None,
-                means: Optional[torch.Tensor] = None, temperature: float = 1.0) -> torch.Tensor:
+                refs: Optional[torch.Tensor] = None, temperature: float = 1.0, k: int = KNN_K) -> torch.Tensor:
     """``(batch,)`` score of each clip, higher the more it looks like a trained class.
 
     Args:
         kind (str): one of :data:`SCORES`.
         logits (torch.Tensor): ``(batch, classes)``.
-        emb (torch.Tensor, optional): ``(batch, d)`` embeddings; needed by ``embedding``.
-        means (torch.Tensor, optional): ``(classes, d)`` of :func:`class_means`; needed by ``embedding``.
+        emb (torch.Tensor, optional): ``(batch, d)`` embeddings; needed by ``embedding`` and ``knn``.
+        refs (torch.Tensor, optional): ``(n, d)`` unit-length :func:`reference_embeddings`; needed by
+            ``embedding`` and ``knn``.
         temperature (float, optional): divides the logits of ``msp`` and ``energy``. (Default: ``1.0``)
+        k (int, optional): ``knn`` scores the cosine similarity to the ``k``-th nearest reference.
+            (Default: :data:`KNN_K`)
     """
     if kind == "msp":
         return torch.softmax(logits.float() / temperature, -1).amax(-1)
     if kind == "energy":
         return temperature * torch.logsumexp(logits.float() / temperature, -1)
-    if kind == "embedding":
-        if emb is None or means is None:
-            raise AudioclfError("the embedding score needs the clips' embeddings and the class means")
-        return (F.normalize(emb.float(), dim=-1) @ means.to(emb.device).T).amax(-1)
+    if kind in ("embedding", "knn"):
+        if emb is None or refs is None:
+            raise AudioclfError(f"the {kind} score needs the clips' embeddings and the training clips' references")
+        sim = F.normalize(emb.float(), dim=-1) @ refs.to(emb.device).T  # (batch, n)
+        return sim.topk(min(k if kind == "knn" else 1, sim.shape[-1]), dim=-1).values[..., -1]
     raise AudioclfError(f"Unsupported score={kind!r}; choose one of {', '.join(SCORES)}")
 
 
@@ -153,24 +169,26 @@ def known_score(kind: str, logits: torch.Tensor, emb: Optional[torch.Tensor] = N
 class Rejector:
     """The unknown rule of a model: ``kind`` of score, and the ``threshold`` below which an input is unknown.
 
-    ``keep_known`` is the share of known validation clips the threshold keeps; ``means`` are the class
-    means of the ``embedding`` score (``None`` for the others).
+    ``keep_known`` is the share of known validation clips the threshold keeps; ``refs`` are the
+    :func:`reference_embeddings` of the ``embedding`` and ``knn`` scores (``None`` for the others), ``k``
+    the neighbour ``knn`` scores.
     """
 
     kind: str
     threshold: float
     keep_known: float
     temperature: float = 1.0
-    means: Optional[torch.Tensor] = None
+    refs: Optional[torch.Tensor] = None
+    k: int = KNN_K
 
     @property
     def needs_embedding(self) -> bool:
-        return self.kind == "embedding"
+        return self.kind in ("embedding", "knn")
 
-    def score(self, logits, emb=None, kind: Optional[str] = None) -> np.ndarray:
-        """:func:`known_score` of numpy or torch outputs, as numpy; ``kind`` defaults to the rule's."""
+    def score(self, logits, emb=None) -> np.ndarray:
+        """:func:`known_score` of numpy or torch outputs, as numpy."""
         as_t = (lambda a: None if a is None else torch.as_tensor(np.asarray(a), dtype=torch.float32))
-        return known_score(kind or self.kind, as_t(logits), as_t(emb), self.means, self.temperature).numpy()
+        return known_score(self.kind, as_t(logits), as_t(emb), self.refs, self.temperature, self.k).numpy()
 
     def keep(self, logits, emb=None) -> np.ndarray:
         """``(clips,)`` True where the rule keeps a clip (its score reaches the threshold)."""
@@ -179,23 +197,33 @@ class Rejector:
     def to_dict(self) -> dict:
         """What a checkpoint and an export's config.json store under ``"reject"`` (builtins only)."""
         d = {"score": self.kind, "threshold": float(self.threshold), "keep_known": float(self.keep_known)}
-        if self.means is not None:
-            d["class_means"] = self.means.tolist()
+        if self.kind == "knn":
+            d.update(k=int(self.k), train_embeddings=_rounded(self.refs))
+        elif self.refs is not None:
+            d["class_means"] = self.refs.tolist()
         return d
 
     @classmethod
     def from_dict(cls, d: dict, temperature: float = 1.0) -> "Rejector":
-        means = d.get("class_means")
+        refs = d.get("train_embeddings" if d["score"] == "knn" else "class_means")
         return cls(d["score"], float(d["threshold"]), float(d["keep_known"]), temperature,
-                   None if means is None else torch.tensor(means, dtype=torch.float32))
+                   None if refs is None else torch.tensor(refs, dtype=torch.float32), int(d.get("k", KNN_K)))
 
 
-def fit_rejector(kind: str, keep_known: float, logits, emb=None, means=None, temperature: float = 1.0) -> Rejector:
+def _rounded(refs: torch.Tensor) -> list:
+    """Unit vectors as lists of floats with 5 decimals: cosine similarities move by < 1e-4, and a thousand
+    training clips' embeddings stay a few MB in an export's config.json."""
+    return np.round(refs.numpy().astype(np.float64), 5).tolist()
+
+
+def fit_rejector(kind: str, keep_known: float, logits, emb=None, refs=None, temperature: float = 1.0,
+                 k: int = KNN_K) -> Rejector:
     """The rule whose threshold keeps ``keep_known`` (a share in (0, 1]) of the validation clips given by
-    their ``logits`` (and ``emb``, for the ``embedding`` score)."""
+    their ``logits`` (and ``emb``, for the ``embedding`` and ``knn`` scores, with the training clips'
+    :func:`reference_embeddings` ``refs``)."""
     if not 0 < keep_known <= 1:
         raise AudioclfError(f"keep_known={keep_known!r} is out of range: it must be in (0, 1]")
-    r = Rejector(kind, 0.0, keep_known, temperature, None if means is None else torch.as_tensor(means))
+    r = Rejector(kind, 0.0, keep_known, temperature, None if refs is None else torch.as_tensor(refs), k)
     r.threshold = keep_threshold(r.score(logits, emb), keep_known)
     return r
 
@@ -215,13 +243,16 @@ def read_trust(saved: dict, source="the model") -> tuple[float, Optional[Rejecto
         raise AudioclfError(f"{source}: temperature={t!r} must be a positive finite number")
     if reject is None:
         return float(t), None
-    means = reject.get("class_means") if isinstance(reject, dict) else None
-    if not (isinstance(reject, dict) and reject.get("score") in SCORES and number(reject.get("threshold"))
-            and number(reject.get("keep_known")) and 0 < reject["keep_known"] <= 1
-            and (reject["score"] != "embedding" or isinstance(means, list) and means)):
+    kind = reject.get("score") if isinstance(reject, dict) else None
+    refs = {"embedding": "class_means", "knn": "train_embeddings"}.get(kind)
+    k = reject.get("k", KNN_K) if isinstance(reject, dict) else None
+    if not (kind in SCORES and number(reject.get("threshold")) and number(reject.get("keep_known"))
+            and 0 < reject["keep_known"] <= 1 and (refs is None or isinstance(reject.get(refs), list) and reject[refs])
+            and isinstance(k, int) and not isinstance(k, bool) and k >= 1):
         raise AudioclfError(f"{source}: its unknown rule {str(reject)[:80]!r} is damaged: it needs score (one of "
-                            f"{', '.join(SCORES)}), a finite threshold, keep_known in (0, 1], and class_means for "
-                            f"the embedding score; load it with reject=False (--no-reject), or fit it again")
+                            f"{', '.join(SCORES)}), a finite threshold, keep_known in (0, 1], class_means for the "
+                            f"embedding score, train_embeddings and k >= 1 for knn; load it with reject=False "
+                            f"(--no-reject), or fit it again")
     return float(t), Rejector.from_dict(reject, float(t))
 
 
