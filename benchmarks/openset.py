@@ -1,17 +1,22 @@
 """Open-set ESC-50: how well a model trained on 40 classes says "unknown" to the other 10.
 
     python benchmarks/openset.py ESC-50/                        # 3 class splits x 4 test folds (CV)
-    python benchmarks/openset.py ESC-50/ --test-folds 4         # one test fold per split: 3 trainings
+    python benchmarks/openset.py ESC-50/ --test-folds 4         # one test fold per split: 6 trainings
     python benchmarks/openset.py ESC-50/ --test-folds 4 --json
 
 For each class split (seeded, ``--splits``): 10 of the 50 classes are drawn as unknown and left out of
 training; a model (``--backbone``, its recipe) trains on the 40 known classes of the folds other than the
-test fold, with its validation clips drawn from them as ``audioclf train`` draws them. Training fits the
-model's temperature and rejection rule on those validation clips (``audioclf.trust``). On the test fold,
-its known clips against its unknown ones, each rejection score is measured: AUROC, FPR at 95 % TPR (share
-of unknown clips kept when 95 % of the known are), the share of unknown clips the saved rule (threshold at
-``keep_known``) rejects, and the closed-set accuracy on the known clips. A run already finished under
---out is reused, so one command trains what is missing and an interrupted benchmark continues.
+test fold, with its validation clips drawn from them as ``audioclf train`` draws them. On the test fold,
+its known clips against its unknown ones, each candidate score (:data:`CANDIDATES`) is measured: AUROC,
+FPR at 95 % TPR (share of unknown clips kept when 95 % of the known are), the shares of known clips kept
+and unknown clips rejected by its rule (threshold keeping 95 % of the validation clips), with the
+closed-set accuracy and the calibration (ECE) of the known clips.
+
+The score is chosen without the test fold: a second model per split and test fold trains on the training
+folds alone, with 8 of its 40 known classes left out as pseudo-unknown, and is tested on one of those folds
+(:func:`inner_fold`); the candidate with the best mean AUROC there is the choice (bold in the table). A run
+already finished under --out, and its outputs (``openset_outputs.npz``), are reused, so one command trains
+what is missing and an interrupted benchmark continues.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from audioclf.config import resolve
 from audioclf.train import fit
 
 N_UNKNOWN = 10
-N_PSEUDO = 8  # known classes that play unknown inside the training folds, where the score is chosen
+# the candidates: audioclf.trust's scores, knn at several k (knnK)
+CANDIDATES = ("msp", "energy", "embedding", "knn1", "knn2", "knn3", "knn5", "knn10", "knn20")
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 
 
@@ -104,33 +110,40 @@ def run_outputs(run: Path, root: Path, rows: list[dict], known: list[str], test_
     return out
 
 
-def score_run(run: Path, root: Path, rows: list[dict], known: list[str], test_fold: int) -> dict:
-    """Each rejection score's AUROC, FPR at 95 % TPR, and the known kept / unknown rejected shares of its rule
-    (fitted on the validation clips) on the test fold, with the closed-set accuracy and the ECE before and
-    after temperature scaling of the known clips. The run's rule is left as its config says."""
-    from audioclf.calibrate import calibrate_run
-    from audioclf.predict import load
-    from audioclf.trust import SCORES, expected_calibration_error, fpr_at_tpr, read_trust, roc_auc, softmax
+def candidate_rule(name: str, o: dict, temperature: float, keep_known: float):
+    """The rule of candidate ``name`` (a score of ``audioclf.trust.SCORES``, ``knnK`` for knn with k = K) fitted
+    as training fits it: references from the training clips, threshold on the validation clips."""
+    from audioclf.trust import KNN_K, fit_rejector, reference_embeddings
 
-    clf = load(run, device="cpu", reject=False)
-    test = [r for r in rows if int(r["fold"]) == test_fold]
-    paths = [str(root / "audio" / r["filename"]) for r in test]
-    is_known = np.array([r["category"] in known for r in test])
-    logits, emb = clf.logits(paths), clf.embed(paths)
-    labels = np.array([clf.labels.index(r["category"]) if k else -1 for r, k in zip(test, is_known)])
-    acc = float((logits[is_known].argmax(1) == labels[is_known]).mean())
-    out = {"closed_acc": acc, "n_known": int(is_known.sum()), "n_unknown": int((~is_known).sum())}
-    default = clf.config.train.reject_score
-    for name in [*(k for k in SCORES if k != default), default]:  # the run keeps its own rule, fitted last
-        temperature, rule = read_trust(calibrate_run(run, refit=True, score=name))
-        s = rule.score(logits, emb)  # higher = more like a known class
+    kind, k = ("knn", int(name[3:])) if name.startswith("knn") else (name, KNN_K)
+    refs = reference_embeddings(kind, o["train_emb"], o["train_labels"], o["val_logits"].shape[1])
+    return fit_rejector(kind, keep_known, o["val_logits"], o["val_emb"], refs, temperature, k)
+
+
+def score_outputs(o: dict, keep_known: float = 0.95) -> dict:
+    """Each candidate score's AUROC (known against unknown test clips), FPR at 95 % TPR, and the known kept /
+    unknown rejected shares of its rule; the closed-set accuracy and the ECE of the known test clips before
+    and after temperature scaling (``T`` fitted on the validation clips, as training fits it)."""
+    from audioclf.trust import expected_calibration_error, fit_temperature, fpr_at_tpr, roc_auc, softmax
+
+    temperature = fit_temperature(o["val_logits"], o["val_labels"])
+    known, labels = o["test_labels"] >= 0, o["test_labels"]
+    out = {"closed_acc": float((o["test_logits"][known].argmax(1) == labels[known]).mean()),
+           "n_known": int(known.sum()), "n_unknown": int((~known).sum()), "temperature": temperature,
+           "ece_before": expected_calibration_error(softmax(o["test_logits"][known]), labels[known]),
+           "ece_after": expected_calibration_error(softmax(o["test_logits"][known], temperature), labels[known])}
+    for name in CANDIDATES:
+        rule = candidate_rule(name, o, temperature, keep_known)
+        s = rule.score(o["test_logits"], o["test_emb"])  # higher = more like a known class
         kept = s >= rule.threshold
-        out[name] = {"auroc": roc_auc(s[is_known], s[~is_known]), "fpr95": fpr_at_tpr(s[is_known], s[~is_known], 0.95),
-                     "known_kept": float(kept[is_known].mean()), "unknown_rejected": float(1 - kept[~is_known].mean())}
-    k_logits, k_labels = logits[is_known], labels[is_known]
-    out.update(temperature=temperature, ece_before=expected_calibration_error(softmax(k_logits), k_labels),
-               ece_after=expected_calibration_error(softmax(k_logits, temperature), k_labels))
+        out[name] = {"auroc": roc_auc(s[known], s[~known]), "fpr95": fpr_at_tpr(s[known], s[~known], 0.95),
+                     "known_kept": float(kept[known].mean()), "unknown_rejected": float(1 - kept[~known].mean())}
     return out
+
+
+def chosen(results: list[dict]) -> str:
+    """The candidate with the best mean AUROC on the inner (selection) runs: never on a test fold."""
+    return max(CANDIDATES, key=lambda name: np.mean([r["select"][name]["auroc"] for r in results]))
 
 
 def main(argv=None) -> int:
@@ -138,12 +151,13 @@ def main(argv=None) -> int:
     p.add_argument("esc50", type=Path, help="ESC-50 folder: audio/, meta/esc50.csv")
     p.add_argument("--splits", type=int, nargs="+", default=[0, 1, 2], help="class-split seeds (default: 0 1 2)")
     p.add_argument("--test-folds", type=int, nargs="+", default=[1, 2, 3, 4], help="test folds (default: all four)")
+    p.add_argument("--n-unknown", type=int, default=N_UNKNOWN, help=f"unknown classes (default: {N_UNKNOWN} of 50)")
     p.add_argument("--backbone", default="mn04_as", choices=BACKBONE_NAMES)
     p.add_argument("--weights", help="the MobileNet's weights file (default: ../shared/weights beside the clone)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the backbone's recipe)")
     p.add_argument("--train-only", action="store_true", help="train what is missing, score nothing")
     p.add_argument("--out", type=Path, default=Path("runs/bench-openset"))
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = p.parse_args(argv)
     if not (args.esc50 / "meta" / "esc50.csv").is_file():
         p.error(f"{args.esc50}: no meta/esc50.csv; give the ESC-50 folder")
@@ -153,48 +167,56 @@ def main(argv=None) -> int:
     folds = sorted({int(r["fold"]) for r in rows})
     results = []
     for seed in args.splits:
-        known, unknown = class_split(classes, seed)
+        known, unknown = class_split(classes, seed, args.n_unknown)
+        # the same share of the known classes plays unknown inside the training folds, where the score is chosen
+        inner_known = class_split(known, seed, round(args.n_unknown * len(known) / len(classes)))[0]
         base = args.out / args.backbone / f"split{seed}"
         manifest = known_manifest(args.esc50, rows, known, base / "known.csv")
         for fold in args.test_folds:
             t0 = time.perf_counter()
-            # the score is chosen on a model of the training folds alone, N_PSEUDO of its known classes unknown
-            inner_rows = [r for r in rows if int(r["fold"]) != fold]
-            inner_known = class_split(known, seed, N_PSEUDO)[0]
+            inner_rows = [r for r in rows if int(r["fold"]) != fold and r["category"] in known]
             select = train_run(known_manifest(args.esc50, inner_rows, inner_known, base / f"select{fold}.csv"),
                                base / f"select{fold}", inner_fold(fold, folds), args.backbone, args.weights, args.epochs)
             run = train_run(manifest, base / f"fold{fold}", fold, args.backbone, args.weights, args.epochs)
             if args.train_only:
                 continue
             r = {"split": seed, "test_fold": fold, "unknown": unknown,
-                 **score_run(run, args.esc50, rows, known, fold), "wall_s": time.perf_counter() - t0}
+                 "select": score_outputs(run_outputs(select, args.esc50, inner_rows, inner_known, inner_fold(fold, folds))),
+                 **score_outputs(run_outputs(run, args.esc50, rows, known, fold)), "wall_s": time.perf_counter() - t0}
             results.append(r)
             logging.info("split %d fold %d: %s", seed, fold, json.dumps(r))
     if args.train_only:
         return 0
     (args.out / args.backbone / "openset.json").write_text(json.dumps(results, indent=1))
     if args.json:
-        print(json.dumps(results, indent=1))
+        print(json.dumps({"chosen": chosen(results), "runs": results}, indent=1))
         return 0
     print(table(results))
     return 0
 
 
 def table(results: list[dict]) -> str:
-    """A Markdown table: one row per score, means over the runs (split x fold) with the spread of the splits."""
-    from audioclf.trust import SCORES
+    """Markdown: one row per candidate score (means over the runs, ± the spread), the chosen one in bold; then
+    one row per run with the chosen score."""
+    best = chosen(results)
 
-    def cell(key, name=None):
-        v = [r[name][key] if name else r[key] for r in results]
-        return f"{np.mean(v):.3f} ± {np.std(v):.3f}"
+    def cell(key, name=None, runs=results, part=None):
+        v = [(r[part] if part else r)[name][key] if name else (r[part] if part else r)[key] for r in runs]
+        return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
 
-    lines = ["| score | AUROC | FPR at 95 % TPR | known kept | unknown rejected | closed-set accuracy |",
+    lines = ["| score | AUROC, training folds (chooses) | AUROC | FPR at 95 % TPR | known kept | unknown rejected |",
              "|---|---|---|---|---|---|"]
-    for name in SCORES:
-        lines.append(f"| {name} | {cell('auroc', name)} | {cell('fpr95', name)} | {cell('known_kept', name)} "
-                     f"| {cell('unknown_rejected', name)} | {cell('closed_acc')} |")
-    lines.append(f"\nECE of the known test clips (15 bins): {cell('ece_before')} before temperature scaling, "
-                 f"{cell('ece_after')} after; {len(results)} runs (mean ± std)")
+    for name in CANDIDATES:
+        shown = f"**{name}**" if name == best else name
+        lines.append(f"| {shown} | {cell('auroc', name, part='select')} | {cell('auroc', name)} | {cell('fpr95', name)} "
+                     f"| {cell('known_kept', name)} | {cell('unknown_rejected', name)} |")
+    lines += ["", f"| split | test fold | AUROC ({best}) | FPR at 95 % TPR | closed-set accuracy | ECE before / after T |",
+              "|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['split']} | {r['test_fold']} | {r[best]['auroc']:.3f} | {r[best]['fpr95']:.3f} | "
+                     f"{r['closed_acc']:.3f} | {r['ece_before']:.3f} / {r['ece_after']:.3f} |")
+    lines.append(f"| mean | | {cell('auroc', best)} | {cell('fpr95', best)} | {cell('closed_acc')} | "
+                 f"{cell('ece_before')} / {cell('ece_after')} |")
     return "\n".join(lines)
 
 

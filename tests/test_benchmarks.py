@@ -134,17 +134,23 @@ def test_openset_splits_are_seeded_and_the_manifest_holds_the_known_classes_only
 def test_openset_benchmark_trains_scores_and_reuses_its_runs(openset, tmp_path, capsys):
     root = fake_esc50(tmp_path / "esc")
     argv = [str(root), "--backbone", "resnet18", "--epochs", "2", "--test-folds", "4", "--splits", "0",
-            "--out", str(tmp_path / "out"), "--json"]
+            "--n-unknown", "4", "--out", str(tmp_path / "out"), "--json"]
     assert openset.main(argv) == 0
-    (r,) = json.loads(capsys.readouterr().out)
-    assert r["n_known"] == 2 * 2 and r["n_unknown"] == 10 * 2  # fold 4 of 12 classes: 2 known, 10 unknown
-    for name in ("msp", "energy", "embedding"):
-        assert 0 <= r[name]["auroc"] <= 1 and 0 <= r[name]["fpr95"] <= 1
+    out = json.loads(capsys.readouterr().out)
+    (r,) = out["runs"]
+    assert r["n_known"] == 8 * 2 and r["n_unknown"] == 4 * 2  # fold 4 of 12 classes: 8 known, 4 unknown
+    # the choice is made on a model of folds 1-3 alone (fold 3 its test fold), 3 of the 8 known classes unknown
+    assert r["select"]["n_known"] == 5 * 2 and r["select"]["n_unknown"] == 3 * 2
+    assert out["chosen"] == max(openset.CANDIDATES, key=lambda name: r["select"][name]["auroc"])
+    for name in openset.CANDIDATES:
+        assert 0 <= r[name]["auroc"] <= 1 and 0 <= r[name]["fpr95"] <= 1 and 0 <= r[name]["known_kept"] <= 1
     assert 0 <= r["ece_after"] <= 1
-    summary = tmp_path / "out" / "resnet18" / "split0" / "fold4" / "summary.json"
-    written = summary.stat().st_mtime_ns
+    assert f"**{out['chosen']}**" in openset.table([r])
+    run = tmp_path / "out" / "resnet18" / "split0"
+    written = [(run / name / "summary.json").stat().st_mtime_ns for name in ("fold4", "select4")]
     assert openset.main(argv) == 0
-    assert summary.stat().st_mtime_ns == written  # the finished run is reused, not trained again
+    # the finished runs are reused, not trained again
+    assert [(run / name / "summary.json").stat().st_mtime_ns for name in ("fold4", "select4")] == written
 
 
 def test_polyphonic_mixtures_hold_two_or_three_distinct_classes(write_wav, tmp_path):
