@@ -286,3 +286,16 @@ def test_silently_wrong_parts_carry_their_options_and_are_checked_on_merge(tiny_
     part.write_text("".join(part.read_text().splitlines(keepends=True)[1:]))  # a part with no options at all
     assert main(["predict", str(tiny_run.run_dir), str(wav), "--out", str(out), "--quiet"]) == 2
     assert "holds no record of the options it was made with" in capsys.readouterr().err
+
+
+def test_poor_messages_torchrun_reports_our_message_as_the_root_cause(tiny_run, tmp_path, tone_wav, monkeypatch, capsys,
+                                                                      no_model):
+    # torchrun names in TORCHELASTIC_ERROR_FILE where its failure report reads a process's root cause from;
+    # tests/test_predict_distributed.py runs the real torchrun
+    error_file = tmp_path / "error.json"
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "TORCHELASTIC_ERROR_FILE": str(error_file)}.items():
+        monkeypatch.setenv(k, v)
+    assert main(["predict", str(tiny_run.run_dir), str(tone_wav), "--out", str(tmp_path / "x.csv")]) == 2
+    one_line_error(capsys, "give --out DIR")
+    message = json.loads(error_file.read_text())["message"]
+    assert "give --out DIR" in message["message"] and message["extraInfo"]["py_callstack"] == message["message"]

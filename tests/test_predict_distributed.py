@@ -334,3 +334,11 @@ def test_two_gloo_processes_give_the_rows_of_one_process(tiny_run, inputs, tmp_p
     assert "rank 0 of 2: classifying 1 of 13 file(s); 12 done before" in r.stderr  # rank 1: none, and no hang
     assert summary(r.stderr) == (1, 12, 1)
     assert_close_rows(read_rows(out / "predictions.csv"), want)
+
+
+@pytest.mark.slow
+def test_torchrun_reports_our_message_as_the_root_cause(tiny_run, inputs, tmp_path):
+    r = torchrun(tiny_run, inputs, "--out", tmp_path / "x.csv")
+    assert r.returncode != 0
+    report = r.stderr[r.stderr.index("Root Cause"):]  # torchrun's own failure report, after the processes'
+    assert "give --out DIR" in report and "To enable traceback" not in report

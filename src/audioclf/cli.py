@@ -7,10 +7,13 @@ user sees and the exit code.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
 import sys
+import time
+from pathlib import Path
 
 import yaml
 
@@ -425,6 +428,20 @@ def _first_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _tell_torchrun(message: str) -> None:
+    """Under torchrun, leave ``message`` where its failure report reads a process's root cause from (it names
+    the file in ``TORCHELASTIC_ERROR_FILE``); without it the report shows only a link. torchrun still prints its
+    own traceback after the report: it raises in the launcher, which no process of ours can stop."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}
+    try:
+        Path(path).write_text(json.dumps(record), encoding="utf-8")
+    except OSError:
+        pass  # the report falls back to its link; the message is on stderr already
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     first = _first_process()  # under torchrun, rank 0 speaks for the job; the others only warn
@@ -435,6 +452,7 @@ def main(argv=None) -> int:
         return args.func(args)
     except AudioclfError as e:
         print(f"audioclf {args.command}: error: {e}", file=sys.stderr)
+        _tell_torchrun(f"audioclf {args.command}: error: {e}")
         return 2
     except KeyboardInterrupt:
         print(f"audioclf {args.command}: interrupted", file=sys.stderr)

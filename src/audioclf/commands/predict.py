@@ -98,9 +98,15 @@ def _read_stdin(folder: Path) -> Path:
     return path
 
 
+# a backslash that an escape could be mistaken for: before a backslash, an undecodable byte, or "xNN"
+_AMBIGUOUS_BACKSLASH = re.compile(r"\\(?=[\\\udc80-\udcff]|x[0-9A-Fa-f]{2})")
+
+
 def _printable(text: str) -> str:
     """``text`` as valid UTF-8: the bytes of a file name that is not UTF-8 (surrogate-escaped by Python)
-    become ``\\xNN``."""
+    become ``\\xNN``, and a backslash that could be read as part of such an escape is doubled, so that two
+    names never print alike (``a<byte ff>`` is ``a\\xff``, a name spelt ``a\\xff`` is ``a\\\\xff``)."""
+    text = _AMBIGUOUS_BACKSLASH.sub(r"\\\\", text)
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
