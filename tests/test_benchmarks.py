@@ -132,15 +132,15 @@ def test_openset_splits_are_seeded_and_the_manifest_holds_the_known_classes_only
 
 @pytest.mark.slow
 def test_openset_benchmark_trains_scores_and_reuses_its_runs(openset, tmp_path, capsys):
-    root = fake_esc50(tmp_path / "esc")
+    root = fake_esc50(tmp_path / "esc", per_class=12)  # 3 clips per class and fold
     argv = [str(root), "--backbone", "resnet18", "--epochs", "2", "--test-folds", "4", "--splits", "0",
             "--n-unknown", "4", "--out", str(tmp_path / "out"), "--json"]
     assert openset.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     (r,) = out["runs"]
-    assert r["n_known"] == 8 * 2 and r["n_unknown"] == 4 * 2  # fold 4 of 12 classes: 8 known, 4 unknown
+    assert r["n_known"] == 8 * 3 and r["n_unknown"] == 4 * 3  # fold 4 of 12 classes: 8 known, 4 unknown
     # the choice is made on a model of folds 1-3 alone (fold 3 its test fold), 3 of the 8 known classes unknown
-    assert r["select"]["n_known"] == 5 * 2 and r["select"]["n_unknown"] == 3 * 2
+    assert r["select"]["n_known"] == 5 * 3 and r["select"]["n_unknown"] == 3 * 3
     assert out["chosen"] == max(openset.CANDIDATES, key=lambda name: r["select"][name]["auroc"])
     for name in openset.CANDIDATES:
         assert 0 <= r[name]["auroc"] <= 1 and 0 <= r[name]["fpr95"] <= 1 and 0 <= r[name]["known_kept"] <= 1
