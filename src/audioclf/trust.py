@@ -36,33 +36,29 @@ TRUST_KEYS = ("temperature", "reject")  # what a checkpoint and an export's conf
 
 # ------------------------------------------------------------------------------------------- calibration
 
-def fit_temperature(logits, labels, *, max_iter: int = 200) -> float:
-    """The temperature ``T`` that minimises the NLL of ``softmax(logits / T)`` on ``labels``.
+def fit_temperature(logits, labels) -> float:
+    """The temperature ``T`` in ``T_RANGE`` that minimises the NLL of ``softmax(logits / T)`` on ``labels``.
 
     Args:
         logits (array or tensor): ``(clips, classes)`` validation logits.
         labels (array or tensor): ``(clips,)`` true class indices.
-        max_iter (int, optional): LBFGS iterations. (Default: ``200``)
 
-    ``log T`` is optimised (so ``T`` stays positive), from ``T = 1``; the result is clamped to ``T_RANGE``.
+    The NLL is convex in ``1 / T``, so one bounded scalar search over ``log T`` (Brent's) finds it; no torch
+    optimizer steps, which training's hooks and loggers would count.
     """
+    from scipy.optimize import minimize_scalar
+
     z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     if z.ndim != 2 or len(z) != len(y) or len(z) == 0:
         raise AudioclfError(f"fit_temperature needs (clips, classes) logits and one label per clip; got "
                             f"{tuple(z.shape)} and {tuple(y.shape)}")
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(z / log_t.exp(), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    t = float(log_t.detach().exp())
-    return min(max(t, T_RANGE[0]), T_RANGE[1]) if math.isfinite(t) else 1.0
+    if not torch.isfinite(z).all():
+        return 1.0
+    nll = (lambda log_t: F.cross_entropy(z / math.exp(log_t), y).item())
+    found = minimize_scalar(nll, bounds=tuple(math.log(t) for t in T_RANGE), method="bounded",
+                            options={"xatol": 1e-6})
+    return float(math.exp(found.x))
 
 
 def softmax(logits, temperature: float = 1.0) -> np.ndarray:
