@@ -87,6 +87,25 @@ def test_calibrate_run_fits_an_older_run(tones_run, tmp_path):
     assert load_checkpoint(run)["reject"]["threshold"] == pytest.approx(ckpt["reject"]["threshold"], rel=1e-4)
 
 
+def test_a_knn_rule_keeps_the_training_clips_embeddings(tones_run, tmp_path):
+    import shutil
+
+    from audioclf.trust import KNN_K
+
+    run = tmp_path / "knn"
+    shutil.copytree(tones_run, run)
+    calibrate_run(run, refit=True, score="knn", device="cpu")
+    r = load_checkpoint(run)["reject"]
+    means = load_checkpoint(tones_run)["reject"]["class_means"]
+    assert r["score"] == "knn" and r["k"] == KNN_K and "class_means" not in r
+    assert len(r["train_embeddings"]) > len(KNOWN) and len(r["train_embeddings"][0]) == len(means[0])
+    clf = audioclf.load(run, device="cpu")
+    assert clf.rejector.kind == "knn" and clf.config.train.reject_score == "knn"
+    assert sum(lab == "unknown" for lab in clf.predict([noise(s) for s in range(6)])) >= 5
+    rng = np.random.default_rng(6)
+    assert sum(lab != "unknown" for lab in clf.predict([synth_clip(k, rng, 16000, 1.0) for k in KNOWN])) >= 2
+
+
 def test_exports_keep_temperature_and_rule(tones_run, tmp_path):
     pytest.importorskip("safetensors")
     from audioclf.export import export
