@@ -207,7 +207,10 @@ def main(argv=None) -> int:
             for t in listeners:
                 t.join()
             if args.screenshot:
-                screenshot(url, wave, args.screenshot, Path(tmp))
+                try:
+                    screenshot(url, wave, args.screenshot, Path(tmp))
+                except Exception as e:  # the numbers above stand without it
+                    print(f"no screenshot: {type(e).__name__}: {e}", file=sys.stderr)
         finally:
             server.terminate()
             server.wait(30)
