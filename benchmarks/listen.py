@@ -181,9 +181,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     wave, onsets = scene(args.esc50, args.clips)
-    import audioclf
+    from audioclf.predict import load
 
-    clf = audioclf.load("mn04_as", "cpu", weights_path=str(args.weights))
+    clf = load("mn04_as", "cpu", weights_path=str(args.weights))
     config = DetectConfig()
     duration_s, track = probability_track(clf, wave, config)
     offline = find_events(track, clf.labels, config, filename="scene", duration_s=duration_s)
