@@ -211,6 +211,9 @@ def main(argv=None) -> int:
                     screenshot(url, wave, args.screenshot, Path(tmp))
                 except Exception as e:  # the numbers above stand without it
                     print(f"no screenshot: {type(e).__name__}: {e}", file=sys.stderr)
+        except Exception:
+            print((Path(tmp) / "server.log").read_text()[-3000:], file=sys.stderr)  # the server's side of it
+            raise
         finally:
             server.terminate()
             server.wait(30)
