@@ -36,6 +36,9 @@ NOT_RUN = {
     "git clone": "the network",
     "pip install": "the network",
     "python benchmarks/accuracy.py": "needs ESC-50 and FSDD, and hours",
+    "python benchmarks/openset.py": "needs ESC-50, and six trainings",
+    "audioclf train ESC-50/": "needs ESC-50",
+    "audioclf evaluate runs/esc50 ESC-50/": "needs ESC-50 and the run above",
 }
 # commands that need the default backbone's pretrained weights (no download in tests): run when the shared
 # copy is there

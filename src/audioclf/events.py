@@ -93,7 +93,7 @@ class Event(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------- tracks
 
-def _interp_rows(t: np.ndarray, rows: np.ndarray, grid: np.ndarray) -> np.ndarray:
+def interp_rows(t: np.ndarray, rows: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """Linear interpolation of ``rows`` ``(n, C)`` at sorted times ``t`` onto ``grid``, held at the ends."""
     if len(t) == 1:
         return np.repeat(rows, len(grid), axis=0)
@@ -144,7 +144,7 @@ def track_from_rows(starts: Sequence[int], rows: Sequence[np.ndarray], window_s:
         r_all.append(row[keep])
     t, r = np.concatenate(t_all), np.concatenate(r_all)
     order = np.argsort(t, kind="stable")
-    return _interp_rows(t[order], r[order], grid_times(duration_s, hop_s)).astype(np.float32)
+    return interp_rows(t[order], r[order], grid_times(duration_s, hop_s)).astype(np.float32)
 
 
 def track_steps(clf, audio, config: DetectConfig, **limits) -> Iterator[Optional[tuple]]:
@@ -190,9 +190,14 @@ def _runs(mask: np.ndarray) -> np.ndarray:
     return np.stack([np.flatnonzero(d == 1), np.flatnonzero(d == -1)], axis=1)
 
 
+def median_cells(config: DetectConfig) -> int:
+    """The median filter's length in track cells: ``median_s`` rounded to an odd number."""
+    return int(round(config.median_s / config.hop_s)) // 2 * 2 + 1
+
+
 def smooth(track: np.ndarray, config: DetectConfig) -> np.ndarray:
-    """The per-class median filter of ``median_s`` (an odd number of cells)."""
-    k = int(round(config.median_s / config.hop_s)) // 2 * 2 + 1
+    """The per-class median filter of ``median_s`` (:func:`median_cells`)."""
+    k = median_cells(config)
     if k <= 1 or len(track) < 2:
         return track
     from scipy.ndimage import median_filter
