@@ -90,9 +90,12 @@ def stream(url: str, wave: np.ndarray, seconds: float = None, stop: bool = True)
         while True:
             try:
                 m = json.loads(ws.recv())
-            except Exception:
+            except Exception as e:
+                print(f"stream reader stopped: {type(e).__name__}: {e} after {time.monotonic() - t0:.1f} s", file=sys.stderr)
                 return
             messages.append((time.monotonic(), m))
+            if m["type"] == "error":
+                print(f"the server closed the stream: {m}", file=sys.stderr)
             if m["type"] in ("end", "error"):
                 return
 

@@ -180,3 +180,27 @@ def test_mn04_as_hears_a_beep_live_as_detect_does(monkeypatch, weights=SHARED_WE
     closed = [e for m in messages for e in m["events"] if e["state"] == "close" and e["label"] == "Beep, bleep"]
     assert len(closed) == 1, closed
     assert abs(closed[0]["onset"] - expected[0].onset) <= 0.5 and abs(closed[0]["offset"] - expected[0].offset) <= 0.5
+
+
+def test_a_stream_outlives_the_header_deadline_of_a_real_server():
+    # uvicorn's header deadline (serve --timeout-s) must not close a connection once it is a WebSocket
+    import time
+
+    import websocket  # websocket-client, selenium's dependency
+    from _serving import live_server
+
+    from audioclf.serve_guards import uvicorn_options
+
+    with live_server(create_app(tone_classifier(), device="cpu"), **uvicorn_options(timeout_s=0.5)) as url:
+        ws = websocket.create_connection(url.replace("http", "ws") + "/listen", timeout=10)
+        ws.send(json.dumps({"sample_rate": SR, "dtype": "float32"}))
+        assert json.loads(ws.recv())["type"] == "ready"
+        hops = 0
+        for chunk in chunks(np.zeros(int(2 * SR), np.float32), SR, 0.1):  # 2 s of audio over 2 s: 4 deadlines
+            ws.send_binary(chunk.tobytes())
+            time.sleep(0.1)
+        ws.send(json.dumps({"type": "stop"}))
+        while (m := json.loads(ws.recv()))["type"] != "end":
+            hops += m["type"] == "hop"
+        ws.close()
+    assert hops >= 3

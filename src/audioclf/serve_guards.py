@@ -109,6 +109,13 @@ class HeaderDeadlineProtocol(H11Protocol):
             self.deadline.cancel()
         super().connection_lost(exc)
 
+    def handle_websocket_upgrade(self, event) -> None:
+        # the connection is the WebSocket protocol's from here on: a header deadline left armed would close
+        # a live /listen stream timeout_s after it opened
+        if self.deadline is not None:
+            self.deadline.cancel()
+        super().handle_websocket_upgrade(event)
+
     def _arm(self) -> None:
         if self.deadline is not None:
             self.deadline.cancel()
