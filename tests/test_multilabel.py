@@ -10,7 +10,7 @@ import soundfile as sf
 import torch
 
 import audioclf
-from audioclf.augment import from_power, mix, mixup, to_power
+from audioclf.augment import active_power, from_power, mix, mixup, to_power
 from audioclf.config import DataConfig, FeatureConfig, resolve
 from audioclf.errors import AudioclfError
 from audioclf.data import read_csv, write_folds
@@ -103,6 +103,10 @@ def test_mixup_mixes_label_vectors_with_the_features_weight():
 
 def test_mix_sums_powers_and_unites_labels():
     f = FeatureConfig(sample_rate=16000, n_mels=8, compression="log", offset=4.5, scale=5.0)
+
+    def loudness(features):
+        return active_power(to_power(features[None], f)).item()
+
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 8, 10, generator=g) * 0.3
     y = torch.nn.functional.one_hot(torch.arange(8) % 5, 5).float()
@@ -111,10 +115,10 @@ def test_mix_sums_powers_and_unites_labels():
     for i in range(8):
         partners = [j for j in range(8) if j != i and torch.equal(my[i], torch.maximum(y[i], y[j]))]
         assert partners, "each mixed clip holds its own classes and its partner's"
-        # the power added is the partner's, scaled by a gain within +-6 dB
+        # the power added is the partner's, scaled to the clip's loudness within +-6 dB
         added = to_power(mx[i], f) - to_power(x[i], f)
         ratios = [(added / to_power(x[j], f)).median().item() for j in partners]
-        assert any(10 ** -0.6 - 1e-3 <= r <= 10 ** 0.6 + 1e-3 and torch.allclose(
+        assert any(10 ** -0.6 - 1e-3 <= r * (loudness(x[j]) / loudness(x[i])) <= 10 ** 0.6 + 1e-3 and torch.allclose(
             from_power(to_power(x[i], f) + r * to_power(x[j], f), f), mx[i], atol=1e-3) for r, j in zip(ratios, partners))
     # a fraction of 0 changes nothing; the same generator seed gives the same mix
     assert mix(x, y, 0.0, 6.0, f, g)[0] is x
@@ -123,6 +127,23 @@ def test_mix_sums_powers_and_unites_labels():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     changed = (a[0] != x).flatten(1).any(1)
     assert torch.equal(changed, (a[1] != y).any(1) | changed) and 0 < changed.sum() < 8
+
+
+def test_mix_sets_the_partner_to_the_clip_loudness_whatever_the_recorded_levels():
+    # recorded levels 40 dB apart: scaled from its own level, the quiet clip would be inaudible yet labelled
+    f = FeatureConfig(sample_rate=16000, n_mels=8, compression="log", offset=4.5, scale=5.0)
+    loud = torch.full((8, 40), 1.0)
+    quiet = torch.zeros(8, 40)
+    quiet[:, :4] = 1e-4  # a short sound, then silence, which must not count towards its loudness
+    x = from_power(torch.stack([loud, quiet]), f)
+    y = torch.eye(2)
+    for seed in range(5):
+        mx, my = mix(x, y, 1.0, 6.0, f, torch.Generator().manual_seed(seed))
+        assert torch.equal(my, torch.ones(2, 2))
+        # the partner's active part lands within +-6 dB of the clip's loudness
+        relative = active_power(to_power(mx, f) - to_power(x, f)) / active_power(to_power(x, f))
+        assert ((relative >= 10 ** -0.6 - 1e-3) & (relative <= 10 ** 0.6 + 1e-3)).all(), relative
+    assert active_power(to_power(x, f))[1].item() == pytest.approx(1e-4 * 8, rel=1e-3)
 
 
 def test_mix_is_on_by_default_for_multilabel_only():

@@ -305,6 +305,22 @@ class SpecAugment(nn.Module):
         return x.masked_fill(masks[0] | masks[1] if len(masks) == 2 else masks[0], 0.0)
 
 
+def active_power(power: torch.Tensor, floor_db: float = 40.0) -> torch.Tensor:
+    """Loudness of each example: its mean frame power over the frames within ``floor_db`` dB of its loudest,
+    so the silence that pads a short sound does not make it look quiet.
+
+    Args:
+        power (torch.Tensor): ``(batch, n_mels, frames)`` mel power (:func:`to_power`).
+        floor_db (float, optional): frames this far below the loudest one are silence, in dB. (Default: ``40.0``)
+
+    Returns:
+        torch.Tensor: ``(batch,)``, in units of ``power`` (0 for an all-silent example).
+    """
+    frames = power.sum(-2)  # (batch, frames)
+    active = frames >= frames.amax(-1, keepdim=True) * 10 ** (-floor_db / 10)
+    return (frames * active).sum(-1) / active.sum(-1)
+
+
 def mix(x: torch.Tensor, y: torch.Tensor, fraction: float, max_db: float, features: FeatureConfig,
         generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum a ``fraction`` of the examples with another clip of the batch, at a random level difference,
@@ -313,13 +329,16 @@ def mix(x: torch.Tensor, y: torch.Tensor, fraction: float, max_db: float, featur
 
     The sum is made in mel power, which adds as the power of two summed waveforms does (their cross term
     averages out), so it holds for every front end (see :func:`to_power`). Each example's partner comes
-    from a random cyclic order of the batch, so no clip is mixed with itself.
+    from a random cyclic order of the batch, so no clip is mixed with itself. The level difference is
+    between the two clips' loudness (:func:`active_power`), not their recorded levels: those spread over
+    some 30 dB in ESC-50, so a partner scaled from its own level would often be inaudible yet labelled
+    present, or drown the clip it joins.
 
     Args:
         x (torch.Tensor): ``(batch, n_mels, frames)`` features.
         y (torch.Tensor): ``(batch, classes)`` multi-hot targets.
         fraction (float): share of the examples mixed, in [0, 1]; ``0`` turns it off.
-        max_db (float): the partner is scaled by a gain in ``[-max_db, +max_db]`` dB (of power).
+        max_db (float): the partner's loudness is set to the example's, times a gain in ``[-max_db, +max_db]`` dB.
         features (FeatureConfig): how the features were made.
         generator (torch.Generator, optional): Source of randomness (CPU). (Default: the global RNG)
 
@@ -335,10 +354,13 @@ def mix(x: torch.Tensor, y: torch.Tensor, fraction: float, max_db: float, featur
     partner = torch.empty_like(cycle)
     partner[cycle] = cycle.roll(-1)  # each example's successor in the random cycle
     rows = chosen.nonzero().squeeze(1)
-    gain = (10 ** (db[rows] / 10)).to(x.device, x.dtype).view(-1, 1, 1)
+    gain = (10 ** (db[rows] / 10)).to(x.device, x.dtype)
     rows, partner = rows.to(x.device), partner[rows].to(x.device)
+    own, other = to_power(x[rows], features), to_power(x[partner], features)
+    level, other_level = active_power(own), active_power(other)
+    gain = torch.where(other_level > 0, gain * level / other_level.clamp_min(torch.finfo(x.dtype).tiny), gain)
     x, y = x.clone(), y.clone()
-    x[rows] = from_power(to_power(x[rows], features) + gain * to_power(x[partner], features), features)
+    x[rows] = from_power(own + gain.view(-1, 1, 1) * other, features)
     y[rows] = torch.maximum(y[rows], y[partner])
     return x, y
 
