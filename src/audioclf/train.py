@@ -167,7 +167,8 @@ def train_one_epoch(model: nn.Module, bank: FeatureBank, order: torch.Tensor, op
         x, y = bank.batch(order[i:i + t.batch_size], random_crop=True, generator=generator, multi_hot=multilabel(t))
         x, y = x.to(s.device, non_blocking=True), y.to(s.device, non_blocking=True)
         if multilabel(t):  # two clips summed, labels united: polyphony from single-label clips
-            x, y = mix(x, y, mix_fraction(config), config.augment.mix_db, config.features, generator)
+            x, y = mix(x, y, mix_fraction(config), config.augment.mix_db, config.features, generator,
+                       config.augment.mix_clips)
         x, target = mixup(specaug(x), y, n_classes, config.augment.mixup_alpha, generator)
         with s.autocast():
             logits = model(x)
