@@ -6,14 +6,14 @@
 Scenes (our own mixer, seeded): an ambient bed (rain, sea_waves, crackling_fire, crickets or wind clips, end to
 end) with 1-4 events of the other 45 classes at 0-12 dB SNR over the bed, at most two at a time, no class
 twice in a scene. Each event's reference extent is the active part of its clip: from the first to the last
-50-ms frame within 25 dB of the clip's loudest. Only fold 4 is used, which the benchmark models never train
-on: its recordings (src_file) are split in two halves, tuning scenes from one, test scenes from the other.
+50-ms frame within 25 dB of the clip's loudest. Test scenes are made from fold 4, which the benchmark models
+never train on; tuning (validation) scenes from folds 1-3, so that nothing is chosen on fold 4.
 
 For each model (runs under --runs: bench-mc, multiclass, trained here with the audioclf CLI when missing;
-bench-ml, multilabel, when present): the post-processing is tuned on the tuning scenes (``detect --tune``'s
-grid), for each track source (frames, windows), then scored on the test scenes with ``evaluate-events``'
-metrics; the bed classes are ignored. The naive baseline is ``predict --timeline``: each window's top label,
-runs of windows with one label merged into an event.
+bench-ml and bench-ml2, multilabel, when present): the post-processing is tuned on the tuning scenes
+(``detect --tune``'s grid), for each track source (frames, windows), then scored once on the test scenes with
+``evaluate-events``' metrics; the bed classes are ignored. The naive baseline is ``predict --timeline``: each
+window's top label, runs of windows with one label merged into an event.
 
 With --long, a 1-h recording (test scenes end to end) goes through ``audioclf detect`` in a subprocess:
 wall time, real-time factor and peak memory (max RSS).
@@ -85,15 +85,12 @@ def rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(x ** 2) + 1e-12))
 
 
-def fold4_halves(root: Path, seed: int) -> tuple[list[dict], list[dict]]:
-    """Fold 4's clips, split by recording (src_file) into a tuning and a test half."""
+def tuning_and_test_clips(root: Path) -> tuple[list[dict], list[dict]]:
+    """Folds 1-3's clips (the tuning scenes': the models trained on them, but nothing is tuned on the test
+    fold) and fold 4's (the test scenes')."""
     with open(root / "meta" / "esc50.csv") as f:
-        clips = [r for r in csv.DictReader(f) if r["fold"] == "4"]
-    sources = sorted({r["src_file"] for r in clips})
-    rng = np.random.default_rng(seed)
-    rng.shuffle(sources)
-    tuning = set(sources[:len(sources) // 2])
-    return [r for r in clips if r["src_file"] in tuning], [r for r in clips if r["src_file"] not in tuning]
+        clips = list(csv.DictReader(f))
+    return [r for r in clips if r["fold"] in ("1", "2", "3")], [r for r in clips if r["fold"] == "4"]
 
 
 def make_scenes(root: Path, clips: list[dict], n: int, out: Path, seed: int) -> tuple[Path, list[Event]]:
@@ -224,7 +221,7 @@ def main(argv=None) -> int:
     ap.add_argument("esc50", type=Path, help="ESC-50 root (audio/, meta/esc50.csv)")
     ap.add_argument("--runs", type=Path, default=Path("/work/runs"), help="where bench-mc (and bench-ml) live")
     ap.add_argument("--out", type=Path, default=Path("soundscapes-out"), help="scenes, event lists, results")
-    ap.add_argument("--scenes", type=int, default=60, help="test scenes (tuning scenes: half as many)")
+    ap.add_argument("--scenes", type=int, default=60, help="test scenes (and as many tuning scenes)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights", type=Path, help=f"local copy of {WEIGHTS_FILE} (default: beside the data, or the "
                     f"torch hub cache)")
@@ -232,8 +229,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
-    tune_clips, test_clips = fold4_halves(args.esc50, args.seed)
-    tune_dir, tune_ref = make_scenes(args.esc50, tune_clips, max(10, args.scenes // 2), args.out / "tune", args.seed + 1)
+    tune_clips, test_clips = tuning_and_test_clips(args.esc50)
+    tune_dir, tune_ref = make_scenes(args.esc50, tune_clips, args.scenes, args.out / "tune", args.seed + 1)
     test_dir, test_ref = make_scenes(args.esc50, test_clips, args.scenes, args.out / "test", args.seed + 2)
     # the official mn04_as file: --weights, else beside the data (a shared/data/esc50 root: shared/weights/),
     # else the torch hub cache or a download
@@ -241,7 +238,7 @@ def main(argv=None) -> int:
     weights = args.weights or (beside if beside.is_file() else None)
     ensure_run(args.runs / "bench-mc", args.esc50, weights)
     results = []
-    for run in [args.runs / "bench-mc", args.runs / "bench-ml"]:
+    for run in [args.runs / "bench-mc", args.runs / "bench-ml", args.runs / "bench-ml2"]:
         if not (run / "best.pt").is_file():
             logging.info("%s: no run, skipped", run)
             continue

@@ -128,3 +128,22 @@ def test_polyphonic_mixtures_hold_two_or_three_distinct_classes(write_wav, tmp_p
     # the loudness of a clip is that of its active part, whatever silence pads it
     burst = np.concatenate([np.zeros(30 * 1024), np.ones(2048) * 0.5, np.zeros(30 * 1024)])  # on the frame grid
     assert poly.active_rms(burst) == pytest.approx(0.5, rel=0.05)
+
+
+def test_soundscapes_tune_on_training_folds_only_and_events_span_their_active_part(tmp_path):
+    pytest.importorskip("sed_eval")
+    spec = importlib.util.spec_from_file_location("bench_soundscapes", ROOT / "benchmarks" / "soundscapes.py")
+    scapes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scapes)
+    (tmp_path / "meta").mkdir()
+    rows = ["filename,fold,target,category,esc10,src_file,take"] + [f"{f}-{k}-A-0.wav,{f},0,dog,False,{k},A"
+                                                                   for f in range(1, 5) for k in range(3)]
+    (tmp_path / "meta" / "esc50.csv").write_text("\n".join(rows) + "\n")
+    tuning, test = scapes.tuning_and_test_clips(tmp_path)
+    # nothing is chosen on the test fold: the tuning scenes come from folds 1-3 only
+    assert {c["fold"] for c in tuning} == {"1", "2", "3"} and {c["fold"] for c in test} == {"4"}
+    # an event's reference extent is its clip's active part, not the silence around it
+    sr = scapes.SR
+    clip = np.concatenate([np.zeros(sr), 0.5 * np.sin(np.arange(2 * sr) * 0.3), 1e-4 * np.ones(2 * sr)])
+    a, b = scapes.active_part(clip)
+    assert a == pytest.approx(sr, abs=0.05 * sr) and b == pytest.approx(3 * sr, abs=0.05 * sr)

@@ -27,8 +27,8 @@ def artifacts_dir() -> Path:
     return path
 
 
-@pytest.fixture
-def browser(tmp_path):
+def chromium(tmp_path, flags=()):
+    """Headless Chromium under Selenium with ``flags`` added; skips the test without it."""
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
     if missing:
         pytest.skip(f"{' and '.join(missing)} not installed: apt-get install chromium chromium-driver "
@@ -36,7 +36,7 @@ def browser(tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed: pip install selenium")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+    for flag in [*CHROMIUM_FLAGS, *flags, f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(str(CHROMEDRIVER)))
     driver.set_page_load_timeout(30)
@@ -44,6 +44,11 @@ def browser(tmp_path):
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    yield from chromium(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +106,57 @@ def test_page_uploads_a_clip_and_shows_the_label(browser, app, tmp_path):
         wait.until(lambda d: d.find_element(By.ID, "error").text)
         assert "415" in browser.find_element(By.ID, "error").text
     assert (out / "serve-1280x800.png").stat().st_size > 0 and (out / "serve-phone.png").stat().st_size > 0
+
+
+def test_listen_hears_the_fake_microphone_and_logs_the_event_in_time(tmp_path, monkeypatch):
+    """The page's Listen button with a fake capture device playing a known WAV (2 s of silence, then the
+    high tone for 3 s, on a loop): the event appears in the log at most 1 s of audio after its onset."""
+    import soundfile as sf
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from test_events import SR, TONES, tone, tone_classifier
+
+    pytest.importorskip("fastapi")
+    from audioclf import serve
+    from audioclf.events import DetectConfig
+
+    # settings of its own, not the defaults tuned for mn04_as: the test is about the page and the stream
+    monkeypatch.setattr(serve, "_detect_config", lambda model: DetectConfig(median_s=0.3, min_duration_s=0.2))
+    wav = tmp_path / "mic.wav"
+    sf.write(wav, np.concatenate([np.zeros(2 * SR, np.float32), tone(TONES["high"], 3.0), np.zeros(SR, np.float32)]),
+             SR, subtype="PCM_16")
+    flags = ["--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav}",
+             "--use-fake-ui-for-media-stream", "--autoplay-policy=no-user-gesture-required"]
+    for driver in chromium(tmp_path, flags):
+        with live_server(serve.create_app(tone_classifier(), device="cpu")) as url:
+            driver.get(url + "/")
+            wait = WebDriverWait(driver, 30)
+            wait.until(lambda d: "classes" in d.find_element(By.ID, "model-info").text)
+            driver.find_element(By.ID, "listen-button").click()
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#live-log tr.ev") or d.find_element(By.ID, "live-error").text)
+            assert driver.find_element(By.ID, "live-error").text == ""
+            row = driver.find_element(By.CSS_SELECTOR, "#live-log tr.ev")
+            assert row.find_elements(By.TAG_NAME, "td")[2].text == "high"
+            onset, seen = (float(row.get_attribute(a)) for a in ("data-onset", "data-seen"))
+            assert onset % 6.0 == pytest.approx(2.0, abs=0.5)  # the file loops every 6 s
+            assert seen - onset <= 1.0
+            assert driver.find_elements(By.CSS_SELECTOR, "#live-bars li")
+            wait.until(lambda d: d.find_element(By.ID, "live-csv").is_displayed())
+            driver.save_screenshot(str(artifacts_dir() / "serve-listen.png"))
+            driver.find_element(By.ID, "listen-button").click()
+            wait.until(lambda d: "Stopped" in d.find_element(By.ID, "live-status").text)
+            assert driver.find_element(By.ID, "live-error").text == ""
+            driver.find_element(By.ID, "listen-button").click()
+            wait.until(lambda d: "Listening" in d.find_element(By.ID, "live-status").text)
+        # the server goes away mid-stream
+        wait.until(lambda d: d.find_element(By.ID, "live-error").text)
+        assert "Connection" in driver.find_element(By.ID, "live-error").text
+        assert driver.find_element(By.ID, "listen-button").text == "Listen"
+
+    no_prompt = [f for f in flags if f != "--use-fake-ui-for-media-stream"] + ["--deny-permission-prompts"]
+    for driver in chromium(tmp_path / "refused", no_prompt):
+        with live_server(serve.create_app(tone_classifier(), device="cpu")) as url:
+            driver.get(url + "/")
+            driver.find_element(By.ID, "listen-button").click()
+            WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "live-error").text)
+            assert "permission refused" in driver.find_element(By.ID, "live-error").text

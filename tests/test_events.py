@@ -51,9 +51,16 @@ class ToneDetector(nn.Module):
         return self.frame_logits(x).mean(1)
 
 
-def tone_classifier() -> Classifier:
+class StridedToneDetector(ToneDetector):
+    """ToneDetector with the time resolution of the real networks: one step per 32 spectrogram frames."""
+
+    def frame_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.avg_pool1d(super().frame_logits(x).transpose(1, 2), 32, 32, ceil_mode=True).transpose(1, 2)
+
+
+def tone_classifier(net=None) -> Classifier:
     config = RunConfig(features=FEATURES, train=TrainConfig(task="multilabel"))
-    return Classifier(ToneDetector(), config, list(TONES), device="cpu")
+    return Classifier(net or ToneDetector(), config, list(TONES), device="cpu")
 
 
 def scene(path, events, seconds: float) -> None:
@@ -80,6 +87,26 @@ def test_detect_finds_known_tones_within_a_tenth_of_a_second(tmp_path, source):
     for e, (label, onset, offset) in zip(events, KNOWN):
         assert abs(e.onset - onset) <= 0.1 + 1e-9 and abs(e.offset - offset) <= 0.1 + 1e-9, (e, onset, offset)
         assert 0.5 <= e.score <= 1.0
+
+
+def test_frame_steps_are_placed_on_the_frames_they_cover(tmp_path):
+    # 10-s blocks every 9 s; a step covers 32 frames (0.32 s). The tone starts and ends on step boundaries of
+    # the second block, late in it, where spreading 32 steps evenly over 10 s put them 0.2 s early.
+    onset, offset = 9 + 0.32 * 27, 9 + 0.32 * 29
+    scene(tmp_path / "s.wav", [("low", onset, offset)], 30.0)
+    config = DetectConfig(block_s=10.0, median_s=0.0, onset_threshold=0.5, offset_threshold=0.5, min_duration_s=0.0,
+                          merge_gap_s=0.0)
+    duration_s, track = probability_track(tone_classifier(StridedToneDetector()), str(tmp_path / "s.wav"), config)
+    (event,) = find_events(track, list(TONES), config, filename="s.wav", duration_s=duration_s)
+    assert event.onset == pytest.approx(onset, abs=0.06) and event.offset == pytest.approx(offset, abs=0.06)
+
+
+def test_frame_blocks_cover_the_file_with_a_quarter_training_length_of_context():
+    from audioclf.events import frame_blocks
+
+    assert frame_blocks(np.zeros(70 * SR), FEATURES, 10.0) == (10.0, 9.0)  # FEATURES trains on 2 s
+    assert frame_blocks(np.zeros(7 * SR), FEATURES, 10.0) == (7.0, 6.0)  # one block, no padding
+    assert frame_blocks(np.zeros(SR), FEATURES, 10.0) == (2.0, 1.0)  # never shorter than the training length
 
 
 def test_ignore_leaves_a_class_out_and_refuses_unknown_names(tmp_path):

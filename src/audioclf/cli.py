@@ -268,6 +268,16 @@ def cmd_detect(args) -> int:
                       **given_options(args, PredictOptions))
 
 
+def cmd_listen(args) -> int:
+    from .commands.listen import run_listen
+    from .events import DetectConfig
+
+    overrides = {s.name: getattr(args, s.name) for s in settings(DetectConfig) if getattr(args, s.name) is not None}
+    ignore = [x.strip() for x in (args.ignore or "").split(",") if x.strip()]
+    return run_listen(args.model, weights=args.weights, params=args.params, overrides=overrides, ignore=ignore,
+                      seconds=args.seconds, **given_options(args, PredictOptions), **given_options(args, ServeLimits))
+
+
 def cmd_evaluate_events(args) -> int:
     from .commands.detect import run_evaluate_events
 
@@ -301,6 +311,16 @@ def _add_event_parsers(command) -> None:
     p.add_argument("--params", help="detect settings JSON to read (instead of the model's), or to write with --tune")
     p.add_argument("--weights", help="with an AudioSet backbone's name: a local copy of its official weights")
     add_option_args(p, PredictOptions, only=("batch_size", "device"))
+    add_setting_args(p, sections={"detect": DetectConfig})
+
+    p = command("listen", "events from the default input device as they happen (sounddevice)", cmd_listen)
+    p.add_argument("model", help="as for detect: a run, a checkpoint, an export or an AudioSet backbone's name")
+    p.add_argument("--seconds", type=float, help="stop after this many seconds (default: at Ctrl-C)")
+    p.add_argument("--ignore", help="classes never reported, comma-separated")
+    p.add_argument("--params", help="detect settings JSON to read (instead of the model's)")
+    p.add_argument("--weights", help="with an AudioSet backbone's name: a local copy of its official weights")
+    add_option_args(p, PredictOptions, only=("top_k", "device"))
+    add_option_args(p, ServeLimits, only=("listen_hop_s",))
     add_setting_args(p, sections={"detect": DetectConfig})
 
     p = command("evaluate-events", "event- and segment-based F1, error rate and PSDS (sed_eval)", cmd_evaluate_events)

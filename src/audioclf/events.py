@@ -4,8 +4,9 @@ offsets from them.
 A track comes from one of two sources (``DetectConfig.source``):
 
 - ``frames``: the network's last feature map, the head applied to each of its time steps (32 spectrogram
-  frames) instead of to their average; windows of the training length at half-window hops, each grid
-  point read from the window whose centre is nearest.
+  frames) instead of to their average; blocks of ``block_s`` (10 s) overlapping by half the training
+  length, each grid point read from the block whose centre is nearest, so it keeps at least a quarter of
+  the training length of context on either side.
 - ``windows``: short sliding windows (``window_s``) every ``hop_s``, each window's probabilities placed at
   its centre.
 
@@ -25,6 +26,7 @@ import csv
 import itertools
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Iterator, Literal, NamedTuple, Optional, Sequence
@@ -44,7 +46,10 @@ TSV_COLUMNS = ("filename", "onset", "offset", "event_label", "score")
 
 @dataclass
 class DetectConfig:
-    """How probability tracks are made and turned into events; saved with a model by ``detect --tune``."""
+    """How probability tracks are made and turned into events; saved with a model by ``detect --tune``.
+
+    The post-processing defaults are the ones ``tune`` chose for a multiclass ``mn04_as`` on soundscapes of
+    ESC-50 clips (docs/events.md); a model's own tuned settings replace them."""
 
     SECTION = "detect"  # not part of RunConfig: it is chosen after training, on validation recordings
 
@@ -52,13 +57,15 @@ class DetectConfig:
         "frames", help="frames: the network's frame-level map before pooling; windows: short sliding windows")
     hop_s: float = setting(0.1, help="s between points of the probability tracks", low=0.01, high=1.0)
     window_s: float = setting(1.0, help="s per sliding window (source windows)", low=0.1, high=60.0)
+    block_s: float = setting(10.0, help="s of audio per forward pass (source frames; at least the training "
+                                        "length): longer blocks overlap less", low=1.0, high=60.0)
     median_s: float = setting(0.5, help="s of the per-class median filter (0 = off)", low=0.0, high=10.0)
     onset_threshold: float = setting(0.5, help="an event starts where a track reaches this probability",
                                      low=0.0, high=1.0, low_open=True)
-    offset_threshold: float = setting(0.3, help="and lasts while the track stays at or above this one "
+    offset_threshold: float = setting(0.25, help="and lasts while the track stays at or above this one "
                                                 "(<= onset threshold)", low=0.0, high=1.0, low_open=True)
-    min_duration_s: float = setting(0.2, help="s: shorter events are dropped", low=0.0, high=60.0)
-    merge_gap_s: float = setting(0.2, help="s: events of one class closer than this are merged", low=0.0,
+    min_duration_s: float = setting(0.6, help="s: shorter events are dropped", low=0.0, high=60.0)
+    merge_gap_s: float = setting(4.0, help="s: events of one class closer than this are merged", low=0.0,
                                  high=60.0)
 
     def __post_init__(self):
@@ -86,7 +93,7 @@ class Event(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------- tracks
 
-def _interp_rows(t: np.ndarray, rows: np.ndarray, grid: np.ndarray) -> np.ndarray:
+def interp_rows(t: np.ndarray, rows: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """Linear interpolation of ``rows`` ``(n, C)`` at sorted times ``t`` onto ``grid``, held at the ends."""
     if len(t) == 1:
         return np.repeat(rows, len(grid), axis=0)
@@ -100,13 +107,30 @@ def grid_times(duration_s: float, hop_s: float) -> np.ndarray:
     return (np.arange(max(1, int(np.ceil(duration_s / hop_s - 1e-9)))) + 0.5) * hop_s
 
 
+def step_times(n_steps: int, window_s: float, frame_hop_s: Optional[float] = None) -> np.ndarray:
+    """Times (s from the window's start) of the ``n_steps`` points of a frame-level row.
+
+    With ``frame_hop_s`` (the spectrogram's hop), step ``k`` of a network that downsamples time by ``S``
+    covers spectrogram frames ``kS .. kS + S - 1`` and sits at their middle; ``S`` is the ratio of frames
+    to steps rounded up (the last step also covers the padding), and frame ``n`` is centred at
+    ``n frame_hop_s``. Without it, the steps are spread evenly over the window: 32-frame steps of 10 ms
+    frames then fall 0.2 s early at the end of a 10-s window.
+    """
+    k = np.arange(n_steps)
+    if frame_hop_s is None or n_steps == 1:
+        return (k + 0.5) * window_s / n_steps
+    frames = 1 + int(round(window_s / frame_hop_s))
+    stride = -(-frames // n_steps)
+    return (k * stride + (stride - 1) / 2) * frame_hop_s
+
+
 def track_from_rows(starts: Sequence[int], rows: Sequence[np.ndarray], window_s: float, sample_rate: int,
-                    duration_s: float, hop_s: float) -> np.ndarray:
+                    duration_s: float, hop_s: float, *, frame_hop_s: Optional[float] = None) -> np.ndarray:
     """The model's outputs for windows starting at ``starts`` (samples) as one track ``(cells, n_classes)``.
 
     ``rows`` are ``(n_classes,)`` per window (placed at its centre) or ``(steps, n_classes)`` (frame-level,
-    spread evenly over the window); of overlapping windows, each time takes the points of the window whose
-    centre is nearest, where the network saw the most context.
+    at :func:`step_times`, which ``frame_hop_s`` makes exact); of overlapping windows, each time takes the
+    points of the window whose centre is nearest, where the network saw the most context.
     """
     starts = np.asarray(starts, float) / sample_rate
     centres = starts + window_s / 2
@@ -114,27 +138,41 @@ def track_from_rows(starts: Sequence[int], rows: Sequence[np.ndarray], window_s:
     t_all, r_all = [], []
     for i, (start, row) in enumerate(zip(starts, rows)):
         row = np.atleast_2d(row)
-        t = start + (np.arange(len(row)) + 0.5) * window_s / len(row)
+        t = start + step_times(len(row), window_s, frame_hop_s)
         keep = (t >= bounds[i]) & (t < bounds[i + 1]) & (t <= max(duration_s, t[0]))
         t_all.append(t[keep])
         r_all.append(row[keep])
     t, r = np.concatenate(t_all), np.concatenate(r_all)
     order = np.argsort(t, kind="stable")
-    return _interp_rows(t[order], r[order], grid_times(duration_s, hop_s)).astype(np.float32)
+    return interp_rows(t[order], r[order], grid_times(duration_s, hop_s)).astype(np.float32)
 
 
 def track_steps(clf, audio, config: DetectConfig, **limits) -> Iterator[Optional[tuple]]:
     """``clf``'s probability track of one input, one forward pass at a time: yields ``None`` after each
     batch, then ``(name, duration_s, track)``. ``limits`` go to ``Classifier.window_steps``."""
-    frames = config.source == "frames"
-    window_s = clf.config.features.duration_s if frames else config.window_s
-    hop_s = window_s / 2 if frames else config.hop_s
+    f, frames = clf.config.features, config.source == "frames"
+    window_s, hop_s = frame_blocks(audio, f, config.block_s) if frames else (config.window_s, config.hop_s)
     for source in clf.window_steps(audio, window_s=window_s, hop_s=hop_s, frames=frames, **limits):
         if source is None:
             yield None
             continue
         yield source.name, source.duration_s, track_from_rows(
-            source.starts, source.rows, window_s, clf.config.features.sample_rate, source.duration_s, config.hop_s)
+            source.starts, source.rows, window_s, f.sample_rate, source.duration_s, config.hop_s,
+            frame_hop_s=f.hop_length / f.sample_rate if frames else None)
+
+
+def frame_blocks(audio, features, block_s: float) -> tuple[float, float]:
+    """``(window_s, hop_s)`` of the frame-level blocks of ``audio`` (a path, or a waveform at
+    ``features.sample_rate``): ``block_s``, but no longer than the input and no shorter than the training
+    length; consecutive blocks overlap by half the training length."""
+    from .audio import audio_duration_s
+
+    if isinstance(audio, (str, os.PathLike)):
+        length_s = audio_duration_s(audio)
+    else:
+        length_s = np.shape(audio)[-1] / features.sample_rate
+    window_s = max(features.duration_s, min(block_s, length_s))
+    return window_s, window_s - features.duration_s / 2
 
 
 def probability_track(clf, audio, config: DetectConfig) -> tuple[float, np.ndarray]:
@@ -152,9 +190,14 @@ def _runs(mask: np.ndarray) -> np.ndarray:
     return np.stack([np.flatnonzero(d == 1), np.flatnonzero(d == -1)], axis=1)
 
 
+def median_cells(config: DetectConfig) -> int:
+    """The median filter's length in track cells: ``median_s`` rounded to an odd number."""
+    return int(round(config.median_s / config.hop_s)) // 2 * 2 + 1
+
+
 def smooth(track: np.ndarray, config: DetectConfig) -> np.ndarray:
-    """The per-class median filter of ``median_s`` (an odd number of cells)."""
-    k = int(round(config.median_s / config.hop_s)) // 2 * 2 + 1
+    """The per-class median filter of ``median_s`` (:func:`median_cells`)."""
+    k = median_cells(config)
     if k <= 1 or len(track) < 2:
         return track
     from scipy.ndimage import median_filter
@@ -290,9 +333,10 @@ def save_config(config: DetectConfig, model=None, path=None) -> list[Path]:
 TUNE_GRID = {
     "onset_threshold": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
     "offset_ratio": (0.5, 0.75, 1.0),  # offset_threshold = ratio * onset_threshold
-    "median_s": (0.0, 0.3, 0.7, 1.5),
+    # frame-level tracks of long sounds peak at their onsets and sag after: long filters and gaps pay off
+    "median_s": (0.0, 0.5, 1.5, 2.5),
     "min_duration_s": (0.1, 0.3, 0.6),
-    "merge_gap_s": (0.0, 0.3, 1.0, 2.0),
+    "merge_gap_s": (0.0, 0.5, 2.0, 4.0),
 }
 
 

@@ -62,6 +62,19 @@ class ServeLimits:
                                                  "requests wait, then 503", low=0.0, high=1e6, low_open=True)
     cors_origin: Optional[str] = setting(None, help="let pages from this one origin (scheme://host[:port]) call the "
                                                     "API (default: none)")
+    # /listen: each live stream holds a window of audio and takes a forward pass every hop
+    max_listeners: int = setting(4, help="live streams on /listen at once; more are closed with code 1013", low=0,
+                                 high=1000)
+    max_listen_s: float = setting(3600.0, help="longest /listen session, in s of audio", low=0.0, high=1e6,
+                                  low_open=True)
+    listen_idle_s: float = setting(5.0, help="s a /listen client may send nothing before it is closed", low=0.0,
+                                   high=3600.0, low_open=True)
+    max_chunk_s: float = setting(1.0, help="most audio in one /listen message, in s; more closes the stream",
+                                 low=0.0, high=60.0, low_open=True)
+    max_listen_speed: float = setting(1.5, help="s of audio a /listen client may send per s (past a burst of two "
+                                                "chunks); faster closes the stream", low=1.0, high=1000.0)
+    listen_hop_s: float = setting(0.5, help="s of audio between /listen answers, a forward pass each", low=0.1,
+                                  high=2.0)
 
     def __post_init__(self):
         _check_settings(self)

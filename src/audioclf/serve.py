@@ -5,6 +5,7 @@
 ``POST /embed``  multipart field ``file`` -> ``{embedding, dim, duration_s}``
 ``POST /explain``  multipart field ``file`` (and ``?label=``) -> a PNG: where the model's evidence lies
 ``POST /detect``   multipart field ``file`` -> ``{duration_s, events: [{onset, offset, label, score}]}``
+``WS /listen``  a live stream of PCM -> the top classes and the events as they open and close, every hop
 ``GET /health`` (status and model metadata), ``GET /labels``, ``GET /`` (a web page), ``/docs`` (OpenAPI).
 
 The model is loaded once, when the app is made. Requests are classified in worker threads, so the event
@@ -56,6 +57,7 @@ if importlib.util.find_spec("python_multipart") is None and importlib.util.find_
 
 # the guards below the app (serve's API too: tests and benchmarks reach them through this module)
 from .serve_guards import MIB, BodyLimits, DecodingBudget, HeaderDeadlineProtocol, uvicorn_options  # noqa: E402,F401
+from .serve_listen import add_listen, max_message_bytes  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +87,9 @@ MAX_CLIENT_CONNECTIONS = ServeLimits.max_client_connections
 MAX_DECODING_MB = ServeLimits.max_decoding_mb
 # seconds a client may ask for as hop_s at most (past the end of any audio the server accepts)
 MAX_HOP_S = 3600.0
-# What the page may load: itself, its inline style and script, and the blob: URL of the chosen file.
-PAGE_CSP = ("default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+# What the page may load: itself, its inline style and script (and /listen-worklet.js), and the blob: URL of the
+# chosen file.
+PAGE_CSP = ("default-src 'self'; style-src 'unsafe-inline'; script-src 'self' 'unsafe-inline'; "
             "media-src blob:; img-src data:; object-src 'none'; base-uri 'none'")
 
 
@@ -122,7 +125,7 @@ def _add_offline_docs(app: "FastAPI") -> None:
 def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: str = PredictOptions.device, *,
                max_audio_s: float = ServeLimits.max_audio_s, max_windows: int = ServeLimits.max_windows,
                timeout_s: float = TIMEOUT_S, cors_origin: Optional[str] = ServeLimits.cors_origin,
-               max_decoding_mb: float = MAX_DECODING_MB) -> FastAPI:
+               max_decoding_mb: float = MAX_DECODING_MB, **listen_limits) -> FastAPI:
     """The serving app for ``model``: a :class:`~audioclf.predict.Classifier`, or anything
     :func:`audioclf.load` reads (run directory, ``.pt``, safetensors export), loaded here, once.
 
@@ -137,11 +140,15 @@ def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: 
             (Default: none, same-origin only)
         max_decoding_mb (float): decoded audio in flight across all requests, in MiB; past it requests
             wait (503 after ``timeout_s``). (Default: ``MAX_DECODING_MB``, 256)
+        listen_limits: the bounds of ``/listen`` streams, :class:`~audioclf.options.ServeLimits`' fields
+            (``max_listeners``, ``max_listen_s``, ``listen_idle_s``, ``max_chunk_s``, ``max_listen_speed``,
+            ``listen_hop_s``; :mod:`audioclf.serve_listen`).
     """
     from .predict import Classifier, LimitError, count_windows, load
 
-    ServeLimits(max_upload_mb=max_upload_mb, max_audio_s=max_audio_s, max_windows=max_windows, timeout_s=timeout_s,
-                cors_origin=cors_origin, max_decoding_mb=max_decoding_mb)  # refuses a value out of its range
+    limits = ServeLimits(max_upload_mb=max_upload_mb, max_audio_s=max_audio_s, max_windows=max_windows,
+                         timeout_s=timeout_s, cors_origin=cors_origin, max_decoding_mb=max_decoding_mb,
+                         **listen_limits)  # refuses a value out of its range
     budget = DecodingBudget(int(max_decoding_mb * MIB), timeout_s)
     clf = model if isinstance(model, Classifier) else load(model, device)
     labels, features = list(clf.labels), clf.config.features
@@ -411,6 +418,8 @@ def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: 
         return Detection(duration_s=duration_s, events=[DetectedEvent(onset=e.onset, offset=e.offset, label=e.event_label,
                                                                       score=e.score) for e in events])
 
+    add_listen(app, clf, detect_config, model_lock, limits)
+
     @app.get("/health", response_model=Health)
     def get_health():
         return health
@@ -444,9 +453,9 @@ def serve(model_path, host: str = ServeLimits.host, port: int = ServeLimits.port
     for a request's headers and stay idle between requests; past ``max_connections`` open connections,
     a new one displaces the one idle longest (requests get 503 only when none is idle); one client address
     may hold ``max_client_connections``."""
-    ServeLimits(host=host, port=port, max_connections=max_connections, max_client_connections=max_client_connections,
-                **limits)
+    checked = ServeLimits(host=host, port=port, max_connections=max_connections,
+                          max_client_connections=max_client_connections, **limits)
     app = create_app(model_path, device=device, **limits)
     log.info("serving %s on http://%s:%d (web page at /, API docs at /docs)", model_path, host, port)
-    uvicorn.run(app, host=host, port=port, log_level="info",
+    uvicorn.run(app, host=host, port=port, log_level="info", ws_max_size=max_message_bytes(checked),
                 **uvicorn_options(limits.get("timeout_s", TIMEOUT_S), max_connections, max_client_connections))
