@@ -4,19 +4,22 @@
     python benchmarks/polyphonic.py ESC-50/ --validation         # mixtures of the validation clips instead
     python benchmarks/polyphonic.py ESC-50/ --json
 
-The mixtures (written once, as WAVs and a ``path,labels`` CSV, under --out): --n 2-clip and --n 3-clip
+The mixtures (written once, as WAVs and a ``path,labels,levels_db`` CSV, under --out): --n 2-clip and --n 3-clip
 mixtures of clips of distinct classes, 5 s, from ESC-50 fold 4 only, the fold both models hold out
 (``--test-fold 4``). Levels are loudness differences, as a DCASE mixer sets an event's level against a
 reference: each clip's loudness is the RMS of its active part (ESC-50 pads short sounds with silence), the
 first clip is the reference, and every other clip is set to a level drawn from -6 to +6 dB relative to
-it. The CSV's ``levels_db`` column holds each clip's level, in the order of its ``labels``. With --validation they come from the clips the runs validated on (the 20 % of
-folds 1-3 that ``split_clips`` holds out), so settings can be chosen without looking at fold 4.
+it; ``levels_db`` holds each clip's level, in the order of ``labels``. With --validation they come from
+the clips the runs validated on (the 20 % of folds 1-3 that ``split_clips`` holds out), so settings can
+be chosen without looking at fold 4.
 
 The models: mn04_as fine-tuned on ESC-50 folds 1-3 twice, once ``--task multilabel`` (sigmoids, with the
 "mix" augmentation, on by default) and once ``--task multiclass`` (softmax), each trained by the command
 printed below when its run directory (--ml, --mc) holds no best.pt. Both are scored by ``audioclf
-evaluate`` on the mixture CSV: mAP, and micro/macro F1 at the multilabel model's thresholds (chosen on
-its validation clips) and at 0.5 for the softmax, where at most one class can pass.
+evaluate`` on the mixture CSV: mAP (over all mixtures, the 2-clip and the 3-clip ones), micro/macro F1 at
+the multilabel model's thresholds (chosen on its validation clips) and at 0.5 for the softmax, where at
+most one class can pass, and how often the class of a mixture's loudest and of its quietest clip ranks
+among its top N classes (N clips).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from audioclf.errors import AudioclfError
 from audioclf.data import read_csv, write_folds
 from audioclf.evaluate import evaluate
 from audioclf.export import export
-from audioclf.tasks import class_balance, mix_fraction, n_correct, smoothed_bce
+from audioclf.tasks import class_balance, mix_fraction, n_correct, smoothed_bce, start_at_priors
 
 from conftest import SYNTH_CLASSES, SYNTH_SAMPLE_RATE
 
@@ -165,6 +165,16 @@ def test_mix_of_up_to_three_clips_sums_each_partner_once():
                 assert j == i or 10 ** -0.6 - 1e-3 <= ratio <= 10 ** 0.6 + 1e-3
     assert sizes == {2, 3}
     assert mix(x, y, 1.0, 6.0, f, torch.Generator().manual_seed(0), max_clips=3)[1].sum(1).max() <= 3
+
+
+def test_a_multilabel_head_starts_at_the_class_priors():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 3))
+    first = model[0].bias.detach().clone()
+    targets = torch.zeros(20, 3, dtype=torch.bool)
+    targets[:10, 0], targets[:5, 1] = True, True  # shares 1/2, 1/4 and none
+    start_at_priors(model, targets)
+    assert torch.allclose(torch.sigmoid(model[2].bias), torch.tensor([0.5, 0.25, 1e-3]), atol=1e-6)
+    assert torch.equal(model[0].bias, first)  # a hidden layer of the same width is left alone
 
 
 def test_mix_is_on_by_default_for_multilabel_only():

@@ -36,6 +36,8 @@ NOT_RUN = {
     "git clone": "the network",
     "pip install": "the network",
     "python benchmarks/accuracy.py": "needs ESC-50 and FSDD, and hours",
+    "python benchmarks/polyphonic.py": "needs ESC-50 and trains two models",
+    "python benchmarks/soundscapes.py": "needs ESC-50 and trains two models",
 }
 # commands that need the default backbone's pretrained weights (no download in tests): run when the shared
 # copy is there
