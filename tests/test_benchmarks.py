@@ -1,6 +1,7 @@
 """The accuracy benchmark's recipes and FSDD protocol (what they run, not how fast)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +13,17 @@ from audioclf.data import load_clips, split_clips
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def accuracy():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "benchmarks" / "accuracy.py")
+def bench(name: str):
+    """The module of ``benchmarks/NAME.py`` (a script, not a package module)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    return bench("accuracy")
 
 
 def test_every_recipe_resolves_and_differs_from_the_default_as_named(accuracy):
@@ -80,6 +86,73 @@ def test_scale_benchmark_measures_every_part(tmp_path):
     assert not list(tmp_path.glob("audioclf-scale-*"))  # its temporary stores and clips are gone
 
 
+@pytest.fixture(scope="module")
+def openset():
+    return bench("openset")
+
+
+def fake_esc50(root: Path, n_classes: int = 12, per_class: int = 8) -> Path:
+    """An ESC-50 layout (audio/, meta/esc50.csv) of synthetic 1-s clips, folds 1-4, one src_file per clip."""
+    import csv
+
+    import soundfile as sf
+    from audioclf.demo import SYNTH_CLASSES, synth_clip
+
+    rng = np.random.default_rng(0)
+    (root / "audio").mkdir(parents=True)
+    (root / "meta").mkdir()
+    rows = []
+    for c in range(n_classes):
+        for i in range(per_class):
+            name = f"{i % 4 + 1}-{c}{i}-A-{c}.wav"
+            wave = np.roll(synth_clip(SYNTH_CLASSES[c % 5], rng, 16000, 1.0), 1000 * c) * (0.3 + 0.1 * (c // 5))
+            sf.write(root / "audio" / name, wave, 16000)
+            rows.append({"filename": name, "fold": i % 4 + 1, "target": c, "category": f"class{c:02d}",
+                         "esc10": "False", "src_file": f"{c}{i}", "take": "A"})
+    with open(root / "meta" / "esc50.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
+def test_openset_splits_are_seeded_and_the_manifest_holds_the_known_classes_only(openset, tmp_path):
+    classes = [f"c{i:02d}" for i in range(50)]
+    known, unknown = openset.class_split(classes, 0)
+    assert len(unknown) == 10 and len(known) == 40 and not set(known) & set(unknown)
+    assert openset.class_split(classes, 0) == (known, unknown) and openset.class_split(classes, 1)[1] != unknown
+    root = fake_esc50(tmp_path / "esc")
+    rows = openset.read_meta(root)
+    known = [f"class{c:02d}" for c in range(6)]
+    clips = load_clips(resolve(overrides={"data": {"root": str(openset.known_manifest(root, rows, known, tmp_path / "k.csv")),
+                                                   "format": "csv"}}).data)
+    assert clips.classes == known and len(clips.clips) == 6 * 8
+    assert {c.fold for c in clips.clips} == {1, 2, 3, 4} and all(c.group for c in clips.clips)
+
+
+@pytest.mark.slow
+def test_openset_benchmark_trains_scores_and_reuses_its_runs(openset, tmp_path, capsys):
+    root = fake_esc50(tmp_path / "esc", per_class=12)  # 3 clips per class and fold
+    argv = [str(root), "--backbone", "resnet18", "--epochs", "2", "--test-folds", "4", "--splits", "0",
+            "--n-unknown", "4", "--out", str(tmp_path / "out"), "--json"]
+    assert openset.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    (r,) = out["runs"]
+    assert r["n_known"] == 8 * 3 and r["n_unknown"] == 4 * 3  # fold 4 of 12 classes: 8 known, 4 unknown
+    # the choice is made on a model of folds 1-3 alone (fold 3 its test fold), 3 of the 8 known classes unknown
+    assert r["select"]["n_known"] == 5 * 3 and r["select"]["n_unknown"] == 3 * 3
+    assert out["chosen"] == max(openset.CANDIDATES, key=lambda name: r["select"][name]["auroc"])
+    for name in openset.CANDIDATES:
+        assert 0 <= r[name]["auroc"] <= 1 and 0 <= r[name]["fpr95"] <= 1 and 0 <= r[name]["known_kept"] <= 1
+    assert 0 <= r["ece_after"] <= 1
+    assert f"**{out['chosen']}**" in openset.table([r])
+    run = tmp_path / "out" / "resnet18" / "split0"
+    written = [(run / name / "summary.json").stat().st_mtime_ns for name in ("fold4", "select4")]
+    assert openset.main(argv) == 0
+    # the finished runs are reused, not trained again
+    assert [(run / name / "summary.json").stat().st_mtime_ns for name in ("fold4", "select4")] == written
+
+
 def test_polyphonic_mixtures_hold_two_or_three_distinct_classes(write_wav, tmp_path):
     import csv
 
@@ -87,9 +160,7 @@ def test_polyphonic_mixtures_hold_two_or_three_distinct_classes(write_wav, tmp_p
 
     from audioclf.clips import Clip
 
-    spec = importlib.util.spec_from_file_location("bench_polyphonic", ROOT / "benchmarks" / "polyphonic.py")
-    poly = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(poly)
+    poly = bench("polyphonic")
     rng = np.random.default_rng(0)
     clips = [Clip(str(write_wav((rng.standard_normal(16000) * 0.1 * (k + 1)).astype(np.float32), 16000,
                                 name=f"c{label}_{k}.wav")), label, 4) for label in range(5) for k in range(2)]

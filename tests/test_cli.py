@@ -117,7 +117,8 @@ def test_option_flags_are_generated_from_their_declaration(command, cls):
     actions = subparsers()[command]._option_string_actions
     for s in settings(cls):
         action = actions[s.flag]
-        assert action.dest == s.name and action.default is None and action.type is s.kind
+        # a bool is a --x/--no-x pair (argparse.BooleanOptionalAction), which takes no type
+        assert action.dest == s.name and action.default is None and action.type is (None if s.kind is bool else s.kind)
         assert action.help.startswith(s.help)
 
 

@@ -149,6 +149,8 @@ def test_train_and_evaluate_report_one_macro_f1(synth_dir, tmp_path):
     # the same predictions, so the same report: every figure, per-class table and confusion matrix alike, over
     # the classes present (the test fold's report used to list "tone" and a zero row for it; evaluate does not)
     del evaluated["skipped"], evaluated["out_dir"]
+    # evaluate sees calibrated probabilities only and undoes the temperature from them: equal up to rounding
+    assert evaluated.pop("ece_uncalibrated") == pytest.approx(trained.pop("ece_uncalibrated"), abs=1e-6)
     assert trained == evaluated
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["test_acc"], summary["test_f1"], summary["test_n"]) == \

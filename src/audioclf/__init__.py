@@ -8,10 +8,10 @@ from .options import PredictOptions
 __all__ = ["AudioclfError", "__version__", "load"]
 
 
-def load(model, device: str = PredictOptions.device):
+def load(model, device: str = PredictOptions.device, *, reject: bool = PredictOptions.reject):
     """Load a trained model (run directory, ``.pt`` checkpoint or exported safetensors folder), or an
     AudioSet backbone's name (``"mn04_as"``) for AudioSet's 527 tags without training, for inference; see
-    :class:`audioclf.predict.Classifier`."""
+    :class:`audioclf.predict.Classifier`. ``reject=False``: never answer ``"unknown"``."""
     from .predict import load as _load
 
-    return _load(model, device)
+    return _load(model, device, reject=reject)

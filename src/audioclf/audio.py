@@ -451,7 +451,7 @@ def settled_windows(n_samples: int, window: int, hop: int) -> int:
 
 def inference_windows(wave: torch.Tensor, window: int, hop: int) -> torch.Tensor:
     """The windows a model classifies in one recording, ``(k, window)``, at :func:`window_starts`
-    (``predict.sliding_windows`` streams the same ones).
+    (``windows.sliding_windows`` streams the same ones).
 
     Training caches the features of exactly these windows, each peak-normalised on its own, so a model
     sees in training what it sees in prediction.

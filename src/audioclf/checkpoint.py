@@ -36,7 +36,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -325,3 +325,15 @@ def load_model(model_path, map_location="cpu") -> SavedModel:
         return load_safetensors(model_path)
     path = resolve_checkpoint(model_path)
     return model_from_checkpoint(load_checkpoint(path, map_location), path)
+
+
+def saved_extras(model_path, keys: Sequence[str]) -> dict:
+    """The ``keys`` a saved model holds beside its weights (what training fitted after its epochs, such as
+    the temperature and the unknown rule), from a checkpoint or an export's ``config.json``; a key the
+    model lacks (saved by an older audioclf) is left out."""
+    if is_safetensors_export(model_path):
+        p = Path(model_path)
+        saved = read_export_config(p.parent if p.is_file() else p)
+    else:
+        saved = load_checkpoint(model_path)
+    return {k: saved[k] for k in keys if k in saved}

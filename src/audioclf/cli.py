@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("serve", "HTTP API and web page for a trained model", cmd_serve)
     p.add_argument("model", help="run directory, .pt checkpoint or exported safetensors folder")
-    add_option_args(p, PredictOptions, only=("device",))
+    add_option_args(p, PredictOptions, only=("device", "reject"))
     add_option_args(p.add_argument_group("server and limits"), ServeLimits)
 
     p = command("backbones", "list the backbones, their front ends and weight status", cmd_backbones)

@@ -22,8 +22,11 @@ from .metrics import classification_metrics, multilabel_metrics, per_class_table
 from .options import PredictOptions
 from .predict import load
 from .rundir import EVAL_FILES, TAG_EVAL_FILES, write_predictions, write_tag_predictions
+from .trust import expected_calibration_error, plot_reliability, softmax
 
 log = logging.getLogger(__name__)
+
+RELIABILITY_PNG = "reliability.png"
 
 
 def plot_confusion_matrix(cm, labels: Sequence[str], path) -> None:
@@ -73,24 +76,27 @@ def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=N
         batch_size (int, optional): windows per forward pass. (Default: ``32``)
         quiet (bool, optional): no progress bar. (Default: ``False``)
 
-    Writes ``metrics.json``, ``predictions.csv``, ``confusion_matrix.png`` and ``report.txt`` to
-    ``out_dir``. A multilabel model, or a multilabel dataset (a manifest with a ``labels`` column: a
-    multiclass model is then scored with its softmax probabilities), is scored as tags instead
+    Writes ``metrics.json``, ``predictions.csv``, ``confusion_matrix.png``, ``reliability.png`` and
+    ``report.txt`` to ``out_dir``. The model's probabilities are its calibrated ones; ``ece_uncalibrated`` is
+    their ECE before temperature scaling. Every clip gets one of the model's classes: the unknown rule is off
+    here. A multilabel model, or a multilabel dataset (a manifest with a ``labels`` column: a multiclass model
+    is then scored with its softmax probabilities), is scored as tags instead
     (:func:`audioclf.metrics.multilabel_metrics` at the model's thresholds): ``metrics.json`` with ``mAP``,
     ``micro_f1``, ``macro_f1`` and per-class AP; ``predictions.csv`` with one probability column per class
     (:func:`write_tag_predictions`); ``pr_curves.png``; ``report.txt`` with the per-class table. Unreadable
     clips are skipped and listed under ``skipped``.
 
     Returns:
-        dict: the metrics of :func:`classification_metrics` (or :func:`multilabel_metrics`), plus ``skipped``
-        (list of ``{"path", "reason"}``), ``out_dir`` and ``report`` (the text of ``report.txt``).
+        dict: the metrics of :func:`classification_metrics` plus ``ece``, ``ece_uncalibrated`` (15 bins) and
+        ``temperature`` (or :func:`multilabel_metrics`), plus ``skipped`` (list of ``{"path", "reason"}``),
+        ``out_dir`` and ``report`` (the text of ``report.txt``).
 
     Raises:
         AudioclfError: when the dataset has a class the model does not know, the fold has no clips,
             or no clip can be read.
     """
     out_dir = check_output(out_dir if out_dir else _default_out_dir(model_path), folder=True)
-    clf = load(model_path, device, batch_size=batch_size)
+    clf = load(model_path, device, batch_size=batch_size, reject=False)
     clipset = load_clips(data)
     unknown = [name for name in clipset.classes if name not in clf.labels]
     if unknown:
@@ -116,12 +122,18 @@ def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=N
         rows.append((clip.path, true, r["label"], r["confidence"]))
 
     metrics = classification_metrics(y_true, np.array(probs), clf.labels)
+    # softmax(T * log p) undoes the temperature exactly for a one-window clip (log p = logits / T + const)
+    uncalibrated = softmax(clf.temperature * np.log(np.clip(probs, 1e-30, None)))
+    metrics.update(ece=expected_calibration_error(probs, y_true), ece_uncalibrated=expected_calibration_error(
+        uncalibrated, y_true), temperature=clf.temperature)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics.update(skipped=skipped, out_dir=str(out_dir))
     metrics_json, predictions_csv, matrix_png, report_txt = (out_dir / name for name in EVAL_FILES)
     metrics_json.write_text(json.dumps(metrics, indent=2) + "\n")
     write_predictions(predictions_csv, rows)
     plot_confusion_matrix(metrics["confusion_matrix"], metrics["labels"], matrix_png)
+    plot_reliability({"before temperature scaling": uncalibrated, f"after (T = {clf.temperature:.2f})": probs}, y_true,
+                     out_dir / RELIABILITY_PNG)
     metrics["report"] = _report(metrics, y_true, probs, clf.labels, model_path, data, fold)
     report_txt.write_text(metrics["report"])
     log.info("evaluation written to %s", out_dir)
@@ -180,4 +192,6 @@ def _report(metrics: dict, y_true, probs, labels: list[str], model_path, data: D
     return (f"model: {model_path}\ndata: {_where(data, fold)}\n"
             f"clips: {metrics['n_clips']} evaluated, {len(metrics['skipped'])} skipped\n"
             f"accuracy {metrics['accuracy']:.4f}   macro F1 {metrics['macro_f1']:.4f}   "
-            f"top-3 accuracy {metrics['top3_accuracy']:.4f}\n\n{table}")
+            f"top-3 accuracy {metrics['top3_accuracy']:.4f}\n"
+            f"ECE (15 bins) {metrics['ece']:.4f}, before temperature scaling {metrics['ece_uncalibrated']:.4f} "
+            f"(T = {metrics['temperature']:.3f})\n\n{table}")

@@ -37,12 +37,13 @@ from torch import nn
 
 from ._version import __version__
 from .checkpoint import (BOUND_KEY, CONFIG_FILE, EXPORT_FORMAT, ONNX_EXPORT_FILE, RUN_CHECKPOINT, SAFETENSORS_FILE,
-                         load_model)
+                         load_model, saved_extras)
 from .config import FeatureConfig, _check_choice
 from .errors import AudioclfError
 from .fileio import atomic_path, check_output, sha256
 from .features import LogMel
 from .model import WaveformClassifier, activation
+from .trust import TRUST_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +89,20 @@ def export(model_path, format: str = "safetensors", out_dir="export", *, quantiz
     out = check_output(out_dir, folder=True, inputs=[source if source.is_dir() else source.parent])
     saved = load_model(model_path)
     model, config, labels = saved
+    # the temperature and unknown rule: audioclf.load applies them from config.json; the ONNX graph holds the temperature
+    trust = saved_extras(model_path, TRUST_KEYS)
     out.mkdir(parents=True, exist_ok=True)
     bound = {"labels": list(labels), "config": config.to_dict()}
     if format == "safetensors":
         path = _export_safetensors(model, out, bound)
         extra = {"weights_sha256": sha256(path)}
     else:
-        path, extra = _export_onnx(model, config.features, out, config.train.task, quantize)
+        path, extra = _export_onnx(model, config.features, out, config.train.task, quantize,
+                                   trust.get("temperature", 1.0))
     if saved.thresholds is not None:  # a multilabel model's: a tag is on where its probability reaches them
         extra["thresholds"] = saved.thresholds
-    meta = {"format": format, "format_version": EXPORT_FORMAT, "audioclf_version": __version__, **extra, **bound}
+    meta = {"format": format, "format_version": EXPORT_FORMAT, "audioclf_version": __version__, **extra, **bound,
+            **trust}
     with atomic_path(out / CONFIG_FILE) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
     log.info("exported %s to %s", format, path)
@@ -127,16 +132,18 @@ class LogMelClassifier(nn.Module):
     Args:
         model (nn.Module): a trained network (:func:`audioclf.model.build_network`).
         task (str, optional): ``multiclass`` (softmax) or ``multilabel`` (sigmoids). (Default: ``"multiclass"``)
+        temperature (float, optional): divides the logits first (the model's calibration). (Default: ``1.0``)
     """
 
-    def __init__(self, model: nn.Module, task: str = "multiclass"):
+    def __init__(self, model: nn.Module, task: str = "multiclass", temperature: float = 1.0):
         super().__init__()
         self.model = model
         self.task = task
+        self.temperature = float(temperature)
 
     def forward(self, logmel: torch.Tensor) -> torch.Tensor:
         """(batch, n_mels, frames) -> (batch, n_classes) probabilities."""
-        return activation(self.task)(self.model(logmel))
+        return activation(self.task)(self.model(logmel) / self.temperature)
 
 
 def _onnx_probs(path: Path, input_name: str, example: torch.Tensor) -> np.ndarray:
@@ -191,13 +198,14 @@ def _quantize_int8(path: Path) -> None:
 
 
 def _export_onnx(model: nn.Module, features: FeatureConfig, out: Path, task: str,
-                 quantize: Optional[str] = None) -> tuple[Path, dict]:
+                 quantize: Optional[str] = None, temperature: float = 1.0) -> tuple[Path, dict]:
     _require("onnx", "onnxscript", "onnxruntime")
     path = out / ONNX_FILE
     # A batch of 2: an example batch of 1 would let the exporter treat the batch size as a constant.
     wave = 0.1 * torch.randn(2, features.n_samples, generator=torch.Generator().manual_seed(0))
     try:
-        extra = _onnx_export(WaveformClassifier(features, model, task).eval(), wave, "waveform", path, quantize)
+        extra = _onnx_export(WaveformClassifier(features, model, task, temperature).eval(), wave, "waveform", path,
+                             quantize)
         return path, {"input": "waveform", "input_shape": ["batch", features.n_samples], "opset": ONNX_OPSET, **extra}
     except Exception as e:  # the exporter fails in many ways (unsupported op, guard, version); all mean "fall back"
         log.warning("ONNX export of the whole graph (waveform -> probabilities) failed: %s: %s. Exporting "
@@ -205,6 +213,6 @@ def _export_onnx(model: nn.Module, features: FeatureConfig, out: Path, task: str
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "", CONFIG_FILE)
     with torch.no_grad():
         logmel = LogMel(features)(wave)
-    extra = _onnx_export(LogMelClassifier(model, task).eval(), logmel, "logmel", path, quantize)
+    extra = _onnx_export(LogMelClassifier(model, task, temperature).eval(), logmel, "logmel", path, quantize)
     return path, {"input": "logmel", "input_shape": ["batch", features.n_mels, features.n_frames], "opset": ONNX_OPSET,
                   **extra}

@@ -284,19 +284,22 @@ class WaveformClassifier(nn.Module):
         features (FeatureConfig): the feature settings the model was trained with.
         model (nn.Module): a trained network (:func:`build_network`).
         task (str, optional): ``multiclass`` (softmax) or ``multilabel`` (sigmoids). (Default: ``"multiclass"``)
+        temperature (float, optional): divides the logits first: the model's calibration (``trust.py``),
+            a constant of an exported graph. (Default: ``1.0``)
     """
 
-    def __init__(self, features: FeatureConfig, model: nn.Module, task: str = "multiclass"):
+    def __init__(self, features: FeatureConfig, model: nn.Module, task: str = "multiclass", temperature: float = 1.0):
         super().__init__()
         self.logmel = LogMel(features)
         self.model = model
         self.task = task
+        self.temperature = float(temperature)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """(batch, samples) at ``features.sample_rate`` -> (batch, n_classes) probabilities."""
-        return activation(self.task)(self.model(self.logmel(wave)))
+        return activation(self.task)(self.model(self.logmel(wave)) / self.temperature)
 
     def frames(self, wave: torch.Tensor) -> torch.Tensor:
         """(batch, samples) -> (batch, steps, n_classes) probabilities of each time step of the network's
         last feature map (its ``frame_logits``; a step is 32 spectrogram frames)."""
-        return activation(self.task)(self.model.frame_logits(self.logmel(wave)))
+        return activation(self.task)(self.model.frame_logits(self.logmel(wave)) / self.temperature)

@@ -31,6 +31,8 @@ class PredictOptions:
     window_s: Optional[float] = setting(None, flag="--window", help="sliding-window length in s (default: the "
                                                                     "training duration)")
     hop_s: Optional[float] = setting(None, flag="--hop", help="sliding-window hop in s (default: half the window)")
+    reject: bool = setting(True, help="answer 'unknown' for sounds unlike every trained class (the model's rule, "
+                                      "fitted on its validation clips); --no-reject: always a trained class")
 
     def __post_init__(self):
         _check_settings(self)

@@ -2,9 +2,10 @@
 ``audioclf evaluate`` and the HTTP server.
 
 A clip up to the training duration is padded exactly as in training (``audio.fix_length``); a longer one
-is cut into sliding windows and gets the mean of the window probabilities (tags: their maximum). Long
-files are streamed block by block, so memory stays bounded. Windows of many inputs share model batches.
-The ``predict`` and ``embed`` commands around this live in :mod:`audioclf.commands`.
+is cut into sliding windows (:mod:`audioclf.windows`) and gets the mean of the window probabilities (tags:
+their maximum). Windows of many inputs share model batches. The model's temperature divides its logits, and
+its unknown rule (:mod:`audioclf.trust`) answers ``unknown`` for an input below its threshold. The
+``predict`` and ``embed`` commands around this live in :mod:`audioclf.commands`.
 """
 
 from __future__ import annotations
@@ -12,169 +13,27 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-import os
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .audio import (audio_duration_s, default_hop, fix_length, load_audio, settled_windows, stream_audio,
-                    window_starts)
-from .checkpoint import SavedModel, load_model, weights_file
-from .config import FeatureConfig, RunConfig
+from .audio import default_hop
+from .checkpoint import SavedModel, load_model, saved_extras, weights_file
+from .config import RunConfig
 from .errors import AudioclfError
 from .metrics import tags_above
-from .model import WaveformClassifier
+from .model import WaveformClassifier, activation
 from .options import PredictOptions
 from .runtime import auto_workers, cpu_threads_beside, dying_with_parent, resolve_device
-from .waveforms import as_waveform, unbatch
+from .trust import TRUST_KEYS, UNKNOWN, known_score, read_trust
+from .waveforms import unbatch
+from .windows import LimitError, PrepareFiles, Source, count_windows, limited, prepare  # noqa: F401
+# LimitError, count_windows: predict's API (the server's) before the windows moved out
 
 log = logging.getLogger(__name__)
-
-
-class LimitError(AudioclfError):
-    """An input passed a limit its caller set (``max_duration_s``, ``max_windows``): the server answers 413."""
-
-
-# ---------------------------------------------------------------------------------------------- windows
-
-def sliding_windows(blocks: Iterable[np.ndarray], window: int, hop: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Cut consecutive 1-D blocks of one recording into windows, assembled across block boundaries.
-
-    Args:
-        blocks (iterable of np.ndarray): consecutive pieces of the recording, any lengths.
-        window (int): samples per window.
-        hop (int): samples between window starts.
-
-    Yields ``(start sample, window)`` at ``audio.window_starts`` of the whole recording, each window as
-    soon as the audio decoded so far settles it. Memory holds one block plus one window.
-    """
-    buf, buf_start, done = np.zeros(0, np.float32), 0, 0
-    for block in blocks:
-        buf = np.concatenate([buf, block])
-        end = buf_start + len(buf)
-        # every start but the last is settled: the last may be a centred or end-aligned window that
-        # more audio would move
-        settled = settled_windows(end, window, hop)
-        for start in range(done * hop, settled * hop, hop):
-            yield start, buf[start - buf_start:start - buf_start + window]
-        done = settled
-        # keep what the next window on the hop grid, or a final end-aligned one, can still need
-        keep_from = max(buf_start, min(done * hop, end - window))
-        buf, buf_start = buf[keep_from - buf_start:], keep_from
-    for start in window_starts(buf_start + len(buf), window, hop)[done:]:
-        yield start, fix_length(buf[start - buf_start:start - buf_start + window], window)
-
-
-def count_windows(n_samples: int, window: int, hop: int) -> int:
-    """How many windows :func:`prepare` gives a recording of ``n_samples`` samples, without decoding it."""
-    return settled_windows(n_samples, window, hop) + 1
-
-
-def _limited(windows: Iterable[tuple[int, np.ndarray]], name: str, window: int, sample_rate: int,
-             max_duration_s: Optional[float], max_windows: Optional[int]) -> Iterator[tuple[int, np.ndarray]]:
-    """``windows``, stopped with a LimitError as soon as they pass ``max_windows`` or reach past
-    ``max_duration_s``: counted as the audio decodes, so a file whose header understates its length is
-    stopped one decoding block past the limit."""
-    max_end = None if max_duration_s is None else int(max_duration_s * sample_rate)
-    for n, (start, w) in enumerate(windows, 1):
-        if max_windows is not None and n > max_windows:
-            raise LimitError(f"{name}: more than max_windows={max_windows} windows; use a longer hop_s or "
-                             f"window_s, or a shorter file")
-        # a window starting past 0 is all decoded audio; the first one may be zero padding
-        if max_end is not None and start > 0 and start + window > max_end:
-            raise LimitError(f"{name}: longer than the limit of {max_duration_s:g} s of audio")
-        yield start, w
-
-
-class _FileWindows:
-    """The windows of a long file, streamed when iterated. Holds only the path, so a loader worker can
-    hand it to the main process, which then reads the file while the model runs."""
-
-    def __init__(self, path: str, sample_rate: int, window: int, hop: int):
-        self.path, self.sample_rate, self.window, self.hop = path, sample_rate, window, hop
-
-    def _blocks(self) -> Iterator[np.ndarray]:
-        for block in stream_audio(self.path, self.sample_rate):
-            if not np.isfinite(block).all():
-                raise AudioclfError(f"{self.path}: the audio holds NaN or infinite samples")
-            yield block
-
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
-        return sliding_windows(self._blocks(), self.window, self.hop)
-
-
-@dataclass
-class _Source:
-    """One input made ready for the model: its windows (a list, or a lazy stream) or why it failed."""
-
-    name: str  # file path, or "<array>"
-    duration_s: float
-    windows: Iterable[tuple[int, np.ndarray]] = ()  # (start sample, window of `window` samples)
-    error: Optional[Exception] = None
-    starts: list[int] = field(default_factory=list)  # filled in as the windows pass through the model
-    rows: list[np.ndarray] = field(default_factory=list)  # the model head's output for each window
-
-    def mean(self) -> np.ndarray:
-        """The rows averaged over the windows: what a long input gets as a whole."""
-        return np.mean(self.rows, axis=0)
-
-
-def _check_readable(path) -> None:
-    """Say so when this process may not read ``path`` (the decoder would call it undecodable). Tried with
-    open() itself: ``os.access`` (audio._open's check) asks about the real user, not the effective one that
-    a setuid or privilege-dropping server reads as."""
-    try:
-        with open(path, "rb"):
-            pass
-    except PermissionError:
-        raise AudioclfError(f"{path}: permission denied (this user may not read the file)") from None
-    except OSError:  # missing, a folder, ...: the decoder names the reason
-        pass
-
-
-def prepare(audio, sample_rate: Optional[int], features: FeatureConfig, window: int, hop: int) -> _Source:
-    """Decode or convert one input and plan its windows (``window`` and ``hop`` in samples).
-
-    A file of more than one window is not decoded here: its windows stream from disk.
-    """
-    sr = features.sample_rate
-    if isinstance(audio, (str, os.PathLike)):
-        _check_readable(audio)
-        name, wave, duration_s = str(audio), None, audio_duration_s(audio)
-        n_samples = round(duration_s * sr)  # from the header, before decoding
-    else:
-        name, wave = "<array>", as_waveform(audio, sample_rate, sr)
-        n_samples = wave.shape[0]
-        duration_s = n_samples / sr
-    if count_windows(n_samples, window, hop) > 1:
-        windows = _FileWindows(name, sr, window, hop) if wave is None else sliding_windows([wave], window, hop)
-        return _Source(name, duration_s, windows)
-    if wave is None:
-        wave = load_audio(name, sr)
-    return _Source(name, duration_s, [(0, fix_length(wave, window))])
-
-
-class _PrepareFiles(torch.utils.data.Dataset):
-    """``prepare`` in DataLoader workers; an unreadable file comes back as a source with its error."""
-
-    def __init__(self, paths: Sequence, features: FeatureConfig, window: int, hop: int):
-        self.paths, self.features, self.window, self.hop = [str(p) for p in paths], features, window, hop
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i) -> _Source:
-        path = self.paths[i]
-        try:
-            return prepare(path, None, self.features, self.window, self.hop)
-        except AudioclfError as e:
-            return _Source(path, 0.0, error=e)
-        except Exception as e:  # one corrupt file must never end a long run
-            return _Source(path, 0.0, error=AudioclfError(f"{path}: {type(e).__name__}: {e}"))
 
 
 # ---------------------------------------------------------------------------------------------- classifier
@@ -189,6 +48,9 @@ class Classifier:
         device (str, optional): ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. (Default: ``"auto"``)
         batch_size (int, optional): windows per forward pass. (Default: ``32``)
         thresholds (list of float, optional): a multilabel model's tags' thresholds. (Default: 0.5 each)
+        trust (dict, optional): the model's ``temperature`` and ``reject`` rule as saved (``trust.read_trust``).
+            (Default: none: temperature 1, no rule)
+        reject (bool, optional): answer ``"unknown"`` for inputs below the rule's threshold. (Default: ``True``)
 
     Inputs are file paths, or numpy arrays / torch tensors of shape ``(time,)`` or ``(channels, time)``
     in [-1, 1]; an array's ``sample_rate`` (Hz) defaults to the training sample rate.
@@ -197,7 +59,8 @@ class Classifier:
     weights_file: Optional[str] = None  # the file load() read the weights from; None for a model built in Python
 
     def __init__(self, model: torch.nn.Module, config: RunConfig, labels: Sequence[str], *,
-                 device: str = PredictOptions.device, batch_size: int = PredictOptions.batch_size, thresholds=None):
+                 device: str = PredictOptions.device, batch_size: int = PredictOptions.batch_size, thresholds=None,
+                 trust: Optional[dict] = None, reject: bool = PredictOptions.reject):
         if batch_size < 1:
             raise AudioclfError(f"batch_size={batch_size} must be >= 1")
         self.labels = list(labels)
@@ -205,8 +68,11 @@ class Classifier:
         self.multilabel, self.thresholds = config.train.task == "multilabel", thresholds
         self.device = resolve_device(str(device))
         self.batch_size = batch_size
+        self.temperature, rejector = read_trust(trust or {})
+        self.rejector = rejector if reject and not self.multilabel else None
         # channels_last: oneDNN and cuDNN convolve it fastest (1.3x on a 2-core CPU, same fp32 arithmetic)
-        self._net = WaveformClassifier(config.features, model, config.train.task).to(self.device, memory_format=torch.channels_last).eval()
+        self._net = WaveformClassifier(config.features, model, config.train.task, self.temperature).to(
+            self.device, memory_format=torch.channels_last).eval()
         self.model = self._net.model
 
     def __repr__(self):
@@ -227,9 +93,11 @@ class Classifier:
         return self._window_means(audio, sample_rate, width=len(self.labels), batch=batch)
 
     def predict(self, audio, sample_rate: Optional[int] = None, *, batch: Optional[bool] = None):
-        """The most probable label (a list of them for several inputs), from ``predict_proba``."""
-        best = self.predict_proba(audio, sample_rate, batch=batch).argmax(axis=-1)
-        return self.labels[best] if best.ndim == 0 else [self.labels[i] for i in best]
+        """The most probable label (a list of them for several inputs), from ``predict_proba``; ``"unknown"``
+        for an input the model's rule rejects."""
+        audio = unbatch(audio, batch)
+        labels = [self._decide(s)[0] for s in self._each(audio, sample_rate)]
+        return labels if isinstance(audio, (list, tuple)) else labels[0]
 
     def classify(self, audio, sample_rate: Optional[int] = None, *, window_s: Optional[float] = None,
                  hop_s: Optional[float] = None, timeline: bool = False, top_k: int = PredictOptions.top_k) -> dict:
@@ -242,9 +110,10 @@ class Classifier:
             top_k (int, optional): how many of the best classes to list. (Default: ``3``)
 
         Returns:
-            dict: ``label``, ``confidence``, ``probs`` (list, ``labels`` order), ``top_k`` (list of
-            ``{"label", "prob"}``), ``duration_s``, and with ``timeline`` ``windows`` (list of
-            ``{"start_s", "end_s", "label", "confidence"}``); a multilabel model's also ``tags``.
+            dict: ``label`` (``"unknown"`` when the model's rule rejects the input), ``confidence``, ``probs``
+            (list, ``labels`` order), ``top_k`` (list of ``{"label", "prob"}``), ``duration_s``, and with
+            ``timeline`` ``windows`` (list of ``{"start_s", "end_s", "label", "confidence"}``); a multilabel
+            model's also ``tags``; with a rule, its ``score`` and ``threshold``.
 
         Raises:
             AudioclfError: naming the file, when it cannot be read.
@@ -331,15 +200,20 @@ class Classifier:
         dim = next((len(r) for r in rows if r is not None), 0)
         return np.stack([np.full(dim, np.nan, np.float32) if r is None else r for r in rows]) if rows else np.zeros((0, 0))
 
+    def logits(self, audio, sample_rate: Optional[int] = None) -> np.ndarray:
+        """The network's raw outputs (before the temperature and the softmax), averaged over a long input's
+        windows: ``(n_classes,)`` for one input, ``(n, n_classes)`` for a list of them."""
+        return self._window_means(audio, sample_rate, lambda wave: self.model(self._net.logmel(wave)), len(self.labels))
+
     # -- the one inference path
 
     def _steps(self, audio, sample_rate: Optional[int], window: int, hop: int, head, batch_size: Optional[int],
-               max_duration_s: Optional[float], max_windows: Optional[int]) -> Iterator[Optional[_Source]]:
+               max_duration_s: Optional[float], max_windows: Optional[int]) -> Iterator[Optional[Source]]:
         """One input through ``head`` (:meth:`_run`), ``batch_size`` windows a step: ``None`` after each step,
         then the source with its rows; its error raised instead, a LimitError past the limits."""
         source = prepare(audio, sample_rate, self.config.features, window, hop)
         if max_duration_s is not None or max_windows is not None:
-            source.windows = _limited(source.windows, source.name, window, self.config.features.sample_rate,
+            source.windows = limited(source.windows, source.name, window, self.config.features.sample_rate,
                                       max_duration_s, max_windows)
         for done in self._run([source], head, batch_size=batch_size, steps=True):
             if done is None:
@@ -358,17 +232,21 @@ class Classifier:
         them (or the rows of an array, with ``batch``), ``(0, width)`` for an empty list. Raises the error
         of the first input that cannot be read."""
         audio = unbatch(audio, batch)
-        one = not isinstance(audio, (list, tuple))
+        rows = [s.mean() if head is not None else self._pooled(s) for s in self._each(audio, sample_rate, head)]
+        if not isinstance(audio, (list, tuple)):
+            return rows[0]
+        return np.stack(rows) if rows else np.zeros((0, width), np.float32)
+
+    def _each(self, audio, sample_rate: Optional[int], head=None) -> Iterator[Source]:
+        """Each input (one, or a list) through ``head`` (:meth:`_run`) at the default windows, in order;
+        raises the error of the first input that cannot be read."""
         window, hop = self._window(None, None)
+        one = not isinstance(audio, (list, tuple))
         sources = (prepare(a, sample_rate, self.config.features, window, hop) for a in ([audio] if one else audio))
-        rows = []
         for s in self._run(sources, head):
             if s.error is not None:
                 raise s.error
-            rows.append(s.mean() if head is not None else (np.max if self.multilabel else np.mean)(s.rows, axis=0))
-        if one:
-            return rows[0]
-        return np.stack(rows) if rows else np.zeros((0, width), np.float32)
+            yield s
 
     def _file_loader(self, paths: Sequence, window: int, hop: int,
                      num_workers: Optional[int] = None) -> torch.utils.data.DataLoader:
@@ -377,27 +255,27 @@ class Classifier:
         # a worker process costs more to start than a couple of files cost to decode
         workers = (auto_workers() if len(paths) > 2 else 0) if num_workers is None else num_workers
         return torch.utils.data.DataLoader(
-            _PrepareFiles(paths, self.config.features, window, hop), batch_size=None, num_workers=workers,
+            PrepareFiles(paths, self.config.features, window, hop), batch_size=None, num_workers=workers,
             prefetch_factor=self.batch_size if workers else None,  # a batch of short clips stays queued
             worker_init_fn=dying_with_parent())
 
-    def _run_loaded(self, loader: torch.utils.data.DataLoader, head=None) -> Iterator[_Source]:
+    def _run_loaded(self, loader: torch.utils.data.DataLoader, head=None) -> Iterator[Source]:
         """:meth:`_run` over a file loader, with the model's CPU threads leaving the decoding workers their
         cores (on 2 cores, 2 torch threads beside 1 decoding worker ran 3x slower than 1 thread)."""
         with cpu_threads_beside(loader.num_workers, self.device):
             yield from self._run(loader, head)
 
-    def _run(self, sources: Iterable[_Source], head=None, batch_size: Optional[int] = None,
-             steps: bool = False) -> Iterator[Optional[_Source]]:
+    def _run(self, sources: Iterable[Source], head=None, batch_size: Optional[int] = None,
+             steps: bool = False) -> Iterator[Optional[Source]]:
         """Push every window of every source through the model, ``batch_size`` windows per forward pass
         whatever source they come from; yield each source, in input order, once all its windows are done,
         and with ``steps`` also ``None`` after each forward pass.
 
-        ``head`` maps a batch of windows to one row each (default: class probabilities); its rows are
+        ``head`` maps a batch of windows to one row each (default: :meth:`_probs_and_scores`); its rows are
         collected in each source's ``rows``."""
         batch_size = batch_size or self.batch_size
-        pending: deque[_Source] = deque()
-        batch: list[tuple[_Source, int, np.ndarray]] = []
+        pending: deque[Source] = deque()
+        batch: list[tuple[Source, int, np.ndarray]] = []
         for source in sources:
             pending.append(source)
             windows = iter(source.windows)
@@ -430,8 +308,10 @@ class Classifier:
             return
         x = torch.from_numpy(np.stack([w for _, _, w in batch])).to(self.device)  # (batch, window samples)
         with torch.inference_mode():
-            rows = (head or self._net)(x).float().cpu().numpy()  # (batch, n_classes or embedding size)
-        for (source, start, _), row in zip(batch, rows):
+            out = (head or self._probs_and_scores)(x)
+        rows, scores = out if isinstance(out, tuple) else (out, None)
+        rows = rows.float().cpu().numpy()  # (batch, n_classes or embedding size)
+        for i, ((source, start, _), row) in enumerate(zip(batch, rows)):
             if not np.isfinite(row).all() and source.error is None:
                 # samples far outside [-1, 1] (a float file of 1e30) overflow the features: no answer, not NaN
                 at = start / self.config.features.sample_rate
@@ -439,7 +319,35 @@ class Classifier:
                                              f"at {at:.2f} s): samples far outside [-1, 1] overflow them; check the file")
             source.starts.append(start)
             source.rows.append(row)
+            if scores is not None:
+                source.scores.append(float(scores[i]))
         batch.clear()
+
+    def _probs_and_scores(self, wave: torch.Tensor):
+        """The default head: class probabilities (the temperature applied), with each window's known-class
+        score when the rule needs one that the probabilities do not give (energy, embedding)."""
+        r = self.rejector
+        if r is None or r.kind == "msp":
+            return self._net(wave)
+        logmel = self._net.logmel(wave)
+        logits = self.model(logmel)
+        emb = self.model.embed(logmel) if r.needs_embedding else None
+        return (activation(self._net.task)(logits / self.temperature),
+                known_score(r.kind, logits, emb, r.refs, self.temperature, r.k).cpu())
+
+    def _pooled(self, source: Source) -> np.ndarray:
+        """A whole input's class probabilities: its windows' mean (tags: their maximum)."""
+        return (np.max if self.multilabel else np.mean)(source.rows, axis=0)
+
+    def _decide(self, source: Source) -> tuple[str, Optional[float]]:
+        """(label, known-class score) of a whole input: ``"unknown"`` when the rule rejects it; the score is
+        None without a rule. MSP scores the mean probabilities; energy and embedding average the windows'."""
+        probs = self._pooled(source)
+        label = self.labels[int(probs.argmax())]
+        if self.rejector is None:
+            return label, None
+        score = float(probs.max()) if self.rejector.kind == "msp" else float(np.mean(source.scores))
+        return (UNKNOWN if score < self.rejector.threshold else label), score
 
     # -- helpers
 
@@ -461,15 +369,18 @@ class Classifier:
         if not isinstance(top_k, int) or top_k < 1:
             raise AudioclfError(f"top_k={top_k!r} must be an integer >= 1")
 
-    def _summarise(self, source: _Source, window: int, timeline: bool, top_k: int) -> dict:
+    def _summarise(self, source: Source, window: int, timeline: bool, top_k: int) -> dict:
         sr = self.config.features.sample_rate
-        probs = (np.max if self.multilabel else np.mean)(source.rows, axis=0)
+        probs = self._pooled(source)
         best = np.argsort(-probs)[:top_k]
-        out = {"label": self.labels[best[0]], "confidence": float(probs[best[0]]),
+        label, score = self._decide(source)
+        out = {"label": label, "confidence": float(probs[best[0]]),
                "probs": [float(p) for p in probs],
                "top_k": [{"label": self.labels[i], "prob": float(probs[i])} for i in best],
                "duration_s": source.duration_s,
                **({"tags": tags_above(probs, self.labels, self.thresholds)} if self.multilabel else {})}
+        if score is not None:  # the top classes stay listed: the nearest known ones
+            out.update(score=score, threshold=self.rejector.threshold)
         if timeline:
             out["windows"] = [{"start_s": start / sr, "end_s": min((start + window) / sr, source.duration_s),
                                "label": self.labels[int(p.argmax())], "confidence": float(p.max()),
@@ -479,12 +390,14 @@ class Classifier:
 
 
 def load(model, device: str = PredictOptions.device, *, batch_size: int = PredictOptions.batch_size,
-         weights_path: Optional[str] = None) -> Classifier:
+         weights_path: Optional[str] = None, reject: bool = PredictOptions.reject) -> Classifier:
     """A :class:`Classifier` from a run directory, ``.pt`` checkpoint or exported safetensors folder, or an
     AudioSet backbone's name (``mn04_as``): its pretrained 527-class tagger (:mod:`audioclf.audioset`), with
-    its official weights from ``weights_path`` or the torch hub cache."""
+    its official weights from ``weights_path`` or the torch hub cache. A trained model comes with its
+    temperature and, unless ``reject=False``, answers ``"unknown"`` below its rule's threshold."""
     from .audioset import is_backbone_name, pretrained_model
 
+    trust = None
     if is_backbone_name(model):
         saved = SavedModel(*pretrained_model(model, weights_path))
         weights = weights_path
@@ -494,6 +407,9 @@ def load(model, device: str = PredictOptions.device, *, batch_size: int = Predic
     else:
         saved = load_model(model)
         weights = weights_file(model)
-    clf = Classifier(*saved, device=device, batch_size=batch_size, thresholds=saved.thresholds)
+        trust = saved_extras(model, TRUST_KEYS)
+        read_trust(trust, model)  # a damaged rule is refused naming the model's file
+    clf = Classifier(*saved, device=device, batch_size=batch_size, thresholds=saved.thresholds, trust=trust,
+                     reject=reject)
     clf.weights_file = str(weights) if weights else None
     return clf

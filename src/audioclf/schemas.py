@@ -30,6 +30,8 @@ class Prediction(BaseModel):
     # a multilabel model's: every class whose probability reaches its threshold, most probable first
     tags: Optional[list[ClassProb]] = None
     windows: Optional[list[Window]] = None  # only with ?timeline=1
+    score: Optional[float] = None  # known-class score of the model's unknown rule; label "unknown" below threshold
+    threshold: Optional[float] = None
 
 
 class BatchItem(BaseModel):

@@ -1,6 +1,7 @@
 """HTTP serving: a FastAPI app over :meth:`audioclf.predict.Classifier.classify`, run with uvicorn.
 
-``POST /predict``  multipart field ``file`` -> ``{label, confidence, probs, top_k, duration_s[, tags, windows]}``
+``POST /predict``  multipart field ``file`` -> ``{label, confidence, probs, top_k, duration_s[, tags, windows][,
+score, threshold]}``: ``label`` is ``unknown`` when the model's rule rejects the sound (``score`` below ``threshold``)
 ``POST /predict_batch``  multipart fields ``files`` (several) -> ``{results: [{file, result | error}, ...]}``
 ``POST /embed``  multipart field ``file`` -> ``{embedding, dim, duration_s}``
 ``POST /explain``  multipart field ``file`` (and ``?label=``) -> a PNG: where the model's evidence lies
@@ -125,7 +126,8 @@ def _add_offline_docs(app: "FastAPI") -> None:
 def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: str = PredictOptions.device, *,
                max_audio_s: float = ServeLimits.max_audio_s, max_windows: int = ServeLimits.max_windows,
                timeout_s: float = TIMEOUT_S, cors_origin: Optional[str] = ServeLimits.cors_origin,
-               max_decoding_mb: float = MAX_DECODING_MB, **listen_limits) -> FastAPI:
+               max_decoding_mb: float = MAX_DECODING_MB, reject: bool = PredictOptions.reject,
+               **listen_limits) -> FastAPI:
     """The serving app for ``model``: a :class:`~audioclf.predict.Classifier`, or anything
     :func:`audioclf.load` reads (run directory, ``.pt``, safetensors export), loaded here, once.
 
@@ -140,6 +142,7 @@ def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: 
             (Default: none, same-origin only)
         max_decoding_mb (float): decoded audio in flight across all requests, in MiB; past it requests
             wait (503 after ``timeout_s``). (Default: ``MAX_DECODING_MB``, 256)
+        reject (bool): answer ``unknown`` below the model's rule, for a model path. (Default: ``True``)
         listen_limits: the bounds of ``/listen`` streams, :class:`~audioclf.options.ServeLimits`' fields
             (``max_listeners``, ``max_listen_s``, ``listen_idle_s``, ``max_chunk_s``, ``max_listen_speed``,
             ``listen_hop_s``; :mod:`audioclf.serve_listen`).
@@ -150,7 +153,7 @@ def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: 
                          timeout_s=timeout_s, cors_origin=cors_origin, max_decoding_mb=max_decoding_mb,
                          **listen_limits)  # refuses a value out of its range
     budget = DecodingBudget(int(max_decoding_mb * MIB), timeout_s)
-    clf = model if isinstance(model, Classifier) else load(model, device)
+    clf = model if isinstance(model, Classifier) else load(model, device, reject=reject)
     labels, features = list(clf.labels), clf.config.features
     sr, max_window_s = features.sample_rate, max(MAX_WINDOW_S, features.duration_s)
     step_samples = STEP_WINDOWS * features.n_samples
@@ -447,7 +450,7 @@ def _detect_config(model):
 
 def serve(model_path, host: str = ServeLimits.host, port: int = ServeLimits.port, device: str = PredictOptions.device,
           max_connections: int = MAX_CONNECTIONS, max_client_connections: int = MAX_CLIENT_CONNECTIONS,
-          **limits) -> None:
+          reject: bool = PredictOptions.reject, **limits) -> None:
     """Load the model and serve it with uvicorn on ``host:port`` until interrupted; ``limits`` are
     :func:`create_app`'s keyword arguments. ``timeout_s`` also bounds how long a connection may wait
     for a request's headers and stay idle between requests; past ``max_connections`` open connections,
@@ -455,7 +458,7 @@ def serve(model_path, host: str = ServeLimits.host, port: int = ServeLimits.port
     may hold ``max_client_connections``."""
     checked = ServeLimits(host=host, port=port, max_connections=max_connections,
                           max_client_connections=max_client_connections, **limits)
-    app = create_app(model_path, device=device, **limits)
+    app = create_app(model_path, device=device, reject=reject, **limits)
     log.info("serving %s on http://%s:%d (web page at /, API docs at /docs)", model_path, host, port)
     uvicorn.run(app, host=host, port=port, log_level="info", ws_max_size=max_message_bytes(checked),
                 **uvicorn_options(limits.get("timeout_s", TIMEOUT_S), max_connections, max_client_connections))

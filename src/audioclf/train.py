@@ -32,11 +32,12 @@ from tqdm.auto import tqdm
 from .augment import SpecAugment, mix, mixup
 from .backbones import BACKBONES
 from .checkpoint import inference_state, load_checkpoint, save_checkpoint
+from .calibrate import calibrated_metrics, fit_trust, store_trust
 from .config import RunConfig, TrainConfig
 from .data import ClipSet, load_clips, split_clips
 from .errors import AudioclfError
 from .loggers import Tracker, open_tracker
-from .metrics import best_thresholds, classification_metrics, multilabel_metrics
+from .metrics import best_thresholds, multilabel_metrics
 from .model import build_model, place_model
 from .optim import make_optimizer, make_scheduler
 from .rundir import RunDir, claim, resumed_config
@@ -119,8 +120,8 @@ def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = Fals
 
             summary = {"best_val_loss": progress.best_val_loss, "best_epoch": progress.best_epoch,
                        "epochs_run": progress.epoch, "stopped_early": stopped_early, "pretrained": pretrained, "lr": t.lr}
-            # --- best.pt: its tags' thresholds (multilabel, on the validation clips), its test fold (clips it never saw)
-            summary.update(_score_best(model, bank, val_idx, splits["test"], run, s, config, clipset.classes))
+            # --- best.pt: its temperature and unknown rule, or its tags' thresholds (validation clips), its test fold
+            summary.update(_score_best(model, bank, train_idx, val_idx, splits["test"], run, s, config, clipset.classes))
             # --- curves and summary
             if s.master:
                 run.finish(summary)
@@ -436,11 +437,15 @@ def _load_best(model: nn.Module, run: RunDir, s: Session) -> dict:
     return best
 
 
-def _score_best(model: nn.Module, bank: FeatureBank, val_idx: torch.Tensor, test: list, run: RunDir, s: Session,
-                config: RunConfig, classes: list[str]) -> dict:
-    """The last stages, on best.pt: a multilabel model's thresholds, then the test fold's scores (if any)."""
+def _score_best(model: nn.Module, bank: FeatureBank, train_idx: torch.Tensor, val_idx: torch.Tensor, test: list,
+                run: RunDir, s: Session, config: RunConfig, classes: list[str]) -> dict:
+    """The last stages, on best.pt: a multilabel model's thresholds, or a multiclass model's temperature and
+    unknown rule (:mod:`audioclf.calibrate`; rank 0 stores them), then the test fold's scores (if any)."""
     if multilabel(config.train):
         _choose_thresholds(model, bank, val_idx, run, s, config)
+    elif s.master:
+        model.load_state_dict(load_checkpoint(run.best)["model"])
+        store_trust(run.best, fit_trust(model, bank, train_idx, val_idx, config, len(classes), s.device))
     return _test_fold(model, bank, test, run, s, config, classes) if test else {}
 
 
@@ -469,15 +474,16 @@ def _test_fold(model: nn.Module, bank: FeatureBank, clips: list, run: RunDir, s:
     if multilabel(config.train):
         return _test_fold_multilabel(model, bank, idx, run, s, config, classes, best.get("thresholds"))
     logits, labels = predict_bank(model, bank, idx, s, config.train.batch_size * 2)
-    probs = logits.softmax(1).numpy()
-    metrics = classification_metrics(labels.numpy(), probs, classes)
+    metrics, probs = calibrated_metrics(logits, labels.numpy(), classes, best.get("temperature", 1.0))
     if s.master:
         pred = probs.argmax(1)
         run.write_test(metrics, [(bank.clips[i].path, classes[y], classes[k], p[k])
                                  for i, y, k, p in zip(idx.tolist(), labels.tolist(), pred.tolist(), probs)])
-    log.info("test fold %s: accuracy %.4f, macro-F1 %.4f (%d clips)", config.data.test_fold, metrics["accuracy"],
-             metrics["macro_f1"], metrics["n_clips"])
-    return {"test_acc": metrics["accuracy"], "test_f1": metrics["macro_f1"], "test_n": metrics["n_clips"]}
+    log.info("test fold %s: accuracy %.4f, macro-F1 %.4f, ECE %.4f (%.4f before temperature scaling) (%d clips)",
+             config.data.test_fold, metrics["accuracy"], metrics["macro_f1"], metrics["ece"],
+             metrics["ece_uncalibrated"], metrics["n_clips"])
+    return {"test_acc": metrics["accuracy"], "test_f1": metrics["macro_f1"], "test_n": metrics["n_clips"],
+            "test_ece": metrics["ece"]}
 
 
 def _test_fold_multilabel(model: nn.Module, bank: FeatureBank, idx: torch.Tensor, run: RunDir, s: Session,

@@ -119,7 +119,7 @@ def run_predict(model, paths: Sequence[str], *, out: Optional[str] = None, top_k
                 batch_size: int = PredictOptions.batch_size, device: str = PredictOptions.device,
                 window_s: Optional[float] = None, hop_s: Optional[float] = None, timeline: bool = False,
                 probs: bool = False, submission: bool = False, out_format: Optional[str] = None,
-                retry_errors: bool = False, quiet: bool = False) -> int:
+                retry_errors: bool = False, quiet: bool = False, reject: bool = PredictOptions.reject) -> int:
     """``audioclf predict``: classify every path and write CSV (default, to stdout without ``out``), JSON or
     Parquet (``out`` ending in ``.json`` or ``.parquet``), an ``ID,Class`` submission, or, with ``out`` a
     folder, resumable parts merged into ``out/predictions.csv`` (:func:`predict_to_folder`). The columns
@@ -138,6 +138,7 @@ def run_predict(model, paths: Sequence[str], *, out: Optional[str] = None, top_k
         submission (bool, optional): write ``ID,Class`` rows. (Default: ``False``)
         out_format, retry_errors: for a folder ``out`` only; see :func:`predict_to_folder`.
         quiet (bool, optional): no progress bar. (Default: ``False``)
+        reject (bool, optional): label ``unknown`` what the model's rule rejects. (Default: ``True``)
 
     Returns:
         int: the exit code: 1 when every file failed, else 0 (failures are rows with an ``error``).
@@ -147,7 +148,7 @@ def run_predict(model, paths: Sequence[str], *, out: Optional[str] = None, top_k
     """
     out_path = Path(out) if out else None
     options = dict(top_k=top_k, batch_size=batch_size, device=device, window_s=window_s, hop_s=hop_s,
-                   timeline=timeline, probs=probs, quiet=quiet)
+                   timeline=timeline, probs=probs, quiet=quiet, reject=reject)
     if out_path and _is_folder(out_path):
         if submission:
             raise AudioclfError(f"--submission writes one CSV file: give --out NAME.csv, not the folder {out_path}")
@@ -182,7 +183,7 @@ def run_predict(model, paths: Sequence[str], *, out: Optional[str] = None, top_k
             check_output(out_path, inputs=[*map(Path, paths), *files])
             if timeline:
                 check_output(timeline_path(out_path), inputs=[*map(Path, paths), *files])
-        clf = load(model, device, batch_size=batch_size)
+        clf = load(model, device, batch_size=batch_size, reject=reject)
         results = clf.classify_files(files, window_s=window_s, hop_s=hop_s, timeline=timeline, top_k=top_k,
                                      quiet=quiet)
         failed = _write_results(results, out_path, "submission" if submission else kind, clf.labels, shown,
@@ -376,7 +377,7 @@ def predict_to_folder(model, paths: Sequence[str], folder: Path, *, out_format: 
                       retry_errors: bool = False, top_k: int = PredictOptions.top_k,
                       batch_size: int = PredictOptions.batch_size, device: str = PredictOptions.device,
                       window_s: Optional[float] = None, hop_s: Optional[float] = None, timeline: bool = False,
-                      probs: bool = False, quiet: bool = False) -> int:
+                      probs: bool = False, quiet: bool = False, reject: bool = PredictOptions.reject) -> int:
     """``audioclf predict --out DIR``: resumable prediction, shared among torchrun's processes.
 
     Every process collects the same inputs in the same order and skips the files that ``DIR/parts`` already
@@ -428,7 +429,7 @@ def predict_to_folder(model, paths: Sequence[str], folder: Path, *, out_format: 
         mine = todo[rank::world]
         log.info("%sclassifying %d of %d file(s); %d done before", who, len(mine), len(by_name), len(by_name) - len(todo))
         if mine:
-            clf = load(model, str(dev), batch_size=batch_size)
+            clf = load(model, str(dev), batch_size=batch_size, reject=reject)
             results = clf.classify_files(mine, window_s=window_s, hop_s=hop_s, timeline=timeline, top_k=top_k,
                                          quiet=quiet or rank != 0)  # checks its options now, before any part
             _record_options(folder, options)

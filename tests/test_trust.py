@@ -1,0 +1,133 @@
+"""Calibration and the unknown rule: temperature fitting, ECE, thresholds, AUROC, the reliability plot."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from audioclf.errors import AudioclfError
+from audioclf.trust import (Rejector, class_means, expected_calibration_error, fit_rejector, fit_temperature,
+                            fpr_at_tpr, known_score, plot_reliability, read_trust, reference_embeddings, reliability,
+                            roc_auc, softmax, trust_keys)
+
+
+def overconfident(n=2000, classes=5, scale=4.0, seed=0):
+    """Logits whose softmax is 'right' at temperature 1/scale... multiplied by ``scale``: overconfident."""
+    rng = np.random.default_rng(seed)
+    true_logits = rng.normal(size=(n, classes))
+    p = softmax(true_logits)
+    labels = np.array([rng.choice(classes, p=row) for row in p])  # labels drawn from the calibrated model
+    return true_logits * scale, labels
+
+
+def nll(logits, labels, t):
+    return torch.nn.functional.cross_entropy(torch.as_tensor(logits) / t, torch.as_tensor(labels)).item()
+
+
+def test_temperature_fitting_undoes_overconfidence_and_lowers_nll():
+    logits, labels = overconfident(scale=4.0)
+    t = fit_temperature(logits, labels)
+    assert 3.3 < t < 4.8  # the logits were scaled by 4
+    assert nll(logits, labels, t) < nll(logits, labels, 1.0) - 0.3
+    before = expected_calibration_error(softmax(logits), labels)
+    after = expected_calibration_error(softmax(logits, t), labels)
+    assert after < 0.05 < before
+
+
+def test_temperature_of_calibrated_logits_stays_near_one():
+    logits, labels = overconfident(scale=1.0, seed=1)
+    assert 0.85 < fit_temperature(logits, labels) < 1.15
+
+
+def test_ece_against_a_hand_computed_case():
+    # 4 clips, 2 classes. Confidences 0.95 (right), 0.95 (wrong) -> bin (14/15, 1]: acc 0.5, conf 0.95, gap 0.45
+    # 0.6 (right), 0.7 (right) -> bins (8/15, 9/15] and (10/15, 11/15]: gaps 0.4 and 0.3
+    probs = np.array([[0.95, 0.05], [0.95, 0.05], [0.4, 0.6], [0.3, 0.7]])
+    labels = np.array([0, 1, 1, 1])
+    want = (2 * 0.45 + 0.4 + 0.3) / 4
+    assert expected_calibration_error(probs, labels) == pytest.approx(want)
+    r = reliability(probs, labels)
+    assert sum(r["count"]) == 4 and r["count"][14] == 2 and r["count"][8] == 1 and r["count"][10] == 1
+    assert np.isnan(r["accuracy"][0])  # an empty bin
+
+
+def test_threshold_keeps_the_requested_share_of_known_clips():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(1000, 10)) * 3
+    for keep in (0.5, 0.9, 0.95, 1.0):
+        for kind in ("msp", "energy"):
+            r = fit_rejector(kind, keep, logits)
+            kept = r.keep(logits).mean()
+            assert keep <= kept <= keep + 0.002, (kind, keep, kept)
+    with pytest.raises(AudioclfError, match="keep_known"):
+        fit_rejector("msp", 0.0, logits)
+
+
+def test_embedding_score_is_cosine_to_the_nearest_class_mean():
+    emb = torch.tensor([[1.0, 0.0], [2.0, 0.1], [0.0, 1.0], [0.1, 3.0]])
+    means = class_means(emb, [0, 0, 1, 1], 2)
+    assert torch.allclose(means.norm(dim=1), torch.ones(2))
+    s = known_score("embedding", torch.zeros(3, 2), torch.tensor([[1.0, 0.0], [0.0, -1.0], [1.0, 1.0]]), means)
+    assert s[0] > 0.99 and s[1] < 0 and 0.6 < s[2] < 0.8
+    with pytest.raises(AudioclfError, match="score"):
+        known_score("distance", torch.zeros(1, 2))
+
+
+def test_auroc_and_fpr_at_95_tpr():
+    assert roc_auc([3, 4, 5], [0, 1, 2]) == 1.0
+    assert roc_auc([0, 1], [2, 3]) == 0.0
+    assert roc_auc([1, 1], [1, 1]) == 0.5  # ties count half
+    known = np.arange(100, dtype=float)  # threshold keeping 95 of them: 5
+    assert fpr_at_tpr(known, np.array([4.0, 5.0, 50.0, -1.0])) == 0.5
+
+
+def test_knn_score_is_cosine_to_the_kth_nearest_training_clip():
+    train = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 2.0], [-1.0, 0.0]])
+    refs = reference_embeddings("knn", train, [0, 1, 1, 2], 3)
+    assert torch.allclose(refs.norm(dim=1), torch.ones(4))
+    clips = torch.tensor([[0.0, 3.0], [1.0, 1.0]])
+    np.testing.assert_allclose(known_score("knn", torch.zeros(2, 3), clips, refs, k=1), [1.0, 0.5 ** 0.5], atol=1e-6)
+    # the first clip has two training clips straight above it, the diagonal one three at 45°
+    np.testing.assert_allclose(known_score("knn", torch.zeros(2, 3), clips, refs, k=2), [1.0, 0.5 ** 0.5], atol=1e-6)
+    np.testing.assert_allclose(known_score("knn", torch.zeros(2, 3), clips, refs, k=3), [0.0, 0.5 ** 0.5], atol=1e-6)
+    assert known_score("knn", torch.zeros(1, 3), clips[:1], refs, k=99)[0] == pytest.approx(0.0, abs=1e-6)  # k > n
+    assert reference_embeddings("msp", train, [0, 1, 1, 2], 3) is None
+
+
+@pytest.mark.parametrize("kind", ["embedding", "knn"])
+def test_rule_round_trips_through_the_saved_keys(kind):
+    rng = np.random.default_rng(1)
+    logits, emb, labels = rng.normal(size=(50, 4)), rng.normal(size=(50, 8)), np.arange(50) % 4
+    refs = reference_embeddings(kind, emb, labels, 4)
+    rule = fit_rejector(kind, 0.9, logits, emb, refs, temperature=2.0, k=3)
+    t, back = read_trust(json.loads(json.dumps(trust_keys(2.0, rule))))  # as an export's config.json holds them
+    assert t == 2.0 and back.kind == kind and back.threshold == rule.threshold
+    assert torch.allclose(back.refs, rule.refs, atol=1e-5) and (kind != "knn" or back.k == 3)
+    np.testing.assert_allclose(back.score(logits, emb), rule.score(logits, emb), atol=1e-4)
+    assert read_trust({}) == (1.0, None)  # a model saved before: temperature 1, no rule
+
+
+def test_reliability_png(tmp_path):
+    logits, labels = overconfident(n=300)
+    plot_reliability({"before": softmax(logits), "after": softmax(logits, 4.0)}, labels, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rejector_scores_numpy_like_torch():
+    r = Rejector("energy", 0.0, 0.95, temperature=2.0)
+    z = np.array([[1.0, 2.0, 3.0]])
+    assert r.score(z)[0] == pytest.approx(2.0 * np.log(np.exp(0.5) + np.exp(1.0) + np.exp(1.5)), rel=1e-5)
+
+
+@pytest.mark.parametrize("saved", [{"temperature": 0.0}, {"temperature": float("nan")}, {"temperature": "1"},
+                                   {"reject": {"score": "msp", "threshold": None, "keep_known": 0.95}},
+                                   {"reject": {"score": "mahalanobis", "threshold": 0.5, "keep_known": 0.95}},
+                                   {"reject": {"score": "embedding", "threshold": 0.5, "keep_known": 0.95}},
+                                   {"reject": {"score": "knn", "threshold": 0.5, "keep_known": 0.95, "class_means": [[1.0]]}},
+                                   {"reject": {"score": "knn", "threshold": 0.5, "keep_known": 0.95, "k": 0,
+                                               "train_embeddings": [[1.0]]}},
+                                   {"reject": {"score": "msp", "threshold": 0.5, "keep_known": 2}}, {"reject": "msp"}])
+def test_a_damaged_saved_rule_is_refused_with_the_model_named(saved):
+    with pytest.raises(AudioclfError, match="run/best.pt"):
+        read_trust(saved, "run/best.pt")
