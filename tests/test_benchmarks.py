@@ -174,6 +174,28 @@ def test_polyphonic_mixtures_hold_two_or_three_distinct_classes(write_wav, tmp_p
     assert sr == poly.SAMPLE_RATE and len(wave) == int(poly.SAMPLE_RATE * poly.DURATION_S) and np.abs(wave).max() <= 1
     stamp = manifest.stat().st_mtime_ns
     assert poly.make_mixtures(clips, names, tmp_path / "mix", n_per_size=4, seed=1).stat().st_mtime_ns == stamp  # reused
+    # levels are differences of loudness from the first clip, within +-6 dB, whatever the recorded levels:
+    # one tone per class, recorded 0 to 36 dB apart and padded with silence, each read back from the mixture
+    sr, n = poly.SAMPLE_RATE, int(poly.SAMPLE_RATE * poly.DURATION_S)
+    freqs = [440.0 * (k + 1) for k in range(5)]
+    tones = []
+    for k, f in enumerate(freqs):
+        wave = np.zeros(n, np.float32)
+        wave[:n // (k + 1)] = 0.5 * 10 ** (-9 * k / 20) * np.sin(2 * np.pi * f * np.arange(n // (k + 1)) / sr)
+        tones.append(Clip(str(write_wav(wave, sr, name=f"tone{k}.wav")), k, 4))
+    manifest = poly.make_mixtures(tones, names, tmp_path / "tones", n_per_size=10, seed=2)
+    t = np.arange(n) / sr
+    with open(manifest) as f:
+        for r in csv.DictReader(f):
+            mixed, _ = sf.read(tmp_path / "tones" / r["path"])
+            levels = [float(v) for v in r["levels_db"].split(";")]
+            assert levels[0] == 0 and all(abs(v) <= poly.LEVEL_DB for v in levels)
+            heard = []
+            for name in r["labels"].split(";"):
+                k = names.index(name)
+                active = slice(0, n // (k + 1))  # the tone's RMS over its own active part
+                heard.append(20 * np.log10(np.sqrt(2) * np.abs(np.mean(mixed[active] * np.exp(-2j * np.pi * freqs[k] * t[active])))))
+            assert np.allclose(np.array(heard) - heard[0], levels, atol=0.2), (r, heard)
     # the loudness of a clip is that of its active part, whatever silence pads it
     burst = np.concatenate([np.zeros(30 * 1024), np.ones(2048) * 0.5, np.zeros(30 * 1024)])  # on the frame grid
     assert poly.active_rms(burst) == pytest.approx(0.5, rel=0.05)

@@ -40,6 +40,8 @@ NOT_RUN = {
     "python benchmarks/soundscapes.py": "needs ESC-50, and trainings",
     "audioclf train ESC-50/": "needs ESC-50",
     "audioclf evaluate runs/esc50 ESC-50/": "needs ESC-50 and the run above",
+    "python benchmarks/polyphonic.py": "needs ESC-50 and trains two models",
+    "python benchmarks/soundscapes.py": "needs ESC-50 and trains two models",
 }
 # commands that need the default backbone's pretrained weights (no download in tests): run when the shared
 # copy is there

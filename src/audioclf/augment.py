@@ -305,23 +305,44 @@ class SpecAugment(nn.Module):
         return x.masked_fill(masks[0] | masks[1] if len(masks) == 2 else masks[0], 0.0)
 
 
-def mix(x: torch.Tensor, y: torch.Tensor, fraction: float, max_db: float, features: FeatureConfig,
-        generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum a ``fraction`` of the examples with another clip of the batch, at a random level difference,
-    and give each sum the union of the two clips' classes: a model trained on clips of one sound each
-    learns that several can be present at once (multilabel only).
+def active_power(power: torch.Tensor, floor_db: float = 40.0) -> torch.Tensor:
+    """Loudness of each example: its mean frame power over the frames within ``floor_db`` dB of its loudest,
+    so the silence that pads a short sound does not make it look quiet.
 
-    The sum is made in mel power, which adds as the power of two summed waveforms does (their cross term
-    averages out), so it holds for every front end (see :func:`to_power`). Each example's partner comes
-    from a random cyclic order of the batch, so no clip is mixed with itself.
+    Args:
+        power (torch.Tensor): ``(batch, n_mels, frames)`` mel power (:func:`to_power`).
+        floor_db (float, optional): frames this far below the loudest one are silence, in dB. (Default: ``40.0``)
+
+    Returns:
+        torch.Tensor: ``(batch,)``, in units of ``power`` (0 for an all-silent example).
+    """
+    frames = power.sum(-2)  # (batch, frames)
+    active = frames >= frames.amax(-1, keepdim=True) * 10 ** (-floor_db / 10)
+    return (frames * active).sum(-1) / active.sum(-1)
+
+
+def mix(x: torch.Tensor, y: torch.Tensor, fraction: float, max_db: float, features: FeatureConfig,
+        generator: Optional[torch.Generator] = None, max_clips: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum a ``fraction`` of the examples with other clips of the batch, at random level differences,
+    and give each sum the union of the clips' classes: a model trained on clips of one sound each learns
+    that several can be present at once (multilabel only).
+
+    The sum is made in mel power, which adds as the power of summed waveforms does (their cross terms
+    average out), so it holds for every front end (see :func:`to_power`). An example's partners are its
+    successors in a random cyclic order of the batch, so no clip is mixed with itself or twice. Level
+    differences are between the clips' loudness (:func:`active_power`), not their recorded levels: those
+    spread over some 30 dB in ESC-50, so a partner scaled from its own level would often be inaudible yet
+    labelled present, or drown the clip it joins.
 
     Args:
         x (torch.Tensor): ``(batch, n_mels, frames)`` features.
         y (torch.Tensor): ``(batch, classes)`` multi-hot targets.
         fraction (float): share of the examples mixed, in [0, 1]; ``0`` turns it off.
-        max_db (float): the partner is scaled by a gain in ``[-max_db, +max_db]`` dB (of power).
+        max_db (float): each partner's loudness is set to the example's, times a gain in ``[-max_db, +max_db]`` dB.
         features (FeatureConfig): how the features were made.
         generator (torch.Generator, optional): Source of randomness (CPU). (Default: the global RNG)
+        max_clips (int, optional): most clips in one sum: a mixed example takes from 1 to ``max_clips - 1``
+            partners, as many as the batch allows. (Default: ``2``)
 
     Returns:
         the features, mixed where drawn (same shape), and the targets, united where mixed.
@@ -332,15 +353,31 @@ def mix(x: torch.Tensor, y: torch.Tensor, fraction: float, max_db: float, featur
     chosen = torch.rand(batch, generator=generator) < fraction
     db = (torch.rand(batch, generator=generator) * 2 - 1) * max_db
     cycle = torch.randperm(batch, generator=generator)
-    partner = torch.empty_like(cycle)
-    partner[cycle] = cycle.roll(-1)  # each example's successor in the random cycle
+    most = min(max_clips, batch) - 1  # partners an example may take
+    if most > 1:
+        partners = torch.randint(1, most + 1, (batch,), generator=generator)
+        db = torch.stack([db] + [(torch.rand(batch, generator=generator) * 2 - 1) * max_db for _ in range(most - 1)])
+    else:
+        partners, db = torch.ones(batch, dtype=torch.long), db[None]
+    place = torch.empty_like(cycle)
+    place[cycle] = torch.arange(batch)  # each example's place in the cycle
     rows = chosen.nonzero().squeeze(1)
-    gain = (10 ** (db[rows] / 10)).to(x.device, x.dtype).view(-1, 1, 1)
-    rows, partner = rows.to(x.device), partner[rows].to(x.device)
-    x, y = x.clone(), y.clone()
-    x[rows] = from_power(to_power(x[rows], features) + gain * to_power(x[partner], features), features)
-    y[rows] = torch.maximum(y[rows], y[partner])
-    return x, y
+    own = to_power(x[rows.to(x.device)], features)
+    level, total = active_power(own), own.clone()
+    united = y.clone()
+    for k in range(1, most + 1):  # the k-th successor in the cycle
+        partner = cycle[(place[rows] + k) % batch].to(x.device)
+        other = to_power(x[partner], features)
+        other_level = active_power(other)
+        taken = (partners[rows] >= k).to(x.device)
+        gain = (10 ** (db[k - 1, rows] / 10)).to(x.device, x.dtype) * taken
+        gain = torch.where(other_level > 0, gain * level / other_level.clamp_min(torch.finfo(x.dtype).tiny), gain)
+        total += gain.view(-1, 1, 1) * other
+        at = rows.to(y.device)
+        united[at] = torch.where(taken.to(y.device).view(-1, 1), torch.maximum(united[at], y[partner.to(y.device)]), united[at])
+    x = x.clone()
+    x[rows.to(x.device)] = from_power(total, features)
+    return x, united
 
 
 def mixup(x: torch.Tensor, y: torch.Tensor, n_classes: int, alpha: float,

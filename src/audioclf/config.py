@@ -124,7 +124,10 @@ class AugmentConfig:
                              low=0.0, high=60.0)
     mix: Optional[float] = setting(None, low=0.0, high=1.0, help="fraction of training examples summed with another "
                                    "clip, labels united (default: " + ", ".join(f"{v:g} {k}" for k, v in MIX_DEFAULT.items()) + ")")
-    mix_db: float = setting(6.0, low=0.0, high=60.0, help="a mixed-in clip's gain: random in [-mix_db, +mix_db] dB")
+    mix_db: float = setting(6.0, low=0.0, high=60.0, help="a mixed-in clip's level: random in [-mix_db, +mix_db] dB "
+                                                        "relative to the clip it joins")
+    mix_clips: int = setting(2, low=2, high=8, help="most clips in one mixed example: it takes 1 to mix_clips - 1 "
+                                                  "partners")
 
     def __post_init__(self):
         _check_settings(self)

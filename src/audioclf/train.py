@@ -43,7 +43,7 @@ from .optim import make_optimizer, make_scheduler
 from .rundir import RunDir, claim, resumed_config
 from .runtime import amp_dtype, broadcast, deterministic_kernels, dist_info, process_group, resolve_device
 from .store import FeatureBank
-from .tasks import mix_fraction, multilabel, n_correct, objective, split_scores
+from .tasks import mix_fraction, multilabel, n_correct, objective, split_scores, start_at_priors
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = Fals
             decay_all = ckpt is not None and len(ckpt["optimizer"]["param_groups"]) == 1  # started before groups
             opt = make_optimizer(model, t, s.device, decay_all=decay_all)
             loss_fn, sample_weights = objective(t, bank.targets[train_idx], config.data.balance, s.device)
+            if multilabel(t) and ckpt is None:
+                start_at_priors(model, bank.targets[train_idx])
             scheduler, per_batch = make_scheduler(opt, config, math.ceil(math.ceil(len(train_idx) / s.world) / t.batch_size))
             scaler = torch.amp.GradScaler(enabled=s.amp == torch.float16)
             specaug = SpecAugment(config.augment, features=config.features)
@@ -168,7 +170,8 @@ def train_one_epoch(model: nn.Module, bank: FeatureBank, order: torch.Tensor, op
         x, y = bank.batch(order[i:i + t.batch_size], random_crop=True, generator=generator, multi_hot=multilabel(t))
         x, y = x.to(s.device, non_blocking=True), y.to(s.device, non_blocking=True)
         if multilabel(t):  # two clips summed, labels united: polyphony from single-label clips
-            x, y = mix(x, y, mix_fraction(config), config.augment.mix_db, config.features, generator)
+            x, y = mix(x, y, mix_fraction(config), config.augment.mix_db, config.features, generator,
+                       config.augment.mix_clips)
         x, target = mixup(specaug(x), y, n_classes, config.augment.mixup_alpha, generator)
         with s.autocast():
             logits = model(x)
