@@ -471,8 +471,9 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except AudioclfError as e:
-        print(f"audioclf {args.command}: error: {e}", file=sys.stderr)
-        _tell_torchrun(f"audioclf {args.command}: error: {e}")
+        message = f"audioclf {args.command}: error: {e}"
+        print(message, file=sys.stderr)
+        _tell_torchrun(message)
         return 2
     except KeyboardInterrupt:
         print(f"audioclf {args.command}: interrupted", file=sys.stderr)

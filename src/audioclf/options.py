@@ -67,7 +67,7 @@ class ServeLimits:
     # /listen: each live stream holds a window of audio and takes a forward pass every hop
     max_listeners: int = setting(4, help="live streams on /listen at once; more are closed with code 1013", low=0,
                                  high=1000)
-    max_listen_s: float = setting(3600.0, help="longest /listen session, in s of audio", low=0.0, high=1e6,
+    max_listen_s: float = setting(3600.0, help="longest /listen stream, in s of audio", low=0.0, high=1e6,
                                   low_open=True)
     listen_idle_s: float = setting(5.0, help="s a /listen client may send nothing before it is closed", low=0.0,
                                    high=3600.0, low_open=True)
