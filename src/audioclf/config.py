@@ -148,6 +148,10 @@ class ModelConfig:
     dropout: float = setting(0.2, help="dropout before the final linear layer", low=0.0, high=0.99)
     normalization: Literal["band", "global"] = setting(
         "band", help="ResNet-18's input standardisation from the train split: per mel band, or one mean and std")
+    pooling: Literal["mean", "attention"] = setting(
+        "mean", help="how the clip's score comes from its time steps: mean (average the trunk's map over time, "
+                     "then classify) or attention (classify each time step, then weigh the steps per class: a "
+                     "short sound among others keeps its score, and detect's frame tracks are what was trained)")
 
     def __post_init__(self):
         _check_settings(self)
@@ -268,7 +272,7 @@ _SECTION_NAMES = tuple(SECTIONS)
 _BEFORE_THE_SETTING = {
     "features": {"peak_normalize": False},
     "augment": {"time_mask_fraction": 1.0, "time_shift": 0.0, "time_stretch": 0.0, "freq_shift": 0},
-    "model": {"backbone": "resnet18"},
+    "model": {"backbone": "resnet18", "pooling": "mean"},
 }
 
 # Settings (and values) that were measured, did not help and were removed, with the value that meant "off":
