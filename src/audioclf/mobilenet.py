@@ -192,8 +192,11 @@ class MobileNet(nn.Module):
         of the trunk's map instead of to its average over time; sound event detection's frame-level output."""
         return self._steps(x)[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, 1, n_mels, frames) -> (batch, n_classes) logits."""
+    def forward(self, x: torch.Tensor, steps: bool = False):
+        """(batch, 1, n_mels, frames) -> (batch, n_classes) logits; with ``steps`` (attention pooling), also
+        each time step's, ``(batch, frames / 32, n_classes)``."""
         if self.pool is None:
             return self.classifier(self.features(x))
-        return self.pool(*self._steps(x))
+        hidden, step_logits = self._steps(x)
+        logits = self.pool(hidden, step_logits)
+        return (logits, step_logits) if steps else logits

@@ -141,12 +141,15 @@ class AudioResNet(nn.Module):
         """(batch, n_mels, frames) log-mel -> (batch, 512) pooled trunk features."""
         return self.backbone.trunk(self.norm(x).unsqueeze(1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, n_mels, frames) log-mel -> (batch, n_classes) logits."""
+    def forward(self, x: torch.Tensor, steps: bool = False):
+        """(batch, n_mels, frames) log-mel -> (batch, n_classes) logits; with ``steps`` (attention pooling),
+        also each time step's, ``(batch, frames / 32, n_classes)``."""
         if self.pool is None:
             return self.backbone(self.norm(x).unsqueeze(1))
         h = self._steps(x)
-        return self.pool(h, self.backbone.fc(h))
+        step_logits = self.backbone.fc(h)
+        logits = self.pool(h, step_logits)
+        return (logits, step_logits) if steps else logits
 
     def _steps(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, n_mels, frames) -> (batch, frames / 32, 512): the last block's map averaged over mel."""
@@ -205,9 +208,10 @@ class AudioMobileNet(nn.Module):
         """(batch, n_mels, frames) features -> (batch, 6 x last block's channels) pooled trunk features."""
         return self.net.embed(x.unsqueeze(1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, n_mels, frames) features -> (batch, n_classes) logits."""
-        return self.net(x.unsqueeze(1))
+    def forward(self, x: torch.Tensor, steps: bool = False):
+        """(batch, n_mels, frames) features -> (batch, n_classes) logits (and with ``steps``, each time
+        step's: :meth:`MobileNet.forward`)."""
+        return self.net(x.unsqueeze(1), steps)
 
     def frame_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, n_mels, frames) features -> (batch, frames / 32, n_classes) frame-level logits."""
