@@ -176,6 +176,17 @@ def test_a_multilabel_head_starts_at_the_class_priors():
     assert torch.allclose(torch.sigmoid(model[2].bias), torch.tensor([0.5, 0.25, 1e-3]), atol=1e-6)
     assert torch.equal(model[0].bias, first)  # a hidden layer of the same width is left alone
 
+    from audioclf.model import build_network
+    from audioclf.config import ModelConfig
+
+    for backbone in ("mn04_as", "resnet18"):  # the attention over time weighs steps; the classifier scores
+        net = build_network(ModelConfig(backbone=backbone, pretrained="none", pooling="attention"), 3, 64)
+        start_at_priors(net, targets)
+        assert torch.equal(net.pool.attention.bias if backbone == "resnet18" else net.net.pool.attention.bias,
+                           torch.zeros(3))
+        logits = net(torch.randn(2, 64, 200))
+        assert torch.allclose(torch.sigmoid(logits[:, 2]), torch.full((2,), 1e-3), rtol=0.5)
+
 
 def test_mix_is_on_by_default_for_multilabel_only():
     assert mix_fraction(resolve(overrides={"train": {"task": "multilabel"}})) == 0.5

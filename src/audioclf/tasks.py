@@ -98,8 +98,12 @@ def start_at_priors(model: torch.nn.Module, targets: torch.Tensor) -> None:
     outputs down (49 of 50 on ESC-50: validation mAP 0.07 after the first epoch) before any class is told
     apart. Started at the priors, the sigmoids learn the classes from the first batch (RetinaNet's prior
     initialisation)."""
+    from .mobilenet import AttentionPool
+
     n_classes = targets.shape[1]
-    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == n_classes][-1]
+    attention = {id(m.attention) for m in model.modules() if isinstance(m, AttentionPool)}  # weighs, not scores
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == n_classes
+            and id(m) not in attention][-1]
     prior = targets.float().mean(0).clamp(1e-3, 1 - 1e-3)
     with torch.no_grad():
         head.bias.copy_(torch.log(prior / (1 - prior)))

@@ -479,9 +479,9 @@ def _test_fold(model: nn.Module, bank: FeatureBank, clips: list, run: RunDir, s:
         pred = probs.argmax(1)
         run.write_test(metrics, [(bank.clips[i].path, classes[y], classes[k], p[k])
                                  for i, y, k, p in zip(idx.tolist(), labels.tolist(), pred.tolist(), probs)])
-    log.info("test fold %s: accuracy %.4f, macro-F1 %.4f, ECE %.4f (%.4f before temperature scaling) (%d clips)",
-             config.data.test_fold, metrics["accuracy"], metrics["macro_f1"], metrics["ece"],
-             metrics["ece_uncalibrated"], metrics["n_clips"])
+    log.info("test fold %s: accuracy %.4f, macro-F1 %.4f, ECE %.4f (%.4f before temperature scaling; %.4f for a "
+             "perfectly calibrated model) (%d clips)", config.data.test_fold, metrics["accuracy"], metrics["macro_f1"],
+             metrics["ece"], metrics["ece_uncalibrated"], metrics["ece_floor"], metrics["n_clips"])
     return {"test_acc": metrics["accuracy"], "test_f1": metrics["macro_f1"], "test_n": metrics["n_clips"],
             "test_ece": metrics["ece"]}
 
