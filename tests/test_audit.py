@@ -195,7 +195,7 @@ def test_the_embedder_gives_the_trunk_then_the_audioset_logits_in_one_pass():
     from audioclf.audit import EmbedAndTag
     from audioclf.model import AudioMobileNet
 
-    net = AudioMobileNet(527, 0.4, dropout=0.2).eval()
+    net = AudioMobileNet(527, 0.4, dropout=0.2, pooling="mean").eval()
     x = torch.randn(2, 128, 100)
     both = EmbedAndTag(net).eval().embed(x)
     n = EmbedAndTag(net).n_trunk

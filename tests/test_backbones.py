@@ -48,7 +48,7 @@ def mn04_config(**model) -> RunConfig:
 @pytest.mark.shared_data
 def test_mn04_as_loads_the_official_file_strictly(mn04_file):
     sd = torch.load(mn04_file, map_location="cpu", weights_only=True)
-    net = MobileNet(0.4, dropout=0.0)
+    net = MobileNet(0.4, dropout=0.0, pooling="mean")
     assert len(sd) == len(net.state_dict()) == 312
     net.load_state_dict(sd, strict=True)  # every key and shape
     assert sum(p.numel() for p in net.parameters()) == 983_599
@@ -56,7 +56,7 @@ def test_mn04_as_loads_the_official_file_strictly(mn04_file):
 
 
 def _audioset_top3(path: Path) -> list[str]:
-    net = MobileNet(0.4, dropout=0.0)
+    net = MobileNet(0.4, dropout=0.0, pooling="mean")
     net.load_state_dict(torch.load(MN04, map_location="cpu", weights_only=True))
     features = mn04_config().features
     wave = torch.from_numpy(load_audio(path, features.sample_rate))[None]
@@ -82,7 +82,7 @@ def test_the_pretrained_head_tags_real_clips_through_our_front_end(mn04_file, es
 def test_widths_give_the_published_sizes():
     # EfficientAT's published parameter counts (millions) for the family
     for name, millions in {"mn10_as": 4.88, "mn40_as": 68.43}.items():
-        n = sum(p.numel() for p in MobileNet(BACKBONES[name].width, dropout=0.0).parameters())
+        n = sum(p.numel() for p in MobileNet(BACKBONES[name].width, dropout=0.0, pooling="mean").parameters())
         assert round(n / 1e6, 2) == millions
 
 
@@ -163,14 +163,14 @@ def test_auto_falls_back_to_scratch_and_says_so(caplog):
 def test_a_file_with_another_hash_is_refused(tmp_path, name):
     b = BACKBONES[name]
     fake = tmp_path / b.weights_file
-    torch.save(MobileNet(b.width, dropout=0.0).state_dict(), fake)
+    torch.save(MobileNet(b.width, dropout=0.0, pooling="mean").state_dict(), fake)
     with pytest.raises(AudioclfError, match=f"sha256 .* is not that of the official {b.weights_file}"):
         weights.weights_file(name, str(fake))
 
 
 def test_the_hub_cache_is_used_and_a_download_lands_there(monkeypatch):
     b = BACKBONES["mn05_as"]  # no pinned hash: any state dict of the right shapes is taken
-    sd = MobileNet(b.width, dropout=0.0).state_dict()
+    sd = MobileNet(b.width, dropout=0.0, pooling="mean").state_dict()
 
     def fake_download(url, dst, **kwargs):
         assert url == b.weights_url
@@ -188,7 +188,7 @@ def test_the_hub_cache_is_used_and_a_download_lands_there(monkeypatch):
 
 def test_weights_of_another_width_are_refused():
     with pytest.raises(AudioclfError, match="the weights are not mn04_as's"):
-        AudioMobileNet(3, 0.4, 0.2).load_pretrained(MobileNet(0.5, dropout=0.0).state_dict(), "mn04_as")
+        AudioMobileNet(3, 0.4, 0.2, pooling="mean").load_pretrained(MobileNet(0.5, dropout=0.0, pooling="mean").state_dict(), "mn04_as")
 
 
 # -------------------------------------------------------------------------------- the backbone travels with the model

@@ -21,7 +21,7 @@ def trained():
     torch.manual_seed(0)
     config = RunConfig(features=FeatureConfig(sample_rate=16000, n_mels=32, duration_s=1.0),
                        model=ModelConfig(pretrained="none", dropout=0.1))
-    model = AudioResNet(len(LABELS), n_mels=32, dropout=0.1)
+    model = AudioResNet(len(LABELS), n_mels=32, dropout=0.1, pooling="mean")
     model.norm.mean.uniform_(1, 2)
     model.norm.std.uniform_(0.5, 3)
     return model.eval(), config

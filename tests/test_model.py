@@ -178,14 +178,14 @@ def test_unreadable_weights_path_names_the_file(tmp_path, unpinned, content):
 
 def test_weights_that_are_not_resnet18_are_refused(rgb_state_dict):
     with pytest.raises(AudioclfError, match="not a torchvision ResNet-18"):
-        AudioResNet(3, 80, 0.0).load_imagenet({"weight": torch.zeros(3)})
+        AudioResNet(3, 80, 0.0, pooling="mean").load_imagenet({"weight": torch.zeros(3)})
     partial = {k: v for k, v in rgb_state_dict.items() if not k.startswith("layer4.")}
     with pytest.raises(AudioclfError, match="missing.*layer4"):
-        AudioResNet(3, 80, 0.0).load_imagenet(partial)
+        AudioResNet(3, 80, 0.0, pooling="mean").load_imagenet(partial)
 
 
 def test_summed_stem_sees_a_grey_image_like_the_rgb_stem(rgb_state_dict):
-    model = AudioResNet(5, 80, 0.0).load_imagenet(rgb_state_dict)
+    model = AudioResNet(5, 80, 0.0, pooling="mean").load_imagenet(rgb_state_dict)
     rgb = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
     rgb.weight.data.copy_(rgb_state_dict["conv1.weight"])
     x = torch.randn(2, 1, 40, 50)
@@ -197,7 +197,7 @@ def test_summed_stem_sees_a_grey_image_like_the_rgb_stem(rgb_state_dict):
 
 def test_forward_shapes_and_normalisation():
     torch.manual_seed(0)
-    model = AudioResNet(n_classes=7, n_mels=32, dropout=0.0).eval()
+    model = AudioResNet(n_classes=7, n_mels=32, dropout=0.0, pooling="mean").eval()
     x = torch.rand(3, 32, 45)
     assert model(x).shape == (3, 7)
     # The normalisation buffers are applied before the backbone.
@@ -211,14 +211,14 @@ def test_forward_shapes_and_normalisation():
 
 def test_one_class_is_refused():
     with pytest.raises(AudioclfError, match="n_classes=1"):
-        AudioResNet(1, 80, 0.0)
+        AudioResNet(1, 80, 0.0, pooling="mean")
 
 
 def test_waveform_classifier_gives_probabilities():
     torch.manual_seed(0)
     features = FeatureConfig(sample_rate=16000, duration_s=0.5, n_mels=32, n_fft=512, hop_length=256,
                              win_length=512)
-    model = AudioResNet(3, n_mels=32, dropout=0.0).eval()
+    model = AudioResNet(3, n_mels=32, dropout=0.0, pooling="mean").eval()
     clf = WaveformClassifier(features, model).eval()
     wave = torch.randn(2, features.n_samples) * 0.1
     with torch.no_grad():
@@ -253,7 +253,7 @@ def test_inference_never_imports_torchvision(tmp_path):
     import sys
 
     code = ("import sys, audioclf, audioclf.predict, audioclf.cli, audioclf.serve, audioclf.export; "
-            "from audioclf.model import AudioResNet; AudioResNet(3, 80, 0.0); print('torchvision' in sys.modules)")
+            "from audioclf.model import AudioResNet; AudioResNet(3, 80, 0.0, pooling='mean'); print('torchvision' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"  # it costs 2-3 s of a prediction's cold start
 
@@ -296,12 +296,12 @@ def test_the_family_table_builds_and_places_each_backbone(name, cls):
 
 
 def test_each_family_loads_its_own_pretrained_weights():
-    sd = AudioResNet(1000, 80, 0.0).backbone.state_dict()  # the shape of torchvision's file, 1-channel stem
+    sd = AudioResNet(1000, 80, 0.0, pooling="mean").backbone.state_dict()  # the shape of torchvision's file, 1-channel stem
     sd["conv1.weight"] = sd["conv1.weight"].repeat(1, 3, 1, 1)
-    model = FAMILIES["resnet"].load_pretrained(AudioResNet(5, 80, 0.0), sd, "resnet18")
+    model = FAMILIES["resnet"].load_pretrained(AudioResNet(5, 80, 0.0, pooling="mean"), sd, "resnet18")
     assert torch.equal(model.backbone.layer1[0].conv1.weight, sd["layer1.0.conv1.weight"])
-    mn = AudioMobileNet(5, 0.4, 0.0)
-    official = AudioMobileNet(527, 0.4, 0.0).net.state_dict()
+    mn = AudioMobileNet(5, 0.4, 0.0, pooling="mean")
+    official = AudioMobileNet(527, 0.4, 0.0, pooling="mean").net.state_dict()
     FAMILIES["mobilenet"].load_pretrained(mn, official, "mn04_as")
     first = next(iter(official))
     assert torch.equal(mn.net.state_dict()[first], official[first])

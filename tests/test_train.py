@@ -228,7 +228,7 @@ def test_weight_decay_spares_norm_layers_and_biases():
     assert ids(no_decay["params"]) == ids([m.conv.bias, m.bn.weight, m.bn.bias, m.ln.weight, m.ln.bias, m.gn.weight,
                                            m.gn.bias, m.fc.bias])
     # ResNet-18: every parameter in exactly one group, in the model's order
-    net = AudioResNet(3, n_mels=32, dropout=0.0)
+    net = AudioResNet(3, n_mels=32, dropout=0.0, pooling="mean")
     decay, no_decay = param_groups(net, 0.05)
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(net.parameters()))
     assert not ids(decay["params"]) & ids(no_decay["params"])
@@ -290,7 +290,7 @@ def test_train_one_epoch_and_evaluate_split_return_plain_floats():
     torch.manual_seed(0)
     cfg = resolve(overrides={**SMALL, "features": {**SMALL["features"], "n_mels": 16},
                              "train": {"batch_size": 8, "lr": 1e-3, "epochs": 1}})
-    model, bank, s = AudioResNet(2, n_mels=16, dropout=0.0), _Bank(), Session(rank=0, world=1, device=torch.device("cpu"), amp=None,
+    model, bank, s = AudioResNet(2, n_mels=16, dropout=0.0, pooling="mean"), _Bank(), Session(rank=0, world=1, device=torch.device("cpu"), amp=None,
                                                                  quiet=True)
     opt = make_optimizer(model, cfg.train, s.device)
     before = [p.detach().clone() for p in model.parameters()]

@@ -65,6 +65,6 @@ def pretrained_model(name: str, weights_path: Optional[str] = None):
     config = resolve("default", overrides={"model": {"backbone": name, "pretrained": "audioset",
                                                      "weights_path": weights_path},
                                            "features": {"duration_s": CLIP_S}, "train": {"task": "multilabel"}})
-    net = AudioMobileNet(N_CLASSES, BACKBONES[name].width, config.model.dropout)
+    net = AudioMobileNet(N_CLASSES, BACKBONES[name].width, config.model.dropout, "mean")  # AudioSet's own head averages
     net.load_pretrained(load_state_dict(name, weights_path), name, keep_head=True)
     return net.eval(), config, audioset_labels()

@@ -140,11 +140,11 @@ class MobileNet(nn.Module):
         n_classes (int, optional): Outputs of the last layer. (Default: ``527``, AudioSet's classes: the
             published weights' head)
         dropout (float): Dropout probability before the last layer (``ModelConfig.dropout``).
-        pooling (str, optional): ``mean`` (the published network: the head on the map's average) or
-            ``attention`` (the head on each time step, then :class:`AttentionPool`). (Default: ``"mean"``)
+        pooling (str): ``mean`` (the published network: the head on the map's average) or ``attention`` (the
+            head on each time step, then :class:`AttentionPool`) (``ModelConfig.pooling``).
     """
 
-    def __init__(self, width: float, n_classes: int = 527, *, dropout: float, pooling: str = "mean"):
+    def __init__(self, width: float, n_classes: int = 527, *, dropout: float, pooling: str):
         super().__init__()
         cin = channels(_STEM * width)
         layers = [_conv_bn(1, cin, 3, 2, act=nn.Hardswish)]

@@ -99,10 +99,10 @@ class AudioResNet(nn.Module):
         n_classes (int): Output classes.
         n_mels (int): Mel bands of the input, sizes the normalisation buffers.
         dropout (float): Dropout probability before the final linear layer.
-        pooling (str, optional): ``mean`` or ``attention`` over time (``ModelConfig.pooling``). (Default: ``"mean"``)
+        pooling (str): ``mean`` or ``attention`` over time (``ModelConfig.pooling``).
     """
 
-    def __init__(self, n_classes: int, n_mels: int, dropout: float, pooling: str = "mean"):
+    def __init__(self, n_classes: int, n_mels: int, dropout: float, pooling: str):
         super().__init__()
         if n_classes < 2:
             raise AudioclfError(f"n_classes={n_classes}: a classifier needs at least 2 classes")
@@ -171,10 +171,10 @@ class AudioMobileNet(nn.Module):
         n_classes (int): Output classes.
         width (float): Width multiplier of the backbone (0.4 for ``mn04_as``).
         dropout (float): Dropout probability before the last layer.
-        pooling (str, optional): ``mean`` or ``attention`` over time (``ModelConfig.pooling``). (Default: ``"mean"``)
+        pooling (str): ``mean`` or ``attention`` over time (``ModelConfig.pooling``).
     """
 
-    def __init__(self, n_classes: int, width: float, dropout: float, pooling: str = "mean"):
+    def __init__(self, n_classes: int, width: float, dropout: float, pooling: str):
         super().__init__()
         if n_classes < 2:
             raise AudioclfError(f"n_classes={n_classes}: a classifier needs at least 2 classes")
