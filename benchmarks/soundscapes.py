@@ -9,8 +9,8 @@ twice in a scene. Each event's reference extent is the active part of its clip: 
 50-ms frame within 25 dB of the clip's loudest. Test scenes are made from fold 4, which the benchmark models
 never train on; tuning (validation) scenes from folds 1-3, so that nothing is chosen on fold 4.
 
-For each model (runs under --runs: bench-mc, multiclass, trained here with the audioclf CLI when missing;
-bench-ml and bench-ml2, multilabel, when present): the post-processing is tuned on the tuning scenes
+For each model (runs under --runs named by --models: bench-mc, multiclass, trained here with the audioclf
+CLI when missing; others, such as a multilabel bench-ml, when present): the post-processing is tuned on the tuning scenes
 (``detect --tune``'s grid), for each track source (frames, windows), then scored once on the test scenes with
 ``evaluate-events``' metrics; the bed classes are ignored. The naive baseline is ``predict --timeline``: each
 window's top label, runs of windows with one label merged into an event.
@@ -219,7 +219,10 @@ def audioset_results(tune_dir: Path, tune_ref, test_dir: Path, test_ref, weights
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("esc50", type=Path, help="ESC-50 root (audio/, meta/esc50.csv)")
-    ap.add_argument("--runs", type=Path, default=Path("/work/runs"), help="where bench-mc (and bench-ml) live")
+    ap.add_argument("--runs", type=Path, default=Path("runs"), help="where the runs named by --models live")
+    ap.add_argument("--models", nargs="+", default=["bench-mc", "bench-ml", "mn04_as"],
+                    help="runs under --runs to score (bench-mc is trained when missing; others are skipped when "
+                         "missing), and mn04_as: the AudioSet head with no training (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=Path("soundscapes-out"), help="scenes, event lists, results")
     ap.add_argument("--scenes", type=int, default=60, help="test scenes (and as many tuning scenes)")
     ap.add_argument("--seed", type=int, default=0)
@@ -236,9 +239,10 @@ def main(argv=None) -> int:
     # else the torch hub cache or a download
     beside = args.esc50.resolve().parents[1] / "weights" / WEIGHTS_FILE
     weights = args.weights or (beside if beside.is_file() else None)
-    ensure_run(args.runs / "bench-mc", args.esc50, weights)
+    if "bench-mc" in args.models or not args.skip_long:
+        ensure_run(args.runs / "bench-mc", args.esc50, weights)
     results = []
-    for run in [args.runs / "bench-mc", args.runs / "bench-ml", args.runs / "bench-ml2"]:
+    for run in [args.runs / name for name in args.models if name != "mn04_as"]:
         if not (run / "best.pt").is_file():
             logging.info("%s: no run, skipped", run)
             continue
@@ -264,16 +268,17 @@ def main(argv=None) -> int:
         results.append({"model": run.name, "method": "predict --timeline (baseline)", "event_f1": m["event_f1"],
                         "segment_f1": m["segment_f1"], "event_error_rate": m["event_error_rate"]})
         logging.info("%s", results[-1])
-    results += audioset_results(tune_dir, tune_ref, test_dir, test_ref, weights)
+    if "mn04_as" in args.models:
+        results += audioset_results(tune_dir, tune_ref, test_dir, test_ref, weights)
     report = {"scenes": {"tuning": len(list(tune_dir.glob('*.flac'))), "test": args.scenes,
                          "test_events": len(test_ref)}, "results": results}
     if not args.skip_long:
         report["long"] = long_run(args.runs / "bench-mc", test_dir, args.out)
     (args.out / "results.json").write_text(json.dumps(report, indent=2))
-    print(f"{'model':<10} {'method':<32} {'event F1':>9} {'segment F1':>11} {'event ER':>9}")
+    print(f"{'model':<10} {'method':<32} {'event F1':>9} {'segment F1':>11} {'event ER':>9} {'tuning event F1':>16}")
     for r in results:
         print(f"{r['model']:<10} {r['method']:<32} {r['event_f1']:>9.3f} {r['segment_f1']:>11.3f} "
-              f"{r['event_error_rate']:>9.3f}")
+              f"{r['event_error_rate']:>9.3f} {r.get('tuning_event_f1', float('nan')):>16.3f}")
     if "long" in report:
         print(json.dumps(report["long"]))
     return 0

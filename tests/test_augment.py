@@ -243,3 +243,26 @@ def test_time_stretch_is_seeded():
     a = RandomTimeStretch(0.2, torch.Generator().manual_seed(5)).train()(x)
     b = RandomTimeStretch(0.2, torch.Generator().manual_seed(5)).train()(x)
     assert torch.equal(a, b) and not torch.equal(a, x)
+
+
+def test_active_extent_spans_first_to_last_sound_gaps_included():
+    from audioclf.augment import active_extent
+
+    power = torch.full((2, 4, 100), 1e-6)
+    power[0, :, 20:30] = 1.0
+    power[0, :, 60:70] = 0.5  # a second bark after a silent gap: one event
+    power[1] = 0.0  # digital silence: no extent
+    extent = active_extent(power)
+    on = extent[0].nonzero().squeeze(1)
+    assert abs(on[0].item() - 20) <= 2 and abs(on[-1].item() - 69) <= 2 and len(on) == on[-1] - on[0] + 1
+    assert extent[1].sum() == 0
+
+
+def test_roll_time_rolls_each_example_by_its_own_shift():
+    from audioclf.augment import roll_time
+
+    x = torch.arange(30.0).view(3, 1, 10).repeat(1, 2, 1)
+    shifts = torch.tensor([0, 3, -2])
+    out = roll_time(x, shifts)
+    for i in range(3):
+        assert torch.equal(out[i], torch.roll(x[i], int(shifts[i]), -1))

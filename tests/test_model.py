@@ -305,3 +305,40 @@ def test_each_family_loads_its_own_pretrained_weights():
     FAMILIES["mobilenet"].load_pretrained(mn, official, "mn04_as")
     first = next(iter(official))
     assert torch.equal(mn.net.state_dict()[first], official[first])
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mn04_as"])
+def test_attention_pooling_starts_as_the_mean_of_the_steps_and_returns_them(backbone):
+    from audioclf.model import build_network
+
+    net = build_network(ModelConfig(backbone=backbone, pretrained="none", pooling="attention"), 4, 128).eval()
+    x = torch.randn(2, 128, 300)
+    logits, steps = net(x, steps=True)
+    assert logits.shape == (2, 4) and steps.shape == (2, 10, 4)
+    assert torch.equal(net(x), logits) and torch.equal(net.frame_logits(x), steps)
+    # zero attention weights at the start: every step counts the same
+    assert torch.allclose(logits, steps.mean(1), atol=1e-6)
+
+
+def test_attention_pooling_lets_one_step_carry_its_class():
+    from audioclf.mobilenet import AttentionPool
+
+    pool = AttentionPool(3, 2)
+    with torch.no_grad():
+        pool.attention.weight.copy_(torch.tensor([[10.0, 0, 0], [0, 0, 0]]))  # class 0 attends to feature 0
+    h = torch.zeros(1, 8, 3)
+    h[0, 5, 0] = 1.0  # feature 0 fires at step 5 only
+    step_logits = torch.full((1, 8, 2), -4.0)
+    step_logits[0, 5] = 4.0
+    out = pool(h, step_logits).detach()
+    assert out[0, 0] > 3.9  # the one step where class 0 sounds decides its score
+    assert out[0, 1].item() == pytest.approx(-3.0)  # uniform weights: the mean of its steps, (7 * -4 + 4) / 8
+
+
+def test_a_model_saved_before_pooling_existed_loads_as_mean():
+    from audioclf.config import RunConfig
+
+    saved = RunConfig().to_dict()
+    del saved["model"]["pooling"], saved["train"]["frame_loss"]
+    c = RunConfig.from_saved(saved)
+    assert c.model.pooling == "mean" and c.train.frame_loss == 0.0

@@ -110,7 +110,7 @@ def test_mix_sums_powers_and_unites_labels():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 8, 10, generator=g) * 0.3
     y = torch.nn.functional.one_hot(torch.arange(8) % 5, 5).float()
-    mx, my = mix(x, y, 1.0, 6.0, f, torch.Generator().manual_seed(1))
+    mx, my, _ = mix(x, y, 1.0, 6.0, f, torch.Generator().manual_seed(1))
     assert not torch.equal(mx, x)
     for i in range(8):
         partners = [j for j in range(8) if j != i and torch.equal(my[i], torch.maximum(y[i], y[j]))]
@@ -122,8 +122,8 @@ def test_mix_sums_powers_and_unites_labels():
             from_power(to_power(x[i], f) + r * to_power(x[j], f), f), mx[i], atol=1e-3) for r, j in zip(ratios, partners))
     # a fraction of 0 changes nothing; the same generator seed gives the same mix
     assert mix(x, y, 0.0, 6.0, f, g)[0] is x
-    a = mix(x, y, 0.5, 6.0, f, torch.Generator().manual_seed(3))
-    b = mix(x, y, 0.5, 6.0, f, torch.Generator().manual_seed(3))
+    a = mix(x, y, 0.5, 6.0, f, torch.Generator().manual_seed(3))[:2]
+    b = mix(x, y, 0.5, 6.0, f, torch.Generator().manual_seed(3))[:2]
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     changed = (a[0] != x).flatten(1).any(1)
     assert torch.equal(changed, (a[1] != y).any(1) | changed) and 0 < changed.sum() < 8
@@ -138,7 +138,7 @@ def test_mix_sets_the_partner_to_the_clip_loudness_whatever_the_recorded_levels(
     x = from_power(torch.stack([loud, quiet]), f)
     y = torch.eye(2)
     for seed in range(5):
-        mx, my = mix(x, y, 1.0, 6.0, f, torch.Generator().manual_seed(seed))
+        mx, my, _ = mix(x, y, 1.0, 6.0, f, torch.Generator().manual_seed(seed))
         assert torch.equal(my, torch.ones(2, 2))
         # the partner's active part lands within +-6 dB of the clip's loudness
         relative = active_power(to_power(mx, f) - to_power(x, f)) / active_power(to_power(x, f))
@@ -154,7 +154,7 @@ def test_mix_of_up_to_three_clips_sums_each_partner_once():
     x, y = from_power(power, f), torch.eye(6)
     sizes = set()
     for seed in range(10):
-        mx, my = mix(x, y, 1.0, 6.0, f, torch.Generator().manual_seed(seed), max_clips=3)
+        mx, my, _ = mix(x, y, 1.0, 6.0, f, torch.Generator().manual_seed(seed), max_clips=3)
         mixed = to_power(mx, f)
         for i in range(6):
             heard = (mixed[i, 0] > 1e-5).nonzero().squeeze(1).tolist()  # the clips whose frame sounds in the sum
@@ -175,6 +175,17 @@ def test_a_multilabel_head_starts_at_the_class_priors():
     start_at_priors(model, targets)
     assert torch.allclose(torch.sigmoid(model[2].bias), torch.tensor([0.5, 0.25, 1e-3]), atol=1e-6)
     assert torch.equal(model[0].bias, first)  # a hidden layer of the same width is left alone
+
+    from audioclf.model import build_network
+    from audioclf.config import ModelConfig
+
+    for backbone in ("mn04_as", "resnet18"):  # the attention over time weighs steps; the classifier scores
+        net = build_network(ModelConfig(backbone=backbone, pretrained="none", pooling="attention"), 3, 64)
+        start_at_priors(net, targets)
+        assert torch.equal(net.pool.attention.bias if backbone == "resnet18" else net.net.pool.attention.bias,
+                           torch.zeros(3))
+        logits = net(torch.randn(2, 64, 200))
+        assert torch.allclose(torch.sigmoid(logits[:, 2]), torch.full((2,), 1e-3), rtol=0.5)
 
 
 def test_mix_is_on_by_default_for_multilabel_only():
@@ -320,3 +331,66 @@ def test_esc50_trains_as_multilabel_with_one_tag_per_clip(esc50_root, tmp_path):
     assert y.shape == (6, 10) and torch.equal(y.argmax(1), torch.tensor([c.label for c in clips]))
     assert torch.equal(y.sum(1), torch.ones(6))  # one tag each
     assert torch.equal(bank.batch(torch.arange(6))[1], torch.tensor([c.label for c in clips]))
+
+
+def test_mix_with_frame_targets_moves_each_label_with_its_sound():
+    f = FeatureConfig(sample_rate=16000, n_mels=8, compression="log", offset=4.5, scale=5.0)
+    power = torch.full((6, 8, 60), 1e-7)
+    for k in range(6):
+        power[k, :, 10 + k:20 + k] = 1.0  # clip k sounds for 10 frames
+    x, y = from_power(power, f), torch.eye(6)
+    for seed in range(5):
+        mx, my, frames = mix(x, y, 0.5, 0.0, f, torch.Generator().manual_seed(seed), max_clips=3, frame_targets=True)
+        assert frames.shape == (6, 60, 6)
+        assert torch.equal(frames.amax(1), my)  # a clip's classes are those present at some frame
+        loud = to_power(mx, f).sum(1) > 1e-3  # (clips, frames) where something sounds
+        for i in range(6):
+            present = frames[i].amax(1) > 0
+            assert torch.equal(loud[i] & ~present, torch.zeros_like(present))  # no sound without its label
+            for c in my[i].nonzero().squeeze(1).tolist():
+                assert 10 <= frames[i, :, c].sum() <= 14  # each class over its clip's 10 frames, give or take smoothing
+    # without frame targets nothing is rolled and no third output is made
+    assert mix(x, y, 0.0, 6.0, f, torch.Generator().manual_seed(0))[2] is None
+
+
+def test_frame_loss_needs_a_multilabel_model_with_attention_pooling():
+    with pytest.raises(AudioclfError, match="--task multilabel --pooling attention"):
+        resolve(overrides={"train": {"task": "multilabel", "frame_loss": 1.0}})
+    c = resolve(overrides={"train": {"task": "multilabel", "frame_loss": 1.0}, "model": {"pooling": "attention"}})
+    from audioclf.tasks import training_augment
+
+    assert training_augment(c).time_shift == 0 and training_augment(c).time_stretch == 0  # the mix rolls instead
+
+
+def test_frame_objective_scores_the_steps_against_pooled_frame_targets():
+    from audioclf.tasks import frame_objective, with_frames
+
+    clip = torch.zeros(1, 2)
+    frames = torch.zeros(1, 8, 2)
+    frames[0, 4:6, 0] = 1.0  # class 0 sounds in the second half of step 1 of 2 (of 4 frames each)
+    target = with_frames(torch.tensor([[1.0, 0.0]]), frames)
+    right, wrong = torch.tensor([[[-9.0, -9.0], [9.0, -9.0]]]), torch.tensor([[[9.0, -9.0], [-9.0, -9.0]]])
+    loss = frame_objective(lambda logits, t: smoothed_bce(logits, t), 1.0)
+    assert loss((clip, right), target).item() == pytest.approx(2 * np.log(2), abs=1e-3)  # the clip's part only
+    assert (loss((clip, wrong), target) - loss((clip, right), target)).item() == pytest.approx(9.0, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_a_model_trained_with_frame_loss_detects_and_predicts(synth_dir, tmp_path):
+    from audioclf.train import fit
+
+    cfg = resolve(overrides={"features": {"sample_rate": SYNTH_SAMPLE_RATE, "duration_s": 1.0},
+                             "model": {"backbone": "resnet18", "pretrained": "none", "pooling": "attention"},
+                             "data": {"root": str(synth_dir), "format": "folder", "val_split": 0.25},
+                             "train": {"task": "multilabel", "epochs": 2, "batch_size": 8, "lr": 1e-3,
+                                       "patience": 0, "quiet": True, "seed": 3, "frame_loss": 1.0}})
+    fit(cfg, tmp_path / "run")
+    model = audioclf.load(tmp_path / "run")
+    assert model.config.model.pooling == "attention" and model.config.train.frame_loss == 1.0
+    clip = sorted((synth_dir / SYNTH_CLASSES[0]).glob("*.wav"))[0]
+    assert model.predict_proba(clip).shape[-1] == len(SYNTH_CLASSES)
+    from audioclf.commands.detect import load_detector
+    from audioclf.events import DetectConfig, probability_track
+
+    duration, track = probability_track(load_detector(str(tmp_path / "run")), str(clip), DetectConfig())
+    assert track.shape[1] == len(SYNTH_CLASSES) and ((track >= 0) & (track <= 1)).all()

@@ -218,3 +218,21 @@ def test_a_damaged_sum_names_the_key(change, key):
     read_trust(saved_sum())  # as fitted: fine
     with pytest.raises(AudioclfError, match=rf"best.pt: .*damaged: {key} must"):
         read_trust(saved_sum(**change), "best.pt")
+
+
+def test_ece_floor_is_what_a_calibrated_model_measures_and_falls_with_more_clips():
+    from audioclf.trust import ece_floor, expected_calibration_error
+
+    rng = np.random.default_rng(0)
+
+    def calibrated(n):  # 2 classes; the top class is right with probability its confidence
+        conf = rng.uniform(0.5, 1.0, n)
+        probs = np.stack([conf, 1 - conf], 1)
+        return probs, np.where(rng.random(n) < conf, 0, 1)
+
+    few = [expected_calibration_error(*calibrated(100)) for _ in range(200)]
+    probs, _ = calibrated(100)
+    floor = ece_floor(probs)
+    assert floor["ece_floor"] == pytest.approx(np.mean(few), rel=0.25)  # ECE measured on 100 calibrated clips
+    assert floor["ece_floor"] < floor["ece_floor_p95"] < 0.2
+    assert ece_floor(calibrated(20000)[0])["ece_floor"] < 0.02 < floor["ece_floor"]

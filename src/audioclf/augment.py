@@ -321,8 +321,38 @@ def active_power(power: torch.Tensor, floor_db: float = 40.0) -> torch.Tensor:
     return (frames * active).sum(-1) / active.sum(-1)
 
 
+def active_extent(power: torch.Tensor, floor_db: float = 25.0, smooth: int = 5) -> torch.Tensor:
+    """Where each example's sound is: the frames from its first to its last within ``floor_db`` dB of its
+    loudest, a clip's "active part" (the extent an annotator would mark, gaps between barks included).
+
+    Args:
+        power (torch.Tensor): ``(batch, n_mels, frames)`` mel power (:func:`to_power`).
+        floor_db (float, optional): frames this far below the loudest one are not the sound, in dB. (Default: ``25.0``)
+        smooth (int, optional): frame power is averaged over this many frames first (5: 50 ms at a 10-ms hop),
+            so a single click does not stand for the sound. (Default: ``5``)
+
+    Returns:
+        torch.Tensor: ``(batch, frames)``, 1.0 inside the extent, 0.0 outside (all 0 for a silent example).
+    """
+    frames = torch.nn.functional.avg_pool1d(power.sum(-2, keepdim=True), smooth, 1, smooth // 2,
+                                            count_include_pad=False)[:, 0, :power.shape[-1]]
+    on = (frames >= frames.amax(-1, keepdim=True) * 10 ** (-floor_db / 10)) & (frames > 0)
+    index = torch.arange(on.shape[-1], device=on.device)
+    first = torch.where(on, index, on.shape[-1]).amin(-1, keepdim=True)
+    last = torch.where(on, index, -1).amax(-1, keepdim=True)
+    return ((index >= first) & (index <= last)).to(power.dtype)
+
+
+def roll_time(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Roll each example of ``x`` (``(batch, ..., frames)``) along its last axis by its own ``shifts[i]``
+    frames, as ``torch.roll`` would one at a time."""
+    frames = x.shape[-1]
+    src = (torch.arange(frames, device=x.device) - shifts.to(x.device).view(-1, 1)) % frames  # (batch, frames)
+    return x.gather(-1, src.view(x.shape[0], *([1] * (x.ndim - 2)), frames).expand_as(x))
+
+
 def mix(x: torch.Tensor, y: torch.Tensor, fraction: float, max_db: float, features: FeatureConfig,
-        generator: Optional[torch.Generator] = None, max_clips: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+        generator: Optional[torch.Generator] = None, max_clips: int = 2, *, frame_targets: bool = False):
     """Sum a ``fraction`` of the examples with other clips of the batch, at random level differences,
     and give each sum the union of the clips' classes: a model trained on clips of one sound each learns
     that several can be present at once (multilabel only).
@@ -343,13 +373,23 @@ def mix(x: torch.Tensor, y: torch.Tensor, fraction: float, max_db: float, featur
         generator (torch.Generator, optional): Source of randomness (CPU). (Default: the global RNG)
         max_clips (int, optional): most clips in one sum: a mixed example takes from 1 to ``max_clips - 1``
             partners, as many as the batch allows. (Default: ``2``)
+        frame_targets (bool, optional): place every clip, the example's own and each partner, at a random
+            time (a circular roll, as SpecAugment's time shift, which this replaces) and also return where
+            each class sounds: its clips' active parts (:func:`active_extent`). (Default: ``False``)
 
     Returns:
-        the features, mixed where drawn (same shape), and the targets, united where mixed.
+        the features, mixed where drawn (same shape), the targets, united where mixed, and with
+        ``frame_targets`` each class's presence at each frame, ``(batch, frames, classes)`` (else ``None``).
     """
     batch = x.shape[0]
+    strong = extent = None
+    if frame_targets:
+        extent = active_extent(to_power(x, features))
+        own = torch.randint(0, x.shape[-1], (batch,), generator=generator)
+        x, extent = roll_time(x, own), roll_time(extent, own)
+        strong = extent.unsqueeze(-1) * y.unsqueeze(1).to(extent.dtype)
     if fraction <= 0 or batch < 2:
-        return x, y
+        return x, y, strong
     chosen = torch.rand(batch, generator=generator) < fraction
     db = (torch.rand(batch, generator=generator) * 2 - 1) * max_db
     cycle = torch.randperm(batch, generator=generator)
@@ -368,6 +408,9 @@ def mix(x: torch.Tensor, y: torch.Tensor, fraction: float, max_db: float, featur
     for k in range(1, most + 1):  # the k-th successor in the cycle
         partner = cycle[(place[rows] + k) % batch].to(x.device)
         other = to_power(x[partner], features)
+        if frame_targets:  # a partner also lands at a random time of the clip it joins
+            at_time = torch.randint(0, x.shape[-1], (len(rows),), generator=generator)
+            other, where = roll_time(other, at_time), roll_time(extent[partner], at_time)
         other_level = active_power(other)
         taken = (partners[rows] >= k).to(x.device)
         gain = (10 ** (db[k - 1, rows] / 10)).to(x.device, x.dtype) * taken
@@ -375,9 +418,12 @@ def mix(x: torch.Tensor, y: torch.Tensor, fraction: float, max_db: float, featur
         total += gain.view(-1, 1, 1) * other
         at = rows.to(y.device)
         united[at] = torch.where(taken.to(y.device).view(-1, 1), torch.maximum(united[at], y[partner.to(y.device)]), united[at])
+        if frame_targets:
+            joined = (where * taken.view(-1, 1)).unsqueeze(-1) * y[partner.to(y.device)].unsqueeze(1).to(where.dtype)
+            strong[at] = torch.maximum(strong[at], joined)
     x = x.clone()
     x[rows.to(x.device)] = from_power(total, features)
-    return x, united
+    return x, united, strong
 
 
 def mixup(x: torch.Tensor, y: torch.Tensor, n_classes: int, alpha: float,

@@ -24,8 +24,8 @@ from .errors import AudioclfError
 from .metrics import classification_metrics
 from .runtime import resolve_device
 from .store import FeatureBank
-from .trust import (expected_calibration_error, fit_rejector, fit_temperature, needs_embedding, read_trust,
-                    reference_embeddings, softmax, trust_keys)
+from .trust import (ece_floor, expected_calibration_error, fit_rejector, fit_temperature, needs_embedding,
+                    read_trust, reference_embeddings, softmax, trust_keys)
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ def calibrated_metrics(logits: torch.Tensor, labels: np.ndarray, classes: list, 
     with ``ece``, ``ece_uncalibrated`` (at T = 1) and ``temperature``; those probabilities ``(clips, classes)``)."""
     probs = softmax(logits, temperature)
     return {**classification_metrics(labels, probs, classes), "ece": expected_calibration_error(probs, labels),
-            "ece_uncalibrated": expected_calibration_error(softmax(logits), labels), "temperature": temperature}, probs
+            "ece_uncalibrated": expected_calibration_error(softmax(logits), labels), "temperature": temperature,
+            **ece_floor(probs)}, probs
 
 
 def _nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:

@@ -148,6 +148,10 @@ class ModelConfig:
     dropout: float = setting(0.2, help="dropout before the final linear layer", low=0.0, high=0.99)
     normalization: Literal["band", "global"] = setting(
         "band", help="ResNet-18's input standardisation from the train split: per mel band, or one mean and std")
+    pooling: Literal["mean", "attention"] = setting(
+        "mean", help="how the clip's score comes from its time steps: mean (average the trunk's map over time, "
+                     "then classify) or attention (classify each time step, then weigh the steps per class: a "
+                     "short sound among others keeps its score, and detect's frame tracks are what was trained)")
 
     def __post_init__(self):
         _check_settings(self)
@@ -196,6 +200,11 @@ class TrainConfig:
     scheduler: Literal["plateau", "cosine", "onecycle"] = setting("cosine", help="learning-rate schedule")
     warmup_epochs: int = setting(2, help="epochs of linear warmup before the cosine schedule", low=0, high=100000)
     label_smoothing: float = setting(0.1, help="label smoothing of the cross-entropy", low=0.0, high=0.99)
+    # sound event detection from clips labelled as a whole (tasks.py): the frame targets are made, not given
+    frame_loss: float = setting(0.0, low=0.0, high=100.0, help="weight of a loss on each time step's outputs "
+                                "(multilabel, --pooling attention): a clip's label holds over its active part, "
+                                "the mix places each clip at a random time, so detect learns onsets and "
+                                "offsets from clips labelled as a whole (0 = off)")
     grad_clip: float = setting(0.0, help="largest gradient norm (0 = off)", low=0.0, high=1e6)
     # numpy's and scikit-learn's seeds are 32-bit
     seed: int = setting(42, help="seed of every random draw: splits, initialisation, augmentation", low=0,
@@ -241,6 +250,9 @@ class RunConfig:
             _check_settings(getattr(self, name))
         if self.augment.mix and self.train.task != "multilabel":  # a multiclass target holds one class
             raise AudioclfError(f"augment.mix={self.augment.mix!r} sums two clips, labels united: use --task multilabel")
+        if self.train.frame_loss and (self.train.task != "multilabel" or self.model.pooling != "attention"):
+            raise AudioclfError(f"train.frame_loss={self.train.frame_loss!r} trains the outputs of each time step "
+                                "against the clips' active parts: use --task multilabel --pooling attention")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -272,7 +284,8 @@ _SECTION_NAMES = tuple(SECTIONS)
 _BEFORE_THE_SETTING = {
     "features": {"peak_normalize": False},
     "augment": {"time_mask_fraction": 1.0, "time_shift": 0.0, "time_stretch": 0.0, "freq_shift": 0},
-    "model": {"backbone": "resnet18"},
+    "train": {"frame_loss": 0.0},
+    "model": {"backbone": "resnet18", "pooling": "mean"},
 }
 
 # Settings (and values) that were measured, did not help and were removed, with the value that meant "off":

@@ -22,7 +22,7 @@ from .metrics import classification_metrics, multilabel_metrics, per_class_table
 from .options import PredictOptions
 from .predict import load
 from .rundir import EVAL_FILES, TAG_EVAL_FILES, write_predictions, write_tag_predictions
-from .trust import expected_calibration_error, plot_reliability, softmax
+from .trust import ece_floor, expected_calibration_error, plot_reliability, softmax
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def evaluate(model_path, data: DataConfig, fold: Optional[int] = None, out_dir=N
     # softmax(T * log p) undoes the temperature exactly for a one-window clip (log p = logits / T + const)
     uncalibrated = softmax(clf.temperature * np.log(np.clip(probs, 1e-30, None)))
     metrics.update(ece=expected_calibration_error(probs, y_true), ece_uncalibrated=expected_calibration_error(
-        uncalibrated, y_true), temperature=clf.temperature)
+        uncalibrated, y_true), temperature=clf.temperature, **ece_floor(probs))
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics.update(skipped=skipped, out_dir=str(out_dir))
     metrics_json, predictions_csv, matrix_png, report_txt = (out_dir / name for name in EVAL_FILES)
@@ -194,4 +194,5 @@ def _report(metrics: dict, y_true, probs, labels: list[str], model_path, data: D
             f"accuracy {metrics['accuracy']:.4f}   macro F1 {metrics['macro_f1']:.4f}   "
             f"top-3 accuracy {metrics['top3_accuracy']:.4f}\n"
             f"ECE (15 bins) {metrics['ece']:.4f}, before temperature scaling {metrics['ece_uncalibrated']:.4f} "
-            f"(T = {metrics['temperature']:.3f})\n\n{table}")
+            f"(T = {metrics['temperature']:.3f}); a perfectly calibrated model would measure {metrics['ece_floor']:.4f} "
+            f"on these clips (95 % of the time below {metrics['ece_floor_p95']:.4f})\n\n{table}")

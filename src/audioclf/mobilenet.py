@@ -108,6 +108,30 @@ class InvertedResidual(nn.Module):
         return out + x if self.residual else out
 
 
+class AttentionPool(nn.Module):
+    """Per-class attention over time steps (PANNs' decision-level attention): each class weighs the steps
+    by a softmax of its own attention logits and averages its step logits with those weights, so a sound
+    filling a fifth of the clip is not diluted by the other four fifths, as a plain average would dilute it.
+
+    Args:
+        d (int): Width of the step features the attention reads.
+        n_classes (int): Output classes.
+
+    Shapes: ``(batch, steps, d)`` features and ``(batch, steps, n_classes)`` step logits in,
+    ``(batch, n_classes)`` clip logits out.
+    """
+
+    def __init__(self, d: int, n_classes: int):
+        super().__init__()
+        self.attention = nn.Linear(d, n_classes)
+        nn.init.zeros_(self.attention.weight)  # uniform weights to start: the plain average of the steps
+        nn.init.zeros_(self.attention.bias)
+
+    def forward(self, h: torch.Tensor, step_logits: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(self.attention(h), dim=1)
+        return (weights * step_logits).sum(1)
+
+
 class MobileNet(nn.Module):
     """EfficientAT's MN: a MobileNetV3-large trunk over a 1-channel log-mel image and an MLP head.
 
@@ -116,9 +140,11 @@ class MobileNet(nn.Module):
         n_classes (int, optional): Outputs of the last layer. (Default: ``527``, AudioSet's classes: the
             published weights' head)
         dropout (float): Dropout probability before the last layer (``ModelConfig.dropout``).
+        pooling (str, optional): ``mean`` (the published network: the head on the map's average) or
+            ``attention`` (the head on each time step, then :class:`AttentionPool`). (Default: ``"mean"``)
     """
 
-    def __init__(self, width: float, n_classes: int = 527, *, dropout: float):
+    def __init__(self, width: float, n_classes: int = 527, *, dropout: float, pooling: str = "mean"):
         super().__init__()
         cin = channels(_STEM * width)
         layers = [_conv_bn(1, cin, 3, 2, act=nn.Hardswish)]
@@ -133,6 +159,7 @@ class MobileNet(nn.Module):
         self.classifier = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(self.n_features, hidden), nn.Hardswish(inplace=True),
             nn.Dropout(dropout), nn.Linear(hidden, n_classes))
+        self.pool = AttentionPool(hidden, n_classes) if pooling == "attention" else None
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
@@ -144,6 +171,8 @@ class MobileNet(nn.Module):
         """A new, randomly initialised last layer with ``n_classes`` outputs; everything else is kept."""
         old = self.classifier[5]
         self.classifier[5] = nn.Linear(old.in_features, n_classes)
+        if self.pool is not None:
+            self.pool = AttentionPool(old.in_features, n_classes)
         nn.init.normal_(self.classifier[5].weight, 0, 0.01)
         nn.init.zeros_(self.classifier[5].bias)
         return self
@@ -152,13 +181,22 @@ class MobileNet(nn.Module):
         """(batch, 1, n_mels, frames) -> (batch, n_features): the trunk's output averaged over mel and time."""
         return self.features(x).mean((2, 3))
 
+    def _steps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, 1, n_mels, frames) -> the head's hidden layer and its logits at each time step of the
+        trunk's map (averaged over mel): (batch, frames / 32, hidden), (batch, frames / 32, n_classes)."""
+        hidden = self.classifier[2:5](self.features(x).mean(2).transpose(1, 2))  # Linear, Hardswish, Dropout
+        return hidden, self.classifier[5](hidden)
+
     def frame_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, 1, n_mels, frames) -> (batch, frames / 32, n_classes): the head applied to each time step
-        of the trunk's map (averaged over mel) instead of to its average over time; sound event detection's
-        frame-level output."""
-        h = self.features(x).mean(2).transpose(1, 2)  # (batch, time steps, channels)
-        return self.classifier[2:](h)  # the head without its pooling: Linear, Hardswish, Dropout, Linear
+        of the trunk's map instead of to its average over time; sound event detection's frame-level output."""
+        return self._steps(x)[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, 1, n_mels, frames) -> (batch, n_classes) logits."""
-        return self.classifier(self.features(x))
+    def forward(self, x: torch.Tensor, steps: bool = False):
+        """(batch, 1, n_mels, frames) -> (batch, n_classes) logits; with ``steps`` (attention pooling), also
+        each time step's, ``(batch, frames / 32, n_classes)``."""
+        if self.pool is None:
+            return self.classifier(self.features(x))
+        hidden, step_logits = self._steps(x)
+        logits = self.pool(hidden, step_logits)
+        return (logits, step_logits) if steps else logits

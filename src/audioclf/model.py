@@ -27,7 +27,7 @@ from .backbones import BACKBONES
 from .config import FeatureConfig, ModelConfig
 from .errors import AudioclfError
 from .features import LogMel, Normalize
-from .mobilenet import MobileNet
+from .mobilenet import AttentionPool, MobileNet
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +99,16 @@ class AudioResNet(nn.Module):
         n_classes (int): Output classes.
         n_mels (int): Mel bands of the input, sizes the normalisation buffers.
         dropout (float): Dropout probability before the final linear layer.
+        pooling (str, optional): ``mean`` or ``attention`` over time (``ModelConfig.pooling``). (Default: ``"mean"``)
     """
 
-    def __init__(self, n_classes: int, n_mels: int, dropout: float):
+    def __init__(self, n_classes: int, n_mels: int, dropout: float, pooling: str = "mean"):
         super().__init__()
         if n_classes < 2:
             raise AudioclfError(f"n_classes={n_classes}: a classifier needs at least 2 classes")
         self.norm = Normalize(n_mels)
         self.backbone = ResNet18(nn.Sequential(nn.Dropout(dropout), nn.Linear(512, n_classes)), in_channels=1)
+        self.pool = AttentionPool(512, n_classes) if pooling == "attention" else None
         # the scratch recipe was tuned with the stem at PyTorch's default init (it used to replace
         # torchvision's RGB stem after torchvision's init ran): keep it so
         self.backbone.conv1.reset_parameters()
@@ -114,7 +116,7 @@ class AudioResNet(nn.Module):
     @classmethod
     def from_config(cls, config: ModelConfig, n_classes: int, n_mels: int) -> "AudioResNet":
         """The network ``config`` describes, with random weights (see :func:`build_network`)."""
-        return cls(n_classes, n_mels, config.dropout)
+        return cls(n_classes, n_mels, config.dropout, config.pooling)
 
     def fit_input(self, frames: Iterable[torch.Tensor], config: ModelConfig) -> None:
         """Fit the input standardisation on the training clips' ``(n_mels, frames)`` log-mels, per band or
@@ -139,15 +141,24 @@ class AudioResNet(nn.Module):
         """(batch, n_mels, frames) log-mel -> (batch, 512) pooled trunk features."""
         return self.backbone.trunk(self.norm(x).unsqueeze(1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, n_mels, frames) log-mel -> (batch, n_classes) logits."""
-        return self.backbone(self.norm(x).unsqueeze(1))
+    def forward(self, x: torch.Tensor, steps: bool = False):
+        """(batch, n_mels, frames) log-mel -> (batch, n_classes) logits; with ``steps`` (attention pooling),
+        also each time step's, ``(batch, frames / 32, n_classes)``."""
+        if self.pool is None:
+            return self.backbone(self.norm(x).unsqueeze(1))
+        h = self._steps(x)
+        step_logits = self.backbone.fc(h)
+        logits = self.pool(h, step_logits)
+        return (logits, step_logits) if steps else logits
+
+    def _steps(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, frames) -> (batch, frames / 32, 512): the last block's map averaged over mel."""
+        return self.backbone.feature_map(self.norm(x).unsqueeze(1)).mean(2).transpose(1, 2)
 
     def frame_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, n_mels, frames) log-mel -> (batch, frames / 32, n_classes): the head on each time step of
-        the last block's map (averaged over mel); their mean over time is ``forward``'s logits."""
-        h = self.backbone.feature_map(self.norm(x).unsqueeze(1)).mean(2).transpose(1, 2)  # (batch, steps, 512)
-        return self.backbone.fc(h)
+        the last block's map (averaged over mel); with mean pooling their mean over time is ``forward``'s."""
+        return self.backbone.fc(self._steps(x))
 
 
 class AudioMobileNet(nn.Module):
@@ -160,26 +171,29 @@ class AudioMobileNet(nn.Module):
         n_classes (int): Output classes.
         width (float): Width multiplier of the backbone (0.4 for ``mn04_as``).
         dropout (float): Dropout probability before the last layer.
+        pooling (str, optional): ``mean`` or ``attention`` over time (``ModelConfig.pooling``). (Default: ``"mean"``)
     """
 
-    def __init__(self, n_classes: int, width: float, dropout: float):
+    def __init__(self, n_classes: int, width: float, dropout: float, pooling: str = "mean"):
         super().__init__()
         if n_classes < 2:
             raise AudioclfError(f"n_classes={n_classes}: a classifier needs at least 2 classes")
-        self.net = MobileNet(width, n_classes, dropout=dropout)
+        self.net = MobileNet(width, n_classes, dropout=dropout, pooling=pooling)
 
     @classmethod
     def from_config(cls, config: ModelConfig, n_classes: int, n_mels: int) -> "AudioMobileNet":
         """The network ``config`` describes, with random weights (see :func:`build_network`); its input
         width is the front end's, fixed by the backbone, so ``n_mels`` is not needed."""
-        return cls(n_classes, BACKBONES[config.backbone].width, config.dropout)
+        return cls(n_classes, BACKBONES[config.backbone].width, config.dropout, config.pooling)
 
     def load_pretrained(self, state_dict: dict, name: str, *, keep_head: bool = False) -> "AudioMobileNet":
         """Load the official AudioSet weights of backbone ``name``: every tensor but the 527-class last
         layer, which our classes replace (with ``keep_head``, that layer too: AudioSet tagging). Any other
         missing, extra or misshapen tensor is an error."""
         ours = self.net.state_dict()
-        head = set() if keep_head else {k for k in ours if k.startswith("classifier.5.")}
+        # the last layer and the attention over time are ours to train (AudioSet's network averages)
+        head = {k for k in ours if k.startswith("pool.")} | \
+            (set() if keep_head else {k for k in ours if k.startswith("classifier.5.")})
         missing = sorted(set(ours) - set(state_dict) - head)
         unexpected = sorted(set(state_dict) - set(ours))
         shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(ours[k].shape)}" for k in set(ours) & set(state_dict) - head
@@ -194,9 +208,10 @@ class AudioMobileNet(nn.Module):
         """(batch, n_mels, frames) features -> (batch, 6 x last block's channels) pooled trunk features."""
         return self.net.embed(x.unsqueeze(1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, n_mels, frames) features -> (batch, n_classes) logits."""
-        return self.net(x.unsqueeze(1))
+    def forward(self, x: torch.Tensor, steps: bool = False):
+        """(batch, n_mels, frames) features -> (batch, n_classes) logits (and with ``steps``, each time
+        step's: :meth:`MobileNet.forward`)."""
+        return self.net(x.unsqueeze(1), steps)
 
     def frame_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, n_mels, frames) features -> (batch, frames / 32, n_classes) frame-level logits."""

@@ -12,6 +12,7 @@ of every class. A softmax target gives each of K classes ``eps/K`` instead.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from typing import Callable, Optional
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import MIX_DEFAULT, RunConfig, TrainConfig
+from .config import MIX_DEFAULT, AugmentConfig, RunConfig, TrainConfig
 from .metrics import macro_f1, mean_average_precision, multilabel_metrics
 
 
@@ -31,6 +32,44 @@ def multilabel(t: TrainConfig) -> bool:
 def mix_fraction(config: RunConfig) -> float:
     """The share of training examples the mix augmentation sums: ``augment.mix``, or the task's default."""
     return MIX_DEFAULT[config.train.task] if config.augment.mix is None else config.augment.mix
+
+
+def training_augment(config: RunConfig) -> AugmentConfig:
+    """What SpecAugment applies: with frame targets (``train.frame_loss``) no time shift or stretch, since
+    the mix places each clip at a random time itself and moves its targets with it."""
+    if config.train.frame_loss > 0:
+        return replace(config.augment, time_shift=0.0, time_stretch=0.0)
+    return config.augment
+
+
+def with_frames(y: torch.Tensor, frames: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(batch, classes)`` targets and ``(batch, frames, classes)`` frame targets as one ``(batch, classes
+    x (1 + frames))`` tensor, which mixup mixes with each example's weight (``y`` alone without frames)."""
+    return y if frames is None else torch.cat([y.to(frames.dtype), frames.flatten(1)], 1)
+
+
+def frame_objective(loss_fn: Callable, weight: float) -> Callable:
+    """``loss((clip logits, step logits (batch, steps, classes)), with_frames(targets, frame targets))``:
+    ``loss_fn`` on the clips plus ``weight`` times ``loss_fn`` on every time step, against the frame
+    targets max-pooled to the steps (a step holds a class if any of its frames does)."""
+    def loss(out: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        clip, steps = out
+        n = clip.shape[1]
+        frames = target[:, n:].reshape(len(target), -1, n).transpose(1, 2)  # (batch, classes, frames)
+        at_steps = F.adaptive_max_pool1d(frames, steps.shape[1]).transpose(1, 2)
+        return loss_fn(clip, target[:, :n]) + weight * loss_fn(steps.flatten(0, 1), at_steps.flatten(0, 1))
+    return loss
+
+
+def forward_loss(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn: Callable, *,
+                 steps: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(clip logits, loss)`` of a training batch; with ``steps``, the loss also takes each time step's
+    logits (``model(x, steps=True)``, :func:`frame_objective`). The loss is computed in float32."""
+    if not steps:
+        logits = model(x)
+        return logits, loss_fn(logits.float(), target)
+    logits, at_steps = model(x, steps=True)
+    return logits, loss_fn((logits.float(), at_steps.float()), target)
 
 
 def smoothed_bce(logits: torch.Tensor, target: torch.Tensor, *, weight: Optional[torch.Tensor] = None,
@@ -59,8 +98,12 @@ def start_at_priors(model: torch.nn.Module, targets: torch.Tensor) -> None:
     outputs down (49 of 50 on ESC-50: validation mAP 0.07 after the first epoch) before any class is told
     apart. Started at the priors, the sigmoids learn the classes from the first batch (RetinaNet's prior
     initialisation)."""
+    from .mobilenet import AttentionPool
+
     n_classes = targets.shape[1]
-    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == n_classes][-1]
+    attention = {id(m.attention) for m in model.modules() if isinstance(m, AttentionPool)}  # weighs, not scores
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == n_classes
+            and id(m) not in attention][-1]
     prior = targets.float().mean(0).clamp(1e-3, 1 - 1e-3)
     with torch.no_grad():
         head.bias.copy_(torch.log(prior / (1 - prior)))
@@ -78,7 +121,8 @@ def objective(t: TrainConfig, targets: torch.Tensor, balance: str,
     """``(loss function, per-clip sampling weights or None)`` for training clips of ``(clips, classes)``
     multi-hot ``targets``: :func:`loss_function` with :func:`class_balance`'s class weights."""
     class_weights, sample_weights = class_balance(targets, balance, device)
-    return loss_function(t, class_weights), sample_weights
+    loss = loss_function(t, class_weights)
+    return (frame_objective(loss, t.frame_loss) if t.frame_loss > 0 else loss), sample_weights
 
 
 def class_balance(targets: torch.Tensor, balance: str,

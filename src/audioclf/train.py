@@ -43,7 +43,8 @@ from .optim import make_optimizer, make_scheduler
 from .rundir import RunDir, claim, resumed_config
 from .runtime import amp_dtype, broadcast, deterministic_kernels, dist_info, process_group, resolve_device
 from .store import FeatureBank
-from .tasks import mix_fraction, multilabel, n_correct, objective, split_scores, start_at_priors
+from .tasks import (forward_loss, mix_fraction, multilabel, n_correct, objective, split_scores, start_at_priors,
+                    training_augment, with_frames)
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def fit(config: RunConfig, out_dir, resume: bool = False, overwrite: bool = Fals
                 start_at_priors(model, bank.targets[train_idx])
             scheduler, per_batch = make_scheduler(opt, config, math.ceil(math.ceil(len(train_idx) / s.world) / t.batch_size))
             scaler = torch.amp.GradScaler(enabled=s.amp == torch.float16)
-            specaug = SpecAugment(config.augment, features=config.features)
+            specaug = SpecAugment(training_augment(config), features=config.features)
             # --- state, from scratch or from last.pt; there is always a last.pt to resume from
             progress, rows = _restore(ckpt, model, opt, scheduler, run)
             if s.master and ckpt is None:
@@ -169,13 +170,12 @@ def train_one_epoch(model: nn.Module, bank: FeatureBank, order: torch.Tensor, op
     for i in bar:
         x, y = bank.batch(order[i:i + t.batch_size], random_crop=True, generator=generator, multi_hot=multilabel(t))
         x, y = x.to(s.device, non_blocking=True), y.to(s.device, non_blocking=True)
-        if multilabel(t):  # two clips summed, labels united: polyphony from single-label clips
-            x, y = mix(x, y, mix_fraction(config), config.augment.mix_db, config.features, generator,
-                       config.augment.mix_clips)
-        x, target = mixup(specaug(x), y, n_classes, config.augment.mixup_alpha, generator)
+        # clips summed, labels united: polyphony from single-label clips (multilabel only: 0 for multiclass)
+        x, y, frames = mix(x, y, mix_fraction(config), config.augment.mix_db, config.features, generator,
+                           config.augment.mix_clips, frame_targets=t.frame_loss > 0)
+        x, target = mixup(specaug(x), with_frames(y, frames), n_classes, config.augment.mixup_alpha, generator)
         with s.autocast():
-            logits = model(x)
-            loss = loss_fn(logits.float(), target)
+            logits, loss = forward_loss(model, x, target, loss_fn, steps=frames is not None)
         scaler.scale(loss).backward()
         if t.grad_clip > 0:
             scaler.unscale_(optimizer)
@@ -479,9 +479,9 @@ def _test_fold(model: nn.Module, bank: FeatureBank, clips: list, run: RunDir, s:
         pred = probs.argmax(1)
         run.write_test(metrics, [(bank.clips[i].path, classes[y], classes[k], p[k])
                                  for i, y, k, p in zip(idx.tolist(), labels.tolist(), pred.tolist(), probs)])
-    log.info("test fold %s: accuracy %.4f, macro-F1 %.4f, ECE %.4f (%.4f before temperature scaling) (%d clips)",
-             config.data.test_fold, metrics["accuracy"], metrics["macro_f1"], metrics["ece"],
-             metrics["ece_uncalibrated"], metrics["n_clips"])
+    log.info("test fold %s: accuracy %.4f, macro-F1 %.4f, ECE %.4f (%.4f before temperature scaling; %.4f for a "
+             "perfectly calibrated model) (%d clips)", config.data.test_fold, metrics["accuracy"], metrics["macro_f1"],
+             metrics["ece"], metrics["ece_uncalibrated"], metrics["ece_floor"], metrics["n_clips"])
     return {"test_acc": metrics["accuracy"], "test_f1": metrics["macro_f1"], "test_n": metrics["n_clips"],
             "test_ece": metrics["ece"]}
 

@@ -100,6 +100,24 @@ def expected_calibration_error(probs, labels, n_bins: int = N_BINS) -> float:
     return reliability(probs, labels, n_bins)["ece"]
 
 
+def ece_floor(probs, n_bins: int = N_BINS, draws: int = 1000, seed: int = 0) -> dict:
+    """The ECE a perfectly calibrated model would measure with these confidences on this many clips: each
+    clip right with probability its confidence, ``draws`` times. ECE is biased upwards on few clips (each
+    bin's accuracy is a small sample), so a measured ECE means something only next to this floor.
+
+    Returns:
+        dict: ``ece_floor`` (the mean over draws) and ``ece_floor_p95`` (95 % of the draws measure less).
+    """
+    conf = np.asarray(probs, dtype=np.float64).max(1)
+    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    right = np.random.default_rng(seed).random((draws, len(conf))) < conf  # (draws, clips)
+    count = np.bincount(bins, minlength=n_bins)
+    hits = np.stack([np.bincount(bins, r, n_bins) for r in right])  # (draws, bins)
+    gap = np.abs(hits - np.bincount(bins, conf, n_bins))  # |correct - summed confidence| per bin, x count
+    ece = gap.sum(1) / max(len(conf), 1)
+    return {"ece_floor": float(ece.mean()), "ece_floor_p95": float(np.percentile(ece, 95)) if len(conf) else 0.0}
+
+
 def plot_reliability(curves: dict, labels, path, n_bins: int = N_BINS) -> None:
     """Save a reliability diagram (accuracy against confidence per bin, the diagonal being perfect) as a PNG.
 
