@@ -36,8 +36,9 @@ from audioclf.config import resolve
 from audioclf.train import fit
 
 N_UNKNOWN = 10
-# the candidates: audioclf.trust's scores, knn at several k (knnK)
-CANDIDATES = ("msp", "energy", "embedding", "knn1", "knn2", "knn3", "knn5", "knn10", "knn20")
+# the candidates: audioclf.trust's scores, knn at several k (knnK), and sums of two (each part standardised)
+CANDIDATES = ("msp", "energy", "embedding", "knn1", "knn2", "knn3", "knn5", "knn10", "knn20", "mahalanobis",
+              "energy+mahalanobis", "energy+knn1")
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 
 
@@ -111,11 +112,14 @@ def run_outputs(run: Path, root: Path, rows: list[dict], known: list[str], test_
 
 
 def candidate_rule(name: str, o: dict, temperature: float, keep_known: float):
-    """The rule of candidate ``name`` (a score of ``audioclf.trust.SCORES``, ``knnK`` for knn with k = K) fitted
-    as training fits it: references from the training clips, threshold on the validation clips."""
+    """The rule of candidate ``name`` (a score of ``audioclf.trust.SCORES`` or a sum of them, ``knnK`` for knn
+    with k = K) fitted as training fits it: references from the training clips, threshold (and a sum's
+    standardisation) on the validation clips."""
     from audioclf.trust import KNN_K, fit_rejector, reference_embeddings
 
-    kind, k = ("knn", int(name[3:])) if name.startswith("knn") else (name, KNN_K)
+    parts = name.split("+")
+    k = next((int(p[3:]) for p in parts if p.startswith("knn")), KNN_K)
+    kind = "+".join("knn" if p.startswith("knn") else p for p in parts)
     refs = reference_embeddings(kind, o["train_emb"], o["train_labels"], o["val_logits"].shape[1])
     return fit_rejector(kind, keep_known, o["val_logits"], o["val_emb"], refs, temperature, k)
 

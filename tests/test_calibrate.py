@@ -106,6 +106,46 @@ def test_a_knn_rule_keeps_the_training_clips_embeddings(tones_run, tmp_path):
     assert sum(lab != "unknown" for lab in clf.predict([synth_clip(k, rng, 16000, 1.0) for k in KNOWN])) >= 2
 
 
+def test_an_energy_mahalanobis_rule_says_unknown_and_survives_the_export(tones_run, tmp_path):
+    import shutil
+
+    pytest.importorskip("safetensors")
+    from audioclf.export import export
+
+    run = tmp_path / "sum"
+    shutil.copytree(tones_run, run)
+    calibrate_run(run, refit=True, score="energy+mahalanobis", device="cpu")
+    r = load_checkpoint(run)["reject"]
+    width = len(load_checkpoint(tones_run)["reject"]["class_means"][0])  # the embedding's
+    assert r["score"] == "energy+mahalanobis" and len(r["class_means"]) == len(KNOWN)
+    assert len(r["precision"]) == width == len(r["precision"][0]) and len(r["standardize"]) == 2
+    clf = audioclf.load(run, device="cpu")
+    assert clf.rejector.kind == "energy+mahalanobis" and clf.config.train.reject_score == "energy+mahalanobis"
+    rng = np.random.default_rng(7)
+    known = [synth_clip(k, rng, 16000, 1.0) for k in KNOWN for _ in range(2)]
+    # far off: a pure tone above every trained sound (the tones' harmonics end below 3 kHz). Band noise is not
+    # used here: this small model's energy is higher for it than for the known clips, and the sum follows
+    far = (0.5 * np.sin(2 * np.pi * 7000 * np.arange(16000) / 16000)).astype(np.float32)
+    labels = clf.predict(known + [far])
+    assert labels[-1] == "unknown" and sum(lab != "unknown" for lab in labels[:-1]) >= 4, labels
+    export(run, "safetensors", tmp_path / "st")
+    assert json.loads((tmp_path / "st" / "config.json").read_text())["reject"] == r
+    exported = audioclf.load(tmp_path / "st", device="cpu")
+    assert exported.predict(known + [far]) == labels
+    np.testing.assert_allclose([exported.classify(w)["score"] for w in (far, known[0])],
+                               [clf.classify(w)["score"] for w in (far, known[0])], rtol=1e-4, atol=1e-4)
+
+
+def test_an_older_models_energy_rule_stays_energy(tones_run, tmp_path):
+    from audioclf.trust import fit_rejector
+
+    ckpt = load_checkpoint(tones_run)
+    ckpt["reject"] = fit_rejector("energy", 0.95, np.zeros((4, len(KNOWN)))).to_dict()
+    del ckpt["config"]["train"]["reject_score"]  # saved before the setting, whatever its default is today
+    save_checkpoint({k: v for k, v in ckpt.items() if k not in ("format", "audioclf_version")}, tmp_path / "old.pt")
+    assert audioclf.load(tmp_path / "old.pt", device="cpu").rejector.kind == "energy"
+
+
 def test_exports_keep_temperature_and_rule(tones_run, tmp_path):
     pytest.importorskip("safetensors")
     from audioclf.export import export

@@ -24,8 +24,8 @@ from .errors import AudioclfError
 from .metrics import classification_metrics
 from .runtime import resolve_device
 from .store import FeatureBank
-from .trust import (ece_floor, expected_calibration_error, fit_rejector, fit_temperature, read_trust, reference_embeddings,
-                    softmax, trust_keys)
+from .trust import (ece_floor, expected_calibration_error, fit_rejector, fit_temperature, needs_embedding,
+                    read_trust, reference_embeddings, softmax, trust_keys)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def fit_trust(model: nn.Module, bank: FeatureBank, train_idx: torch.Tensor, val_
     logits, emb, labels = bank_outputs(model, bank, val_idx, device)
     temperature = fit_temperature(logits, labels)
     refs = None
-    if t.reject_score in ("embedding", "knn"):
+    if needs_embedding(t.reject_score):
         _, train_emb, train_labels = bank_outputs(model, bank, train_idx, device)
         refs = reference_embeddings(t.reject_score, train_emb, train_labels, n_classes)
     rule = fit_rejector(t.reject_score, t.keep_known, logits, emb, refs, temperature)

@@ -216,12 +216,16 @@ class TrainConfig:
         "csv", help="where the metrics go besides RUN_DIR/metrics.csv: csv (nowhere else), tensorboard "
                     "(RUN_DIR/tensorboard) or mlflow (RUN_DIR/mlruns, or MLFLOW_TRACKING_URI)")
     # after training, on the best model's validation clips (trust.py): the share of known clips the
-    # "unknown" rule keeps, and its score (docs/trust.md measures them)
+    # "unknown" rule keeps, and its score: the default is the one the open-set benchmark chose on its training
+    # folds (docs/trust.md). A saved model keeps the rule it was fitted with, whatever the default.
     keep_known: float = setting(0.95, low=0.0, high=1.0, low_open=True, help="share of known validation clips "
                                 "the unknown rule keeps; below its threshold an input is answered 'unknown'")
-    reject_score: Literal["msp", "energy", "embedding", "knn"] = setting(
-        "energy", help="score of the unknown rule: maximum calibrated probability, energy, cosine similarity "
-                       "to the nearest class mean (embedding) or to the nearest training clip (knn)")
+    reject_score: Literal["msp", "energy", "embedding", "knn", "mahalanobis", "energy+mahalanobis"] = setting(
+        "energy+mahalanobis", help="score of the unknown rule: maximum calibrated probability (msp), energy, "
+                                   "cosine similarity to the nearest class mean (embedding) or to the nearest "
+                                   "training clip (knn), Mahalanobis distance to the nearest class mean under the "
+                                   "training clips' covariance (mahalanobis), or energy+mahalanobis: their sum, "
+                                   "each standardised on the validation clips")
     # the same seed gives the same model on CUDA too, at some speed; CPU runs are reproducible without it
     deterministic: bool = setting(False, help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN "
                                               "without autotuning)")

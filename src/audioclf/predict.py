@@ -28,7 +28,7 @@ from .metrics import tags_above
 from .model import WaveformClassifier, activation
 from .options import PredictOptions
 from .runtime import auto_workers, cpu_threads_beside, dying_with_parent, resolve_device
-from .trust import TRUST_KEYS, UNKNOWN, known_score, read_trust
+from .trust import TRUST_KEYS, UNKNOWN, read_trust
 from .waveforms import unbatch
 from .windows import LimitError, PrepareFiles, Source, count_windows, limited, prepare  # noqa: F401
 # LimitError, count_windows: predict's API (the server's) before the windows moved out
@@ -325,7 +325,7 @@ class Classifier:
 
     def _probs_and_scores(self, wave: torch.Tensor):
         """The default head: class probabilities (the temperature applied), with each window's known-class
-        score when the rule needs one that the probabilities do not give (energy, embedding)."""
+        score when the rule needs one that the probabilities do not give (every score but msp)."""
         r = self.rejector
         if r is None or r.kind == "msp":
             return self._net(wave)
@@ -333,7 +333,7 @@ class Classifier:
         logits = self.model(logmel)
         emb = self.model.embed(logmel) if r.needs_embedding else None
         return (activation(self._net.task)(logits / self.temperature),
-                known_score(r.kind, logits, emb, r.refs, self.temperature, r.k).cpu())
+                r.torch_score(logits, emb).cpu())
 
     def _pooled(self, source: Source) -> np.ndarray:
         """A whole input's class probabilities: its windows' mean (tags: their maximum)."""
@@ -341,7 +341,7 @@ class Classifier:
 
     def _decide(self, source: Source) -> tuple[str, Optional[float]]:
         """(label, known-class score) of a whole input: ``"unknown"`` when the rule rejects it; the score is
-        None without a rule. MSP scores the mean probabilities; energy and embedding average the windows'."""
+        None without a rule. MSP scores the mean probabilities; the other scores average the windows'."""
         probs = self._pooled(source)
         label = self.labels[int(probs.argmax())]
         if self.rejector is None:
