@@ -342,3 +342,16 @@ def test_a_model_saved_before_pooling_existed_loads_as_mean():
     del saved["model"]["pooling"], saved["train"]["frame_loss"]
     c = RunConfig.from_saved(saved)
     assert c.model.pooling == "mean" and c.train.frame_loss == 0.0
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mn04_as"])
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_logits_and_embedding_in_one_pass_equal_forward_and_embed(backbone, pooling):
+    from audioclf.model import build_network
+
+    torch.manual_seed(0)
+    net = build_network(ModelConfig(backbone=backbone, pretrained="none", pooling=pooling), 4, 128).eval()
+    x = torch.randn(2, 128, 300)
+    logits, emb = net.logits_and_embedding(x)
+    torch.testing.assert_close(logits, net(x))
+    torch.testing.assert_close(emb, net.embed(x))

@@ -181,11 +181,19 @@ class MobileNet(nn.Module):
         """(batch, 1, n_mels, frames) -> (batch, n_features): the trunk's output averaged over mel and time."""
         return self.features(x).mean((2, 3))
 
-    def _steps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch, 1, n_mels, frames) -> the head's hidden layer and its logits at each time step of the
-        trunk's map (averaged over mel): (batch, frames / 32, hidden), (batch, frames / 32, n_classes)."""
-        hidden = self.classifier[2:5](self.features(x).mean(2).transpose(1, 2))  # Linear, Hardswish, Dropout
+    def _steps(self, x: torch.Tensor, trunk: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, 1, n_mels, frames) (or the trunk's map of them, ``trunk``) -> the head's hidden layer and
+        its logits at each time step of the map (averaged over mel): (batch, frames / 32, hidden),
+        (batch, frames / 32, n_classes)."""
+        trunk = self.features(x) if trunk is None else trunk
+        hidden = self.classifier[2:5](trunk.mean(2).transpose(1, 2))  # Linear, Hardswish, Dropout
         return hidden, self.classifier[5](hidden)
+
+    def logits_and_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(forward(x), embed(x))`` from one pass of the trunk (the unknown rule's scores need both)."""
+        trunk = self.features(x)
+        emb = trunk.mean((2, 3))
+        return (self.classifier[2:](emb) if self.pool is None else self.pool(*self._steps(x, trunk))), emb
 
     def frame_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, 1, n_mels, frames) -> (batch, frames / 32, n_classes): the head applied to each time step

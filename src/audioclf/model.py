@@ -155,6 +155,15 @@ class AudioResNet(nn.Module):
         """(batch, n_mels, frames) -> (batch, frames / 32, 512): the last block's map averaged over mel."""
         return self.backbone.feature_map(self.norm(x).unsqueeze(1)).mean(2).transpose(1, 2)
 
+    def logits_and_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(forward(x), embed(x))`` from one pass of the trunk (the unknown rule's scores need both)."""
+        fmap = self.backbone.feature_map(self.norm(x).unsqueeze(1))
+        emb = torch.flatten(self.backbone.avgpool(fmap), 1)
+        if self.pool is None:
+            return self.backbone.fc(emb), emb
+        h = fmap.mean(2).transpose(1, 2)
+        return self.pool(h, self.backbone.fc(h)), emb
+
     def frame_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, n_mels, frames) log-mel -> (batch, frames / 32, n_classes): the head on each time step of
         the last block's map (averaged over mel); with mean pooling their mean over time is ``forward``'s."""
@@ -212,6 +221,10 @@ class AudioMobileNet(nn.Module):
         """(batch, n_mels, frames) features -> (batch, n_classes) logits (and with ``steps``, each time
         step's: :meth:`MobileNet.forward`)."""
         return self.net(x.unsqueeze(1), steps)
+
+    def logits_and_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(forward(x), embed(x))`` from one pass of the trunk (the unknown rule's scores need both)."""
+        return self.net.logits_and_embedding(x.unsqueeze(1))
 
     def frame_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, n_mels, frames) features -> (batch, frames / 32, n_classes) frame-level logits."""

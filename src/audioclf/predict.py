@@ -330,8 +330,7 @@ class Classifier:
         if r is None or r.kind == "msp":
             return self._net(wave)
         logmel = self._net.logmel(wave)
-        logits = self.model(logmel)
-        emb = self.model.embed(logmel) if r.needs_embedding else None
+        logits, emb = self.model.logits_and_embedding(logmel) if r.needs_embedding else (self.model(logmel), None)
         return (activation(self._net.task)(logits / self.temperature),
                 r.torch_score(logits, emb).cpu())
 
