@@ -353,12 +353,29 @@ def test_mix_with_frame_targets_moves_each_label_with_its_sound():
 
 
 def test_frame_loss_needs_a_multilabel_model_with_attention_pooling():
-    with pytest.raises(AudioclfError, match="--task multilabel --pooling attention"):
-        resolve(overrides={"train": {"task": "multilabel", "frame_loss": 1.0}})
+    for asked in ({"train": {"frame_loss": 1.0}},
+                  {"train": {"task": "multilabel", "frame_loss": 1.0}, "model": {"pooling": "mean"}}):
+        with pytest.raises(AudioclfError, match="--task multilabel --pooling attention"):
+            resolve(overrides=asked)
     c = resolve(overrides={"train": {"task": "multilabel", "frame_loss": 1.0}, "model": {"pooling": "attention"}})
     from audioclf.tasks import training_augment
 
     assert training_augment(c).time_shift == 0 and training_augment(c).time_stretch == 0  # the mix rolls instead
+
+
+def test_multilabel_brings_its_recipe_under_presets_yaml_and_flags(tmp_path):
+    def got(c):
+        return c.model.pooling, c.train.frame_loss, c.augment.mix_clips, c.train.epochs
+
+    multiclass = resolve()
+    assert got(multiclass) == ("mean", 0.0, 2, 15)  # mn04_as's recipe, untouched by the tagger's
+    assert got(resolve(overrides={"train": {"task": "multilabel"}})) == ("attention", 1.0, 3, 60)
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("train:\n  task: multilabel\n  epochs: 20\n")
+    assert got(resolve(yaml_path=yaml, overrides={"augment": {"mix_clips": 2}})) == ("attention", 1.0, 2, 20)
+    # another pooling, asked for, goes without frame targets rather than failing on the task's default
+    assert got(resolve(overrides={"train": {"task": "multilabel"}, "model": {"pooling": "mean"}})) == ("mean", 0.0, 3, 60)
+    assert resolve(preset="tutorial", overrides={"train": {"task": "multilabel"}}).train.epochs == 25  # presets win
 
 
 def test_frame_objective_scores_the_steps_against_pooled_frame_targets():

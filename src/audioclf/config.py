@@ -97,6 +97,16 @@ class FeatureConfig:
 
 # augment.mix when unset, by train.task: a multiclass target cannot hold the two classes of a mix
 MIX_DEFAULT = {"multiclass": 0.0, "multilabel": 0.5}
+# What a task changes, for every backbone: over the backbone's recipe, under a preset, YAML and flags. A tagger
+# learns "which sounds, and when" with attention over time, frame targets and mixes of up to 3 clips, and
+# its mixtures keep improving long after 15 epochs (docs/multilabel.md#benchmark-polyphonic-esc-50).
+TASK_RECIPES = {"multilabel": {"model": {"pooling": "attention"}, "augment": {"mix_clips": 3},
+                               "train": {"frame_loss": 1.0, "epochs": 60}}}
+
+
+def _recipe_text(task: str) -> str:
+    return ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+                     for section in TASK_RECIPES[task].values() for k, v in section.items())
 
 
 @dataclass
@@ -189,7 +199,8 @@ class DataConfig:
 class TrainConfig:
     # multilabel: one sigmoid per class (tags; several or none per clip); multiclass: one softmax, one class
     task: Literal["multiclass", "multilabel"] = setting("multiclass", help="multiclass (one class per clip, "
-                                                        "softmax) or multilabel (any number of tags, sigmoids)")
+                                                        "softmax) or multilabel (any number of tags, sigmoids; "
+                                                        f"its defaults: {_recipe_text('multilabel')})")
     epochs: int = setting(30, help="training epochs", low=1, high=100000)
     batch_size: int = setting(16, help="examples per optimiser step", low=1, high=65536)
     lr: Optional[float] = setting(None, low=0.0, high=10.0, low_open=True, help="peak learning rate (default: "
@@ -425,7 +436,7 @@ def resolve(preset: Optional[str] = "default", yaml_path=None, overrides: Option
         name = model.get("backbone", ModelConfig.backbone) if isinstance(model, dict) else ModelConfig.backbone
         _check_choice("backbone", name, BACKBONE_NAMES)
         b = BACKBONES[name]
-        base = merge(RunConfig().to_dict(), merge({"features": dict(b.front_end)}, b.recipe))
+        base = merge(RunConfig().to_dict(), merge(merge({"features": dict(b.front_end)}, b.recipe), _task_recipe(user)))
     d = merge(base, user)
     if preset is not None:
         d["preset"] = preset
@@ -435,6 +446,16 @@ def resolve(preset: Optional[str] = "default", yaml_path=None, overrides: Option
         feats["f_max"] = None  # from scratch at a lower rate than the front end's: its mels go up to Nyquist
     _check_front_end(d)
     return RunConfig.from_dict(d)
+
+
+def _task_recipe(user: dict) -> dict:
+    """The task's part of :data:`TASK_RECIPES`, for the task ``user`` (preset, YAML, flags) asks for."""
+    train, model = user.get("train"), user.get("model")
+    recipe = TASK_RECIPES.get(train.get("task") if isinstance(train, dict) else None, {})
+    if isinstance(model, dict) and model.get("pooling", "attention") != "attention" and "train" in recipe:
+        # frame targets train the attention's time steps: another pooling, asked for, goes without them
+        recipe = {**recipe, "train": {k: v for k, v in recipe["train"].items() if k != "frame_loss"}}
+    return recipe
 
 
 def _check_front_end(d: dict) -> None:

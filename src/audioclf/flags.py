@@ -12,7 +12,7 @@ import sys
 from typing import Optional
 
 from .backbones import BACKBONES, DEFAULT_BACKBONE
-from .config import SECTIONS, resolve
+from .config import SECTIONS, TASK_RECIPES, resolve
 from .settings import Setting, settings
 
 # settings whose flags exclude each other: a weights file is loaded, so it cannot go with another choice
@@ -57,6 +57,10 @@ def _help(s: Setting, default, from_recipe: bool = False) -> str:
         text = f"{s.help}; {note} ({_show(default)} for {DEFAULT_BACKBONE})"
     else:
         text = s.help if "default" in s.help else f"{s.help} (default: {_show(default)})"
+    by_task = [f"{_show(v)} with --task {task}" for task, recipe in TASK_RECIPES.items()
+               for section in recipe.values() for k, v in section.items() if k == s.name]
+    if by_task:
+        text += f"; {', '.join(by_task)}"
     return text.replace("%", "%%")
 
 
