@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import soundfile as sf
-from test_events import KNOWN, SR, TONES, scene, tone_classifier
+from test_events import KNOWN, SR, TONES, StridedToneDetector, scene, tone, tone_classifier
 
 from audioclf.errors import AudioclfError
 from audioclf.events import DetectConfig, find_events, probability_track, smooth
@@ -77,6 +77,33 @@ def test_streamed_chunks_give_detects_events_within_one_hop(tmp_path, source, ra
     assert all(len(m["top"]) == 2 for m in messages)
     # while the low tone sounds (1-3 s) it leads the bars
     assert messages[3]["top"][0]["label"] == "low"
+
+
+@pytest.mark.parametrize("source", ["frames", "windows"])
+@pytest.mark.parametrize("hop_s", [0.5, 0.25])
+@pytest.mark.parametrize("seconds", [6.0, 1.5])  # 1.5: a recording that ends before it fills a frames window
+def test_a_stream_that_starts_with_a_sound_gives_detects_first_event(source, hop_s, seconds):
+    # a network that averages its steps, as the real ones do: zeros after the audio received so far would
+    # dilute the first window's tone, where a file's first window is all tone
+    clf = tone_classifier(StridedToneDetector())
+    config = DetectConfig(source=source, median_s=0.3, min_duration_s=0.2, merge_gap_s=0.2)
+    wave = np.zeros(int(seconds * SR), np.float32)
+    wave[:int(min(seconds, 3.0) * SR)] = tone(TONES["low"], min(seconds, 3.0))
+    duration_s, track = probability_track(clf, wave, config)
+    expected = find_events(track, LABELS, config, filename="x", duration_s=duration_s)
+    detector = StreamingDetector(clf, config, sample_rate=SR, hop_s=hop_s)
+    messages = []
+    for i in range(0, len(wave), SR // 10):
+        detector.feed(wave[i:i + SR // 10])
+        messages += list(detector.steps())
+    got = closed(messages + list(detector.steps(last=True)))
+    assert [g[:2] for g in got] == [(e.event_label, e.onset) for e in expected] == [("low", 0.0)]
+    assert abs(got[0][2] - expected[0].offset) <= hop_s
+
+
+def test_a_hop_too_short_for_one_stft_frame_is_refused():
+    with pytest.raises(AudioclfError, match="hop_s=0.01 is too short"):
+        StreamingDetector(tone_classifier(), DetectConfig(), sample_rate=SR, hop_s=0.01)
 
 
 def test_events_open_soon_after_the_sound_starts():

@@ -2,12 +2,14 @@
 per-class tracks and events as :mod:`audioclf.events` makes of a file.
 
 Every hop (``hop_s`` of audio, 0.25-0.5 s), the newest window of audio (a ring buffer of one window) goes
-through the model once. Its points newer than the last hop fill the track's cells (``DetectConfig.hop_s``)
-up to the newest point; cells then pass through the post-processing of :func:`audioclf.events.find_events`
-in its incremental form: the median filter once it has the cells it needs on both sides, then hysteresis,
-merging and the minimum duration (:class:`EventTracker`). An event is reported open as soon as it is sure to
-be reported (it reached the onset threshold and lasts ``min_duration_s``), and closed once no later run can
-merge with it (``merge_gap_s`` past its end).
+through the model once; until the ring is full, the audio received so far, not padded: a file's first window
+holds the audio that follows, and zeros in its place are a sound cut off, which a tagger misreads. Its
+points newer than the last hop fill the track's cells (``DetectConfig.hop_s``) up to the newest point; cells
+then pass through the post-processing of :func:`audioclf.events.find_events` in its incremental form: the
+median filter once it has the cells it needs on both sides, then hysteresis, merging and the minimum
+duration (:class:`EventTracker`). An event is reported open as soon as it is sure to be reported (it reached
+the onset threshold and lasts ``min_duration_s``), and closed once no later run can merge with it
+(``merge_gap_s`` past its end).
 
 A file's tracks take each time from the window whose centre is nearest; a stream cannot wait half a window
 for that one, so it reads each time from the newest window, where the time sits near the window's end.
@@ -155,7 +157,7 @@ class StreamingDetector:
         self.window_s = features.duration_s if self.frames else config.window_s
         self.window = round(self.window_s * self.sr)
         self.frame_hop_s = features.hop_length / self.sr if self.frames else None
-        self.hop = max(1, round(hop_s * self.sr))
+        self.hop = features.window_samples(hop_s, "hop_s")  # the first hop is the first input the network hears
         self.resampler = None
         if sample_rate != self.sr:
             import soxr
@@ -200,20 +202,23 @@ class StreamingDetector:
             yield self._hop(self._cells(True), True)
 
     def _cells(self, last: bool) -> np.ndarray:
-        """The model on the newest window: the track's cells up to its newest point (with ``last``, up to
-        the end of the recording, the last point held as a file's track holds it)."""
+        """The model on the newest window, or on the audio so far while the ring is not yet full: the
+        track's cells up to its newest point (with ``last``, up to the end of the recording, the last point
+        held as a file's track holds it)."""
         now = self.time_s
-        if self.total < self.window:  # the first window starts at 0 and is padded at the end, as a file's is
-            wave, start_s = np.concatenate([self.ring, np.zeros(self.window - len(self.ring), np.float32)]), 0.0
-        else:
-            wave, start_s = self.ring, now - self.window_s
-        *_, source = self.clf.window_steps(wave, self.sr, window_s=self.window_s, hop_s=self.window_s,
-                                           frames=self.frames)
+        # A file's first window holds the audio that follows; zeros in its place are a sound cut off dead,
+        # which mn04_as answers with dozens of classes that are not there. So the network hears only what has
+        # arrived, as it hears a file's newest audio at the file's end; only a recording that ends shorter
+        # than a window is padded at the end, as a file that short is.
+        wave, start_s = self.ring, max(0.0, now - self.window_s)
+        if last and len(wave) < self.window:
+            wave = np.concatenate([wave, np.zeros(self.window - len(wave), np.float32)])
+        window_s = len(wave) / self.sr
+        *_, source = self.clf.window_steps(wave, self.sr, window_s=window_s, hop_s=window_s, frames=self.frames)
         rows = np.atleast_2d(source.rows[0])  # a window's row at its centre, frame-level rows over it
-        t = start_s + step_times(len(rows), self.window_s, self.frame_hop_s)
+        t = start_s + step_times(len(rows), window_s, self.frame_hop_s)
         keep = t <= now + 1e-9
-        if not keep.any() and not last:  # a short window's centre is still ahead: no cell is known yet
-            return np.zeros((0, rows.shape[1]), np.float32)
+        # a padded window's first point can lie past the recording's end: the track holds it from the start
         t, rows = (t[keep], rows[keep]) if keep.any() else (t[:1], rows[:1])
         if not self.frames and self.last_point is not None:
             t, rows = np.concatenate([[self.last_point[0]], t]), np.concatenate([self.last_point[1][None], rows])
