@@ -37,9 +37,7 @@ NOT_RUN = {
     "pip install": "the network",
     "python benchmarks/accuracy.py": "needs ESC-50 and FSDD, and hours",
     "python benchmarks/openset.py": "needs ESC-50, and six trainings",
-    "python benchmarks/soundscapes.py": "needs ESC-50, and trainings",
     "audioclf train ESC-50/": "needs ESC-50",
-    "audioclf evaluate runs/esc50 ESC-50/": "needs ESC-50 and the run above",
     "python benchmarks/polyphonic.py": "needs ESC-50 and trains two models",
     "python benchmarks/soundscapes.py": "needs ESC-50 and trains two models",
 }
