@@ -382,13 +382,17 @@ def mix(x: torch.Tensor, y: torch.Tensor, fraction: float, max_db: float, featur
         ``frame_targets`` each class's presence at each frame, ``(batch, frames, classes)`` (else ``None``).
     """
     batch = x.shape[0]
+    mixing = fraction > 0 and batch >= 2
+    if not (mixing or frame_targets):
+        return x, y, None
+    power = to_power(x, features)  # every clip converted once: as an example, a partner and for its extent
     strong = extent = None
     if frame_targets:
-        extent = active_extent(to_power(x, features))
+        extent = active_extent(power)
         own = torch.randint(0, x.shape[-1], (batch,), generator=generator)
-        x, extent = roll_time(x, own), roll_time(extent, own)
+        x, power, extent = roll_time(x, own), roll_time(power, own), roll_time(extent, own)
         strong = extent.unsqueeze(-1) * y.unsqueeze(1).to(extent.dtype)
-    if fraction <= 0 or batch < 2:
+    if not mixing:
         return x, y, strong
     chosen = torch.rand(batch, generator=generator) < fraction
     db = (torch.rand(batch, generator=generator) * 2 - 1) * max_db
@@ -402,27 +406,27 @@ def mix(x: torch.Tensor, y: torch.Tensor, fraction: float, max_db: float, featur
     place = torch.empty_like(cycle)
     place[cycle] = torch.arange(batch)  # each example's place in the cycle
     rows = chosen.nonzero().squeeze(1)
-    own = to_power(x[rows.to(x.device)], features)
+    on, at = rows.to(x.device), rows.to(y.device)
+    own = power[on]
     level, total = active_power(own), own.clone()
     united = y.clone()
     for k in range(1, most + 1):  # the k-th successor in the cycle
-        partner = cycle[(place[rows] + k) % batch].to(x.device)
-        other = to_power(x[partner], features)
+        partner = cycle[(place[rows] + k) % batch]
+        other, partner_y = power[partner.to(x.device)], y[partner.to(y.device)]
         if frame_targets:  # a partner also lands at a random time of the clip it joins
             at_time = torch.randint(0, x.shape[-1], (len(rows),), generator=generator)
-            other, where = roll_time(other, at_time), roll_time(extent[partner], at_time)
+            other, where = roll_time(other, at_time), roll_time(extent[partner.to(x.device)], at_time)
         other_level = active_power(other)
         taken = (partners[rows] >= k).to(x.device)
         gain = (10 ** (db[k - 1, rows] / 10)).to(x.device, x.dtype) * taken
         gain = torch.where(other_level > 0, gain * level / other_level.clamp_min(torch.finfo(x.dtype).tiny), gain)
         total += gain.view(-1, 1, 1) * other
-        at = rows.to(y.device)
-        united[at] = torch.where(taken.to(y.device).view(-1, 1), torch.maximum(united[at], y[partner.to(y.device)]), united[at])
+        united[at] = torch.where(taken.to(y.device).view(-1, 1), torch.maximum(united[at], partner_y), united[at])
         if frame_targets:
-            joined = (where * taken.view(-1, 1)).unsqueeze(-1) * y[partner.to(y.device)].unsqueeze(1).to(where.dtype)
+            joined = (where * taken.view(-1, 1)).unsqueeze(-1) * partner_y.unsqueeze(1).to(where.dtype)
             strong[at] = torch.maximum(strong[at], joined)
     x = x.clone()
-    x[rows.to(x.device)] = from_power(total, features)
+    x[on] = from_power(total, features)
     return x, united, strong
 
 

@@ -39,9 +39,9 @@ def bank_outputs(model: nn.Module, bank: FeatureBank, idx: torch.Tensor, device:
     logits, emb, labels = [], [], []
     for i in range(0, len(idx), batch_size):
         x, y = bank.batch(idx[i:i + batch_size])
-        x = x.to(device)
-        logits.append(model(x).float().cpu())
-        emb.append(model.embed(x).float().cpu())
+        z, e = model.logits_and_embedding(x.to(device))
+        logits.append(z.float().cpu())
+        emb.append(e.float().cpu())
         labels.append(y.cpu())
     return torch.cat(logits), torch.cat(emb), torch.cat(labels)
 

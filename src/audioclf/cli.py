@@ -257,12 +257,18 @@ def cmd_tag(args) -> int:
                    **given_options(args, PredictOptions))
 
 
-def cmd_detect(args) -> int:
-    from .commands.detect import run_detect
+def _detect_flags(args) -> tuple[dict, list[str]]:
+    """detect's and listen's shared flags: the DetectConfig settings given, and --ignore's classes."""
     from .events import DetectConfig
 
     overrides = {s.name: getattr(args, s.name) for s in settings(DetectConfig) if getattr(args, s.name) is not None}
-    ignore = [x.strip() for x in (args.ignore or "").split(",") if x.strip()]
+    return overrides, [x.strip() for x in (args.ignore or "").split(",") if x.strip()]
+
+
+def cmd_detect(args) -> int:
+    from .commands.detect import run_detect
+
+    overrides, ignore = _detect_flags(args)
     return run_detect(args.model, args.inputs, out=args.out, tune_on=args.tune, ignore=ignore, plot_dir=args.plot,
                       params=args.params, overrides=overrides, weights=args.weights, quiet=is_quiet(args),
                       **given_options(args, PredictOptions))
@@ -270,10 +276,8 @@ def cmd_detect(args) -> int:
 
 def cmd_listen(args) -> int:
     from .commands.listen import run_listen
-    from .events import DetectConfig
 
-    overrides = {s.name: getattr(args, s.name) for s in settings(DetectConfig) if getattr(args, s.name) is not None}
-    ignore = [x.strip() for x in (args.ignore or "").split(",") if x.strip()]
+    overrides, ignore = _detect_flags(args)
     return run_listen(args.model, weights=args.weights, params=args.params, overrides=overrides, ignore=ignore,
                       seconds=args.seconds, **given_options(args, PredictOptions), **given_options(args, ServeLimits))
 

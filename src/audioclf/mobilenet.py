@@ -181,11 +181,9 @@ class MobileNet(nn.Module):
         """(batch, 1, n_mels, frames) -> (batch, n_features): the trunk's output averaged over mel and time."""
         return self.features(x).mean((2, 3))
 
-    def _steps(self, x: torch.Tensor, trunk: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch, 1, n_mels, frames) (or the trunk's map of them, ``trunk``) -> the head's hidden layer and
-        its logits at each time step of the map (averaged over mel): (batch, frames / 32, hidden),
-        (batch, frames / 32, n_classes)."""
-        trunk = self.features(x) if trunk is None else trunk
+    def _steps(self, trunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trunk's map (``features``) -> the head's hidden layer and its logits at each time step of the
+        map (averaged over mel): (batch, frames / 32, hidden), (batch, frames / 32, n_classes)."""
         hidden = self.classifier[2:5](trunk.mean(2).transpose(1, 2))  # Linear, Hardswish, Dropout
         return hidden, self.classifier[5](hidden)
 
@@ -193,18 +191,18 @@ class MobileNet(nn.Module):
         """``(forward(x), embed(x))`` from one pass of the trunk (the unknown rule's scores need both)."""
         trunk = self.features(x)
         emb = trunk.mean((2, 3))
-        return (self.classifier[2:](emb) if self.pool is None else self.pool(*self._steps(x, trunk))), emb
+        return (self.classifier[2:](emb) if self.pool is None else self.pool(*self._steps(trunk))), emb
 
     def frame_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, 1, n_mels, frames) -> (batch, frames / 32, n_classes): the head applied to each time step
         of the trunk's map instead of to its average over time; sound event detection's frame-level output."""
-        return self._steps(x)[1]
+        return self._steps(self.features(x))[1]
 
     def forward(self, x: torch.Tensor, steps: bool = False):
         """(batch, 1, n_mels, frames) -> (batch, n_classes) logits; with ``steps`` (attention pooling), also
         each time step's, ``(batch, frames / 32, n_classes)``."""
         if self.pool is None:
             return self.classifier(self.features(x))
-        hidden, step_logits = self._steps(x)
+        hidden, step_logits = self._steps(self.features(x))
         logits = self.pool(hidden, step_logits)
         return (logits, step_logits) if steps else logits

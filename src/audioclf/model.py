@@ -146,28 +146,33 @@ class AudioResNet(nn.Module):
         also each time step's, ``(batch, frames / 32, n_classes)``."""
         if self.pool is None:
             return self.backbone(self.norm(x).unsqueeze(1))
-        h = self._steps(x)
+        h = self._steps(self._map(x))
         step_logits = self.backbone.fc(h)
         logits = self.pool(h, step_logits)
         return (logits, step_logits) if steps else logits
 
-    def _steps(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, n_mels, frames) -> (batch, frames / 32, 512): the last block's map averaged over mel."""
-        return self.backbone.feature_map(self.norm(x).unsqueeze(1)).mean(2).transpose(1, 2)
+    def _map(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, frames) -> (batch, 512, n_mels / 32, frames / 32): the last block's map."""
+        return self.backbone.feature_map(self.norm(x).unsqueeze(1))
+
+    @staticmethod
+    def _steps(fmap: torch.Tensor) -> torch.Tensor:
+        """The last block's map -> (batch, frames / 32, 512): its time steps, averaged over mel."""
+        return fmap.mean(2).transpose(1, 2)
 
     def logits_and_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(forward(x), embed(x))`` from one pass of the trunk (the unknown rule's scores need both)."""
-        fmap = self.backbone.feature_map(self.norm(x).unsqueeze(1))
+        fmap = self._map(x)
         emb = torch.flatten(self.backbone.avgpool(fmap), 1)
         if self.pool is None:
             return self.backbone.fc(emb), emb
-        h = fmap.mean(2).transpose(1, 2)
+        h = self._steps(fmap)
         return self.pool(h, self.backbone.fc(h)), emb
 
     def frame_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, n_mels, frames) log-mel -> (batch, frames / 32, n_classes): the head on each time step of
         the last block's map (averaged over mel); with mean pooling their mean over time is ``forward``'s."""
-        return self.backbone.fc(self._steps(x))
+        return self.backbone.fc(self._steps(self._map(x)))
 
 
 class AudioMobileNet(nn.Module):

@@ -75,6 +75,12 @@ def softmax(logits, temperature: float = 1.0) -> np.ndarray:
     return torch.softmax((z if z.is_floating_point() else z.double()) / temperature, -1).numpy()
 
 
+def _confidence_bins(conf: np.ndarray, n_bins: int) -> np.ndarray:
+    """Each confidence's bin: bin b holds confidences in (b/n, (b+1)/n]; a confidence of exactly 0 falls in
+    the first."""
+    return np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+
+
 def reliability(probs, labels, n_bins: int = N_BINS) -> dict:
     """Confidence (top probability) against accuracy in ``n_bins`` equal-width bins over [0, 1].
 
@@ -84,8 +90,7 @@ def reliability(probs, labels, n_bins: int = N_BINS) -> dict:
     """
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
     conf, correct = probs.max(1), (probs.argmax(1) == labels).astype(np.float64)
-    # bin b holds confidences in (b/n, (b+1)/n]; a confidence of exactly 0 falls in the first
-    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    bins = _confidence_bins(conf, n_bins)
     count = np.bincount(bins, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.bincount(bins, conf, n_bins) / count
@@ -109,13 +114,12 @@ def ece_floor(probs, n_bins: int = N_BINS, draws: int = 1000, seed: int = 0) -> 
         dict: ``ece_floor`` (the mean over draws) and ``ece_floor_p95`` (95 % of the draws measure less).
     """
     conf = np.asarray(probs, dtype=np.float64).max(1)
-    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    bins = _confidence_bins(conf, n_bins)
     right = np.random.default_rng(seed).random((draws, len(conf))) < conf  # (draws, clips)
-    count = np.bincount(bins, minlength=n_bins)
     hits = np.stack([np.bincount(bins, r, n_bins) for r in right])  # (draws, bins)
     gap = np.abs(hits - np.bincount(bins, conf, n_bins))  # |correct - summed confidence| per bin, x count
     ece = gap.sum(1) / max(len(conf), 1)
-    return {"ece_floor": float(ece.mean()), "ece_floor_p95": float(np.percentile(ece, 95)) if len(conf) else 0.0}
+    return {"ece_floor": float(ece.mean()), "ece_floor_p95": float(np.percentile(ece, 95))}
 
 
 def plot_reliability(curves: dict, labels, path, n_bins: int = N_BINS) -> None:
