@@ -326,6 +326,11 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return soxr.resample(wave, orig_sr, target_sr, quality="HQ").astype(np.float32, copy=False)
 
 
+def resample_stream(orig_sr: int, target_sr: int) -> "soxr.ResampleStream":
+    """A mono float32 resampler fed block by block, of :func:`resample`'s quality."""
+    return soxr.ResampleStream(orig_sr, target_sr, 1, dtype="float32", quality="HQ")
+
+
 def decode(path) -> tuple[np.ndarray, int]:
     """Decode ``path`` as stored: ``(time, channels)`` float32 samples and the file's sample rate (Hz).
 
@@ -382,7 +387,7 @@ def stream_audio(path, sample_rate: int, block_s: float = BLOCK_S) -> Iterator[n
     with _open(path) as f:
         orig_sr = f.samplerate
         block = max(1, int(block_s * orig_sr))
-        stream = None if orig_sr == sample_rate else soxr.ResampleStream(orig_sr, sample_rate, 1, dtype="float32", quality="HQ")
+        stream = None if orig_sr == sample_rate else resample_stream(orig_sr, sample_rate)
         while True:
             chunk = f.read(block, dtype="float32", always_2d=True)
             last = chunk.shape[0] < block

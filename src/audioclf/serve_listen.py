@@ -31,7 +31,7 @@ from fastapi.responses import Response
 
 from .errors import AudioclfError
 from .options import ServeLimits
-from .stream import DTYPES, StreamingDetector, pcm_samples
+from .stream import DTYPES, TOP_K, StreamingDetector, pcm_samples
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def add_listen(app: FastAPI, clf, detect_config, model_lock: threading.Lock, lim
                 raise ValueError
         except ValueError:
             raise Refused(POLICY, 'the first message must be JSON: {"sample_rate": 48000, "dtype": "float32"}') from None
-        rate, dtype, top_k, ignore = d.get("sample_rate"), d.get("dtype", "float32"), d.get("top_k", 5), d.get("ignore", [])
+        rate, dtype, top_k, ignore = d.get("sample_rate"), d.get("dtype", "float32"), d.get("top_k", TOP_K), d.get("ignore", [])
         if not isinstance(rate, int) or isinstance(rate, bool) or not MIN_RATE <= rate <= MAX_RATE:
             raise Refused(POLICY, f"sample_rate={rate!r}: give an integer from {MIN_RATE} to {MAX_RATE} Hz")
         if dtype not in DTYPES:

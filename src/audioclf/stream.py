@@ -24,12 +24,15 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from .audio import resample_stream
 from .errors import AudioclfError
 from .events import DetectConfig, interp_rows, median_cells, smooth, step_times
+from .options import ServeLimits
 
 # the PCM encodings a client may send, little-endian, and the numpy types that read them
 DTYPES = {"float32": "<f4", "int16": "<i2"}
 INT16_SCALE = 1 / 32768.0
+TOP_K = 5  # classes in each message: the page's live list
 
 
 class EventTracker:
@@ -149,7 +152,8 @@ class StreamingDetector:
     "close", "label", "onset", "offset", "score"}]}``; times in seconds from the stream's start.
     """
 
-    def __init__(self, clf, config: DetectConfig, *, sample_rate: int, hop_s: float = 0.5, top_k: int = 5,
+    def __init__(self, clf, config: DetectConfig, *, sample_rate: int, hop_s: float = ServeLimits.listen_hop_s,
+                 top_k: int = TOP_K,
                  ignore: Sequence[str] = ()):
         features = clf.config.features
         self.clf, self.config, self.top_k = clf, config, min(top_k, len(clf.labels))
@@ -160,9 +164,7 @@ class StreamingDetector:
         self.hop = features.window_samples(hop_s, "hop_s")  # the first hop is the first input the network hears
         self.resampler = None
         if sample_rate != self.sr:
-            import soxr
-
-            self.resampler = soxr.ResampleStream(sample_rate, self.sr, 1, dtype="float32", quality="HQ")
+            self.resampler = resample_stream(sample_rate, self.sr)
         self.ring = np.zeros(0, np.float32)  # the last window of samples
         self.pending = np.zeros(0, np.float32)  # samples fed, not yet through the model
         self.total = 0  # samples through the model
