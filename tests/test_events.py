@@ -193,6 +193,20 @@ def test_detect_tune_and_evaluate_events_end_to_end(tmp_path, tiny_run, capsys):
     assert read_events(tmp_path / "none.tsv") == []
 
 
+def test_a_model_without_tuned_settings_gets_its_tasks_defaults(tmp_path, monkeypatch):
+    from audioclf import events
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "detect.json").write_text(json.dumps({"onset_threshold": 0.7}))
+    assert events.model_settings(run, "multilabel") == {"onset_threshold": 0.7}  # tuned settings win
+    monkeypatch.setattr(events, "saved_config", lambda model: None)
+    tagger = DetectConfig.from_dict(events.model_settings(run, "multilabel"))
+    assert (tagger.onset_threshold, tagger.offset_threshold, tagger.median_s) == (0.4, 0.4, 0.0)
+    assert events.model_settings(run, "multiclass") == {}  # DetectConfig's own defaults
+    assert events.model_settings("mn04_as", "multilabel") == {}  # the AudioSet head was not tuned as a tagger
+
+
 def test_detect_needs_out_with_inputs(tmp_path, capsys):
     assert main(["detect", "mn04_as", str(tmp_path)]) == 2
     assert "--out is required" in capsys.readouterr().err

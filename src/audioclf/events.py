@@ -40,6 +40,11 @@ from .fileio import write_text_atomic
 log = logging.getLogger(__name__)
 
 PARAMS_FILE = "detect.json"  # in a run directory
+# The post-processing a trained model without tuned settings gets, by its task, over DetectConfig's defaults
+# (tuned for a multiclass mn04_as): a tagger's sigmoid tracks stand lower than a softmax's and need no median
+# filter. Chosen by `tune` on soundscapes of ESC-50 folds 1-3 for mn04_as trained with the multilabel recipe
+# (docs/events.md): event-based F1 0.266 -> 0.303 there.
+TASK_DEFAULTS = {"multilabel": {"onset_threshold": 0.4, "offset_threshold": 0.4, "median_s": 0.0}}
 CHECKPOINT_KEY = "detect"
 TSV_COLUMNS = ("filename", "onset", "offset", "event_label", "score")
 
@@ -293,6 +298,19 @@ def saved_config(model) -> Optional[dict]:
     if p.is_dir() and (p / PARAMS_FILE).is_file():
         return read_config_file(p / PARAMS_FILE)
     return load_checkpoint(p).get(CHECKPOINT_KEY)
+
+
+def model_settings(model, task: str) -> dict:
+    """The detect settings of ``model`` before flags: those tuned and saved with it, else its ``task``'s
+    defaults (:data:`TASK_DEFAULTS`); an AudioSet backbone's name or an export gets none."""
+    from .audioset import is_backbone_name
+
+    saved = saved_config(model)
+    if saved:
+        return saved
+    log.info("no tuned detect settings saved with %s: the defaults for %s models (tune them with detect --tune)",
+             model, task)
+    return {} if is_backbone_name(model) else dict(TASK_DEFAULTS.get(task, {}))
 
 
 def read_config_file(path) -> dict:

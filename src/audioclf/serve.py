@@ -385,7 +385,7 @@ def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: 
             except AudioclfError as e:
                 raise HTTPException(422, str(e).replace(str(path), shown)) from None
         return Response(png, media_type="image/png")
-    detect_config = _detect_config(model)
+    detect_config = _detect_config(model, clf)
 
     @app.post("/detect", response_model=Detection,
               responses={400: {"description": "no file, or an empty one"}, 413: {"description": "over the limits"},
@@ -439,13 +439,14 @@ def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: 
     return app
 
 
-def _detect_config(model):
-    """The detect settings saved with ``model`` (a path; a Classifier or an AudioSet name has none: the
+def _detect_config(model, clf):
+    """The detect settings of ``model`` (a path or an AudioSet name; a Classifier has none saved: its task's
     defaults)."""
-    from .events import DetectConfig, saved_config
+    from .events import TASK_DEFAULTS, DetectConfig, model_settings
 
-    saved = None if not isinstance(model, (str, Path)) else saved_config(model)
-    return DetectConfig.from_dict(saved or {})
+    task = clf.config.train.task
+    return DetectConfig.from_dict(model_settings(model, task) if isinstance(model, (str, Path))
+                                  else dict(TASK_DEFAULTS.get(task, {})))
 
 
 def serve(model_path, host: str = ServeLimits.host, port: int = ServeLimits.port, device: str = PredictOptions.device,

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..errors import AudioclfError
 from ..events import (DetectConfig, check_ignore, find_events, probability_track, read_config_file, read_events,
-                      save_config, saved_config, tune, write_events)
+                      model_settings, save_config, tune, write_events)
 from ..fileio import write_text_atomic
 from ..options import PredictOptions
 from .predict import collect_paths
@@ -68,11 +68,10 @@ def run_tag(paths: Sequence, *, backbone: str, weights: Optional[str], out: Opti
     return 1 if failed else 0
 
 
-def detect_config(model, params: Optional[str], overrides: dict) -> DetectConfig:
-    """Flags over ``--params FILE`` over the settings saved with the model over the defaults."""
-    saved = read_config_file(params) if params and Path(params).is_file() else saved_config(model) or {}
-    if not saved:
-        log.info("no tuned detect settings saved with %s: using the defaults (tune them with detect --tune)", model)
+def detect_config(model, clf, params: Optional[str], overrides: dict) -> DetectConfig:
+    """Flags over ``--params FILE`` over the settings saved with the model over its task's defaults."""
+    saved = read_config_file(params) if params and Path(params).is_file() else \
+        model_settings(model, clf.config.train.task)
     return DetectConfig.from_dict({**asdict(DetectConfig()), **saved, **overrides})
 
 
@@ -89,7 +88,7 @@ def run_detect(model, inputs: Sequence, *, out: Optional[str], tune_on: Optional
     clf = load_detector(model, weights=weights, device=device, batch_size=batch_size)
     ignore = check_ignore(ignore, clf.labels)
     overrides = overrides or {}
-    config = detect_config(model, params, overrides)
+    config = detect_config(model, clf, params, overrides)
     if tune_on:
         config = _tune(clf, model, config, tune_on, ignore, params, quiet)
     if not inputs:

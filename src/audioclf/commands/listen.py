@@ -46,7 +46,7 @@ def run_listen(model, *, weights: Optional[str] = None, params: Optional[str] = 
         raise AudioclfError(f"--seconds {seconds}: give a positive number of seconds, or leave it out to stop at Ctrl-C")
     sd, info = open_input()  # before the model loads: without a device there is nothing to do
     clf = load_detector(model, weights=weights, device=device)
-    config = detect_config(model, params, overrides or {})
+    config = detect_config(model, clf, params, overrides or {})
     rate = int(info["default_samplerate"])
     detector = StreamingDetector(clf, config, sample_rate=rate, hop_s=listen_hop_s, top_k=top_k,
                                  ignore=check_ignore(ignore, clf.labels))
