@@ -121,7 +121,7 @@ def test_listen_hears_the_fake_microphone_and_logs_the_event_in_time(tmp_path, m
     from audioclf.events import DetectConfig
 
     # settings of its own, not the defaults tuned for mn04_as: the test is about the page and the stream
-    monkeypatch.setattr(serve, "_detect_config", lambda model: DetectConfig(median_s=0.3, min_duration_s=0.2))
+    monkeypatch.setattr(serve, "_detect_config", lambda model, clf: DetectConfig(median_s=0.3, min_duration_s=0.2))
     wav = tmp_path / "mic.wav"
     sf.write(wav, np.concatenate([np.zeros(2 * SR, np.float32), tone(TONES["high"], 3.0), np.zeros(SR, np.float32)]),
              SR, subtype="PCM_16")
