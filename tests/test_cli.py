@@ -68,6 +68,11 @@ def test_print_config_prints_the_resolved_config_and_trains_nothing(tmp_path, ca
     assert printed == expected.to_dict()
     assert printed["features"]["sample_rate"] == 32000 and printed["train"]["lr"] == 5e-4  # front end and recipe
     assert not out.exists()
+    assert main(["train", str(tmp_path), "--print-config"]) == 0  # nothing is written, so no --out needed
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["epochs"] == 15
+    for command in ("train", "cv"):
+        assert main([command, str(tmp_path)]) == 2
+        assert f"--out is required: the run directory to write (audioclf {command}" in capsys.readouterr().err
 
 
 def test_the_old_preset_name_works_with_a_warning(tmp_path, capsys, caplog):

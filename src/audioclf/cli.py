@@ -71,7 +71,7 @@ def _add_run_args(p: argparse.ArgumentParser, skip: tuple = ()) -> None:
                    help="named recipe: default (the pretrained default backbone and its recipe) or tutorial (the "
                         "original tutorial's ResNet-18 recipe); seed is tutorial's old name, deprecated "
                         "(default: default)")
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--out", help="run directory (required, except with --print-config)")
     p.add_argument("--print-config", action="store_true",
                    help="print the configuration the run would use (preset, the backbone's front end and recipe, "
                         "YAML file and flags applied) as YAML, and exit without training")
@@ -85,9 +85,9 @@ def _guess_format(data: str) -> str:
 
 def _resumed_run_config(args: argparse.Namespace):
     """With --resume, the config the run started with (a flag not given again keeps its value); else None."""
-    last = RunDir(args.out).last
-    if not getattr(args, "resume", False) or not last.is_file():
+    if not getattr(args, "resume", False) or args.out is None or not RunDir(args.out).last.is_file():
         return None  # fit says what is missing
+    last = RunDir(args.out).last
     from .checkpoint import load_checkpoint
     from .config import RunConfig
 
@@ -109,9 +109,13 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _print_config(args) -> bool:
-    """With --print-config, print the resolved configuration as YAML; whether it did (then nothing runs)."""
+    """With --print-config, print the resolved configuration as YAML; whether it did (then nothing runs).
+    Without it, a run needs somewhere to go."""
     if args.print_config:
         print(yaml.safe_dump(config_from_args(args).to_dict(), sort_keys=False), end="")
+    elif args.out is None:
+        raise AudioclfError(f"--out is required: the run directory to write (audioclf {args.command} {args.data} "
+                            f"--out runs/mine)")
     return args.print_config
 
 
