@@ -302,15 +302,17 @@ def saved_config(model) -> Optional[dict]:
 
 def model_settings(model, task: str) -> dict:
     """The detect settings of ``model`` before flags: those tuned and saved with it, else its ``task``'s
-    defaults (:data:`TASK_DEFAULTS`); an AudioSet backbone's name or an export gets none."""
+    defaults (:data:`TASK_DEFAULTS`); an AudioSet backbone's name, never tuned as a tagger, gets
+    DetectConfig's own."""
     from .audioset import is_backbone_name
 
     saved = saved_config(model)
     if saved:
         return saved
-    log.info("no tuned detect settings saved with %s: the defaults for %s models (tune them with detect --tune)",
-             model, task)
-    return {} if is_backbone_name(model) else dict(TASK_DEFAULTS.get(task, {}))
+    defaults = {} if is_backbone_name(model) else dict(TASK_DEFAULTS.get(task, {}))
+    log.info("no tuned detect settings saved with %s: the defaults%s (tune them with detect --tune)", model,
+             f" for {task} models" if defaults else "")
+    return defaults
 
 
 def read_config_file(path) -> dict:
