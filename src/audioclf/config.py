@@ -105,7 +105,7 @@ TASK_RECIPES = {"multilabel": {"model": {"pooling": "attention"}, "augment": {"m
 
 
 def _recipe_text(task: str) -> str:
-    return ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+    return ", ".join(f"--{k.replace('_', '-')} {format(v, 'g') if isinstance(v, float) else v}"
                      for section in TASK_RECIPES[task].values() for k, v in section.items())
 
 

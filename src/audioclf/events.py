@@ -301,12 +301,12 @@ def saved_config(model) -> Optional[dict]:
 
 
 def model_settings(model, task: str) -> dict:
-    """The detect settings of ``model`` before flags: those tuned and saved with it, else its ``task``'s
-    defaults (:data:`TASK_DEFAULTS`); an AudioSet backbone's name, never tuned as a tagger, gets
-    DetectConfig's own."""
+    """The detect settings of ``model`` (a path, an AudioSet backbone's name, or a loaded Classifier, which
+    has none saved) before flags: those tuned and saved with it, else its ``task``'s defaults
+    (:data:`TASK_DEFAULTS`); an AudioSet backbone's name, never tuned as a tagger, gets DetectConfig's own."""
     from .audioset import is_backbone_name
 
-    saved = saved_config(model)
+    saved = saved_config(model) if isinstance(model, (str, os.PathLike)) else None
     if saved:
         return saved
     defaults = {} if is_backbone_name(model) else dict(TASK_DEFAULTS.get(task, {}))

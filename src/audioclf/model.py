@@ -84,9 +84,13 @@ class ResNet18(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
+    def pooled(self, fmap: torch.Tensor) -> torch.Tensor:
+        """The last block's map -> (batch, 512): its average."""
+        return torch.flatten(self.avgpool(fmap), 1)
+
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, in_channels, H, W) -> (batch, 512) pooled features, before ``head``."""
-        return torch.flatten(self.avgpool(self.feature_map(x)), 1)
+        return self.pooled(self.feature_map(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.trunk(x))
@@ -163,7 +167,7 @@ class AudioResNet(nn.Module):
     def logits_and_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(forward(x), embed(x))`` from one pass of the trunk (the unknown rule's scores need both)."""
         fmap = self._map(x)
-        emb = torch.flatten(self.backbone.avgpool(fmap), 1)
+        emb = self.backbone.pooled(fmap)
         if self.pool is None:
             return self.backbone.fc(emb), emb
         h = self._steps(fmap)

@@ -440,13 +440,10 @@ def create_app(model, max_upload_mb: float = ServeLimits.max_upload_mb, device: 
 
 
 def _detect_config(model, clf):
-    """The detect settings of ``model`` (a path or an AudioSet name; a Classifier has none saved: its task's
-    defaults)."""
-    from .events import TASK_DEFAULTS, DetectConfig, model_settings
+    """The detect settings of ``model`` (:func:`audioclf.events.model_settings`)."""
+    from .events import DetectConfig, model_settings
 
-    task = clf.config.train.task
-    return DetectConfig.from_dict(model_settings(model, task) if isinstance(model, (str, Path))
-                                  else dict(TASK_DEFAULTS.get(task, {})))
+    return DetectConfig.from_dict(model_settings(model, clf.config.train.task))
 
 
 def serve(model_path, host: str = ServeLimits.host, port: int = ServeLimits.port, device: str = PredictOptions.device,
