@@ -14,8 +14,8 @@ the clips the runs validated on (the 20 % of folds 1-3 that ``split_clips`` hold
 be chosen without looking at fold 4.
 
 The models: mn04_as fine-tuned on ESC-50 folds 1-3 twice, once ``--task multilabel`` (sigmoids, with the
-"mix" augmentation, attention pooling and frame targets, 60 epochs: the task's recipe) and once ``--task multiclass`` (softmax), each trained by the command
-printed below when its run directory (--ml, --mc) holds no best.pt. Both are scored by ``audioclf
+"mix" augmentation, attention pooling and frame targets, 60 epochs: the task's recipe) and once ``--task
+multiclass`` (softmax), each trained by the command printed below when its run directory (--ml, --mc) holds no best.pt. Both are scored by ``audioclf
 evaluate`` on the mixture CSV: mAP (over all mixtures, the 2-clip and the 3-clip ones), micro/macro F1 at
 the multilabel model's thresholds (chosen on its validation clips) and at 0.5 for the softmax, where at
 most one class can pass, and how often the class of a mixture's loudest and of its quietest clip ranks

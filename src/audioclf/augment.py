@@ -411,11 +411,11 @@ def mix(x: torch.Tensor, y: torch.Tensor, fraction: float, max_db: float, featur
     level, total = active_power(own), own.clone()
     united = y.clone()
     for k in range(1, most + 1):  # the k-th successor in the cycle
-        partner = cycle[(place[rows] + k) % batch]
-        other, partner_y = power[partner.to(x.device)], y[partner.to(y.device)]
+        partner = cycle[(place[rows] + k) % batch].to(x.device)
+        other, partner_y = power[partner], y[partner.to(y.device)]
         if frame_targets:  # a partner also lands at a random time of the clip it joins
             at_time = torch.randint(0, x.shape[-1], (len(rows),), generator=generator)
-            other, where = roll_time(other, at_time), roll_time(extent[partner.to(x.device)], at_time)
+            other, where = roll_time(other, at_time), roll_time(extent[partner], at_time)
         other_level = active_power(other)
         taken = (partners[rows] >= k).to(x.device)
         gain = (10 ** (db[k - 1, rows] / 10)).to(x.device, x.dtype) * taken

@@ -85,9 +85,9 @@ def _guess_format(data: str) -> str:
 
 def _resumed_run_config(args: argparse.Namespace):
     """With --resume, the config the run started with (a flag not given again keeps its value); else None."""
-    if not getattr(args, "resume", False) or args.out is None or not RunDir(args.out).last.is_file():
+    last = RunDir(args.out).last if getattr(args, "resume", False) and args.out is not None else None
+    if last is None or not last.is_file():
         return None  # fit says what is missing
-    last = RunDir(args.out).last
     from .checkpoint import load_checkpoint
     from .config import RunConfig
 

@@ -153,8 +153,7 @@ class StreamingDetector:
     """
 
     def __init__(self, clf, config: DetectConfig, *, sample_rate: int, hop_s: float = ServeLimits.listen_hop_s,
-                 top_k: int = TOP_K,
-                 ignore: Sequence[str] = ()):
+                 top_k: int = TOP_K, ignore: Sequence[str] = ()):
         features = clf.config.features
         self.clf, self.config, self.top_k = clf, config, min(top_k, len(clf.labels))
         self.sr, self.frames = features.sample_rate, config.source == "frames"
